@@ -1,0 +1,201 @@
+"""DIA units as nn.Modules: DIALSTM (the paper's DIA-LSTM), DIASE (DIA-SE) and DIAStage.
+
+A unit is shared by all residual blocks of a stage. Every unit has the same call:
+
+    out, state = unit(x, state=None, identity=None, relu=None)
+
+with x the branch output (N, C, H, W), `identity` the shortcut and `relu` the post-activation
+(default: on when an identity is given). DIAStage runs the blocks of a stage through one unit.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from ._checks import check_choice, check_positive_int, check_tensor
+from .reference import CELL_ACTIVATIONS, state_dtype
+
+Tensor = torch.Tensor
+State = Tuple[Tensor, Tensor]
+
+
+def reduced_width(channels: int, reduction: int) -> int:
+    """C // r, like the official code; a ratio larger than C is an error, not a zero width."""
+    check_positive_int("channels", channels)
+    check_positive_int("reduction", reduction)
+    if reduction > channels:
+        raise ValueError(f"reduction: expected a ratio <= channels ({channels}), got {reduction}")
+    return channels // reduction
+
+
+class ReducedLinear(nn.Module):
+    """Linear(C, C/r) -> ReLU -> Linear(C/r, 4C); the official `small_cell` (keys `seq.0`, `seq.2`)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden, out_features))
+
+    def forward(self, v: Tensor) -> Tensor:
+        return self.seq(v)
+
+
+def _check_unit_input(x, channels: int, identity, relu) -> bool:
+    check_tensor("x", x, dims=4)
+    if x.shape[1] != channels:
+        raise ValueError(f"x: expected {channels} channels (N, {channels}, H, W), got shape "
+                         f"{tuple(x.shape)}")
+    if identity is not None:
+        check_tensor("identity", identity, dims=4)
+        if identity.shape != x.shape:
+            raise ValueError(f"identity: expected the shape of x {tuple(x.shape)}, got "
+                             f"{tuple(identity.shape)}")
+    if relu is None:
+        return identity is not None
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool or None, got {type(relu).__name__}")
+    return relu
+
+
+class DIALSTM(nn.Module):
+    """The DIA-LSTM unit: GAP -> modified LSTM (shared reduction, sigmoid output) -> x * h.
+
+    Args:
+        channels: C of the feature maps of the stage.
+        reduction: r of the shared reduction Linear(C, C // r) of cell 0.
+        num_cells: stacked cells (cells >= 1 are plain Linear(C, 4C), dropout between cells).
+        dropout: dropout probability between stacked cells (training only).
+        cell_activation: act of h = sigmoid(o) * act(c): "sigmoid" (paper), "tanh", "relu".
+        backend: "auto" | "reference" | "triton" | "cuda"; DIA_FUSED_BACKEND overrides.
+
+    The state_dict has exactly the keys of the official implementation's `LSTMCell`.
+    """
+
+    def __init__(self, channels: int, reduction: int = 4, num_cells: int = 1, dropout: float = 0.1,
+                 cell_activation: str = "sigmoid", backend: str = "auto"):
+        super().__init__()
+        hidden = reduced_width(channels, reduction)
+        check_positive_int("num_cells", num_cells)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
+        check_choice("cell_activation", cell_activation, CELL_ACTIVATIONS)
+        check_choice("backend", backend, ops.BACKEND_CHOICES)
+        self.channels, self.reduction, self.num_cells = channels, reduction, num_cells
+        self.dropout, self.cell_activation, self.backend = float(dropout), cell_activation, backend
+        cells_ih = [ReducedLinear(channels, hidden, 4 * channels)]
+        cells_hh = [ReducedLinear(channels, hidden, 4 * channels)]
+        for _ in range(1, num_cells):
+            cells_ih.append(nn.Linear(channels, 4 * channels))
+            cells_hh.append(nn.Linear(channels, 4 * channels))
+        self.w_ih = nn.ModuleList(cells_ih)
+        self.w_hh = nn.ModuleList(cells_hh)
+
+    def extra_repr(self) -> str:
+        return (f"{self.channels}, reduction={self.reduction}, num_cells={self.num_cells}, "
+                f"dropout={self.dropout}, cell_activation={self.cell_activation!r}, "
+                f"backend={self.backend!r}")
+
+    def flat_weights(self) -> Tuple[Tensor, ...]:
+        """The weights in reference.weight_names order (the backends' calling convention)."""
+        out = []
+        for path in (self.w_ih[0].seq, self.w_hh[0].seq):
+            out += [path[0].weight, path[0].bias, path[2].weight, path[2].bias]
+        for ih, hh in zip(self.w_ih[1:], self.w_hh[1:]):
+            out += [ih.weight, ih.bias, hh.weight, hh.bias]
+        return tuple(out)
+
+    def initial_state(self, x: Tensor) -> State:
+        """Zero (h, c), each (num_cells, N, C) in the state dtype of x (fp32 for half inputs)."""
+        shape = (self.num_cells, x.shape[0], self.channels)
+        zeros = torch.zeros(shape, dtype=state_dtype(x.dtype), device=x.device)
+        return zeros, zeros.clone()
+
+    def resolved_backend(self, device) -> str:
+        """The backend a forward on `device` runs with (after `auto` and DIA_FUSED_BACKEND)."""
+        return ops.resolve_backend(self.backend, device)
+
+    def forward(self, x: Tensor, state: Optional[State] = None, identity: Optional[Tensor] = None,
+                relu: Optional[bool] = None) -> Tuple[Tensor, State]:
+        relu = _check_unit_input(x, self.channels, identity, relu)
+        if state is None:
+            state = self.initial_state(x)
+        elif not isinstance(state, (tuple, list)) or len(state) != 2:
+            raise TypeError(f"state: expected a tuple (h, c) or None, got {type(state).__name__}")
+        masks = None
+        if self.training and self.num_cells > 1 and self.dropout > 0:
+            keep = 1.0 - self.dropout
+            masks = torch.empty((self.num_cells - 1, x.shape[0], self.channels),
+                                dtype=state_dtype(x.dtype), device=x.device)
+            masks = masks.bernoulli_(keep).div_(keep)
+        out, h, c = ops.dia_step(x, state[0], state[1], self.flat_weights(), identity, relu,
+                                 self.cell_activation, masks, self.backend)
+        return out, (h, c)
+
+
+class DIASE(nn.Module):
+    """DIA-SE (paper Table 1): one SE module, Linear(C, C/r) -> ReLU -> Linear(C/r, C) -> sigmoid,
+    shared by all blocks of a stage. Same call as DIALSTM; it has no recurrent state (returns None)."""
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__()
+        hidden = reduced_width(channels, reduction)
+        self.channels, self.reduction = channels, reduction
+        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, channels))
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, reduction={self.reduction}"
+
+    def forward(self, x: Tensor, state=None, identity: Optional[Tensor] = None,
+                relu: Optional[bool] = None) -> Tuple[Tensor, None]:
+        relu = _check_unit_input(x, self.channels, identity, relu)
+        a = torch.sigmoid(self.fc(x.mean(dim=(2, 3))))
+        out = x * a[:, :, None, None]
+        if identity is not None:
+            out = out + identity
+        return (F.relu(out) if relu else out), None
+
+
+class DIAStage(nn.Module):
+    """Runs the residual blocks of one stage through one shared unit.
+
+    Each block maps x to (branch, identity); the stage returns unit(branch, state, identity, relu)
+    chained over the blocks, with the state reset (zeros) at every forward.
+
+    Args:
+        blocks: the residual blocks, in order.
+        unit: a DIALSTM or DIASE (anything with the unit call).
+        relu: post-activation after the residual add (False for pre-activation networks).
+    """
+
+    def __init__(self, blocks: Iterable[nn.Module], unit: nn.Module, relu: bool = True):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        if len(self.blocks) == 0:
+            raise ValueError("blocks: expected at least one residual block, got none")
+        self.unit = unit
+        self.relu = relu
+
+    def forward(self, x: Tensor, return_attention: bool = False):
+        state = None
+        attention = []
+        for block in self.blocks:
+            branch, identity = block(x)
+            x, state = self.unit(branch, state, identity=identity, relu=self.relu)
+            if return_attention:
+                attention.append(_attention_vector(self.unit, branch, state))
+        if return_attention:
+            return x, torch.stack(attention, dim=1)
+        return x
+
+
+def _attention_vector(unit: nn.Module, branch: Tensor, state) -> Tensor:
+    """a_t (N, C) of the step just run: h of the last cell for DIA-LSTM, recomputed for DIA-SE."""
+    if state is not None:
+        return state[0][-1]
+    return torch.sigmoid(unit.fc(branch.mean(dim=(2, 3))))
+
