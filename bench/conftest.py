@@ -1,0 +1,18 @@
+"""pytest configuration of the microbenchmarks."""
+import os
+
+import pytest
+import torch
+
+from bench_utils import DEVICE, ON_GPU
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_override(monkeypatch):
+    # each benchmark names its backend; an override from the environment would mislabel results
+    monkeypatch.delenv("DIA_FUSED_BACKEND", raising=False)
+
+
+def pytest_report_header(config):
+    return f"dia_fused bench: device={DEVICE} ({torch.cuda.get_device_name() if ON_GPU else 'no GPU'}), " \
+           f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}"

@@ -1,0 +1,101 @@
+"""`python -m dia_fused`: versions, backends available here (and why the others are not), and for
+each available backend one DIALSTM step checked against the float64 reference and timed."""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+
+import torch
+from torch.utils import benchmark
+
+from . import __version__, ops, reference
+from .testing import compare_backend, random_step_inputs
+
+# (N, C, H, W) of the check: the CIFAR stage-1 step on a GPU, small on CPU, tiny for the interpreter
+SHAPES = {"cuda": (128, 64, 32, 32), "cpu": (8, 64, 16, 16), "interpreter": (2, 16, 4, 4)}
+
+
+def versions() -> dict:
+    info = {"dia_fused": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "torch CUDA": torch.version.cuda or "none (CPU build)"}
+    try:
+        import triton
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = "not installed"
+    if torch.cuda.is_available():
+        info["GPU"] = torch.cuda.get_device_name()
+    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
+    info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
+    return info
+
+
+def step_timer(name: str, inputs, backward: bool) -> benchmark.Timer:
+    x, h, c, weights = inputs.args()
+
+    def run():
+        out, h1, c1 = ops.dia_step(x, h, c, weights, inputs.identity, True, "sigmoid", None, name)
+        if backward:
+            torch.autograd.backward((out, h1, c1), (out, h1, c1))
+
+    return benchmark.Timer("run()", globals={"run": run})
+
+
+def check_backend(name: str, device: torch.device) -> dict:
+    interpreted = name == "triton" and device.type == "cpu"
+    shape = SHAPES["interpreter" if interpreted else device.type]
+    inputs = random_step_inputs(*shape, device=device, seed=0)
+
+    def step(x, h, c, w, **kw):
+        return ops.dia_step(x, h, c, w, kw["identity"], kw["relu"], kw["activation"],
+                            kw["dropout_masks"], name)
+
+    errors = compare_backend(step, inputs, torch.float32)
+    timed = inputs.to().requires_grad_()
+    min_run = 0.05 if interpreted else 0.2
+    fwd = step_timer(name, timed, backward=False).blocked_autorange(min_run_time=min_run).median
+    fwd_bwd = step_timer(name, timed, backward=True).blocked_autorange(min_run_time=min_run).median
+    return {"shape": shape, "max_error": max(errors.values()), "out_error": errors["out"],
+            "forward_ms": fwd * 1e3, "forward_backward_ms": fwd_bwd * 1e3}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dia_fused", description=__doc__)
+    parser.add_argument("--no-check", action="store_true", help="only list versions and backends")
+    args = parser.parse_args(argv)
+
+    print("dia_fused environment")
+    for key, value in versions().items():
+        print(f"  {key:<18} {value}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    failures = 0
+    for device in devices:
+        print(f"\nbackends on {device}:")
+        for name in ops.BACKENDS:
+            reason = ops.backend_unavailable_reason(name, device)
+            if reason is not None:
+                print(f"  {name:<10} unavailable: {reason}")
+                continue
+            if args.no_check:
+                print(f"  {name:<10} available")
+                continue
+            try:
+                r = check_backend(name, device)
+            except AssertionError as err:
+                failures += 1
+                print(f"  {name:<10} FAILED the check against the float64 reference: {err}")
+                continue
+            n, c, h, w = r["shape"]
+            print(f"  {name:<10} available; step N={n} C={c} {h}x{w} fp32: "
+                  f"max error vs float64 {r['max_error']:.2e} (out {r['out_error']:.2e}), "
+                  f"forward {r['forward_ms']:.3f} ms, forward+backward {r['forward_backward_ms']:.3f} ms")
+    auto = ops.resolve_backend("auto", devices[-1])
+    print(f"\nbackend='auto' on {devices[-1]} runs: {auto}")
+    print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
