@@ -120,8 +120,10 @@ def dia_lstm_step(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """One DIA-LSTM step: returns (out, h_new, c_new); out has x's dtype and shape."""
     compute = h.dtype
-    s = x.mean(dim=(2, 3), dtype=compute)
-    h_new, c_new = dia_lstm_cells(s, h, c, weights, activation, dropout_masks)
+    # autocast would run the small linears in half precision; the spec keeps them in `compute`
+    with torch.autocast(x.device.type, enabled=False):
+        s = x.mean(dim=(2, 3), dtype=compute)
+        h_new, c_new = dia_lstm_cells(s, h, c, weights, activation, dropout_masks)
     out = x.to(compute) * h_new[-1][:, :, None, None]
     if identity is not None:
         out = out + identity.to(compute)

@@ -1,0 +1,197 @@
+"""Hardening on CPU: every backend available here against the reference over random shapes
+(hypothesis), determinism, NaN propagation, autocast, large fp16 inputs, portability of saved
+modules across backends, pickling/deepcopy, and DDP (gloo, 2 processes) against one process."""
+import copy
+import io
+import os
+import pickle
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from dia_fused import DIALSTM, DIAStage, available_backends, ops, reference
+from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
+
+CPU_BACKENDS = available_backends("cpu")
+FUSED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
+
+
+def backend_step(name):
+    def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
+        return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, name)
+    return step
+
+
+@pytest.mark.skipif(not FUSED_CPU_BACKENDS, reason="no fused backend runs on CPU here "
+                    "(the triton backend needs TRITON_INTERPRET=1 and the triton package)")
+@pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 3), channels=st.integers(4, 20), height=st.integers(1, 4),
+       width=st.integers(1, 4), reduction=st.integers(1, 4), num_cells=st.integers(1, 2),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+       channels_last=st.booleans(), identity=st.booleans(), relu=st.booleans(),
+       activation=st.sampled_from(reference.CELL_ACTIVATIONS), seed=st.integers(0, 2**16))
+def test_property_backend_matches_reference(backend, n, channels, height, width, reduction, num_cells,
+                                            dtype, channels_last, identity, relu, activation, seed):
+    reduction = min(reduction, channels)
+    inputs = random_step_inputs(n, channels, height, width, reduction=reduction, num_cells=num_cells,
+                                identity=identity, dropout_p=0.3, channels_last=channels_last, seed=seed)
+    compare_backend(backend_step(backend), inputs, dtype, relu=relu, activation=activation)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_deterministic_algorithms_give_bitwise_identical_runs(backend):
+    inputs = random_step_inputs(2, 12, 3, 3, reduction=3, num_cells=2, dropout_p=0.5, seed=5)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            got = inputs.to().requires_grad_()
+            out, h, c = backend_step(backend)(got.x, got.h, got.c, got.weights, got.identity, True,
+                                              dropout_masks=got.dropout_masks)
+            (out.sum() + h.square().sum() + c.sum()).backward()
+            runs.append([out, h, c] + [t.grad for t in got.tensors()])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_nan_and_inf_propagate_like_the_reference(backend):
+    inputs = random_step_inputs(3, 8, 2, 2, reduction=2, seed=2)
+    inputs.x[0, 1, 0, 0] = float("nan")
+    inputs.x[1, 2, 1, 1] = float("inf")
+    got = backend_step(backend)(*inputs.args(), inputs.identity, True)
+    want = reference.dia_lstm_step(*inputs.args(), identity=inputs.identity, relu=True)
+    for g, w in zip(got, want):
+        assert torch.equal(torch.isnan(g), torch.isnan(w))
+        assert torch.equal(torch.isinf(g), torch.isinf(w))
+    assert torch.isfinite(got[0][2]).all()  # the clean sample stays clean
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_large_fp16_inputs_do_not_overflow(backend):
+    inputs = random_step_inputs(2, 8, 3, 3, reduction=2, seed=4)
+    inputs.x.mul_(1e4)
+    inputs.identity.mul_(1e4)
+    compare_backend(backend_step(backend), inputs, torch.float16, relu=True)
+    out, h, c = backend_step(backend)(*inputs.to(torch.float16).args())
+    assert torch.isfinite(out).all() and torch.isfinite(h).all() and torch.isfinite(c).all()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cpu_autocast_keeps_fp32_state_and_parameters_and_follows_autocast_for_outputs(backend):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    unit = DIALSTM(8, reduction=2, backend=backend)
+    x = torch.randn(2, 3, 4, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        branch = conv(x)
+        out, (h, c) = unit(branch, identity=branch)
+    assert branch.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert h.dtype == torch.float32 and c.dtype == torch.float32
+    ref_unit = DIALSTM(8, reduction=2, backend="reference")
+    ref_unit.load_state_dict(unit.state_dict())
+    expected, (h_ref, _) = ref_unit(branch.detach(), identity=branch.detach())
+    assert max_abs_error(h, h_ref) < 1e-5
+    assert max_abs_error(out, expected) <= 2 * 2 ** -8 * max(1.0, expected.abs().max().item())
+    out.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in unit.parameters())
+
+
+class TinyNet(nn.Module):
+    """conv -> a DIA stage of two residual blocks -> pooled linear head."""
+
+    def __init__(self, backend="auto"):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        blocks = [ResidualBlock(8) for _ in range(2)]
+        self.stage = DIAStage(blocks, DIALSTM(8, reduction=2, num_cells=2, backend=backend))
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.stage(self.stem(x)).mean((2, 3)))
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)), x
+
+
+@pytest.mark.parametrize("source", CPU_BACKENDS)
+def test_saved_model_loads_with_every_backend_and_gives_the_same_outputs(source):
+    torch.manual_seed(0)
+    model = TinyNet(source).eval()
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        expected = model(x)
+    for target in CPU_BACKENDS:
+        other = TinyNet(target).eval()
+        buffer.seek(0)
+        other.load_state_dict(torch.load(buffer))
+        with torch.no_grad():
+            assert max_abs_error(other(x), expected) < 1e-5, (source, target)
+
+
+def test_pickle_and_deepcopy_keep_weights_and_configuration():
+    torch.manual_seed(0)
+    model = TinyNet("reference").eval()
+    x = torch.randn(1, 3, 4, 4)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.stage.unit.extra_repr() == model.stage.unit.extra_repr()
+        with torch.no_grad():
+            assert torch.equal(clone(x), model(x))
+
+
+def _ddp_worker(rank, world_size, port, backend, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)
+        model = TinyNet(backend).eval()  # eval: BatchNorm running stats, dropout off -> deterministic
+        ddp = nn.parallel.DistributedDataParallel(model)
+        x, y = _ddp_batch()
+        shard = slice(rank * 2, rank * 2 + 2)
+        nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
+        if rank == 0:
+            torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(result_dir, "grads.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _ddp_batch():
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(4, 3, 4, 4, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["reference"])
+def test_ddp_two_gloo_processes_give_single_process_gradients(backend, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    ddp_grads = torch.load(tmp_path / "grads.pt")
+    torch.manual_seed(0)
+    model = TinyNet(backend).eval()
+    x, y = _ddp_batch()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
