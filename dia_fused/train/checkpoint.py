@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from typing import Any, Dict, Mapping
+from typing import IO, Any, Callable, Dict, Mapping
 
 import numpy as np
 import torch
@@ -22,15 +22,15 @@ BEST_NAME = "model_best.pth.tar"
 FORMAT = "dia_fused.train/1"
 
 
-def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: a reader (or a
-    run killed at any instant) sees the old file or the new one, never a torn one."""
+def _atomic_write(path: str, mode: str, write: Callable[[IO], None]) -> None:
+    """Writes through `write` to a temporary file in the same folder, fsyncs, then os.replace: a
+    reader (or a run killed at any instant) sees the old file or the new one, never a torn one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -40,8 +40,20 @@ def atomic_save(obj: Any, path: str) -> None:
         raise
 
 
-def rng_state() -> Dict[str, Any]:
-    """The RNG states of this process, as tensors and plain values."""
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save, atomically."""
+    _atomic_write(path, "wb", lambda f: torch.save(obj, f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """A small text file, atomically."""
+    _atomic_write(path, "w", lambda f: f.write(text))
+
+
+def rng_state(device: torch.device) -> Dict[str, Any]:
+    """The RNG states of this process, as tensors and plain values: CPU, numpy, python, and the
+    CUDA generator of `device` when it is a GPU (only that one: touching the others would create
+    a context on every GPU from every process)."""
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
@@ -49,23 +61,19 @@ def rng_state() -> Dict[str, Any]:
                   int(np_state[3]), float(np_state[4])),
         "python": random.getstate(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"].cpu())
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda_states = state["cuda"]
-        if len(cuda_states) != torch.cuda.device_count():
-            raise ValueError(f"checkpoint rng: saved for {len(cuda_states)} CUDA devices, this "
-                             f"process sees {torch.cuda.device_count()}")
-        torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def seed_everything(seed: int) -> None:
