@@ -138,7 +138,11 @@ def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
                            mode=args.mode, images=attention[0].shape[0])
     print(f"wrote {out} ({len(matrices)} stages, {attention[0].shape[0]} images, "
           f"mode {args.mode})")
-    return {"png": out, "matrices": matrices, "titles": titles}
+    for title, matrix in zip(titles, matrices):
+        constant = [t + 1 for t in range(1, matrix.shape[0]) if np.isnan(matrix[t, 0])]
+        if constant:
+            print(f"  {title}: h_t constant over the images for t = {constant} (rows left blank)")
+    return {"png": out, "matrices": matrices, "titles": titles, "attention": attention}
 
 
 def _gradient_model(arch: str, attention: str, num_classes: int, backend: str, seed: int,

@@ -53,7 +53,8 @@ def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: i
                     max_features: Optional[float] = None, max_samples: Optional[int] = None,
                     seed: int = 0, n_jobs: Optional[int] = None) -> np.ndarray:
     """The (T, T) importance matrix of one stage: [t, i] = Gini importance of h_{i+1} for
-    h_{t+1}, for i < t (rows sum to 1 for t >= 1); NaN elsewhere.
+    h_{t+1}, for i < t (rows sum to 1 for t >= 1); NaN elsewhere, and on the rows of targets that
+    are constant over the samples (nothing to predict).
 
     attention: (N, T, C) attention vectors of one stage. max_features: fraction of input columns
     tried per split (None: all, scikit-learn's default for regression). max_samples: subsample
@@ -77,12 +78,14 @@ def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: i
         if max_samples is not None and x.shape[0] > max_samples:
             keep = rng.choice(x.shape[0], size=max_samples, replace=False)
             x, y = x[keep], y[keep]
+        if np.ptp(y, axis=0).max() == 0:
+            continue  # a constant h_t (e.g. dead ReLUs in the reduction): nothing to explain, NaN
         forest = RandomForestRegressor(n_estimators=n_estimators, max_features=max_features,
                                        random_state=seed + target, n_jobs=n_jobs)
         forest.fit(x, y)
         per_source = np.bincount(groups, weights=forest.feature_importances_, minlength=target)
         total = per_source.sum()
-        # a constant target gives no split at all: all importances 0 (reported as such)
+        # constant inputs give no split at all: all importances 0 (reported as such)
         matrix[target, :target] = per_source / total if total > 0 else 0.0
     return matrix
 
