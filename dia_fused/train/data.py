@@ -252,10 +252,20 @@ def epoch_generator(seed: int, epoch: int, purpose: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+_NORMALIZATION: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
+
+
+def _normalization(device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(mean, std) as (1, 3, 1, 1) tensors on `device`, made once (no copy at every batch)."""
+    if device not in _NORMALIZATION:
+        _NORMALIZATION[device] = (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+                                  torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+    return _NORMALIZATION[device]
+
+
 def normalize(images_uint8: Tensor, channels_last: bool = False) -> Tensor:
     """uint8 (N, 3, H, W) -> float32 normalised with the CIFAR mean/std of the official script."""
-    mean = torch.tensor(CIFAR_MEAN, device=images_uint8.device).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR_STD, device=images_uint8.device).view(1, 3, 1, 1)
+    mean, std = _normalization(images_uint8.device)
     out = (images_uint8.float().div_(255.0) - mean).div_(std)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return out.contiguous(memory_format=fmt)
@@ -323,21 +333,25 @@ class BatchStream:
         return torch.cat([perm, perm[:pad]]) if pad else perm
 
     def epoch(self, epoch: int) -> Iterator[Tuple[Tensor, Tensor]]:
-        """Yields (inputs float32 (n, 3, 32, 32) normalised, targets (n,)) on the data's device."""
-        order = self.order(epoch)
-        augment_gen = epoch_generator(self.seed, epoch, _PURPOSE_AUGMENT)
+        """Yields (inputs float32 (n, 3, 32, 32) normalised, targets (n,)) on the data's device.
+
+        The order and the augmentation parameters of the whole epoch are drawn up front (one per
+        position of the epoch's order, the same on every rank) and copied to the device once, so
+        a step does no host-to-device transfer."""
         device = self.data.images.device
+        order = self.order(epoch)
+        augment = self.train and self.augment
+        if augment:
+            augment_gen = epoch_generator(self.seed, epoch, _PURPOSE_AUGMENT)
+            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (order.numel(), 2),
+                                    generator=augment_gen).to(device)
+            flips = (torch.rand(order.numel(), generator=augment_gen) < 0.5).to(device)
+        order = order.to(device)
+        mine = slice(self.rank, None, self.world_size)
         for step in range(len(self)):
-            chunk = order[step * self.batch_size:(step + 1) * self.batch_size]
-            if self.train and self.augment:
-                # drawn for the whole global batch so every rank consumes the same stream
-                offsets = torch.randint(0, 2 * CROP_PADDING + 1, (chunk.numel(), 2),
-                                        generator=augment_gen)
-                flips = torch.rand(chunk.numel(), generator=augment_gen) < 0.5
-            mine = slice(self.rank, None, self.world_size)
-            index = chunk[mine].to(device, non_blocking=True)
+            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
+            index = order[batch][mine]
             images = self.data.images.index_select(0, index)
-            if self.train and self.augment:
-                images = crop_and_flip(images, offsets[mine].to(device, non_blocking=True),
-                                       flips[mine].to(device, non_blocking=True))
+            if augment:
+                images = crop_and_flip(images, offsets[batch][mine], flips[batch][mine])
             yield normalize(images, self.channels_last), self.data.labels.index_select(0, index)
