@@ -69,7 +69,8 @@ def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():
     model = build_model({"name": "resnet20", "num_classes": 10,
                          "options": {"attention": "dia", "skip": False}}, backend="reference")
     inputs, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    values = gradients.stage_output_gradients(model, [(inputs, targets)], max_values_per_stage=10**9)
+    values = gradients.stage_output_gradients(model, [(inputs, targets)],
+                                              max_values_per_stage=10**9)
     # independent check: keep the stage outputs and ask autograd for their gradients
     outputs = []
     handles = [s.register_forward_hook(lambda m, i, o: outputs.append(o)) for s in model.stages]

@@ -44,15 +44,14 @@ class CifarLayout:
     test_files: Tuple[str, ...]
     label_key: str
     num_classes: int
-    train_size: int
-    test_size: int
 
 
 LAYOUTS: Dict[str, CifarLayout] = {
-    "cifar10": CifarLayout("cifar-10-batches-py", "cifar-10-python.tar.gz", tuple(f"data_batch_{i}" for i in range(1, 6)),
-                           ("test_batch",), "labels", 10, 50000, 10000),
-    "cifar100": CifarLayout("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "fine_labels", 100,
-                            50000, 10000),
+    "cifar10": CifarLayout("cifar-10-batches-py", "cifar-10-python.tar.gz",
+                           tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
+                           "labels", 10),
+    "cifar100": CifarLayout("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",),
+                            "fine_labels", 100),
 }
 
 
@@ -176,7 +175,8 @@ def load_cifar(data_dir: str, dataset: str, train: bool) -> ImageSet:
 # Generated data: synthetic sets and CIFAR-format directories for tests
 # --------------------------------------------------------------------------------------------
 
-def _generated_images(num_images: int, num_classes: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+def _generated_images(num_images: int, num_classes: int,
+                      seed: int) -> Tuple[np.ndarray, np.ndarray]:
     """Learnable random images: a smooth per-class colour pattern plus per-image noise."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=num_images, dtype=np.int64)
@@ -234,8 +234,9 @@ def load_datasets(dataset: str, data_dir: Optional[str], synthetic_size: int,
     if dataset not in LAYOUTS:
         raise ValueError(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
     if data_dir is None:
-        raise DatasetNotFoundError(f"--data-dir: required for --dataset {dataset} (nothing is downloaded); "
-                           f"expected files: " + ", ".join(expected_files("<data-dir>", dataset)))
+        raise DatasetNotFoundError(f"--data-dir: required for --dataset {dataset} (nothing is "
+                                   f"downloaded); expected files: "
+                                   + ", ".join(expected_files("<data-dir>", dataset)))
     return load_cifar(data_dir, dataset, train=True), load_cifar(data_dir, dataset, train=False)
 
 

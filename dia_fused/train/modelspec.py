@@ -38,7 +38,8 @@ def split_arch(arch: str):
 def _block(args: argparse.Namespace) -> str:
     name = args.block_name.lower()
     if name not in ("basicblock", "bottleneck"):
-        raise ValueError(f"--block-name: expected BasicBlock or Bottleneck, got {args.block_name!r}")
+        raise ValueError(f"--block-name: expected BasicBlock or Bottleneck, got "
+                         f"{args.block_name!r}")
     return "basic" if name == "basicblock" else "bottleneck"
 
 
