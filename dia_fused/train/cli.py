@@ -40,10 +40,14 @@ from .records import CsvLog, TensorBoard
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, examples (the module docstring) kept as written."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dia_fused.train", description="DIANet CIFAR-10/100 training (dia_fused)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog=__doc__.split("\n", 2)[2], formatter_class=_HelpFormatter)
     # --- the official cifar.py options (same names, same defaults) ---
     p.add_argument("-d", "--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("-j", "--workers", default=4, type=int, metavar="N",
