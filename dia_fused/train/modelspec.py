@@ -51,14 +51,21 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
     parsed = split_arch(args.arch)
     if parsed is not None:
         family, attention = parsed
-        if family in ("resnet", "preresnet"):
+        if family == "resnet":
             name = f"{family}{args.depth}"
             options["block"] = _block(args)
+        elif family == "preresnet":  # bottleneck only, like the official DIA PreResNet
+            if _block(args) != "bottleneck":
+                raise ValueError(f"--block-name: the PreResNet has Bottleneck blocks only, got "
+                                 f"{args.block_name!r}")
+            name = f"{family}{args.depth}"
         elif family == "wrn":
             name = f"wrn{args.depth}_{args.widen_factor}"
             options["dropout"] = args.drop
         else:
-            name = f"resnext{args.depth}_{args.cardinality}x{args.widen_factor}"
+            # the official CIFAR ResNeXt: group width 32 at widen factor 4 ("8x32")
+            name = f"resnext{args.depth}_{args.cardinality}x{128 // args.widen_factor}"
+            options["widen_factor"] = args.widen_factor
         options["attention"] = attention
     elif args.arch in list_models():
         name = args.arch
