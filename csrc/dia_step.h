@@ -48,6 +48,49 @@ struct MapLayout {
                         // contiguous and 16-byte aligned along the inner axis, else 1
 };
 
+// Collapses H and W of a (N, C, H, W) map with `sizes` and `strides` (elements) into one axis;
+// false when they do not collapse (stride(2) != W * stride(3) with H, W > 1). A size-1 axis gets
+// stride 0, so that its meaningless stride never blocks the vectorized walk.
+inline bool make_feature_map(void* data, const int64_t sizes[4], const int64_t strides[4],
+                             FeatureMap* map) {
+  int64_t stride_hw = 0;
+  if (sizes[2] > 1 && sizes[3] > 1) {
+    if (strides[2] != sizes[3] * strides[3]) return false;
+    stride_hw = strides[3];
+  } else if (sizes[2] > 1) {
+    stride_hw = strides[2];
+  } else if (sizes[3] > 1) {
+    stride_hw = strides[3];
+  }
+  *map = FeatureMap{data, sizes[0] > 1 ? strides[0] : 0, sizes[1] > 1 ? strides[1] : 0, stride_hw};
+  return true;
+}
+
+// The walk order follows x (channels inner when x is channels_last); accesses are 16 bytes wide
+// when every map of the call (those with data) is contiguous along the inner axis, its other
+// strides and the inner extent are multiples of the vector, and its data is 16-byte aligned.
+inline MapLayout choose_map_layout(const int64_t x_sizes[4], const FeatureMap& x,
+                                   const FeatureMap* maps, int num_maps, int element_size) {
+  MapLayout layout;
+  layout.n = static_cast<int>(x_sizes[0]);
+  layout.channels = static_cast<int>(x_sizes[1]);
+  layout.hw = static_cast<int>(x_sizes[2] * x_sizes[3]);
+  layout.channels_inner = x.stride_c == 1 && x.stride_hw != 1;
+  const int vec = 16 / element_size;
+  const int64_t inner_size = layout.channels_inner ? layout.channels : layout.hw;
+  bool vectorize = inner_size % vec == 0;
+  for (int i = 0; i < num_maps; ++i) {
+    const FeatureMap& m = maps[i];
+    if (m.data == nullptr) continue;
+    const int64_t inner = layout.channels_inner ? m.stride_c : m.stride_hw;
+    const int64_t outer = layout.channels_inner ? m.stride_hw : m.stride_c;
+    vectorize = vectorize && inner == 1 && outer % vec == 0 && m.stride_n % vec == 0 &&
+                reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
+  }
+  layout.vec = vectorize ? vec : 1;
+  return layout;
+}
+
 // Cell 0 of the DIA-LSTM (official names w_ih.0.seq.{0,2}, w_hh.0.seq.{0,2}), fp32, contiguous.
 struct Cell0Weights {
   const float* wih1;  // (R, C)   w_ih.0.seq.0.weight

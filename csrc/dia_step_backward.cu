@@ -76,7 +76,7 @@ int fused_backward_smem_floats(int channels, int hidden, int vec) {
 // grid (N), block (kFusedThreads): block n does everything of sample n but the weight grads.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const FusedBackwardParams p) {
-  extern __shared__ float smem[];
+  DIA_FUSED_DYNAMIC_SMEM(smem);
   const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
   float* pooled = smem;                      // (C)
   float* h_prev = pooled + C;                // (C)
@@ -399,7 +399,7 @@ cudaError_t launch_weight_grads(int n, int channels, int hidden, const float* po
   const int max_rows = 4 * channels > hidden ? 4 * channels : hidden;
   const dim3 grid((max_cols + GemmTile::kN - 1) / GemmTile::kN,
                   (max_rows + GemmTile::kM - 1) / GemmTile::kM, 4);
-  weight_grad_kernel<<<grid, GemmTile::kThreads, 0, stream>>>(p);
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, weight_grad_kernel)(p);
   return cudaGetLastError();
 }
 
@@ -423,7 +423,7 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
     const size_t smem = sizeof(float) * fused_backward_smem_floats(layout.channels, hidden, VEC);
-    fused_backward_kernel<T, VEC><<<layout.n, kFusedThreads, smem, stream>>>(p);
+    DIA_FUSED_LAUNCH(layout.n, kFusedThreads, smem, stream, fused_backward_kernel<T, VEC>)(p);
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
@@ -436,7 +436,7 @@ cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, Feat
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    grad_attention_kernel<T, VEC><<<stream_grid(layout), kStreamThreads, 0, stream>>>(
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_attention_kernel<T, VEC>)(
         layout, grad_out, x, out, grad_identity, relu, grad_attention);
     return cudaGetLastError();
   });
@@ -455,18 +455,18 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
 
   const GateBackwardParams gate{n, channels, hidden, ws.hidden, c0, weights, activation,
                                 grad_h_new, grad_h_extra, grad_c_new, ws.grad_gates, grad_c0, h_new};
-  gate_backward_kernel<<<dim3((4 * channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles),
-                         GemmTile::kThreads, 0, stream>>>(gate);
+  const dim3 gate_grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles);
+  DIA_FUSED_LAUNCH(gate_grid, GemmTile::kThreads, 0, stream, gate_backward_kernel)(gate);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const HiddenGradParams hid{n, channels, hidden, ws.grad_gates, ws.hidden, weights, ws.grad_hidden};
-  hidden_grad_kernel<<<dim3((hidden + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2),
-                       GemmTile::kThreads, 0, stream>>>(hid);
+  const dim3 hidden_grid((hidden + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);
+  DIA_FUSED_LAUNCH(hidden_grid, GemmTile::kThreads, 0, stream, hidden_grad_kernel)(hid);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const InputGradParams in{n, channels, hidden, hw, ws.grad_hidden, weights, grad_pooled_over_hw, grad_h0};
-  input_grad_kernel<<<dim3((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2),
-                      GemmTile::kThreads, 0, stream>>>(in);
+  const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);
+  DIA_FUSED_LAUNCH(input_grid, GemmTile::kThreads, 0, stream, input_grad_kernel)(in);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   return launch_weight_grads(n, channels, hidden, pooled, h0, ws, weight_grads, stream);
@@ -479,7 +479,7 @@ cudaError_t launch_grad_input(ScalarKind kind, const MapLayout& layout, FeatureM
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    grad_input_kernel<T, VEC><<<stream_grid(layout), kStreamThreads, 0, stream>>>(
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_input_kernel<T, VEC>)(
         layout, grad_out, out, attention, grad_pooled_over_hw, grad_x, relu);
     return cudaGetLastError();
   });

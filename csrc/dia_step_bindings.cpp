@@ -86,47 +86,20 @@ const float* optional_f32(const OptTensor& t, const char* name, const Tensor& x,
   return t->data_ptr<float>();
 }
 
-// Strides of (N, C, H, W) with H and W collapsed into one axis; a size-1 axis gets stride 0 so
-// that its (meaningless) stride never blocks the vectorized path.
+// The kernels' view of a map; H and W must collapse into one axis (no hidden copy).
 FeatureMap feature_map(const Tensor& t, const char* name) {
-  const int64_t h = t.size(2), w = t.size(3);
-  int64_t stride_hw = 0;
-  if (h > 1 && w > 1) {
-    TORCH_CHECK_VALUE(t.stride(2) == w * t.stride(3), name,
-                ": expected H and W to be collapsible into one axis (stride(2) == W * stride(3), "
-                "as in contiguous and channels_last tensors), got strides ", t.strides());
-    stride_hw = t.stride(3);
-  } else if (h > 1) {
-    stride_hw = t.stride(2);
-  } else if (w > 1) {
-    stride_hw = t.stride(3);
-  }
-  return FeatureMap{t.data_ptr(), t.size(0) > 1 ? t.stride(0) : 0,
-                    t.size(1) > 1 ? t.stride(1) : 0, stride_hw};
+  FeatureMap map;
+  TORCH_CHECK_VALUE(make_feature_map(t.data_ptr(), t.sizes().data(), t.strides().data(), &map), name,
+                    ": expected H and W to be collapsible into one axis (stride(2) == W * stride(3), "
+                    "as in contiguous and channels_last tensors), got strides ", t.strides());
+  return map;
 }
 
 const FeatureMap kNoMap{nullptr, 0, 0, 0};
 
-// Walk order from x; 16-byte accesses when every map of the call allows them.
 MapLayout map_layout(const Tensor& x, std::initializer_list<FeatureMap> maps) {
-  const FeatureMap xm = feature_map(x, "x");
-  MapLayout layout;
-  layout.n = static_cast<int>(x.size(0));
-  layout.channels = static_cast<int>(x.size(1));
-  layout.hw = static_cast<int>(x.size(2) * x.size(3));
-  layout.channels_inner = xm.stride_c == 1 && xm.stride_hw != 1;
-  const int vec = static_cast<int>(16 / x.element_size());
-  const int64_t inner_size = layout.channels_inner ? layout.channels : layout.hw;
-  bool vectorize = inner_size % vec == 0;
-  for (const FeatureMap& m : maps) {
-    if (m.data == nullptr) continue;
-    const int64_t inner = layout.channels_inner ? m.stride_c : m.stride_hw;
-    const int64_t outer = layout.channels_inner ? m.stride_hw : m.stride_c;
-    vectorize = vectorize && inner == 1 && outer % vec == 0 && m.stride_n % vec == 0 &&
-                reinterpret_cast<uintptr_t>(m.data) % 16 == 0;
-  }
-  layout.vec = vectorize ? vec : 1;
-  return layout;
+  return choose_map_layout(x.sizes().data(), feature_map(x, "x"), maps.begin(),
+                           static_cast<int>(maps.size()), static_cast<int>(x.element_size()));
 }
 
 struct Cell0 {

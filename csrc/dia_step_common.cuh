@@ -15,6 +15,19 @@
 
 #include "dia_step.h"
 
+// Hooks for python_tests/emulation, which compiles these kernels as host C++ and runs them on the
+// CPU with emulated threads (it defines the macros first); on the GPU they are the plain CUDA forms.
+#ifndef DIA_FUSED_LAUNCH
+#define DIA_FUSED_LAUNCH(grid, block, smem_bytes, stream, ...) \
+  __VA_ARGS__<<<(grid), (block), (smem_bytes), (stream)>>>
+#endif
+#ifndef DIA_FUSED_DYNAMIC_SMEM
+#define DIA_FUSED_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#endif
+#ifndef DIA_FUSED_CHECK_ALIGNED
+#define DIA_FUSED_CHECK_ALIGNED(pointer, bytes) ((void)0)
+#endif
+
 namespace dia_fused {
 namespace detail {
 
@@ -53,6 +66,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <class T, int VEC>
 __device__ __forceinline__ Pack<T, VEC> load_pack(const T* p) {
+  DIA_FUSED_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
   return *reinterpret_cast<const Pack<T, VEC>*>(p);
 }
 
@@ -61,6 +75,7 @@ __device__ __forceinline__ void store_pack(T* p, const float (&v)[VEC]) {
   Pack<T, VEC> pack;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) pack.v[e] = from_float<T>(v[e]);
+  DIA_FUSED_CHECK_ALIGNED(p, sizeof(Pack<T, VEC>));
   *reinterpret_cast<Pack<T, VEC>*>(p) = pack;
 }
 

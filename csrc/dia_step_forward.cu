@@ -37,7 +37,7 @@ int fused_forward_smem_floats(int channels, int hidden, int vec) {
 // grid (N), block (kFusedThreads): block n does the whole step of sample n.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const FusedForwardParams p) {
-  extern __shared__ float smem[];
+  DIA_FUSED_DYNAMIC_SMEM(smem);
   const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
   float* pooled = smem;             // (C)
   float* h_prev = pooled + C;       // (C)
@@ -213,7 +213,7 @@ cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* 
                                   cudaStream_t stream) {
   const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, hidden_out};
   const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM, 2);
-  reduced_linear_kernel<<<grid, GemmTile::kThreads, 0, stream>>>(p);
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, reduced_linear_kernel)(p);
   return cudaGetLastError();
 }
 
@@ -232,7 +232,7 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
     const size_t smem = sizeof(float) * fused_forward_smem_floats(layout.channels, hidden, VEC);
-    fused_forward_kernel<T, VEC><<<layout.n, kFusedThreads, smem, stream>>>(p);
+    DIA_FUSED_LAUNCH(layout.n, kFusedThreads, smem, stream, fused_forward_kernel<T, VEC>)(p);
     return cudaGetLastError();
   });
 }
@@ -242,7 +242,7 @@ cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout, FeatureMap x, 
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    pool_kernel<T, VEC><<<stream_grid(layout), kStreamThreads, 0, stream>>>(layout, x, pooled);
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, pool_kernel<T, VEC>)(layout, x, pooled);
     return cudaGetLastError();
   });
 }
@@ -255,7 +255,7 @@ cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* p
   if (err != cudaSuccess) return err;
   const GateForwardParams p{n, channels, hidden, hidden_ws, c0, weights, activation, h_new, c_new};
   const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM);
-  gate_forward_kernel<<<grid, GemmTile::kThreads, 0, stream>>>(p);
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_forward_kernel)(p);
   return cudaGetLastError();
 }
 
@@ -265,7 +265,7 @@ cudaError_t launch_scale_residual(ScalarKind kind, const MapLayout& layout, Feat
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    scale_residual_kernel<T, VEC><<<stream_grid(layout), kStreamThreads, 0, stream>>>(
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, scale_residual_kernel<T, VEC>)(
         layout, x, attention, identity, out, relu);
     return cudaGetLastError();
   });
