@@ -351,19 +351,26 @@ struct WeightGradProblem {
   float* bias;       // (rows)
 };
 
+constexpr int kWeightGradProblems = 4;  // Wih2, Whh2, Wih1, Whh1 with their biases
+
 struct WeightGradParams {
-  int n;                            // N: the reduction length
-  WeightGradProblem problems[4];    // Wih2, Whh2, Wih1, Whh1 with their biases
+  int n;                                          // N: the reduction length
+  WeightGradProblem problems[kWeightGradProblems];
+  int col_tiles[kWeightGradProblems];             // tiles along cols + 1 (the bias column)
+  int first_tile[kWeightGradProblems + 1];        // prefix sums of the problems' tile counts
 };
 
-// grid (max col tiles, max row tiles, 4 problems), block (GemmTile::kThreads).
+// grid (total tiles of the 4 problems), block (GemmTile::kThreads): block b takes tile
+// b - first_tile[p] of the problem p it falls in, row-major over (row tiles, col tiles).
 __global__ void __launch_bounds__(GemmTile::kThreads) weight_grad_kernel(const WeightGradParams p) {
   __shared__ GemmSmem smem;
-  const WeightGradProblem& problem = p.problems[blockIdx.z];
-  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
-  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  // the +1 column of ones gives the bias grad
-  if (m0 >= problem.rows || n0 > problem.cols) return;  // whole block: before any barrier
+  const int block = static_cast<int>(blockIdx.x);
+  int index = 0;
+  while (block >= p.first_tile[index + 1]) ++index;
+  const WeightGradProblem& problem = p.problems[index];
+  const int tile = block - p.first_tile[index];
+  const int m0 = (tile / p.col_tiles[index]) * GemmTile::kM;
+  const int n0 = (tile % p.col_tiles[index]) * GemmTile::kN;
   const StridedLoad a{problem.a, 1, problem.rows};                  // A(m, s) = a[s, m]
   const OnesColumnLoad b{problem.b, problem.cols, problem.cols};    // B(s, j) = b[s, j] | 1
   float acc[GemmTile::kTM][GemmTile::kTN];
@@ -395,11 +402,14 @@ cudaError_t launch_weight_grads(int n, int channels, int hidden, const float* po
   p.problems[1] = {ws.grad_gates, ws.hidden + path, 4 * channels, hidden, grads.whh2, grads.bhh2};
   p.problems[2] = {ws.grad_hidden, pooled, hidden, channels, grads.wih1, grads.bih1};
   p.problems[3] = {ws.grad_hidden + path, h0, hidden, channels, grads.whh1, grads.bhh1};
-  const int max_cols = (hidden > channels ? hidden : channels) + 1;
-  const int max_rows = 4 * channels > hidden ? 4 * channels : hidden;
-  const dim3 grid((max_cols + GemmTile::kN - 1) / GemmTile::kN,
-                  (max_rows + GemmTile::kM - 1) / GemmTile::kM, 4);
-  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, weight_grad_kernel)(p);
+  p.first_tile[0] = 0;
+  for (int i = 0; i < kWeightGradProblems; ++i) {
+    const int row_tiles = (p.problems[i].rows + GemmTile::kM - 1) / GemmTile::kM;
+    p.col_tiles[i] = (p.problems[i].cols + 1 + GemmTile::kN - 1) / GemmTile::kN;
+    p.first_tile[i + 1] = p.first_tile[i] + row_tiles * p.col_tiles[i];
+  }
+  DIA_FUSED_LAUNCH(p.first_tile[kWeightGradProblems], GemmTile::kThreads, 0, stream,
+                   weight_grad_kernel)(p);
   return cudaGetLastError();
 }
 

@@ -131,10 +131,15 @@ def unavailable_reason(device) -> Optional[str]:
     return None
 
 
+_ready_devices = set()
+
+
 def _extension_for(x: Tensor):
-    reason = unavailable_reason(x.device)
-    if reason is not None:
-        raise RuntimeError(f"the cuda backend cannot run on {x.device}: {reason}")
+    if x.device not in _ready_devices:  # checked once per device: no per-call overhead
+        reason = unavailable_reason(x.device)
+        if reason is not None:
+            raise RuntimeError(f"the cuda backend cannot run on {x.device}: {reason}")
+        _ready_devices.add(x.device)
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the cuda backend supports dtypes {SUPPORTED_DTYPES}, got {x.dtype} "
                         f"(use backend='reference' for it)")

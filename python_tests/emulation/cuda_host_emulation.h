@@ -1,5 +1,5 @@
 // Runs the csrc/ CUDA kernels as host C++ on the CPU, for tests on machines without a GPU:
-// a launch runs its blocks one after another, each block's threads as std::threads, with
+// a launch runs its blocks one after another, each block's threads on persistent std::threads, with
 // __syncthreads as a barrier of the block and __shfl_xor_sync through a per-warp exchange.
 // Shared memory: `__shared__` variables become function statics (one block runs at a time);
 // dynamic shared memory is a per-launch buffer filled with NaN, so reads of never-written
@@ -15,6 +15,9 @@
 #include <atomic>
 #include <barrier>
 #include <cmath>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
 #include <cstdint>
 #include <cstdio>
 #include <limits>
@@ -74,6 +77,65 @@ inline void check_aligned(const void* p, size_t bytes) {
 
 inline float* dynamic_smem() { return g_block.dynamic_smem.data(); }
 
+// Persistent worker threads (creating 512 threads per emulated block dominated the run time):
+// run(n, job) runs job(0) ... job(n - 1) concurrently on workers 0 .. n-1 and waits for them.
+class WorkerPool {
+ public:
+  void run(unsigned count, const std::function<void(unsigned)>& job) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < count) {
+      const unsigned index = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, index] { loop(index); });
+    }
+    job_ = &job;
+    active_ = count;
+    remaining_ = count;
+    ++generation_;
+    start_.notify_all();
+    done_.wait(lock, [this] { return remaining_ == 0; });
+    job_ = nullptr;
+  }
+
+  ~WorkerPool() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stopping_ = true;
+      ++generation_;
+    }
+    start_.notify_all();
+    for (auto& worker : workers_) worker.join();
+  }
+
+ private:
+  void loop(unsigned index) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(unsigned)>* job;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        start_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stopping_) return;
+        if (index >= active_) continue;
+        job = job_;
+      }
+      (*job)(index);
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (--remaining_ == 0) done_.notify_one();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable start_, done_;
+  std::vector<std::thread> workers_;
+  const std::function<void(unsigned)>* job_ = nullptr;
+  unsigned active_ = 0, remaining_ = 0;
+  uint64_t generation_ = 0;
+  bool stopping_ = false;
+};
+
+inline WorkerPool g_pool;
+
 // Runs kernel(args...) on every thread of every block of the grid.
 template <class Kernel>
 struct Launch {
@@ -100,18 +162,13 @@ struct Launch {
           g_block.warp_slots.assign(threads, 0.0f);
           g_block.dynamic_smem.assign(smem_bytes / sizeof(float),
                                       std::numeric_limits<float>::quiet_NaN());
-          std::vector<std::thread> pool;
-          pool.reserve(threads);
-          for (unsigned t = 0; t < threads; ++t) {
-            pool.emplace_back([&, t] {
-              t_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-              kernel(args...);
-              // an exited thread no longer holds back barriers, as on the GPU
-              g_block.warp_barriers[t / 32]->arrive_and_drop();
-              g_block.block_barrier->arrive_and_drop();
-            });
-          }
-          for (auto& th : pool) th.join();
+          g_pool.run(threads, [&](unsigned t) {
+            t_thread_idx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
+            kernel(args...);
+            // an exited thread no longer holds back barriers, as on the GPU
+            g_block.warp_barriers[t / 32]->arrive_and_drop();
+            g_block.block_barrier->arrive_and_drop();
+          });
         }
   }
 };
