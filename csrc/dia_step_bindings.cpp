@@ -1,0 +1,433 @@
+// Torch bindings of the fused DIA-LSTM step kernels: argument checks (TORCH_CHECK naming the
+// argument), output allocation, the current CUDA stream, the walk order and vector width of the
+// feature maps. Called by dia_fused/kernels/cuda_dia_step.py, which composes the forward and
+// backward of the contract in CONTEXT.md from these pieces.
+//
+// No host synchronization anywhere (no .item(), no device-to-host copies): every function only
+// enqueues kernels on the current stream, so the step can be captured in a CUDA graph.
+// Feature maps are never copied: their strides go to the kernels as they are.
+#include <torch/extension.h>
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#include <vector>
+
+#include "dia_step.h"
+
+namespace dia_fused {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+constexpr int kGemmRows = 32;                    // GemmTile::kM: samples per GEMM block
+constexpr int64_t kMaxGridY = 65535;             // CUDA's limit on gridDim.y
+
+ScalarKind scalar_kind(const Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return ScalarKind::kFloat32;
+    case at::kBFloat16: return ScalarKind::kBFloat16;
+    case at::kHalf: return ScalarKind::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "x: expected dtype float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  return ScalarKind::kFloat32;  // unreachable
+}
+
+CellActivation cell_activation(int64_t activation) {
+  TORCH_CHECK_VALUE(activation >= 0 && activation <= 2,
+              "activation: expected 0 (sigmoid), 1 (tanh) or 2 (relu), got ", activation);
+  return static_cast<CellActivation>(activation);
+}
+
+void check_on_device_of_x(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK_VALUE(t.is_cuda(), name, ": expected a CUDA tensor, got device ", t.device());
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, ": expected device ", x.device(),
+              " (the device of x), got ", t.device());
+}
+
+// x itself: a 4-D CUDA map of a supported dtype with H * W >= 1.
+void check_x(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor, got device ", x.device());
+  TORCH_CHECK_VALUE(x.dim() == 4, "x: expected a 4-D tensor (N, C, H, W), got shape ", x.sizes());
+  scalar_kind(x);
+  TORCH_CHECK_VALUE(x.size(0) >= 1 && x.size(1) >= 1 && x.size(2) * x.size(3) >= 1,
+              "x: expected N, C, H * W >= 1, got shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.size(1) <= INT32_MAX && x.size(2) * x.size(3) <= INT32_MAX &&
+                  x.size(0) <= kMaxGridY * kGemmRows,
+              "x: shape ", x.sizes(), " is too large for the cuda backend");
+}
+
+// Another map of the step: like x in device, dtype and shape.
+void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
+  check_on_device_of_x(t, name, x);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, ": expected dtype ", x.scalar_type(),
+              " (the dtype of x), got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), name, ": expected the shape of x ", x.sizes(), ", got ",
+              t.sizes());
+}
+
+// A small fp32 (N, C) or weight tensor read as contiguous memory.
+void check_f32_contiguous(const Tensor& t, const char* name, const Tensor& x,
+                          at::IntArrayRef shape) {
+  check_on_device_of_x(t, name, x);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, name, ": expected dtype float32, got ",
+              t.scalar_type());
+  TORCH_CHECK_VALUE(t.sizes() == shape, name, ": expected shape ", shape, ", got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, ": expected a contiguous tensor");
+}
+
+const float* optional_f32(const OptTensor& t, const char* name, const Tensor& x,
+                          at::IntArrayRef shape) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  check_f32_contiguous(*t, name, x, shape);
+  return t->data_ptr<float>();
+}
+
+// The kernels' view of a map; H and W must collapse into one axis (no hidden copy).
+FeatureMap feature_map(const Tensor& t, const char* name) {
+  FeatureMap map;
+  TORCH_CHECK_VALUE(make_feature_map(t.data_ptr(), t.sizes().data(), t.strides().data(), &map), name,
+                    ": expected H and W to be collapsible into one axis (stride(2) == W * stride(3), "
+                    "as in contiguous and channels_last tensors), got strides ", t.strides());
+  return map;
+}
+
+const FeatureMap kNoMap{nullptr, 0, 0, 0};
+
+MapLayout map_layout(const Tensor& x, std::initializer_list<FeatureMap> maps) {
+  return choose_map_layout(x.sizes().data(), feature_map(x, "x"), maps.begin(),
+                           static_cast<int>(maps.size()), static_cast<int>(x.element_size()));
+}
+
+struct Cell0 {
+  Cell0Weights weights;
+  int hidden;
+};
+
+// The 8 cell-0 weights, fp32 contiguous on x's device, in reference.weight_names order.
+Cell0 cell0_weights(const std::vector<Tensor>& w, const Tensor& x) {
+  TORCH_CHECK_VALUE(w.size() == 8, "weights: expected the 8 cell-0 tensors, got ", w.size());
+  const int64_t C = x.size(1);
+  TORCH_CHECK_VALUE(w[0].dim() == 2 && w[0].size(0) >= 1, "weights[0] (w_ih.0.seq.0.weight): expected "
+              "shape (R, C) with R >= 1, got ", w[0].sizes());
+  const int64_t R = w[0].size(0);
+  static const char* names[8] = {"w_ih.0.seq.0.weight", "w_ih.0.seq.0.bias",
+                                 "w_ih.0.seq.2.weight", "w_ih.0.seq.2.bias",
+                                 "w_hh.0.seq.0.weight", "w_hh.0.seq.0.bias",
+                                 "w_hh.0.seq.2.weight", "w_hh.0.seq.2.bias"};
+  const std::vector<int64_t> shapes[4] = {{R, C}, {R}, {4 * C, R}, {4 * C}};
+  for (int i = 0; i < 8; ++i) check_f32_contiguous(w[i], names[i], x, shapes[i % 4]);
+  Cell0 cell;
+  cell.hidden = static_cast<int>(R);
+  cell.weights = Cell0Weights{w[0].data_ptr<float>(), w[1].data_ptr<float>(),
+                              w[2].data_ptr<float>(), w[3].data_ptr<float>(),
+                              w[4].data_ptr<float>(), w[5].data_ptr<float>(),
+                              w[6].data_ptr<float>(), w[7].data_ptr<float>()};
+  return cell;
+}
+
+std::vector<Tensor> empty_weight_grads(const std::vector<Tensor>& w) {
+  std::vector<Tensor> grads;
+  for (const Tensor& t : w) grads.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
+  return grads;
+}
+
+Cell0WeightGrads weight_grad_ptrs(std::vector<Tensor>& g) {
+  return Cell0WeightGrads{g[0].data_ptr<float>(), g[1].data_ptr<float>(),
+                          g[2].data_ptr<float>(), g[3].data_ptr<float>(),
+                          g[4].data_ptr<float>(), g[5].data_ptr<float>(),
+                          g[6].data_ptr<float>(), g[7].data_ptr<float>()};
+}
+
+cudaStream_t current_stream(const Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "dia_fused cuda backend: launching ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+at::TensorOptions f32_like(const Tensor& x) { return x.options().dtype(at::kFloat); }
+
+bool fused_fits(int64_t channels, int64_t hidden) {
+  return channels <= kFusedMaxChannels && 2 * hidden <= kFusedThreads;
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward pieces
+// ------------------------------------------------------------------------------------------
+
+// Whole step (one cell) in one kernel: returns [out, h_new (N, C), c_new (N, C), pooled (N, C)].
+std::vector<Tensor> forward_fused(const Tensor& x, const Tensor& h0, const Tensor& c0,
+                                  const std::vector<Tensor>& weights, const OptTensor& identity,
+                                  bool relu, int64_t activation) {
+  check_x(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  check_f32_contiguous(h0, "h0", x, {N, C});
+  check_f32_contiguous(c0, "c0", x, {N, C});
+  const Cell0 cell = cell0_weights(weights, x);
+  TORCH_CHECK_VALUE(fused_fits(C, cell.hidden), "forward_fused: needs C <= ", kFusedMaxChannels,
+              " and 2R <= ", kFusedThreads, ", got C=", C, ", R=", cell.hidden);
+  FeatureMap id_map = kNoMap;
+  if (identity.has_value() && identity->defined()) {
+    check_like_x(*identity, "identity", x);
+    id_map = feature_map(*identity, "identity");
+  }
+  Tensor out = at::empty_like(x);
+  Tensor h_new = at::empty({N, C}, f32_like(x));
+  Tensor c_new = at::empty({N, C}, f32_like(x));
+  Tensor pooled = at::empty({N, C}, f32_like(x));
+  const FeatureMap x_map = feature_map(x, "x"), out_map = feature_map(out, "out");
+  const MapLayout layout = map_layout(x, {x_map, id_map, out_map});
+  check_launch(launch_fused_forward(scalar_kind(x), layout, cell.hidden, x_map, id_map, out_map,
+                                    h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights, relu,
+                                    cell_activation(activation), h_new.data_ptr<float>(),
+                                    c_new.data_ptr<float>(), pooled.data_ptr<float>(),
+                                    current_stream(x)),
+               "fused_forward_kernel");
+  return {out, h_new, c_new, pooled};
+}
+
+// pooled (N, C) = mean over H, W of x.
+Tensor pool(const Tensor& x) {
+  check_x(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor pooled = at::empty({x.size(0), x.size(1)}, f32_like(x));
+  const FeatureMap x_map = feature_map(x, "x");
+  check_launch(launch_pool(scalar_kind(x), map_layout(x, {x_map}), x_map, pooled.data_ptr<float>(),
+                           current_stream(x)),
+               "pool_kernel");
+  return pooled;
+}
+
+// Cell 0 over tiles of samples: returns [h_new (N, C), c_new (N, C)].
+std::vector<Tensor> cell0_forward(const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+                                  const std::vector<Tensor>& weights, int64_t activation) {
+  TORCH_CHECK_VALUE(pooled.is_cuda() && pooled.dim() == 2,
+              "pooled: expected a 2-D CUDA tensor (N, C), got ", pooled.sizes(), " on ",
+              pooled.device());
+  const c10::cuda::CUDAGuard guard(pooled.device());
+  const int64_t N = pooled.size(0), C = pooled.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && N <= kMaxGridY * kGemmRows && C >= 1, "pooled: unsupported shape ",
+              pooled.sizes());
+  // the checks compare devices and C with x's: pooled stands in for x here
+  const Tensor x_like = pooled.unsqueeze(2).unsqueeze(3);
+  check_f32_contiguous(pooled, "pooled", x_like, {N, C});
+  check_f32_contiguous(h0, "h0", x_like, {N, C});
+  check_f32_contiguous(c0, "c0", x_like, {N, C});
+  const Cell0 cell = cell0_weights(weights, x_like);
+  Tensor hidden_ws = at::empty({2, N, cell.hidden}, pooled.options());
+  Tensor h_new = at::empty({N, C}, pooled.options());
+  Tensor c_new = at::empty({N, C}, pooled.options());
+  check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
+                                    pooled.data_ptr<float>(), h0.data_ptr<float>(),
+                                    c0.data_ptr<float>(), cell.weights, cell_activation(activation),
+                                    hidden_ws.data_ptr<float>(), h_new.data_ptr<float>(),
+                                    c_new.data_ptr<float>(), current_stream(pooled)),
+               "cell-0 forward kernels");
+  return {h_new, c_new};
+}
+
+// out = relu?(x * attention + identity), laid out like x.
+Tensor scale_residual(const Tensor& x, const Tensor& attention, const OptTensor& identity,
+                      bool relu) {
+  check_x(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_f32_contiguous(attention, "attention", x, {x.size(0), x.size(1)});
+  FeatureMap id_map = kNoMap;
+  if (identity.has_value() && identity->defined()) {
+    check_like_x(*identity, "identity", x);
+    id_map = feature_map(*identity, "identity");
+  }
+  Tensor out = at::empty_like(x);
+  const FeatureMap x_map = feature_map(x, "x"), out_map = feature_map(out, "out");
+  check_launch(launch_scale_residual(scalar_kind(x), map_layout(x, {x_map, id_map, out_map}),
+                                     x_map, attention.data_ptr<float>(), id_map, out_map, relu,
+                                     current_stream(x)),
+               "scale_residual_kernel");
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward pieces
+// ------------------------------------------------------------------------------------------
+
+// One cell, C <= kFusedMaxChannels: returns
+// [grad_x, grad_identity or None, grad_h0 (N, C), grad_c0 (N, C), 8 cell-0 weight grads].
+std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad_h_new,
+                                   const OptTensor& grad_c_new, const Tensor& x, const Tensor& out,
+                                   const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+                                   const std::vector<Tensor>& weights, bool identity_given,
+                                   bool relu, int64_t activation) {
+  check_x(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(0), C = x.size(1);
+  check_like_x(grad_out, "grad_out", x);
+  check_like_x(out, "out", x);
+  check_f32_contiguous(pooled, "pooled", x, {N, C});
+  check_f32_contiguous(h0, "h0", x, {N, C});
+  check_f32_contiguous(c0, "c0", x, {N, C});
+  const float* gh = optional_f32(grad_h_new, "grad_h_new", x, {N, C});
+  const float* gc = optional_f32(grad_c_new, "grad_c_new", x, {N, C});
+  const Cell0 cell = cell0_weights(weights, x);
+  TORCH_CHECK_VALUE(fused_fits(C, cell.hidden), "backward_fused: needs C <= ", kFusedMaxChannels,
+              " and 2R <= ", kFusedThreads, ", got C=", C, ", R=", cell.hidden);
+  const int64_t R = cell.hidden;
+
+  Tensor grad_x = at::empty_like(x);
+  Tensor grad_identity = identity_given ? at::empty_like(x) : Tensor();
+  Tensor grad_h0 = at::empty({N, C}, f32_like(x));
+  Tensor grad_c0 = at::empty({N, C}, f32_like(x));
+  std::vector<Tensor> wgrads = empty_weight_grads(weights);
+  Tensor hidden_ws = at::empty({2, N, R}, f32_like(x));
+  Tensor grad_hidden_ws = at::empty({2, N, R}, f32_like(x));
+  Tensor grad_gates_ws = at::empty({N, 4 * C}, f32_like(x));
+
+  const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
+  const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
+  const FeatureMap gx_map = feature_map(grad_x, "grad_x");
+  const FeatureMap gi_map = identity_given ? feature_map(grad_identity, "grad_identity") : kNoMap;
+  const MapLayout layout = map_layout(x, {go_map, x_map, out_map, gx_map, gi_map});
+  check_launch(
+      launch_fused_backward(scalar_kind(x), layout, cell.hidden, go_map, x_map, out_map, gx_map,
+                            gi_map, gh, gc, pooled.data_ptr<float>(), h0.data_ptr<float>(),
+                            c0.data_ptr<float>(), cell.weights, relu, cell_activation(activation),
+                            grad_h0.data_ptr<float>(), grad_c0.data_ptr<float>(),
+                            weight_grad_ptrs(wgrads),
+                            Cell0Workspace{hidden_ws.data_ptr<float>(),
+                                           grad_hidden_ws.data_ptr<float>(),
+                                           grad_gates_ws.data_ptr<float>()},
+                            current_stream(x)),
+      "fused backward kernels");
+  std::vector<Tensor> result{grad_x, grad_identity, grad_h0, grad_c0};
+  result.insert(result.end(), wgrads.begin(), wgrads.end());
+  return result;
+}
+
+// Returns [grad_attention (N, C) = sum_HW z * x, grad_identity = z or None].
+std::vector<Tensor> grad_attention(const Tensor& grad_out, const Tensor& x, const Tensor& out,
+                                   bool relu, bool identity_given) {
+  check_x(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_like_x(grad_out, "grad_out", x);
+  check_like_x(out, "out", x);
+  Tensor da = at::empty({x.size(0), x.size(1)}, f32_like(x));
+  Tensor grad_identity = identity_given ? at::empty_like(x) : Tensor();
+  const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
+  const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
+  const FeatureMap gi_map = identity_given ? feature_map(grad_identity, "grad_identity") : kNoMap;
+  check_launch(launch_grad_attention(scalar_kind(x), map_layout(x, {go_map, x_map, out_map, gi_map}),
+                                     go_map, x_map, out_map, gi_map, relu, da.data_ptr<float>(),
+                                     current_stream(x)),
+               "grad_attention_kernel");
+  return {da, grad_identity};
+}
+
+// Cell-0 backward over tiles of samples; the gradient reaching h_new of cell 0 is
+// grad_h_new + grad_h_extra. Returns [grad_pooled / HW (N, C), grad_h0 (N, C), grad_c0 (N, C),
+// h_new (N, C) recomputed, 8 cell-0 weight grads].
+std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+                                   const std::vector<Tensor>& weights, const OptTensor& grad_h_new,
+                                   const OptTensor& grad_h_extra, const OptTensor& grad_c_new,
+                                   int64_t activation, int64_t hw) {
+  TORCH_CHECK_VALUE(pooled.is_cuda() && pooled.dim() == 2,
+              "pooled: expected a 2-D CUDA tensor (N, C), got ", pooled.sizes(), " on ",
+              pooled.device());
+  const c10::cuda::CUDAGuard guard(pooled.device());
+  const int64_t N = pooled.size(0), C = pooled.size(1);
+  TORCH_CHECK_VALUE(N >= 1 && N <= kMaxGridY * kGemmRows && C >= 1, "pooled: unsupported shape ",
+              pooled.sizes());
+  TORCH_CHECK_VALUE(hw >= 1 && hw <= INT32_MAX, "hw: expected 1 <= H * W < 2^31, got ", hw);
+  const Tensor x_like = pooled.unsqueeze(2).unsqueeze(3);
+  check_f32_contiguous(pooled, "pooled", x_like, {N, C});
+  check_f32_contiguous(h0, "h0", x_like, {N, C});
+  check_f32_contiguous(c0, "c0", x_like, {N, C});
+  const float* gh = optional_f32(grad_h_new, "grad_h_new", x_like, {N, C});
+  const float* ghx = optional_f32(grad_h_extra, "grad_h_extra", x_like, {N, C});
+  const float* gc = optional_f32(grad_c_new, "grad_c_new", x_like, {N, C});
+  const Cell0 cell = cell0_weights(weights, x_like);
+  const int64_t R = cell.hidden;
+
+  const auto opts = pooled.options();
+  Tensor grad_pooled = at::empty({N, C}, opts);
+  Tensor grad_h0 = at::empty({N, C}, opts);
+  Tensor grad_c0 = at::empty({N, C}, opts);
+  Tensor h_new = at::empty({N, C}, opts);
+  std::vector<Tensor> wgrads = empty_weight_grads(weights);
+  Tensor hidden_ws = at::empty({2, N, R}, opts);
+  Tensor grad_hidden_ws = at::empty({2, N, R}, opts);
+  Tensor grad_gates_ws = at::empty({N, 4 * C}, opts);
+  check_launch(launch_cell0_backward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
+                                     static_cast<int>(hw), pooled.data_ptr<float>(),
+                                     h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,
+                                     cell_activation(activation), gh, ghx, gc,
+                                     grad_pooled.data_ptr<float>(), grad_h0.data_ptr<float>(),
+                                     grad_c0.data_ptr<float>(), h_new.data_ptr<float>(),
+                                     weight_grad_ptrs(wgrads),
+                                     Cell0Workspace{hidden_ws.data_ptr<float>(),
+                                                    grad_hidden_ws.data_ptr<float>(),
+                                                    grad_gates_ws.data_ptr<float>()},
+                                     current_stream(pooled)),
+               "cell-0 backward kernels");
+  std::vector<Tensor> result{grad_pooled, grad_h0, grad_c0, h_new};
+  result.insert(result.end(), wgrads.begin(), wgrads.end());
+  return result;
+}
+
+// grad_x = z * attention + grad_pooled_over_hw, laid out like x (out gives the shape and dtype).
+Tensor grad_input(const Tensor& grad_out, const Tensor& out, const Tensor& attention,
+                  const Tensor& grad_pooled_over_hw, bool relu) {
+  check_x(out);
+  const c10::cuda::CUDAGuard guard(out.device());
+  check_like_x(grad_out, "grad_out", out);
+  const int64_t N = out.size(0), C = out.size(1);
+  check_f32_contiguous(attention, "attention", out, {N, C});
+  check_f32_contiguous(grad_pooled_over_hw, "grad_pooled_over_hw", out, {N, C});
+  Tensor grad_x = at::empty_like(out);
+  const FeatureMap go_map = feature_map(grad_out, "grad_out");
+  const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
+  const FeatureMap gx_map = feature_map(grad_x, "grad_x");
+  // the walk order follows grad_x, which is laid out like out (and x)
+  check_launch(launch_grad_input(scalar_kind(out), map_layout(grad_x, {go_map, out_map, gx_map}),
+                                 go_map, out_map, attention.data_ptr<float>(),
+                                 grad_pooled_over_hw.data_ptr<float>(), gx_map, relu,
+                                 current_stream(out)),
+               "grad_input_kernel");
+  return grad_x;
+}
+
+}  // namespace
+}  // namespace dia_fused
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace dia_fused;
+  m.doc() = "dia_fused CUDA kernels of the DIA-LSTM step (called by dia_fused.kernels.cuda_dia_step)";
+  m.attr("FUSED_MAX_CHANNELS") = kFusedMaxChannels;
+  m.attr("FUSED_THREADS") = kFusedThreads;
+  m.def("forward_fused", &forward_fused, "whole step of one cell in one kernel", py::arg("x"),
+        py::arg("h0"), py::arg("c0"), py::arg("weights"), py::arg("identity"), py::arg("relu"),
+        py::arg("activation"));
+  m.def("pool", &pool, "mean of x over H, W (N, C) fp32", py::arg("x"));
+  m.def("cell0_forward", &cell0_forward, "cell 0 of the LSTM over tiles of samples",
+        py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"), py::arg("activation"));
+  m.def("scale_residual", &scale_residual, "relu?(x * attention + identity)", py::arg("x"),
+        py::arg("attention"), py::arg("identity"), py::arg("relu"));
+  m.def("backward_fused", &backward_fused, "backward of one cell, one block per sample",
+        py::arg("grad_out"), py::arg("grad_h_new"), py::arg("grad_c_new"), py::arg("x"),
+        py::arg("out"), py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
+        py::arg("identity_given"), py::arg("relu"), py::arg("activation"));
+  m.def("grad_attention", &grad_attention, "sum over H, W of z * x; grad_identity = z",
+        py::arg("grad_out"), py::arg("x"), py::arg("out"), py::arg("relu"),
+        py::arg("identity_given"));
+  m.def("cell0_backward", &cell0_backward, "cell-0 backward over tiles of samples",
+        py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
+        py::arg("grad_h_new"), py::arg("grad_h_extra"), py::arg("grad_c_new"),
+        py::arg("activation"), py::arg("hw"));
+  m.def("grad_input", &grad_input, "z * attention + grad_pooled_over_hw", py::arg("grad_out"),
+        py::arg("out"), py::arg("attention"), py::arg("grad_pooled_over_hw"), py::arg("relu"));
+}

@@ -1,0 +1,274 @@
+// Forward of the fused DIA-LSTM step (DESIGN section 1), cell 0:
+//   s = mean_HW x;  u_ih = relu(Wih1 s + bih1);  u_hh = relu(Whh1 h0 + bhh1)
+//   gates = Wih2 u_ih + bih2 + Whh2 u_hh + bhh2;  (h, c) = LSTM pointwise(gates, c0)
+//   out = relu?(x * h + identity)
+//
+// Two paths (chosen by the bindings):
+//   fused  (C <= kFusedMaxChannels, one cell): 1 launch, one block per sample does all of it.
+//   split  (any C): pool -> reduced linears -> expansion + pointwise -> scale; 4 launches.
+//          Stacked cells (num_cells > 1) run between expansion and scale on the host side.
+#include "dia_step_common.cuh"
+
+namespace dia_fused {
+namespace detail {
+namespace {
+
+struct FusedForwardParams {
+  MapLayout layout;           // N, C, HW and the walk order of the maps
+  int hidden;                 // R
+  FeatureMap x;               // (N, C, H, W)
+  FeatureMap identity;        // (N, C, H, W); data nullptr when absent
+  FeatureMap out;             // (N, C, H, W)
+  const float* h0;            // (N, C) previous hidden state of cell 0
+  const float* c0;            // (N, C) previous cell state of cell 0
+  Cell0Weights weights;       // shapes in dia_step.h
+  bool relu;                  // relu after the residual add
+  CellActivation activation;  // act of h = sigmoid(o) * act(c)
+  float* h_new;               // (N, C)
+  float* c_new;               // (N, C)
+  float* pooled;              // (N, C) saved for the backward
+};
+
+// Floats of dynamic shared memory of fused_forward_kernel.
+int fused_forward_smem_floats(int channels, int hidden, int vec) {
+  return 3 * channels + 2 * hidden + 4 * channels + kFusedThreads * vec;
+}
+
+// grid (N), block (kFusedThreads): block n does the whole step of sample n.
+template <class T, int VEC>
+__global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const FusedForwardParams p) {
+  DIA_FUSED_DYNAMIC_SMEM(smem);
+  const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
+  float* pooled = smem;             // (C)
+  float* h_prev = pooled + C;       // (C)
+  float* attention = h_prev + C;    // (C) new h of cell 0
+  float* hidden = attention + C;    // (2R) u_ih, u_hh
+  float* gates = hidden + 2 * R;    // (4C) pre-activations, i, f, g, o blocks
+  float* scratch = gates + 4 * C;   // (kFusedThreads * VEC) row-reduction partials
+  const int64_t n = blockIdx.x;
+  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
+  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
+  const float inv_hw = 1.0f / static_cast<float>(HW);
+
+  const PoolOp<T, VEC> pool{p.x};
+  if (p.layout.channels_inner) {
+    block_rows_reduce<VEC>(pool, n, 0, C, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
+  } else {
+    for (int c = warp; c < C; c += warps) {
+      const float sum = warp_plane_reduce<VEC>(pool, n, c, HW, lane);
+      if (lane == 0) pooled[c] = sum * inv_hw;
+    }
+  }
+  for (int c = threadIdx.x; c < C; c += blockDim.x) h_prev[c] = p.h0[n * C + c];
+  __syncthreads();
+
+  for (int c = threadIdx.x; c < C; c += blockDim.x) p.pooled[n * C + c] = pooled[c];
+  sample_reduced_hidden(p.weights, pooled, h_prev, C, R, hidden);
+  __syncthreads();
+  sample_gate_preacts(p.weights, hidden, C, R, gates);
+  __syncthreads();
+  for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    const float gate[4] = {gates[c], gates[C + c], gates[2 * C + c], gates[3 * C + c]};
+    const CellState s = lstm_cell_forward(gate, p.c0[n * C + c], p.activation);
+    p.h_new[n * C + c] = s.h;
+    p.c_new[n * C + c] = s.c;
+    attention[c] = s.h;
+  }
+  __syncthreads();
+
+  const ScaleResidualOp<T, VEC> scale{p.x, p.identity, p.out, p.relu};
+  if (p.layout.channels_inner) {
+    block_rows_apply<VEC>(scale, n, 0, C, HW, fused_row_lanes(C, VEC), attention, nullptr);
+  } else {
+    for (int c = warp; c < C; c += warps) warp_plane_apply<VEC>(scale, n, c, HW, lane, attention[c], 0.0f);
+  }
+}
+
+// grid stream_grid(layout), block (kStreamThreads).
+template <class T, int VEC>
+__global__ void __launch_bounds__(kStreamThreads)
+pool_kernel(const MapLayout layout,  // N, C, HW, walk order
+            const FeatureMap x,      // (N, C, H, W)
+            float* pooled) {         // (N, C)
+  __shared__ float scratch[kStreamThreads * VEC];
+  const int C = layout.channels;
+  const float inv_hw = 1.0f / static_cast<float>(layout.hw);
+  const PoolOp<T, VEC> op{x};
+  if (layout.channels_inner) {
+    const int lanes = stream_row_lanes(C, VEC);
+    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
+    const int c_end = min(C, c_begin + lanes * VEC);
+    const int64_t n = blockIdx.x;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, layout.hw, lanes, scratch,
+                           pooled + n * C + c_begin, inv_hw);
+  } else {
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
+                          threadIdx.x / kWarpSize;
+    if (plane >= static_cast<int64_t>(layout.n) * C) return;  // whole warp: no barrier below
+    const float sum = warp_plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane);
+    if (lane == 0) pooled[plane] = sum * inv_hw;
+  }
+}
+
+// grid stream_grid(layout), block (kStreamThreads).
+template <class T, int VEC>
+__global__ void __launch_bounds__(kStreamThreads)
+scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
+                      const FeatureMap x,        // (N, C, H, W)
+                      const float* attention,    // (N, C)
+                      const FeatureMap identity, // (N, C, H, W); data nullptr when absent
+                      const FeatureMap out,      // (N, C, H, W)
+                      bool relu) {
+  const int C = layout.channels;
+  const ScaleResidualOp<T, VEC> op{x, identity, out, relu};
+  if (layout.channels_inner) {
+    const int lanes = stream_row_lanes(C, VEC);
+    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
+    const int c_end = min(C, c_begin + lanes * VEC);
+    const int64_t n = blockIdx.x;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C, nullptr);
+  } else {
+    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
+                          threadIdx.x / kWarpSize;
+    if (plane >= static_cast<int64_t>(layout.n) * C) return;
+    warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                          attention[plane], 0.0f);
+  }
+}
+
+struct GateForwardParams {
+  int n, channels, hidden;    // N, C, R
+  const float* hidden_in;     // (2, N, R) u_ih, u_hh from reduced_linear_kernel
+  const float* c0;            // (N, C)
+  Cell0Weights weights;       // shapes in dia_step.h
+  CellActivation activation;
+  float* h_new;               // (N, C)
+  float* c_new;               // (N, C)
+};
+
+// grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): a tile of samples x 8 channels,
+// all 4 gates, then the pointwise LSTM in the epilogue.
+__global__ void __launch_bounds__(GemmTile::kThreads) gate_forward_kernel(const GateForwardParams p) {
+  __shared__ GemmSmem smem;
+  const int C = p.channels;
+  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
+  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
+  float acc[GemmTile::kTM][GemmTile::kTN];
+  expansion_tile(acc, p.weights, p.hidden_in, p.n, C, p.hidden, m0, n0, smem);
+  const int c = n0 / 4 + gemm_thread_col();
+  if (c >= C) return;
+#pragma unroll
+  for (int i = 0; i < GemmTile::kTM; ++i) {
+    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
+    if (m >= p.n) continue;
+    float gate[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q) gate[q] = acc[i][q] + p.weights.bih2[q * C + c] + p.weights.bhh2[q * C + c];
+    const CellState s = lstm_cell_forward(gate, p.c0[static_cast<int64_t>(m) * C + c], p.activation);
+    p.h_new[static_cast<int64_t>(m) * C + c] = s.h;
+    p.c_new[static_cast<int64_t>(m) * C + c] = s.c;
+  }
+}
+
+}  // namespace
+
+struct ReducedLinearParams {
+  int n, channels, hidden;  // N, C, R
+  const float* pooled;      // (N, C) input of the ih path
+  const float* h0;          // (N, C) input of the hh path
+  Cell0Weights weights;     // W1 (R, C), b1 (R) of both paths are read
+  float* hidden_out;        // (2, N, R) relu(W1 v + b1): ih path, then hh path
+};
+
+// grid (ceil(R / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads).
+__global__ void __launch_bounds__(GemmTile::kThreads) reduced_linear_kernel(const ReducedLinearParams p) {
+  __shared__ GemmSmem smem;
+  const bool hh = blockIdx.z == 1;
+  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
+  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
+  const StridedLoad a{hh ? p.h0 : p.pooled, p.channels, 1};                    // A(n, k) = v[n, k]
+  const StridedLoad b{hh ? p.weights.whh1 : p.weights.wih1, 1, p.channels};    // B(k, j) = W1[j, k]
+  float acc[GemmTile::kTM][GemmTile::kTN];
+  gemm_zero(acc);
+  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, p.channels, smem);
+  const float* bias = hh ? p.weights.bhh1 : p.weights.bih1;
+  float* out = p.hidden_out + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0);
+#pragma unroll
+  for (int i = 0; i < GemmTile::kTM; ++i) {
+    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
+#pragma unroll
+    for (int j = 0; j < GemmTile::kTN; ++j) {
+      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
+      if (m < p.n && col < p.hidden)
+        out[static_cast<int64_t>(m) * p.hidden + col] = fmaxf(acc[i][j] + bias[col], 0.0f);
+    }
+  }
+}
+
+cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* pooled,
+                                  const float* h0, const Cell0Weights& weights, float* hidden_out,
+                                  cudaStream_t stream) {
+  const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, hidden_out};
+  const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM, 2);
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, reduced_linear_kernel)(p);
+  return cudaGetLastError();
+}
+
+}  // namespace detail
+
+using namespace detail;
+
+cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int hidden, FeatureMap x,
+                                 FeatureMap identity, FeatureMap out, const float* h0,
+                                 const float* c0, Cell0Weights weights, bool relu,
+                                 CellActivation activation, float* h_new, float* c_new,
+                                 float* pooled, cudaStream_t stream) {
+  const FusedForwardParams p{layout, hidden, x, identity, out, h0, c0, weights,
+                             relu, activation, h_new, c_new, pooled};
+  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+    using T = decltype(scalar);
+    constexpr int VEC = decltype(vec)::value;
+    const size_t smem = sizeof(float) * fused_forward_smem_floats(layout.channels, hidden, VEC);
+    DIA_FUSED_LAUNCH(layout.n, kFusedThreads, smem, stream, fused_forward_kernel<T, VEC>)(p);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout, FeatureMap x, float* pooled,
+                        cudaStream_t stream) {
+  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+    using T = decltype(scalar);
+    constexpr int VEC = decltype(vec)::value;
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, pool_kernel<T, VEC>)(layout, x, pooled);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* pooled,
+                                 const float* h0, const float* c0, Cell0Weights weights,
+                                 CellActivation activation, float* hidden_ws, float* h_new,
+                                 float* c_new, cudaStream_t stream) {
+  const cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, stream);
+  if (err != cudaSuccess) return err;
+  const GateForwardParams p{n, channels, hidden, hidden_ws, c0, weights, activation, h_new, c_new};
+  const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM);
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_forward_kernel)(p);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale_residual(ScalarKind kind, const MapLayout& layout, FeatureMap x,
+                                  const float* attention, FeatureMap identity, FeatureMap out,
+                                  bool relu, cudaStream_t stream) {
+  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+    using T = decltype(scalar);
+    constexpr int VEC = decltype(vec)::value;
+    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, scale_residual_kernel<T, VEC>)(
+        layout, x, attention, identity, out, relu);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace dia_fused
