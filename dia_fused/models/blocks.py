@@ -38,8 +38,9 @@ class SE(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    """Base: `branch` (nn.Sequential ending in a norm), `shortcut` (projection or None), optional
-    per-block SE (`se` = (reduction, bias)), `skip` ablation, and `preact` (the pre-activation applied to x first)."""
+    """Base: `branch` (nn.Sequential ending in a norm), `shortcut` (projection or None: identity),
+    optional per-block SE (`se` = (reduction, bias)), the `skip` ablation, and `preact` (the
+    pre-activation applied to x first; the projection reads it when `preact_shortcut`)."""
 
     def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module], out_channels: int, *, se: Optional[tuple],
                  skip: bool, preact: Optional[nn.Module] = None, preact_shortcut: bool = False):
@@ -58,8 +59,9 @@ class ResidualBlock(nn.Module):
             branch = self.se(branch)
         if not self.skip:
             return branch, None
-        source = pre if self.preact_shortcut else x
-        identity = source if self.shortcut is None else self.shortcut(source)
+        if self.shortcut is None:
+            return branch, x
+        return branch, self.shortcut(pre if self.preact_shortcut else x)
         return branch, identity
 
 
@@ -79,27 +81,39 @@ def basic_block(cin, cout, stride, *, norm=True, se=None, skip=True):
     return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
 
 
-def bottleneck_block(cin, planes, stride, *, expansion=4, groups=1, width=None, norm=True, se=None, skip=True):
-    """1x1-bn-relu-3x3(groups)-bn-relu-1x1-bn (post-activation ResNet / ResNeXt); stride on the 3x3."""
+def bottleneck_block(cin, planes, stride, *, expansion=4, groups=1, width=None, norm=True, se=None, skip=True,
+                     stride_in_1x1=False):
+    """1x1-bn-relu-3x3(groups)-bn-relu-1x1-bn (post-activation ResNet / ResNeXt); the stride on the
+    3x3, or on the first 1x1 (`stride_in_1x1`, the original ResNet v1 and pytorchcv's default)."""
     width = width or planes
     cout = planes * expansion
-    branch = nn.Sequential(conv(cin, width, 1), norm_layer(width, norm), nn.ReLU(inplace=True),
-                           conv(width, width, 3, stride, groups), norm_layer(width, norm), nn.ReLU(inplace=True),
+    s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
+    branch = nn.Sequential(conv(cin, width, 1, s1), norm_layer(width, norm), nn.ReLU(inplace=True),
+                           conv(width, width, 3, s3, groups), norm_layer(width, norm), nn.ReLU(inplace=True),
                            conv(width, cout, 1), norm_layer(cout, norm))
     return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
 
 
-def preact_bottleneck_block(cin, planes, stride, *, norm=True, se=None, skip=True, extra_norm=True):
-    """bn-relu-1x1-bn-relu-3x3-bn-relu-1x1 (+ the official DIA code's extra BN at the end of the
-    branch, so the unit pools normalised features); the projection shortcut has no BN."""
-    cout = planes * 4
-    layers = [norm_layer(cin, norm), nn.ReLU(inplace=True), conv(cin, planes, 1),
-              norm_layer(planes, norm), nn.ReLU(inplace=True), conv(planes, planes, 3, stride),
-              norm_layer(planes, norm), nn.ReLU(inplace=True), conv(planes, cout, 1)]
+def preact_block(cin, planes, stride, *, bottleneck=True, norm=True, se=None, skip=True, extra_norm=True,
+                 shortcut_from_preact=False):
+    """Pre-activation block: bn-relu, then 1x1-bn-relu-3x3-bn-relu-1x1 (bottleneck, x4 channels) or
+    3x3-bn-relu-3x3 (basic), + the official DIA code's extra BN at the end of the branch (so the unit
+    pools normalised features). The projection shortcut (no BN) reads x (official DIANet) or the
+    pre-activated x (`shortcut_from_preact`, pytorchcv)."""
+    cout = planes * 4 if bottleneck else planes
+    if bottleneck:
+        layers = [conv(cin, planes, 1), norm_layer(planes, norm), nn.ReLU(inplace=True),
+                  conv(planes, planes, 3, stride), norm_layer(planes, norm), nn.ReLU(inplace=True),
+                  conv(planes, cout, 1)]
+    else:
+        layers = [conv(cin, planes, 3, stride), norm_layer(planes, norm), nn.ReLU(inplace=True),
+                  conv(planes, planes, 3)]
     if extra_norm:
         layers.append(norm_layer(cout, norm))
     shortcut = projection(cin, cout, stride, norm, with_norm=False)
-    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip)
+    preact = nn.Sequential(norm_layer(cin, norm), nn.ReLU(inplace=True))
+    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip, preact=preact,
+                         preact_shortcut=shortcut_from_preact)
 
 
 def wide_block(cin, cout, stride, *, dropout=0.0, norm=True, se=None, skip=True, extra_norm=True):

@@ -8,7 +8,7 @@ from torch import nn
 
 from .._checks import check_choice
 from .blocks import (ATTENTIONS, DIANet, Head, basic_block, bottleneck_block, conv, make_stage, norm_layer,
-                     preact_bottleneck_block, wide_block)
+                     preact_block, wide_block)
 
 
 # Per-block SE of the SE baselines, (reduction, bias): the paper's SE parameter counts (Table 3) match
@@ -34,7 +34,8 @@ def _build(stem, stage_specs, head, *, attention, dia_stages, relu, unit_options
 
 def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", attention: str = "dia",
                  reduction: int = 4, num_cells: int = 1, cell_activation: str = "sigmoid", backend: str = "auto",
-                 norm: bool = True, skip: bool = True, dia_stages: Sequence[int] = None) -> DIANet:
+                 norm: bool = True, skip: bool = True, dia_stages: Sequence[int] = None,
+                 stride_in_1x1: bool = False) -> DIANet:
     """CIFAR ResNet: basic (6n+2) or bottleneck (9n+2) blocks, stages of 16/32/64 planes."""
     if block == "auto":
         block = "bottleneck" if (depth - 2) % 9 == 0 and ((depth - 2) % 6 or depth > 110) else "basic"
@@ -53,7 +54,8 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", atte
             if block == "basic":
                 blocks.append(basic_block(cin, planes, stride, norm=norm, se=se, skip=skip))
             else:
-                blocks.append(bottleneck_block(cin, planes, stride, norm=norm, se=se, skip=skip))
+                blocks.append(bottleneck_block(cin, planes, stride, norm=norm, se=se, skip=skip,
+                                               stride_in_1x1=stride_in_1x1))
             cin = planes * expansion
         specs.append((blocks, cin))
     stem = nn.Sequential(conv(3, 16, 3), norm_layer(16, norm), nn.ReLU(inplace=True))
@@ -62,24 +64,30 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", atte
                                     backend=backend))
 
 
-def cifar_preresnet(depth: int, num_classes: int = 10, *, attention: str = "dia", reduction: int = 4,
-                    num_cells: int = 1, cell_activation: str = "sigmoid", backend: str = "auto", norm: bool = True,
-                    skip: bool = True, dia_stages: Sequence[int] = None) -> DIANet:
-    """CIFAR PreResNet with bottleneck blocks (9n+2) and BN+ReLU before the global pool; the
-    branch ends in the official DIA code's extra BN when the stage has a DIA unit."""
-    if (depth - 2) % 9 or depth < 11:
-        raise ValueError(f"depth: expected 9n+2 (bottleneck PreResNet), got {depth}")
-    n = (depth - 2) // 9
+def cifar_preresnet(depth: int, num_classes: int = 10, *, block: str = "bottleneck", attention: str = "dia",
+                    reduction: int = 4, num_cells: int = 1, cell_activation: str = "sigmoid", backend: str = "auto",
+                    norm: bool = True, skip: bool = True, dia_stages: Sequence[int] = None,
+                    extra_norm: bool = None, shortcut_from_preact: bool = False) -> DIANet:
+    """CIFAR PreResNet (bottleneck 9n+2 as in the official DIA code, or basic 6n+2) with BN+ReLU
+    before the global pool. `extra_norm` (default: in stages with a shared unit, as in the official
+    code) ends each branch with a BN; `shortcut_from_preact` takes the projection from the
+    pre-activated input (pytorchcv)."""
+    check_choice("block", block, ("basic", "bottleneck"))
+    per = 9 if block == "bottleneck" else 6
+    if (depth - 2) % per or depth < per + 2:
+        raise ValueError(f"depth: expected {per}n+2 ({block} PreResNet), got {depth}")
+    n = (depth - 2) // per
     stages = _common(attention, dia_stages, 3)
     se = SE_RESNET if attention == "se" else None
     specs, cin = [], 16
     for i, planes in enumerate((16, 32, 64)):
-        extra = attention in ("dia", "dia_se") and (i + 1) in stages
+        extra = (attention in ("dia", "dia_se") and (i + 1) in stages) if extra_norm is None else extra_norm
         blocks = []
         for j in range(n):
-            blocks.append(preact_bottleneck_block(cin, planes, 2 if (i > 0 and j == 0) else 1, norm=norm, se=se,
-                                                  skip=skip, extra_norm=extra))
-            cin = planes * 4
+            blocks.append(preact_block(cin, planes, 2 if (i > 0 and j == 0) else 1, bottleneck=block == "bottleneck",
+                                       norm=norm, se=se, skip=skip, extra_norm=extra,
+                                       shortcut_from_preact=shortcut_from_preact))
+            cin = planes * (4 if block == "bottleneck" else 1)
         specs.append((blocks, cin))
     return _build(conv(3, 16, 3), specs, Head(cin, num_classes, preact_norm=True, norm=norm), attention=attention,
                   dia_stages=stages, relu=False,
@@ -144,8 +152,8 @@ IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50:
 def imagenet_resnet(depth: int, num_classes: int = 1000, *, cardinality: int = 1, base_width: int = 64,
                     attention: str = "dia", reduction: int = None, num_cells: int = 1,
                     cell_activation: str = "sigmoid", backend: str = "auto", norm: bool = True, skip: bool = True,
-                    dia_stages: Sequence[int] = None) -> DIANet:
-    """ImageNet ResNet / ResNeXt (torchvision layout, stride on the 3x3). The paper's reduction
+                    dia_stages: Sequence[int] = None, stride_in_1x1: bool = False) -> DIANet:
+    """ImageNet ResNet / ResNeXt (torchvision layout: stride on the 3x3 unless `stride_in_1x1`). The paper's reduction
     ratios are the defaults: r=20, and r=10 for ResNet-152."""
     if depth not in IMAGENET_LAYERS:
         raise ValueError(f"depth: expected one of {sorted(IMAGENET_LAYERS)} (ImageNet ResNet), got {depth}")
@@ -167,7 +175,7 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, *, cardinality: int = 1
             else:
                 width = int(planes * base_width / 64) * cardinality
                 blocks.append(bottleneck_block(cin, planes, stride, groups=cardinality, width=width, norm=norm,
-                                               se=se, skip=skip))
+                                               se=se, skip=skip, stride_in_1x1=stride_in_1x1))
                 cin = planes * 4
         specs.append((blocks, cin))
     stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm_layer(64, norm), nn.ReLU(inplace=True),

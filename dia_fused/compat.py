@@ -1,0 +1,241 @@
+"""Convert DIA models of other codebases to dia_fused models with the same weights.
+
+    convert(model)                          official DIANet CIFAR models (dia_resnet bottleneck,
+                                            dia_preresnet, dia_wrn, dia_resnext) and pytorchcv DIA models
+                                            (diaresnet*_cifar*, diapreresnet*_cifar*, ImageNet diaresnet*)
+    load_official_state_dict(name, sd)      an official checkpoint into the matching dia_fused model
+
+The residual branches are matched module by module in execution order (recorded with forward
+hooks on a small input), so differences in module names and nesting do not matter; every pair is
+checked for type and shape, and a mismatch raises naming both modules. The shared LSTM of each
+stage maps onto the stage's DIALSTM (official keys are DIALSTM's keys). The converted model keeps
+the source's reduction ratio and is returned in the source's train/eval mode.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+from torch import nn
+
+from .models import create_model
+from .models.blocks import DIANet
+from .models.networks import IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn, imagenet_resnet
+from .modules import DIALSTM
+
+MAPPED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+SHORTCUT_NAMES = ("identity_conv",)  # pytorchcv runs the shortcut before the branch; ours after
+
+
+def convert(model: nn.Module, *, backend: str = "auto") -> DIANet:
+    """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA), same weights."""
+    target, units, input_size = _target_for(model, backend)
+    _copy_layers(model, target, input_size)
+    _copy_units(units, target)
+    return target.train(model.training)
+
+
+def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], num_classes: int = None,
+                             **options) -> DIANet:
+    """Builds `name` (e.g. 'dia_resnet164') and loads an official DIANet checkpoint's state dict
+    (a `module.` prefix from DataParallel is removed; a {'state_dict': ...} checkpoint works too).
+    Layers are matched in the checkpoint's order (the official modules' registration order, with
+    each block's shortcut moved after its branch), each checked for shape."""
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        state_dict = state_dict["state_dict"]
+    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+    layers: Dict[str, Dict[str, torch.Tensor]] = {}
+    units: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if ".lstm." in key:
+            stage, rest = key.split(".lstm.", 1)
+            units.setdefault(stage, {})[rest] = value
+        else:
+            prefix, leaf = key.rsplit(".", 1)
+            layers.setdefault(prefix, {})[leaf] = value
+    if not units:
+        raise ValueError("state_dict: expected an official DIANet checkpoint (keys with '.lstm.'), found none")
+    first = next(iter(units.values()))
+    options.setdefault("reduction", first["w_ih.0.seq.0.weight"].shape[1] // first["w_ih.0.seq.0.weight"].shape[0])
+    options.setdefault("num_cells", 1 + sum(1 for k in first if re.fullmatch(r"w_ih\.\d+\.weight", k)))
+    if num_classes is None:
+        num_classes = list(layers.values())[-1]["weight"].shape[0]
+    target = create_model(name, num_classes=num_classes, **options)
+    source_layers = _shortcuts_last(list(layers.items()), lambda n: re.search(r"downsample|[Ss]hortcut", n))
+    target_layers = [(n, m) for n, m in target.named_modules() if isinstance(m, MAPPED_TYPES)
+                     and ".unit." not in f".{n}."]
+    if len(source_layers) != len(target_layers):
+        raise ValueError(f"state_dict: {len(source_layers)} layers in the checkpoint, {len(target_layers)} in "
+                         f"{name}: not the same architecture")
+    for (sname, sstate), (dname, dmod) in zip(source_layers, target_layers):
+        expected = {k: v.shape for k, v in dmod.state_dict().items()}
+        if {k: v.shape for k, v in sstate.items()} != expected:
+            raise ValueError(f"state_dict: layer {sname} {[tuple(v.shape) for v in sstate.values()]} does not "
+                             f"match {name} layer {dname} {[tuple(v) for v in expected.values()]}")
+        dmod.load_state_dict(sstate)
+    dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
+    if len(dia_units) != len(units):
+        raise ValueError(f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}")
+    for unit, state in zip(dia_units, units.values()):
+        unit.load_state_dict(state)
+    return target
+
+
+def _block_prefix(name: str) -> str:
+    """'layer1.ModuleList.3.downsample.0' -> 'layer1.ModuleList.3.' (the residual block's prefix)."""
+    match = re.match(r"^(.*?(?:ModuleList\.\d+|unit\d+|blocks\.\d+))\.", name)
+    return match.group(1) + "." if match else name
+
+
+def _shortcuts_last(items, is_shortcut):
+    """Moves each residual block's shortcut entries after the block's other entries (the official
+    WRN registers its shortcut conv before the branch's last BN; pytorchcv runs it first)."""
+    result, pending = [], []
+    for name, value in items:
+        if is_shortcut(name):
+            pending.append((name, value))
+            continue
+        if pending and not name.startswith(_block_prefix(pending[0][0])):
+            result += pending
+            pending = []
+        result.append((name, value))
+    return result + pending
+
+
+# --- the target architecture of a source model ----------------------------------------------------
+
+def _stage_units(model: nn.Module) -> List[nn.Module]:
+    """The shared LSTM cell of every DIA stage of `model`, in stage order (deduplicated)."""
+    seen, units = set(), []
+    for _, module in model.named_modules():
+        lstm = getattr(module, "lstm", None)
+        if isinstance(lstm, nn.Module) and id(lstm) not in seen and type(module).__name__ in ("Attention", "DIAAttention"):
+            seen.add(id(lstm))
+            units.append(lstm)
+    return units
+
+
+def _reduction(lstm: nn.Module) -> Tuple[int, int]:
+    """(reduction, num_cells) of an official LSTMCell or a pytorchcv DIALSTMCell."""
+    if hasattr(lstm, "w_ih"):
+        first = lstm.w_ih[0].seq[0]
+        return first.in_features // first.out_features, lstm.nlayers
+    first = lstm.x_amps[0].fc1
+    return first.in_features // first.out_features, lstm.num_layers
+
+
+def _target_for(model: nn.Module, backend: str):
+    kind = type(model).__name__
+    units = _stage_units(model)
+    if not units:
+        raise TypeError(f"model: expected an official DIANet or pytorchcv DIA model with shared DIA-LSTM units, "
+                        f"got {kind} without any")
+    reduction, num_cells = _reduction(units[0])
+    common = dict(attention="dia", reduction=reduction, num_cells=num_cells, backend=backend)
+    if kind in ("CIFARDIAResNet", "CIFARDIAPreResNet", "DIAResNet"):
+        stages = [m for n, m in model.features.named_children() if n.startswith("stage")]
+        counts = [len(list(s.children())) for s in stages]
+        first = next(iter(stages[0].children()))
+        bottleneck = hasattr(first.body, "conv3")
+        num_classes = model.output.out_features
+        if kind == "DIAResNet":
+            block = "bottleneck" if bottleneck else "basic"
+            depth = next((d for d, (kind_, layers) in IMAGENET_LAYERS.items()
+                          if list(layers) == counts and kind_ == block), None)
+            if depth is None:
+                raise ValueError(f"model: pytorchcv DIAResNet with stage sizes {counts} has no dia_fused ImageNet "
+                                 f"equivalent (depths {sorted(IMAGENET_LAYERS)})")
+            second = next(iter(stages[1].children()))
+            stride_in_1x1 = bottleneck and second.body.conv1.conv.stride == (2, 2)
+            return (imagenet_resnet(depth, num_classes, stride_in_1x1=stride_in_1x1, **common), units,
+                    (1, 3, 224, 224))
+        depth = counts[0] * (9 if bottleneck else 6) + 2
+        block = "bottleneck" if bottleneck else "basic"
+        if kind == "CIFARDIAResNet":
+            stride_in_1x1 = bottleneck and next(iter(stages[1].children())).body.conv1.conv.stride == (2, 2)
+            return cifar_resnet(depth, num_classes, block=block, stride_in_1x1=stride_in_1x1, **common), units, \
+                (1, 3, 32, 32)
+        return (cifar_preresnet(depth, num_classes, block=block, extra_norm=False, shortcut_from_preact=True,
+                                **common), units, (1, 3, 32, 32))
+    if kind == "ResNet" and hasattr(model, "layer1"):
+        blocks = model.layer1.ModuleList
+        if not hasattr(blocks[0], "conv3"):
+            raise ValueError("model: the official DIA ResNet with BasicBlock returns (out, GAP) instead of "
+                             "(branch, residual) and is not a DIANet; only Bottleneck is supported")
+        return cifar_resnet(9 * len(blocks) + 2, model.fc.out_features, block="bottleneck", **common), units, \
+            (1, 3, 32, 32)
+    if kind == "PreResNet":
+        n = len(model.layer1.ModuleList)
+        return cifar_preresnet(9 * n + 2, model.fc.out_features, extra_norm=True, **common), units, (1, 3, 32, 32)
+    if kind == "WideResNet":
+        blocks = model.block1.ModuleList
+        widen = blocks[0].conv1.out_channels // 16
+        return (cifar_wrn(6 * len(blocks) + 4, widen, model.fc.out_features, dropout=blocks[0].droprate, **common),
+                units, (1, 3, 32, 32))
+    if kind == "CifarResNeXt":
+        return (cifar_resnext(model.depth, model.cardinality, model.widen_factor, model.num_classes, **common),
+                units, (1, 3, 32, 32))
+    raise TypeError(f"model: expected an official DIANet (ResNet, PreResNet, WideResNet, CifarResNeXt) or a "
+                    f"pytorchcv DIA model (CIFARDIAResNet, CIFARDIAPreResNet, DIAResNet), got {kind}")
+
+
+# --- weights --------------------------------------------------------------------------------------
+
+def _execution_order(model: nn.Module, input_size, skip: Tuple[type, ...]) -> List[Tuple[str, nn.Module]]:
+    """Conv/BN/Linear modules in the order a forward calls them, outside `skip` modules, with each
+    pytorchcv shortcut moved after the rest of its residual unit."""
+    excluded = {id(m) for _, outer in model.named_modules() if isinstance(outer, skip) for m in outer.modules()}
+    names = {id(m): n for n, m in model.named_modules()}
+    order: List[Tuple[str, nn.Module]] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((names[id(mod)], mod)))
+             for m in model.modules() if isinstance(m, MAPPED_TYPES) and id(m) not in excluded]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(input_size))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return _shortcuts_last(order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
+
+
+def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:
+    lstm_types = tuple({type(u) for u in _stage_units(source)})
+    src = _execution_order(source, input_size, lstm_types + (DIALSTM,))
+    dst = _execution_order(target, input_size, (DIALSTM,))
+    if len(src) != len(dst):
+        raise ValueError(f"model: {len(src)} conv/norm/linear layers run in the source, {len(dst)} in the "
+                         f"dia_fused model: the architectures differ")
+    for (sname, smod), (dname, dmod) in zip(src, dst):
+        sstate, dstate = smod.state_dict(), dmod.state_dict()
+        if type(smod) is not type(dmod) or {k: v.shape for k, v in sstate.items()} != \
+                {k: v.shape for k, v in dstate.items()}:
+            raise ValueError(f"model: layer {sname} ({smod}) does not match dia_fused layer {dname} ({dmod})")
+        dmod.load_state_dict(sstate)
+
+
+def _copy_units(units: List[nn.Module], target: DIANet) -> None:
+    dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
+    if len(dia_units) != len(units):
+        raise ValueError(f"model: {len(units)} shared DIA units in the source, {len(dia_units)} in the target")
+    for source, unit in zip(units, dia_units):
+        unit.load_state_dict(_lstm_state(source))
+
+
+def _lstm_state(lstm: nn.Module) -> Dict[str, torch.Tensor]:
+    """An official LSTMCell's state dict as it is; a pytorchcv DIALSTMCell's renamed to it."""
+    if hasattr(lstm, "w_ih"):
+        return lstm.state_dict()
+    renamed = {}
+    for key, value in lstm.state_dict().items():
+        path, amp, *rest = key.split(".")  # x_amps.amp1.fc1.weight / x_amps.amp2.weight
+        target = {"x_amps": "w_ih", "h_amps": "w_hh"}[path]
+        cell = int(amp[len("amp"):]) - 1
+        if cell == 0:
+            renamed[f"{target}.0.seq.{0 if rest[0] == 'fc1' else 2}.{rest[1]}"] = value
+        else:
+            renamed[f"{target}.{cell}.{rest[0]}"] = value
+    return renamed
