@@ -1,16 +1,20 @@
 """Backend dispatch for the DIA step: the one entry point the modules call (DESIGN section 2).
 
-Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels
-registered as torch.library custom ops by their own modules). `auto` picks cuda > triton >
+Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels).
+Both fused backends run through ONE pair of torch.library custom ops, `dia_fused::step_forward` and
+`dia_fused::step_backward`, with a fake (meta) implementation and an autograd formula, so they work
+eagerly, under torch.compile(fullgraph=True) and in CUDA-graph capture. The ops dispatch on a
+`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py). `auto` picks cuda > triton >
 reference among those available for the tensor's device; the environment variable
 DIA_FUSED_BACKEND overrides the requested name. A backend named explicitly that is unavailable
 raises with the reason: there is no silent fallback.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -47,39 +51,32 @@ def register_backend(backend: Backend) -> None:
     _REGISTRY[backend.name] = backend
 
 
-def _module_missing(name: str, module: str) -> Callable[[torch.device], Optional[str]]:
-    def reason(device: torch.device) -> Optional[str]:
-        return f"the {name} backend is not part of this build (no module {module})"
-    return reason
+FUSED_MODULES = {"triton": "dia_fused.kernels.triton_dia_step",
+                 "cuda": "dia_fused.kernels.cuda_dia_step"}
 
 
 def _lookup(name: str) -> Backend:
     if name not in _REGISTRY:
-        _load_backend(name)
+        register_backend(Backend(name, _fused_unavailable_reason(name), _fused_step(name)))
     return _REGISTRY[name]
 
 
-def _load_backend(name: str) -> None:
-    """Imports the module that registers `name`; records the import error as the reason if any."""
-    module = {"triton": "dia_fused.kernels.triton_dia_step",
-              "cuda": "dia_fused.kernels.cuda_dia_step"}[name]
-    try:
-        __import__(module)
-    except ModuleNotFoundError as err:
-        if err.name not in (module, "triton"):
-            raise
-        missing = "the triton package" if err.name == "triton" else f"module {module}"
-        _REGISTRY[name] = Backend(
-            name, lambda device, m=missing: f"the {name} backend needs {m}, which is not installed",
-            _unavailable_step(name))
-    if name not in _REGISTRY:  # the module imported but registered nothing
-        _REGISTRY[name] = Backend(name, _module_missing(name, module), _unavailable_step(name))
+def _kernel_module(name: str):
+    """The host-wrapper module of fused backend `name` (forward / backward / unavailable_reason)."""
+    return importlib.import_module(FUSED_MODULES[name])
 
 
-def _unavailable_step(name: str) -> StepFn:
-    def step(*args, **kwargs):
-        raise BackendUnavailableError(f"the {name} backend is unavailable")
-    return step
+def _fused_unavailable_reason(name: str) -> Callable[[torch.device], Optional[str]]:
+    def reason(device: torch.device) -> Optional[str]:
+        try:
+            module = _kernel_module(name)
+        except ModuleNotFoundError as err:
+            if err.name not in (FUSED_MODULES[name], "triton"):
+                raise
+            missing = "the triton package" if err.name == "triton" else f"module {FUSED_MODULES[name]}"
+            return f"the {name} backend needs {missing}, which is not part of this installation"
+        return module.unavailable_reason(device)
+    return reason
 
 
 def backend_unavailable_reason(name: str, device) -> Optional[str]:
@@ -92,6 +89,7 @@ def available_backends(device) -> Tuple[str, ...]:
     return tuple(b for b in BACKENDS if backend_unavailable_reason(b, device) is None)
 
 
+@torch.compiler.assume_constant_result  # pure in (name, device, environment): resolved once at trace time
 def resolve_backend(requested: str, device) -> str:
     """The backend that runs for `requested` on `device` (DIA_FUSED_BACKEND overrides)."""
     requested = os.environ.get(ENV_BACKEND) or requested
@@ -137,3 +135,108 @@ register_backend(Backend(
     lambda x, h, c, w, identity, relu, activation, masks: reference.dia_lstm_step(
         x, h, c, w, identity=identity, relu=relu, activation=activation, dropout_masks=masks),
 ))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused backends: one pair of custom ops for triton and cuda.
+
+
+def _unaliased(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
+    """Custom-op outputs may alias neither inputs nor each other (a host wrapper may return
+    grad_out itself, or views of one buffer): clone those that would."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    unaliased = []
+    for t in results:
+        if t.numel():
+            if t.untyped_storage().data_ptr() in seen:
+                t = t.clone()
+            seen.add(t.untyped_storage().data_ptr())
+        unaliased.append(t)
+    return unaliased
+
+
+@torch.library.custom_op("dia_fused::step_forward", mutates_args=())
+def step_forward(
+    x: Tensor,  # (N, C, H, W) fp32/bf16/fp16, contiguous or channels_last
+    h: Tensor,  # (L, N, C) state dtype
+    c: Tensor,  # (L, N, C) state dtype
+    weights: List[Tensor],  # flat, reference.weight_names(L) order
+    identity: Optional[Tensor],  # (N, C, H, W) like x, or None
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],  # (L-1, N, C) or None
+    backend: str,  # "triton" | "cuda"
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
+    results = _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
+    return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
+
+
+@step_forward.register_fake
+def _step_forward_fake(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
+    pooled = x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), pooled
+
+
+@torch.library.custom_op("dia_fused::step_backward", mutates_args=())
+def step_backward(
+    grad_out: Tensor,  # (N, C, H, W) like x
+    grad_h_new: Tensor,  # (L, N, C)
+    grad_c_new: Tensor,  # (L, N, C)
+    x: Tensor,  # (N, C, H, W)
+    out: Tensor,  # (N, C, H, W) the forward's output (relu mask)
+    pooled: Tensor,  # (N, C) fp32
+    h: Tensor,  # (L, N, C) the step's input state
+    c: Tensor,  # (L, N, C)
+    weights: List[Tensor],
+    identity_given: bool,
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],
+    backend: str,
+) -> List[Tensor]:
+    """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, *grad_weights]."""
+    grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
+        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+        activation, dropout_masks)
+    if grad_identity is None:
+        grad_identity = grad_out.new_empty(0)
+    inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
+    return _unaliased([grad_x, grad_identity, grad_h, grad_c, *grad_weights], inputs)
+
+
+@step_backward.register_fake
+def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given,
+                        relu, activation, dropout_masks, backend):
+    grad_identity = torch.empty_like(grad_out) if identity_given else grad_out.new_empty(0)
+    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c),
+            *[torch.empty_like(w) for w in weights]]
+
+
+def _step_forward_setup(ctx, inputs, output):
+    x, h, c, weights, identity, relu, activation, dropout_masks, backend = inputs
+    out, _, _, pooled = output
+    ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
+    ctx.options = (identity is not None, relu, activation, backend)
+
+
+def _step_forward_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+    x, out, pooled, h, c, dropout_masks, *weights = ctx.saved_tensors
+    identity_given, relu, activation, backend = ctx.options
+    grad_x, grad_identity, grad_h, grad_c, *grad_weights = step_backward(
+        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+        activation, dropout_masks, backend)
+    return (grad_x, grad_h, grad_c, grad_weights, grad_identity if identity_given else None,
+            None, None, None, None)
+
+
+torch.library.register_autograd("dia_fused::step_forward", _step_forward_backward,
+                                setup_context=_step_forward_setup)
+
+
+def _fused_step(name: str) -> StepFn:
+    def step(x, h, c, weights, identity, relu, activation, dropout_masks):
+        out, h_new, c_new, _ = step_forward(x, h, c, list(weights), identity, relu, activation,
+                                            dropout_masks, name)
+        return out, h_new, c_new
+    return step

@@ -1,0 +1,148 @@
+"""Model-level benchmark, all in one run: DIA-ResNet-164 (dia_fused, reference eager, reference
+compiled), SE-ResNet-164 and plain ResNet-164 on CIFAR-100 shapes: one SGD train step (forward,
+backward, update) and inference, fp32 and bf16 autocast, median over timed steps after warm-up.
+
+    python bench/model_bench.py --json bench/results/model_bench_h100.json
+    python bench/model_bench.py --depth 20 --batch 4 --steps 3 --warmup 1   # quick CPU check
+
+Keys: {plain,se,dia_fused,dia_reference,dia_compiled}_{train,infer}_ms for fp32, the same with a
+`bf16_` prefix for autocast, ratios to plain, plus device, versions and the settings.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+import dia_fused
+from dia_fused.models import create_model
+
+VARIANTS = {  # key -> (model name prefix, options, compiled)
+    "plain": ("resnet", {}, False),
+    "se": ("se_resnet", {}, False),
+    "dia_fused": ("dia_resnet", {"backend": "auto"}, False),
+    "dia_reference": ("dia_resnet", {"backend": "reference"}, False),
+    "dia_compiled": ("dia_resnet", {"backend": "reference"}, True),
+}
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, steps: int) -> float:
+    """Median wall time of `step` in ms, each step synchronised, after `warmup` untimed steps."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def bench_variant(key, args, device, amp_dtype):
+    prefix, options, compiled = VARIANTS[key]
+    torch.manual_seed(0)
+    model = create_model(f"{prefix}{args.depth}", num_classes=100, **options).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    runner = torch.compile(model) if compiled else model
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    x = torch.randn(args.batch, 3, 32, 32, device=device)
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 100, (args.batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+
+    def train_step():
+        with autocast:
+            loss = nn.functional.cross_entropy(runner(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def infer_step():
+        with torch.no_grad(), autocast:
+            runner(x)
+
+    model.train()
+    train_ms = time_steps(train_step, device, args.warmup, args.steps)
+    model.eval()
+    infer_ms = time_steps(infer_step, device, args.warmup, args.steps)
+    return train_ms, infer_ms
+
+
+def run(args) -> dict:
+    device = torch.device(args.device)
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "cuda": torch.version.cuda, "dia_fused": dia_fused.__version__,
+        "dia_fused_backend": dia_fused.resolve_backend("auto", device),
+        "depth": args.depth, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "channels_last": args.channels_last,
+    }
+    try:
+        import triton
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    precisions = [("", None)] + ([("bf16_", torch.bfloat16)] if args.bf16 else [])
+    for label, amp_dtype in precisions:
+        for key in args.variants:
+            train_ms, infer_ms = bench_variant(key, args, device, amp_dtype)
+            result[f"{label}{key}_train_ms"] = train_ms
+            result[f"{label}{key}_infer_ms"] = infer_ms
+            print(f"{label or 'fp32_'}{key:<14} train {train_ms:9.2f} ms   infer {infer_ms:9.2f} ms",
+                  file=sys.stderr, flush=True)
+        for key in args.variants:
+            if key != "plain" and "plain" in args.variants:
+                for phase in ("train", "infer"):
+                    result[f"{label}{key}_{phase}_ratio_to_plain"] = (
+                        result[f"{label}{key}_{phase}_ms"] / result[f"{label}plain_{phase}_ms"])
+    return result
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--depth", type=int, default=164, help="ResNet depth (bottleneck: 9n+2)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs")
+    parser.add_argument("--channels-last", action="store_true")
+    args = parser.parse_args(argv)
+    for name in ("batch", "steps", "depth"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

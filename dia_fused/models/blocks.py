@@ -1,0 +1,185 @@
+"""Residual blocks and stages shared by the CIFAR and ImageNet DIANets.
+
+Every block maps x to (branch, identity): the branch output after its last BatchNorm and the
+shortcut (None when skip connections are ablated). The stage adds them: through the shared DIA unit
+(modules.DIAStage) or, without DIA, directly (PlainStage); SE models put a per-block SE module at the
+end of the branch.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..modules import DIALSTM, DIASE, DIAStage
+
+ATTENTIONS = ("none", "se", "dia", "dia_se")
+
+
+def norm_layer(channels: int, norm: bool) -> nn.Module:
+    return nn.BatchNorm2d(channels) if norm else nn.Identity()
+
+
+def conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+
+
+class SE(nn.Module):
+    """Squeeze-and-excitation of one block (Hu et al.): x * sigmoid(W2 relu(W1 mean(x)))."""
+
+    def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction, bias=bias), nn.ReLU(inplace=True),
+                                nn.Linear(channels // reduction, channels, bias=bias), nn.Sigmoid())
+
+    def forward(self, x):
+        return x * self.fc(x.mean((2, 3)))[:, :, None, None]
+
+
+class ResidualBlock(nn.Module):
+    """Base: `branch` (nn.Sequential ending in a norm), `shortcut` (projection or None), optional
+    per-block SE (`se` = (reduction, bias)), `skip` ablation, and `preact` (the pre-activation applied to x first)."""
+
+    def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module], out_channels: int, *, se: Optional[tuple],
+                 skip: bool, preact: Optional[nn.Module] = None, preact_shortcut: bool = False):
+        super().__init__()
+        self.preact = preact
+        self.preact_shortcut = preact_shortcut
+        self.branch = branch
+        self.shortcut = shortcut
+        self.se = SE(out_channels, *se) if se else None  # se: (reduction, bias) or None
+        self.skip = skip
+
+    def forward(self, x):
+        pre = x if self.preact is None else self.preact(x)
+        branch = self.branch(pre)
+        if self.se is not None:
+            branch = self.se(branch)
+        if not self.skip:
+            return branch, None
+        source = pre if self.preact_shortcut else x
+        identity = source if self.shortcut is None else self.shortcut(source)
+        return branch, identity
+
+
+def projection(cin: int, cout: int, stride: int, norm: bool, with_norm: bool = True) -> Optional[nn.Module]:
+    if cin == cout and stride == 1:
+        return None
+    layers = [conv(cin, cout, 1, stride)]
+    if with_norm:
+        layers.append(norm_layer(cout, norm))
+    return nn.Sequential(*layers)
+
+
+def basic_block(cin, cout, stride, *, norm=True, se=None, skip=True):
+    """conv3x3-bn-relu-conv3x3-bn (post-activation ResNet)."""
+    branch = nn.Sequential(conv(cin, cout, 3, stride), norm_layer(cout, norm), nn.ReLU(inplace=True),
+                           conv(cout, cout, 3), norm_layer(cout, norm))
+    return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
+
+
+def bottleneck_block(cin, planes, stride, *, expansion=4, groups=1, width=None, norm=True, se=None, skip=True):
+    """1x1-bn-relu-3x3(groups)-bn-relu-1x1-bn (post-activation ResNet / ResNeXt); stride on the 3x3."""
+    width = width or planes
+    cout = planes * expansion
+    branch = nn.Sequential(conv(cin, width, 1), norm_layer(width, norm), nn.ReLU(inplace=True),
+                           conv(width, width, 3, stride, groups), norm_layer(width, norm), nn.ReLU(inplace=True),
+                           conv(width, cout, 1), norm_layer(cout, norm))
+    return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
+
+
+def preact_bottleneck_block(cin, planes, stride, *, norm=True, se=None, skip=True, extra_norm=True):
+    """bn-relu-1x1-bn-relu-3x3-bn-relu-1x1 (+ the official DIA code's extra BN at the end of the
+    branch, so the unit pools normalised features); the projection shortcut has no BN."""
+    cout = planes * 4
+    layers = [norm_layer(cin, norm), nn.ReLU(inplace=True), conv(cin, planes, 1),
+              norm_layer(planes, norm), nn.ReLU(inplace=True), conv(planes, planes, 3, stride),
+              norm_layer(planes, norm), nn.ReLU(inplace=True), conv(planes, cout, 1)]
+    if extra_norm:
+        layers.append(norm_layer(cout, norm))
+    shortcut = projection(cin, cout, stride, norm, with_norm=False)
+    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip)
+
+
+def wide_block(cin, cout, stride, *, dropout=0.0, norm=True, se=None, skip=True, extra_norm=True):
+    """WRN pre-activation block bn-relu-3x3-bn-relu-(dropout)-3x3 (+ the official DIA code's extra
+    BN). When the width changes, the pre-activation is shared with the 1x1 projection shortcut."""
+    layers = [conv(cin, cout, 3, stride), norm_layer(cout, norm), nn.ReLU(inplace=True)]
+    if dropout > 0:
+        layers.append(nn.Dropout(dropout))
+    layers.append(conv(cout, cout, 3))
+    if extra_norm:
+        layers.append(norm_layer(cout, norm))
+    equal = cin == cout
+    shortcut = None if equal else conv(cin, cout, 1, stride)
+    preact = nn.Sequential(norm_layer(cin, norm), nn.ReLU(inplace=True))
+    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip, preact=preact,
+                         preact_shortcut=not equal)
+
+
+class PlainStage(nn.Module):
+    """A stage without a shared unit: out = relu?(branch + identity) per block."""
+
+    def __init__(self, blocks, relu: bool = True):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.relu = relu
+
+    def forward(self, x, return_attention: bool = False):
+        for block in self.blocks:
+            branch, identity = block(x)
+            x = branch if identity is None else branch + identity
+            if self.relu:
+                x = torch.relu(x)
+        return (x, None) if return_attention else x
+
+
+def make_stage(blocks, channels: int, *, attention: str, with_unit: bool, relu: bool, reduction: int,
+               num_cells: int, cell_activation: str, backend: str, se_reduction: int = 16) -> nn.Module:
+    """The stage for `attention`: DIAStage with a DIALSTM / DIASE unit, or a PlainStage."""
+    if attention == "dia" and with_unit:
+        unit = DIALSTM(channels, reduction=reduction, num_cells=num_cells, cell_activation=cell_activation,
+                       backend=backend)
+        return DIAStage(blocks, unit, relu=relu)
+    if attention == "dia_se" and with_unit:
+        return DIAStage(blocks, DIASE(channels, reduction=se_reduction), relu=relu)
+    return PlainStage(blocks, relu=relu)
+
+
+class DIANet(nn.Module):
+    """stem -> stages -> head. `model(x, return_attention=True)` also returns the attention vectors
+    (N, T, C) of every stage with a shared unit, in order."""
+
+    def __init__(self, stem: nn.Module, stages, head: nn.Module):
+        super().__init__()
+        self.stem = stem
+        self.stages = nn.ModuleList(stages)
+        self.head = head
+
+    def forward(self, x, return_attention: bool = False):
+        x = self.stem(x)
+        attention = []
+        for stage in self.stages:
+            if return_attention:
+                x, attn = stage(x, return_attention=True)
+                if attn is not None:
+                    attention.append(attn)
+            else:
+                x = stage(x)
+        logits = self.head(x)
+        return (logits, attention) if return_attention else logits
+
+
+class Head(nn.Module):
+    """(optional norm + relu) -> global average pool -> linear classifier."""
+
+    def __init__(self, channels: int, num_classes: int, *, preact_norm: bool = False, norm: bool = True):
+        super().__init__()
+        self.norm = nn.Sequential(norm_layer(channels, norm), nn.ReLU(inplace=True)) if preact_norm else None
+        self.fc = nn.Linear(channels, num_classes)
+
+    def forward(self, x):
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.fc(torch.flatten(x.mean((2, 3)), 1))

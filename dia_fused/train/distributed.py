@@ -1,0 +1,100 @@
+"""Process group setup for `torchrun` (DistributedDataParallel), and the few collectives the
+training loop needs. One process per device; without torchrun (WORLD_SIZE unset or 1) everything
+here is a no-op on a single process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, List, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError as err:
+        raise ValueError(f"environment {name}: expected an int, got {value!r}") from err
+
+
+def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
+    """--device if given, else the local GPU when there is one, else the CPU."""
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {requested}: CUDA is not available in this torch build or "
+                             f"on this machine")
+        torch.cuda.set_device(device)
+    return device
+
+
+def init(requested_device: Optional[str] = None) -> Context:
+    """Joins the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on the CPU)."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+    return Context(rank, world_size, local_rank, device)
+
+
+def shutdown(ctx: Context) -> None:
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(ctx: Context, tensor: torch.Tensor) -> torch.Tensor:
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(ctx: Context, obj: Any) -> List[Any]:
+    if not ctx.enabled:
+        return [obj]
+    out: List[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(ctx: Context, obj: Any) -> Any:
+    """rank 0's `obj` on every rank."""
+    if not ctx.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(ctx: Context) -> None:
+    if ctx.enabled:
+        dist.barrier()

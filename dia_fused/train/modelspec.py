@@ -1,0 +1,112 @@
+"""From the official cifar.py model flags (and the ablation switches) to a model of the zoo.
+
+A model is described by a small dict, stored in every checkpoint so that tools (analysis, resume
+checks) rebuild the same network:
+
+    {"name": <dia_fused.models name>, "num_classes": int, "options": {create_model options}}
+
+The DIA backend is not part of the description: it is a runtime choice (--backend).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Dict, Mapping, Optional
+
+from torch import nn
+
+from ..ops import BACKEND_CHOICES
+from ..reference import CELL_ACTIVATIONS
+
+ATTENTION_CHOICES = ("none", "se", "dia", "dia_se")
+FAMILIES = ("resnet", "preresnet", "wrn", "resnext")
+# official prefixes of --arch (dia_resnet, se_resnet, resnet, ...)
+_PREFIXES = (("dia_se_", "dia_se"), ("dia_", "dia"), ("se_", "se"), ("", "none"))
+
+ARCH_HELP = ("dia_resnet | dia_preresnet | dia_wrn | dia_resnext (official names), the same with "
+             "se_ or no prefix for the baselines, or any name of dia_fused.models.list_models() "
+             "(then --depth etc. are not used)")
+
+
+def split_arch(arch: str):
+    """'dia_resnet' -> ('resnet', 'dia'); None if arch is not an official family name."""
+    for prefix, attention in _PREFIXES:
+        if arch.startswith(prefix) and arch[len(prefix):] in FAMILIES:
+            return arch[len(prefix):], attention
+    return None
+
+
+def _block(args: argparse.Namespace) -> str:
+    name = args.block_name.lower()
+    if name not in ("basicblock", "bottleneck"):
+        raise ValueError(f"--block-name: expected BasicBlock or Bottleneck, got "
+                         f"{args.block_name!r}")
+    return "basic" if name == "basicblock" else "bottleneck"
+
+
+def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
+    """The model description for the parsed command line."""
+    from ..models import list_models
+
+    options: Dict[str, Any] = {}
+    parsed = split_arch(args.arch)
+    if parsed is not None:
+        family, attention = parsed
+        if family == "resnet":
+            name = f"{family}{args.depth}"
+            options["block"] = _block(args)
+        elif family == "preresnet":  # bottleneck only, like the official DIA PreResNet
+            if _block(args) != "bottleneck":
+                raise ValueError(f"--block-name: the PreResNet has Bottleneck blocks only, got "
+                                 f"{args.block_name!r}")
+            name = f"{family}{args.depth}"
+        elif family == "wrn":
+            name = f"wrn{args.depth}_{args.widen_factor}"
+            options["dropout"] = args.drop
+        else:
+            # the official CIFAR ResNeXt: group width 32 at widen factor 4 ("8x32")
+            name = f"resnext{args.depth}_{args.cardinality}x{128 // args.widen_factor}"
+            options["widen_factor"] = args.widen_factor
+        options["attention"] = attention
+    elif args.arch in list_models():
+        name = args.arch
+    else:
+        raise ValueError(f"--arch: expected {ARCH_HELP}; got {args.arch!r}. Models: "
+                         f"{', '.join(sorted(list_models()))}")
+    if args.attention is not None:
+        options["attention"] = args.attention
+    for flag, key in (("reduction", "reduction"), ("num_cells", "num_cells"),
+                      ("cell_activation", "cell_activation"), ("dia_stages", "dia_stages")):
+        value = getattr(args, flag)
+        if value is not None:
+            options[key] = list(value) if isinstance(value, (list, tuple)) else value
+    if args.no_norm:
+        options["norm"] = False
+    if args.no_skip:
+        options["skip"] = False
+    return {"name": name, "num_classes": int(num_classes), "options": options}
+
+
+def build_model(spec: Mapping[str, Any], backend: Optional[str] = None) -> nn.Module:
+    from ..models import create_model
+
+    options = dict(spec["options"])
+    if backend is not None:
+        options["backend"] = backend
+    return create_model(spec["name"], num_classes=spec["num_classes"], **options)
+
+
+def spec_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:
+    """None when both describe the same network, else what differs."""
+    diffs = []
+    for key in ("name", "num_classes"):
+        if saved.get(key) != current.get(key):
+            diffs.append(f"{key} {saved.get(key)!r} vs {current.get(key)!r}")
+    a, b = dict(saved.get("options", {})), dict(current.get("options", {}))
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key} {a.get(key)!r} vs {b.get(key)!r}")
+    return "; ".join(diffs) or None
+
+
+__all__ = ["ATTENTION_CHOICES", "BACKEND_CHOICES", "CELL_ACTIVATIONS", "ARCH_HELP", "model_spec",
+           "build_model", "spec_mismatch", "split_arch"]

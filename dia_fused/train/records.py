@@ -1,0 +1,81 @@
+"""Per-epoch records: a CSV log (always) and TensorBoard scalars (when tensorboard is installed)."""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Dict, List, Optional
+
+from .checkpoint import atomic_write_text
+
+CSV_NAME = "log.csv"
+COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
+           "train_images_per_s")
+
+
+class CsvLog:
+    """log.csv in the checkpoint folder, one row per finished epoch (1-based `epoch`).
+
+    On resume from a checkpoint of epoch k, rows after k are dropped first: they belong to an
+    epoch whose checkpoint was never written (the run was killed in between) and that epoch runs
+    again."""
+
+    def __init__(self, folder: str, resume_epoch: Optional[int] = None):
+        self.path = os.path.join(folder, CSV_NAME)
+        rows: List[Dict[str, str]] = []
+        if resume_epoch is not None and os.path.isfile(self.path):
+            with open(self.path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+        lines = [",".join(COLUMNS)] + [",".join(r.get(c, "") for c in COLUMNS) for r in rows]
+        atomic_write_text(self.path, "\n".join(lines) + "\n")
+
+    def append(self, row: Dict[str, float]) -> None:
+        missing = [c for c in COLUMNS if c not in row]
+        if missing:
+            raise ValueError(f"row: missing columns {missing}")
+        with open(self.path, "a", newline="") as f:
+            f.write(",".join(_fmt(row[c]) for c in COLUMNS) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _fmt(value) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return f"{value:.6g}"
+
+
+def read_csv_log(path: str) -> List[Dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+class TensorBoard:
+    """Scalars under <checkpoint>/tensorboard when torch.utils.tensorboard imports; otherwise
+    `available` is False and the reason is kept for the one-line notice the CLI prints."""
+
+    def __init__(self, folder: str):
+        self.writer = None
+        self.reason = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            self.reason = f"tensorboard is not installed ({err}); logging to {CSV_NAME} only"
+            return
+        self.writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+
+    @property
+    def available(self) -> bool:
+        return self.writer is not None
+
+    def log(self, row: Dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

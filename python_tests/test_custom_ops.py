@@ -1,0 +1,95 @@
+"""The fused backends' custom ops (dia_fused::step_forward / step_backward) on CPU: routed to the
+csrc kernels compiled as host C++ (python_tests/cuda_emulation.py), through ops.dia_step and
+DIALSTM exactly as on a GPU. Checks the tolerance rule, torch.library.opcheck, autograd through
+chained steps, and torch.compile(fullgraph=True) with the fake implementations."""
+import pytest
+import torch
+
+import cuda_emulation
+from dia_fused import DIALSTM, ops
+from dia_fused.kernels import cuda_dia_step
+from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
+
+pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
+                                reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
+
+
+@pytest.fixture(scope="module")
+def emulated_extension():
+    return cuda_emulation.EmulatedExtension()
+
+
+@pytest.fixture
+def cuda_on_cpu(emulated_extension, monkeypatch):
+    """The cuda backend, available for CPU tensors, running the emulated kernels."""
+    monkeypatch.setattr(cuda_dia_step, "_extension_for", lambda x: emulated_extension)
+    monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
+    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    return emulated_extension
+
+
+def ops_step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
+    return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, "cuda")
+
+
+@pytest.mark.parametrize("num_cells", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("identity", [True, False])
+def test_custom_ops_match_the_reference(cuda_on_cpu, num_cells, dtype, identity):
+    inputs = random_step_inputs(2, 12, 3, 2, reduction=3, num_cells=num_cells, identity=identity,
+                                dropout_p=0.4, seed=11)
+    assert compare_backend(ops_step, inputs, dtype, relu=identity)
+
+
+def test_opcheck_on_both_ops(cuda_on_cpu):
+    inputs = random_step_inputs(2, 8, 2, 2, reduction=2, seed=3).requires_grad_()
+    args = (inputs.x, inputs.h, inputs.c, list(inputs.weights), inputs.identity, True, "sigmoid", None, "cuda")
+    torch.library.opcheck(torch.ops.dia_fused.step_forward.default, args)
+    out, h, c, pooled = ops.step_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
+                                         [w.detach() for w in inputs.weights], inputs.identity.detach(),
+                                         True, "sigmoid", None, "cuda")
+    bwd_args = (torch.randn_like(out), torch.randn_like(h), torch.randn_like(c), inputs.x.detach(), out, pooled,
+                inputs.h.detach(), inputs.c.detach(), [w.detach() for w in inputs.weights], True, True, "sigmoid",
+                None, "cuda")
+    torch.library.opcheck(torch.ops.dia_fused.step_backward.default, bwd_args)
+
+
+def test_dialstm_chained_steps_match_the_reference_module(cuda_on_cpu):
+    torch.manual_seed(0)
+    fused = DIALSTM(12, reduction=4, backend="cuda")
+    ref = DIALSTM(12, reduction=4, backend="reference")
+    ref.load_state_dict(fused.state_dict())
+    xs = [torch.randn(2, 12, 3, 3) for _ in range(3)]
+    results = []
+    for unit in (fused, ref):
+        state, loss = None, 0
+        for x in xs:
+            out, state = unit(x, state, identity=x)
+            loss = loss + out.square().sum()
+        (loss + state[1].sum()).backward()
+        results.append((out, state, [p.grad for p in unit.parameters()]))
+    (out_f, state_f, grads_f), (out_r, state_r, grads_r) = results
+    assert max_abs_error(out_f, out_r) < 1e-5
+    assert max_abs_error(state_f[0], state_r[0]) < 1e-5 and max_abs_error(state_f[1], state_r[1]) < 1e-5
+    for g_f, g_r in zip(grads_f, grads_r):
+        assert max_abs_error(g_f, g_r) <= 1e-4 * max(1.0, g_r.abs().max().item())
+
+
+def test_torch_compile_fullgraph_through_the_custom_ops(cuda_on_cpu):
+    torch.manual_seed(0)
+    unit = DIALSTM(8, reduction=2, backend="cuda")
+
+    def two_steps(x):
+        out, state = unit(x, identity=x)
+        out, state = unit(out, state, identity=x, relu=False)
+        return out, state[0]
+
+    compiled = torch.compile(two_steps, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 3, 3, requires_grad=True)
+    expected = two_steps(x)
+    got = compiled(x)
+    for g, e in zip(got, expected):
+        assert max_abs_error(g, e) < 1e-6
+    got[0].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
