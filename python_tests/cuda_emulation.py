@@ -27,6 +27,10 @@ EMULATION_DIR = os.path.join(HERE, "emulation")
 SCALAR_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
          "-Wno-unknown-pragmas"]
+# "address" or "thread": build with that sanitizer (the process must preload its runtime, see
+# test_cuda_emulation_sanitizers.py): out-of-bounds accesses / data races between the emulated
+# threads of a block, the CPU-side counterparts of compute-sanitizer memcheck / racecheck.
+SANITIZER_ENV = "DIA_FUSED_EMULATION_SANITIZER"
 
 
 def _cuda_include_dir() -> Optional[str]:
@@ -46,19 +50,21 @@ def unavailable_reason() -> Optional[str]:
     return None
 
 
-def build() -> str:
-    """Path of the emulation library, compiled if its sources changed."""
+def build(sanitizer: Optional[str] = None) -> str:
+    """Path of the emulation library, compiled if its sources or flags changed."""
+    sanitizer = sanitizer or os.environ.get(SANITIZER_ENV) or None
+    flags = FLAGS + ([f"-fsanitize={sanitizer}", "-fno-omit-frame-pointer"] if sanitizer else [])
     csrc = cuda_build.csrc_dir()
     sources = [os.path.join(csrc, f) for f in cuda_build.SOURCES + cuda_build.HEADERS]
     sources += [os.path.join(EMULATION_DIR, f) for f in sorted(os.listdir(EMULATION_DIR))]
-    digest = hashlib.sha256(" ".join(FLAGS).encode())
+    digest = hashlib.sha256(" ".join(flags).encode())
     for path in sources:
         with open(path, "rb") as f:
             digest.update(f.read())
     lib = os.path.join(tempfile.gettempdir(), f"dia_fused_emulation_{digest.hexdigest()[:16]}.so")
     if not os.path.isfile(lib):
         tmp = f"{lib}.{os.getpid()}.tmp"
-        cmd = ["g++", *FLAGS, "-I", csrc, "-I", _cuda_include_dir(),
+        cmd = ["g++", *flags, "-I", csrc, "-I", _cuda_include_dir(),
                os.path.join(EMULATION_DIR, "emulated_kernels.cpp"), "-o", tmp, "-lpthread"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
