@@ -43,11 +43,11 @@ def test_gini_cli_renders_figure_5(tmp_path):
     train_main(["-d", "synthetic", "--synthetic-size", "100", "--synthetic-classes", "10",
                 "-a", "dia_resnet", "--depth", "20", "--epochs", "1", "--train-batch", "50",
                 "--lr", "0.01", "--max-steps", "1", "--manualSeed", "2", "--device", "cpu",
-                "-c", str(ckpt_dir)])
+                "--dia-stages", "1", "3", "-c", str(ckpt_dir)])
     png = tmp_path / "gini.png"
     result = analysis_main(["gini", str(ckpt_dir / "checkpoint.pth.tar"), "--images", "20",
                             "--batch-size", "10", "--trees", "10", "-o", str(png)])
-    assert len(result["matrices"]) == 3 and result["titles"] == ["stage 1", "stage 2", "stage 3"]
+    assert len(result["matrices"]) == 2 and result["titles"] == ["stage 1", "stage 3"]
     for matrix, attention in zip(result["matrices"], result["attention"]):
         assert attention.shape[:2] == (20, 3) and matrix.shape == (3, 3)  # 3 blocks per stage
         varies = np.ptp(attention, axis=0).max(axis=1) > 0  # per block t
@@ -59,9 +59,10 @@ def test_gini_cli_renders_figure_5(tmp_path):
                 assert (matrix[t, :t] == 0).all()  # nothing to explain it with
             else:
                 assert matrix[t, :t].sum() == pytest.approx(1.0)
-    assert png_shape(png) == (504, 1584, 4)  # 3 panels at 120 dpi
+    assert png_shape(png) == (504, 1080, 4)  # 2 panels at 120 dpi
     saved = np.load(tmp_path / "gini.npz")
     np.testing.assert_array_equal(saved["stage2"], result["matrices"][1])
+    assert list(saved["titles"]) == ["stage 1", "stage 3"]
 
 
 def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():

@@ -19,6 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from ..modules import DIAStage
 from ..ops import BACKEND_CHOICES
 from ..train import checkpoint as ckpt_io
 from ..train.data import DATASETS, BatchStream, load_datasets
@@ -97,13 +98,9 @@ def _data(dataset: str, data_dir: Optional[str], synthetic_size: Optional[int], 
     return train.to(device), test.to(device)
 
 
-def _stage_titles(model, count: int, options: Dict[str, Any]) -> List[str]:
-    stages = options.get("dia_stages")
-    if count == len(getattr(model, "stages", ())):
-        return [f"stage {k + 1}" for k in range(count)]
-    if stages is not None and len(stages) == count:
-        return [f"stage {k}" for k in stages]
-    return [f"DIA stage {k + 1}" for k in range(count)]
+def _stage_titles(model) -> List[str]:
+    """'stage k' for the stages that return attention (those with a shared unit), in order."""
+    return [f"stage {k + 1}" for k, stage in enumerate(model.stages) if isinstance(stage, DIAStage)]
 
 
 def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
@@ -129,7 +126,7 @@ def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
                                          max_samples=args.max_samples, seed=args.seed,
                                          n_jobs=args.jobs) for a in attention]
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gini.png")
-    titles = _stage_titles(model, len(matrices), spec.get("options", {}))
+    titles = _stage_titles(model)
     gini_mod.plot_gini(matrices, out, titles=titles,
                        suptitle=f"Gini importance of h_1..h_(t-1) for h_t: {spec['name']} "
                                 f"{spec.get('options', {})}, "

@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from torch import nn
 
+from ..models import IMAGENET_LAYERS, create_model, list_models, parse_name
 from ..ops import BACKEND_CHOICES
 from ..reference import CELL_ACTIVATIONS
 
@@ -43,34 +44,46 @@ def _block(args: argparse.Namespace) -> str:
     return "basic" if name == "basicblock" else "bottleneck"
 
 
+def _zoo_name(arch: str) -> Optional[Dict[str, Any]]:
+    """The parsed zoo name, or None when `arch` is not one (create_model's grammar)."""
+    try:
+        return parse_name(arch)
+    except ValueError:
+        return None
+
+
 def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
     """The model description for the parsed command line."""
-    from ..models import list_models
-
     options: Dict[str, Any] = {}
     parsed = split_arch(args.arch)
     if parsed is not None:
         family, attention = parsed
+        # depths that name an ImageNet network in the zoo need the `_cifar` suffix
+        cifar = "_cifar" if ((family == "resnet" and args.depth in IMAGENET_LAYERS)
+                             or (family == "resnext" and args.depth == 50)) else ""
         if family == "resnet":
-            name = f"{family}{args.depth}"
+            name = f"resnet{args.depth}{cifar}"
             options["block"] = _block(args)
         elif family == "preresnet":  # bottleneck only, like the official DIA PreResNet
             if _block(args) != "bottleneck":
                 raise ValueError(f"--block-name: the PreResNet has Bottleneck blocks only, got "
                                  f"{args.block_name!r}")
-            name = f"{family}{args.depth}"
+            name = f"preresnet{args.depth}"
         elif family == "wrn":
             name = f"wrn{args.depth}_{args.widen_factor}"
             options["dropout"] = args.drop
         else:
-            # the official CIFAR ResNeXt: group width 32 at widen factor 4 ("8x32")
-            name = f"resnext{args.depth}_{args.cardinality}x{128 // args.widen_factor}"
+            # The zoo builds the CIFAR ResNeXt from cardinality and widen_factor (the official
+            # code's); its stage-1 groups are 32 channels wide at any widen factor ("8x32").
+            name = f"resnext{args.depth}_{args.cardinality}x32{cifar}"
             options["widen_factor"] = args.widen_factor
         options["attention"] = attention
-    elif args.arch in list_models():
+    elif _zoo_name(args.arch) is not None:
         name = args.arch
+        if _zoo_name(args.arch)["family"] == "wrn" and args.drop:
+            options["dropout"] = args.drop
     else:
-        raise ValueError(f"--arch: expected {ARCH_HELP}; got {args.arch!r}. Models: "
+        raise ValueError(f"--arch: expected {ARCH_HELP}; got {args.arch!r}. The paper's models: "
                          f"{', '.join(sorted(list_models()))}")
     if args.attention is not None:
         options["attention"] = args.attention
@@ -87,8 +100,7 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
 
 
 def build_model(spec: Mapping[str, Any], backend: Optional[str] = None) -> nn.Module:
-    from ..models import create_model
-
+    """The network of a description; `backend` (DIA unit backend) when given."""
     options = dict(spec["options"])
     if backend is not None:
         options["backend"] = backend
