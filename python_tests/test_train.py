@@ -326,3 +326,10 @@ def test_ddp_two_gloo_processes_match_one_process(cifar_dir, tmp_path):
     for r1, r2 in zip(one, two):
         assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-5)
         assert float(r1["test_acc"]) == pytest.approx(float(r2["test_acc"]), abs=1e-9)
+
+
+def test_unusable_backend_fails_before_any_work(tmp_path):
+    from dia_fused.ops import BackendUnavailableError
+    # the dataset folder does not exist either: the backend is checked first
+    with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA devices"):
+        main(tiny_args(str(tmp_path / "no-data"), tmp_path / "ck", 1, "--backend", "cuda"))

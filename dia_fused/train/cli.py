@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from ..ops import resolve_backend
 from . import checkpoint as ckpt_io
 from . import distributed
 from .data import DATASETS, BatchStream, load_datasets
@@ -168,6 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     say = _Printer(ctx)
     device = ctx.device
+    resolve_backend(args.backend, device)  # an unusable --backend fails now, saying why
     resumed = ckpt_io.load_checkpoint(_resume_file(args.resume)) if args.resume else None
 
     # The seed decides the model initialisation and every epoch's data stream; a resumed run
