@@ -40,6 +40,17 @@ def check_same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> N
                          f"got {value.device}")
 
 
+def check_identity(identity, x: Tensor) -> None:
+    """The shortcut added after the attention: x's shape, dtype and device (never broadcast)."""
+    check_tensor("identity", identity, dims=4)
+    if identity.shape != x.shape:
+        raise ValueError(f"identity: expected the shape of x {tuple(x.shape)}, "
+                         f"got {tuple(identity.shape)}")
+    if identity.dtype != x.dtype:
+        raise TypeError(f"identity: expected the dtype of x ({x.dtype}), got {identity.dtype}")
+    check_same_device("identity", identity, "x", x)
+
+
 def check_step_args(
     x: Tensor,
     h: Tensor,
@@ -75,13 +86,7 @@ def check_step_args(
             raise ValueError(f"weight {name}: expected shape {expected} for C={channels}, "
                              f"got {tuple(t.shape)}")
     if identity is not None:
-        check_tensor("identity", identity, dims=4)
-        if identity.shape != x.shape:
-            raise ValueError(f"identity: expected the shape of x {tuple(x.shape)}, "
-                             f"got {tuple(identity.shape)}")
-        if identity.dtype != x.dtype:
-            raise TypeError(f"identity: expected the dtype of x ({x.dtype}), got {identity.dtype}")
-        check_same_device("identity", identity, "x", x)
+        check_identity(identity, x)
     if num_cells > 1 and dropout_masks is not None:
         check_tensor("dropout_masks", dropout_masks, dims=3)
         if tuple(dropout_masks.shape) != (num_cells - 1, n, channels):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._checks import check_choice, check_positive_int, check_tensor
+from ._checks import check_choice, check_identity, check_positive_int, check_tensor
 from .reference import CELL_ACTIVATIONS, state_dtype
 
 Tensor = torch.Tensor
@@ -50,10 +50,7 @@ def _check_unit_input(x, channels: int, identity, relu) -> bool:
         raise ValueError(f"x: expected {channels} channels (N, {channels}, H, W), got shape "
                          f"{tuple(x.shape)}")
     if identity is not None:
-        check_tensor("identity", identity, dims=4)
-        if identity.shape != x.shape:
-            raise ValueError(f"identity: expected the shape of x {tuple(x.shape)}, got "
-                             f"{tuple(identity.shape)}")
+        check_identity(identity, x)
     if relu is None:
         return identity is not None
     if not isinstance(relu, bool):

@@ -23,20 +23,6 @@ pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
 
 
-@pytest.fixture(scope="module")
-def emulated_extension():
-    return cuda_emulation.EmulatedExtension()
-
-
-@pytest.fixture
-def emu(emulated_extension, monkeypatch):
-    """Routes the host wrapper of the cuda backend to the emulated kernels for CPU tensors."""
-    monkeypatch.setattr(cuda_dia_step, "_extension_for", lambda x: emulated_extension)
-    monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
-    emulated_extension.launches.clear()
-    return emulated_extension
-
-
 # (N, C, H, W, reduction): what each one exercises
 SHAPES = [
     pytest.param(3, 20, 5, 3, 4, id="odd-hw"),  # HW=15: scalar planes, channels_last rows of 20

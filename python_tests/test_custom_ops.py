@@ -14,19 +14,12 @@ pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
 
 
-@pytest.fixture(scope="module")
-def emulated_extension():
-    return cuda_emulation.EmulatedExtension()
-
-
 @pytest.fixture
-def cuda_on_cpu(emulated_extension, monkeypatch):
+def cuda_on_cpu(emu, monkeypatch):
     """The cuda backend, available for CPU tensors, running the emulated kernels."""
-    monkeypatch.setattr(cuda_dia_step, "_extension_for", lambda x: emulated_extension)
-    monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
     monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
-    return emulated_extension
+    return emu
 
 
 def ops_step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):

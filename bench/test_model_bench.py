@@ -1,0 +1,17 @@
+"""bench/model_bench.py end to end on a tiny ResNet (depth 11, batch 2) with every variant, so
+that the script the GPU numbers come from is exercised in CI."""
+import json
+
+import model_bench
+
+
+def test_model_bench_writes_every_key(tmp_path, capsys):
+    out = tmp_path / "model_bench.json"
+    assert model_bench.main(["--json", str(out), "--depth", "11", "--batch", "2", "--steps", "2",
+                             "--warmup", "1", "--no-bf16"]) == 0
+    result = json.loads(out.read_text())
+    for key in ("plain_train_ms", "dia_fused_train_ms", "dia_reference_train_ms", "dia_compiled_train_ms",
+                "se_train_ms", "plain_infer_ms", "dia_fused_infer_ms", "dia_fused_train_ratio_to_plain"):
+        assert result[key] > 0, key
+    assert result["device"] and result["torch"] and result["steps"] == 2
+    assert json.loads(capsys.readouterr().out) == result

@@ -1,0 +1,22 @@
+"""Fixtures shared by the test files: the csrc kernels compiled for the CPU (cuda_emulation.py)."""
+import pytest
+
+import cuda_emulation
+from dia_fused.kernels import cuda_dia_step
+
+
+@pytest.fixture(scope="session")
+def emulated_extension():
+    reason = cuda_emulation.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"kernel emulation: {reason}")
+    return cuda_emulation.EmulatedExtension()
+
+
+@pytest.fixture
+def emu(emulated_extension, monkeypatch):
+    """Routes the host wrapper of the cuda backend to the emulated kernels for CPU tensors."""
+    monkeypatch.setattr(cuda_dia_step, "_extension_for", lambda x: emulated_extension)
+    monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
+    emulated_extension.launches.clear()
+    return emulated_extension
