@@ -168,7 +168,8 @@ def step_forward(
     backend: str,  # "triton" | "cuda"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
-    results = _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 LSTM math, whatever autocast says
+        results = _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
     return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
 
 
@@ -196,9 +197,10 @@ def step_backward(
     backend: str,
 ) -> List[Tensor]:
     """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, *grad_weights]."""
-    grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
-        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-        activation, dropout_masks)
+    with torch.autocast(x.device.type, enabled=False):
+        grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
+            grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+            activation, dropout_masks)
     if grad_identity is None:
         grad_identity = grad_out.new_empty(0)
     inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]

@@ -1,8 +1,15 @@
-"""Fixtures shared by the test files: the csrc kernels compiled for the CPU (cuda_emulation.py)."""
-import pytest
+"""Shared test setup: the Triton interpreter where there is no GPU (set before any kernel module is
+imported), and the csrc kernels compiled for the CPU (cuda_emulation.py)."""
+import os
 
-import cuda_emulation
-from dia_fused.kernels import cuda_dia_step
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import cuda_emulation  # noqa: E402
+from dia_fused.kernels import cuda_dia_step  # noqa: E402
 
 
 @pytest.fixture(scope="session")
