@@ -2,9 +2,11 @@
 (hypothesis), determinism, NaN propagation, autocast, large fp16 inputs, portability of saved
 modules across backends, pickling/deepcopy, and DDP (gloo, 2 processes) against one process."""
 import copy
+import datetime
 import io
 import os
 import pickle
+import time
 
 import pytest
 import torch
@@ -159,7 +161,7 @@ def test_pickle_and_deepcopy_keep_weights_and_configuration():
 
 def _ddp_worker(rank, world_size, port, backend, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         model = TinyNet(backend).eval()  # eval: BatchNorm running stats, dropout off -> deterministic
@@ -169,8 +171,12 @@ def _ddp_worker(rank, world_size, port, backend, result_dir):
         nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
         if rank == 0:
             torch.save({k: p.grad for k, p in model.named_parameters()}, os.path.join(result_dir, "grads.pt"))
+        dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
+    # Exit without running the destructors of the DDP reducer and gloo objects: on this CPU torch
+    # they sometimes block the worker's exit forever (seen as a hang after the function returned).
+    os._exit(0)
 
 
 def _ddp_batch():
@@ -187,7 +193,13 @@ def _free_port():
 
 @pytest.mark.parametrize("backend", ["reference"])
 def test_ddp_two_gloo_processes_give_single_process_gradients(backend, tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    context = mp.spawn(_ddp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 180
+    while not context.join(timeout=5):  # raises if a worker failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the DDP workers did not finish within 180 s")
     ddp_grads = torch.load(tmp_path / "grads.pt")
     torch.manual_seed(0)
     model = TinyNet(backend).eval()
