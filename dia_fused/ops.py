@@ -97,6 +97,9 @@ def resolve_backend(requested: str, device) -> str:
     device = torch.device(device)
     if requested == "auto":
         for name in AUTO_ORDER:
+            # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic choice
+            if name == "triton" and device.type == "cpu":
+                continue
             if backend_unavailable_reason(name, device) is None:
                 return name
         raise AssertionError("the reference backend is always available")

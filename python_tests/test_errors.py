@@ -98,3 +98,8 @@ def test_environment_variable_overrides_the_backend(monkeypatch):
     monkeypatch.setenv(ops.ENV_BACKEND, "bogus")
     with pytest.raises(ValueError, match="backend: expected one of"):
         unit(torch.randn(1, 8, 2, 2))
+
+
+def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    assert ops.resolve_backend("auto", "cpu") == "reference"
