@@ -185,8 +185,8 @@ def _step_forward_fake(x, h, c, weights, identity, relu, activation, dropout_mas
 @torch.library.custom_op("dia_fused::step_backward", mutates_args=())
 def step_backward(
     grad_out: Tensor,  # (N, C, H, W) like x
-    grad_h_new: Tensor,  # (L, N, C)
-    grad_c_new: Tensor,  # (L, N, C)
+    grad_h_new: Optional[Tensor],  # (L, N, C), None where h_new got no gradient
+    grad_c_new: Optional[Tensor],  # (L, N, C), None where c_new got no gradient
     x: Tensor,  # (N, C, H, W)
     out: Tensor,  # (N, C, H, W) the forward's output (relu mask)
     pooled: Tensor,  # (N, C) fp32
@@ -199,38 +199,49 @@ def step_backward(
     dropout_masks: Optional[Tensor],
     backend: str,
 ) -> List[Tensor]:
-    """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, *grad_weights]."""
+    """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, grad_weights]: grad_weights is
+    one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (a
+    kernel can write them all in one launch; the autograd formula splits it into views)."""
     with torch.autocast(x.device.type, enabled=False):
         grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
             grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
             activation, dropout_masks)
     if grad_identity is None:
         grad_identity = grad_out.new_empty(0)
+    if not isinstance(grad_weights, Tensor):  # a host wrapper that returns one tensor per weight
+        grad_weights = torch.cat([g.reshape(-1).float() for g in grad_weights])
     inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
-    return _unaliased([grad_x, grad_identity, grad_h, grad_c, *grad_weights], inputs)
+    return _unaliased([grad_x, grad_identity, grad_h, grad_c, grad_weights], inputs)
 
 
 @step_backward.register_fake
 def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given,
                         relu, activation, dropout_masks, backend):
     grad_identity = torch.empty_like(grad_out) if identity_given else grad_out.new_empty(0)
-    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c),
-            *[torch.empty_like(w) for w in weights]]
+    grad_weights = x.new_empty((sum(w.numel() for w in weights),), dtype=torch.float32)
+    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c), grad_weights]
 
 
 def _step_forward_setup(ctx, inputs, output):
     x, h, c, weights, identity, relu, activation, dropout_masks, backend = inputs
     out, _, _, pooled = output
     ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
+    # unused outputs (pooled always, the state after a stage's last block) get None, not zeros:
+    # the kernels skip them, where materialised zeros would cost a fill launch each
+    ctx.set_materialize_grads(False)
     ctx.options = (identity is not None, relu, activation, backend)
 
 
 def _step_forward_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
     x, out, pooled, h, c, dropout_masks, *weights = ctx.saved_tensors
     identity_given, relu, activation, backend = ctx.options
-    grad_x, grad_identity, grad_h, grad_c, *grad_weights = step_backward(
+    if grad_out is None:  # only the state was used downstream
+        grad_out = torch.zeros_like(out)
+    grad_x, grad_identity, grad_h, grad_c, flat_grad_weights = step_backward(
         grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
         activation, dropout_masks, backend)
+    grad_weights = [g.view(w.shape).to(w.dtype) for g, w in
+                    zip(flat_grad_weights.split([w.numel() for w in weights]), weights)]
     return (grad_x, grad_h, grad_c, grad_weights, grad_identity if identity_given else None,
             None, None, None, None)
 

@@ -1,35 +1,45 @@
 """Triton backend of the DIA-LSTM step: `forward` / `backward` of the kernel host-wrapper contract
 (shared with the CUDA backend; ops.py wraps both in the same custom ops).
 
-This first version fuses the passes over the feature map, which carry all of the step's bytes:
+Launches per step (any number of stacked cells; N, C, H*W of any size):
 
-    forward:  pool (1 kernel: mean over H, W)  ->  LSTM cells (fp32 torch ops on (N, C) tensors)
-              ->  scale epilogue (1 kernel: out = relu?(x * a + identity))
-    backward: attention-gradient reduction (1 kernel: da = sum_HW z * x, and d_identity = z)
-              ->  LSTM backward (recomputed from pooled, h, c; fp32 torch autograd on (N, C) tensors)
-              ->  input gradient (1 kernel: dx = z * a + ds / HW)
+    forward   1. pool            s = mean_HW x                                   reads x once
+              2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples
+              3. scale epilogue  out = relu?(x * a + identity)                   reads x (+ identity) once
+    backward  1. grad attention  da = sum_HW z * x, writes d_identity = z       reads grad_out, x (+ out)
+              2. LSTM backward   recomputes the gates, then dgates, ds, dh, dc per sample tile
+              3. weight grads    dW = D^T V over all samples (one program per output tile:
+                                 deterministic, no atomics), biases = column sums of D
+              4. grad input      dx = z * a + ds / HW                            reads grad_out (+ out)
 
-x is read once per pass; contiguous and channels_last layouts are both addressed through strides
-(flat H*W index times the W stride), so no copy of the map is made. The small LSTM in between is
-still several launches; fusing it into the pool and epilogue kernels is the next step (issue 3).
+The small LSTM runs in fp32 whatever the input dtype (the recurrent state is fp32 for fp32 and half
+inputs); its matmuls use `tl.dot` with IEEE fp32 precision (no TF32), so the numbers follow the
+fp32 reference. The LSTM kernels walk through the cells in phases that exchange (BLOCK_N, K)
+operands through an fp32 workspace (`scratch`, one row per sample, layout in `_ScratchLayout`),
+separated by CTA barriers. Maps are addressed through strides (NCHW and channels_last), so no copy
+of a feature map is made.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 set before this module is imported.
 """
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from . import lstm_cells
+from .. import reference
 
 Tensor = torch.Tensor
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}
+CELL0_JOBS = 4  # weight-gradient matmuls of cell 0: wih1, wih2, whh1, whh2 (each with its bias)
+STACKED_CELL_JOBS = 2  # per stacked cell: wih, whh
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -42,6 +52,10 @@ def unavailable_reason(device) -> Optional[str]:
             f"TRITON_INTERPRET=1 set before dia_fused.kernels is imported), got device {device}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Feature-map kernels: everything that touches (N, C, H, W) tensors.
+
+
 @triton.jit
 def _pool_kernel(
     x_ptr,  # (N, C, H, W) any float dtype, strides below
@@ -50,7 +64,7 @@ def _pool_kernel(
     stride_xn, stride_xc, stride_xhw,  # x strides; stride_xhw = W stride (H stride = W * it)
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
     acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
@@ -74,7 +88,7 @@ def _scale_kernel(
     HAS_IDENTITY: tl.constexpr, RELU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     mask = (cs[:, None] < C) & (hw[None, :] < HW)
@@ -101,7 +115,7 @@ def _grad_attention_kernel(
     RELU: tl.constexpr, HAS_IDENTITY: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = cs < C
     acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
@@ -130,7 +144,7 @@ def _grad_input_kernel(
     RELU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
     c_mask = cs < C
@@ -145,6 +159,345 @@ def _grad_input_kernel(
     tl.store(grad_x_ptr + offsets, gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
 
 
+# ---------------------------------------------------------------------------------------------
+# LSTM kernels: everything on (N, C) tensors. Elementwise helpers first.
+
+
+@triton.jit
+def _relu(v):
+    return tl.where(v < 0, 0.0, v)  # like torch.relu: NaN stays NaN
+
+
+@triton.jit
+def _tanh(v):
+    return 2.0 * tl.sigmoid(2.0 * v) - 1.0  # no libdevice (the interpreter lacks it); abs error ~1e-7
+
+
+@triton.jit
+def _activation_and_grad(c, ACTIVATION: tl.constexpr):
+    """act(c), act'(c) of the output gate: 0 sigmoid, 1 tanh, 2 relu."""
+    if ACTIVATION == 0:
+        act = tl.sigmoid(c)
+        grad = act * (1.0 - act)
+    elif ACTIVATION == 1:
+        act = _tanh(c)
+        grad = 1.0 - act * act
+    else:
+        act = _relu(c)
+        grad = tl.where(c > 0, 1.0, 0.0)
+    return act, grad
+
+
+@triton.jit
+def _matmul_tile(
+    a_ptr, stride_am, stride_ak,  # A (rows, K) of any float dtype: a_ptr + m * stride_am + k * stride_ak
+    b_ptr, stride_bk, stride_bn,  # B (K, cols) of any float dtype
+    rows, row_mask,  # (BLOCK_M,) row indices of A and their validity
+    cols, col_mask,  # (BLOCK_N,) column indices of B and their validity
+    K,  # reduction length
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N) fp32 tile of A @ B, accumulated over K in BLOCK_K steps with IEEE fp32 dots
+    (masked entries are zero, so padding never reaches a stored value)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        acc += tl.dot(a, b, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _linear_tile(
+    a_ptr, stride_a,  # A (rows, K), row stride stride_a, unit column stride
+    w_ptr,  # W (out, K) contiguous: the nn.Linear weight; rows `cols` of it are used
+    b_ptr,  # (out,) bias
+    rows, row_mask, cols, col_mask, K,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """A @ W[cols]^T + b[cols]: one (BLOCK_M, BLOCK_N) tile of F.linear(A, W, b)."""
+    acc = _matmul_tile(a_ptr, stride_a, 1, w_ptr, 1, K, rows, row_mask, cols, col_mask, K,
+                       BLOCK_M, BLOCK_N, BLOCK_K)
+    return acc + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _gate_tile(
+    a1_ptr, stride_a1, w1_ptr, b1_ptr, k1,  # input path: A1 (rows, k1) and its linear (4C, k1), (4C,)
+    a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,  # recurrent path: A2 (rows, k2) and its linear
+    rows, row_mask, gate_cols, col_mask,  # gate_cols: q*C + channel indices of one gate chunk
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One (BLOCK_M, BLOCK_N) tile of the pre-activation gates: linear1(A1) + linear2(A2)."""
+    return (_linear_tile(a1_ptr, stride_a1, w1_ptr, b1_ptr, rows, row_mask, gate_cols, col_mask, k1,
+                         BLOCK_M, BLOCK_N, BLOCK_K)
+            + _linear_tile(a2_ptr, stride_a2, w2_ptr, b2_ptr, rows, row_mask, gate_cols, col_mask, k2,
+                           BLOCK_M, BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _cells_forward_tile(
+    tile,  # index of this program's block of BLOCK_N samples
+    pooled_ptr,  # (N, C) fp32
+    h_ptr, c_ptr,  # (L, N, C) state dtype, contiguous: previous state
+    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr,  # cell 0 ih path: (R, C), (R,), (4C, R), (4C,)
+    whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,  # cell 0 hh path: same shapes
+    stacked_ptr,  # (L-1, 8C^2 + 8C) fp32: [wih (4C, C), bih (4C), whh (4C, C), bhh (4C)] per stacked cell
+    masks_ptr,  # (L-1, N, C) dropout keep-masks (scaled) between cells, read if HAS_MASKS
+    h_new_ptr, c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
+    scratch_ptr,  # (N, S) fp32 workspace
+    N, C, R, S,  # samples, channels, reduced width C/r, scratch row length
+    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R)
+    off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
+    off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
+    off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written if SAVE
+    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr, SAVE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs."""
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    scratch_rows = scratch_ptr + rows[:, None] * S
+    # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
+    for r0 in range(0, R, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        r_mask = rs < R
+        rr_mask = row_mask[:, None] & r_mask[None, :]
+        u_ih = _linear_tile(pooled_ptr, C, wih1_ptr, bih1_ptr, rows, row_mask, rs, r_mask, C,
+                            BLOCK_N, BLOCK_R, BLOCK_K)
+        u_hh = _linear_tile(h_ptr, C, whh1_ptr, bhh1_ptr, rows, row_mask, rs, r_mask, C, BLOCK_N, BLOCK_R, BLOCK_K)
+        tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
+        tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
+    if SAVE:  # the V operands of cell 0's weight gradients
+        for col0 in range(0, C, BLOCK_C):
+            cs = col0 + tl.arange(0, BLOCK_C)
+            m = row_mask[:, None] & (cs < C)[None, :]
+            nc = rows[:, None] * C + cs[None, :]
+            tl.store(scratch_rows + off_v0 + cs[None, :], tl.load(pooled_ptr + nc, mask=m), mask=m)
+            tl.store(scratch_rows + off_v0 + C + cs[None, :], tl.load(h_ptr + nc, mask=m).to(tl.float32), mask=m)
+    tl.debug_barrier()  # scratch written above is read by other threads of this program below
+    for cell in tl.static_range(NUM_CELLS):
+        if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
+            a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
+            a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr, R
+        else:  # gates = Wih input + bih + Whh h[cell] + bhh
+            cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
+            a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_vs + (cell - 1) * 2 * C, cell_w, cell_w + 4 * C * C, C
+            a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
+            w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
+        for col0 in range(0, C, BLOCK_C):
+            cs = col0 + tl.arange(0, BLOCK_C)
+            c_mask = cs < C
+            m = row_mask[:, None] & c_mask[None, :]
+            nc = cell * N * C + rows[:, None] * C + cs[None, :]
+            gate_i = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                rows, row_mask, cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+            gate_f = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+            gate_g = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                rows, row_mask, 2 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+            gate_o = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                rows, row_mask, 3 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+            c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
+            c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
+            act, _ = _activation_and_grad(c_new, ACTIVATION)
+            h_new = tl.sigmoid(gate_o) * act
+            if not SAVE:
+                tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
+                tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
+            elif cell == NUM_CELLS - 1:  # the backward's recomputation keeps only the attention
+                tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
+            if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy for the weight gradients
+                nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
+                if HAS_MASKS:
+                    h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(tl.float32)
+                tl.store(nxt, h_new, mask=m)
+                if SAVE:
+                    tl.store(nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m)
+            if SAVE:
+                gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
+                tl.store(gates, gate_i, mask=m)
+                tl.store(gates + C, gate_f, mask=m)
+                tl.store(gates + 2 * C, gate_g, mask=m)
+                tl.store(gates + 3 * C, gate_o, mask=m)
+        tl.debug_barrier()
+
+
+@triton.jit
+def _lstm_forward_kernel(
+    pooled_ptr, h_ptr, c_ptr,
+    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr, stacked_ptr, masks_ptr,
+    h_new_ptr, c_new_ptr, scratch_ptr,
+    N, C, R, S, off_ru, off_v0, off_vs, off_gates,  # see _cells_forward_tile
+    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    _cells_forward_tile(tl.program_id(0), pooled_ptr, h_ptr, c_ptr,
+                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                        stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
+                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                        NUM_CELLS, ACTIVATION, HAS_MASKS, False, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+
+
+@triton.jit
+def _lstm_backward_kernel(
+    pooled_ptr, h_ptr, c_ptr,
+    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr, stacked_ptr, masks_ptr,
+    scratch_ptr,  # (N, S) fp32: filled with the D and V operands of the weight-gradient kernel
+    grad_a_ptr,  # (N, C) fp32: gradient of the attention (last cell's h) from the map
+    grad_h_new_ptr, grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
+    grad_pooled_ptr,  # (N, C) fp32 out
+    attention_ptr,  # (N, C) fp32 out: the recomputed attention (last cell's h), for the input gradient
+    grad_h_ptr, grad_c_ptr,  # (L, N, C) out, state dtype: gradients of the previous state
+    N, C, R, S, off_ru, off_v0, off_vs, off_gates,  # see _cells_forward_tile
+    off_du,  # scratch column of du_ih (R) followed by du_hh (R): gradients of the reduced paths
+    off_dgates,  # scratch column of cell 0's gate gradients (4C); cell l at + 4C l
+    off_carry,  # scratch column (C) of the gradient flowing into cell l-1's output from cell l
+    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr, HAS_GRAD_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    _cells_forward_tile(tile, pooled_ptr, h_ptr, c_ptr,
+                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                        stacked_ptr, masks_ptr, attention_ptr, attention_ptr, scratch_ptr,
+                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                        NUM_CELLS, ACTIVATION, HAS_MASKS, True, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+    rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    scratch_rows = scratch_ptr + rows[:, None] * S
+    for step in tl.static_range(NUM_CELLS):
+        cell = NUM_CELLS - 1 - step
+        # pointwise LSTM backward: gate gradients of this cell, and dc_prev
+        for col0 in range(0, C, BLOCK_C):
+            cs = col0 + tl.arange(0, BLOCK_C)
+            m = row_mask[:, None] & (cs < C)[None, :]
+            nc = cell * N * C + rows[:, None] * C + cs[None, :]
+            grad_h_cell = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+            grad_c_cell = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+            if HAS_GRAD_H:
+                grad_h_cell += tl.load(grad_h_new_ptr + nc, mask=m, other=0.0).to(tl.float32)
+            if HAS_GRAD_C:
+                grad_c_cell += tl.load(grad_c_new_ptr + nc, mask=m, other=0.0).to(tl.float32)
+            if cell == NUM_CELLS - 1:
+                grad_h_cell += tl.load(grad_a_ptr + rows[:, None] * C + cs[None, :], mask=m, other=0.0)
+            else:
+                grad_h_cell += tl.load(scratch_rows + off_carry + cs[None, :], mask=m, other=0.0)
+            gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
+            sig_i = tl.sigmoid(tl.load(gates, mask=m, other=0.0))
+            sig_f = tl.sigmoid(tl.load(gates + C, mask=m, other=0.0))
+            tanh_g = _tanh(tl.load(gates + 2 * C, mask=m, other=0.0))
+            sig_o = tl.sigmoid(tl.load(gates + 3 * C, mask=m, other=0.0))
+            c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
+            act, act_grad = _activation_and_grad(sig_f * c_prev + sig_i * tanh_g, ACTIVATION)
+            dc = grad_c_cell + grad_h_cell * sig_o * act_grad
+            dgates = scratch_rows + off_dgates + cell * 4 * C + cs[None, :]
+            tl.store(dgates, dc * tanh_g * sig_i * (1.0 - sig_i), mask=m)
+            tl.store(dgates + C, dc * c_prev * sig_f * (1.0 - sig_f), mask=m)
+            tl.store(dgates + 2 * C, dc * sig_i * (1.0 - tanh_g * tanh_g), mask=m)
+            tl.store(dgates + 3 * C, grad_h_cell * act * sig_o * (1.0 - sig_o), mask=m)
+            tl.store(grad_c_ptr + nc, (dc * sig_f).to(grad_c_ptr.dtype.element_ty), mask=m)
+        tl.debug_barrier()
+        dgates_ptr = scratch_ptr + off_dgates + cell * 4 * C  # (N, 4C) rows of stride S
+        if cell > 0:  # dh_prev = dgates Whh;  d(input) = dgates Wih, through the dropout mask
+            cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
+            for col0 in range(0, C, BLOCK_C):
+                cs = col0 + tl.arange(0, BLOCK_C)
+                c_mask = cs < C
+                m = row_mask[:, None] & c_mask[None, :]
+                nc = cell * N * C + rows[:, None] * C + cs[None, :]
+                grad_h_prev = _matmul_tile(dgates_ptr, S, 1, cell_w + 4 * C * C + 4 * C, C, 1,
+                                           rows, row_mask, cs, c_mask, 4 * C, BLOCK_N, BLOCK_C, BLOCK_K)
+                tl.store(grad_h_ptr + nc, grad_h_prev.to(grad_h_ptr.dtype.element_ty), mask=m)
+                grad_input = _matmul_tile(dgates_ptr, S, 1, cell_w, C, 1,
+                                          rows, row_mask, cs, c_mask, 4 * C, BLOCK_N, BLOCK_C, BLOCK_K)
+                if HAS_MASKS:
+                    grad_input = grad_input * tl.load(masks_ptr + nc - N * C, mask=m, other=0.0).to(tl.float32)
+                tl.store(scratch_rows + off_carry + cs[None, :], grad_input, mask=m)
+            tl.debug_barrier()
+        else:  # the reduced paths: du = (dgates W2) * relu'(u); ds = du_ih Wih1; dh0 = du_hh Whh1
+            for r0 in range(0, R, BLOCK_R):
+                rs = r0 + tl.arange(0, BLOCK_R)
+                r_mask = rs < R
+                rr_mask = row_mask[:, None] & r_mask[None, :]
+                du_ih = _matmul_tile(dgates_ptr, S, 1, wih2_ptr, R, 1, rows, row_mask, rs, r_mask, 4 * C,
+                                     BLOCK_N, BLOCK_R, BLOCK_K)
+                du_hh = _matmul_tile(dgates_ptr, S, 1, whh2_ptr, R, 1, rows, row_mask, rs, r_mask, 4 * C,
+                                     BLOCK_N, BLOCK_R, BLOCK_K)
+                ru_ih = tl.load(scratch_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
+                ru_hh = tl.load(scratch_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0)
+                tl.store(scratch_rows + off_du + rs[None, :], tl.where(ru_ih > 0, du_ih, 0.0), mask=rr_mask)
+                tl.store(scratch_rows + off_du + R + rs[None, :], tl.where(ru_hh > 0, du_hh, 0.0), mask=rr_mask)
+            tl.debug_barrier()
+            for col0 in range(0, C, BLOCK_C):
+                cs = col0 + tl.arange(0, BLOCK_C)
+                c_mask = cs < C
+                m = row_mask[:, None] & c_mask[None, :]
+                nc = rows[:, None] * C + cs[None, :]
+                grad_pooled = _matmul_tile(scratch_ptr + off_du, S, 1, wih1_ptr, C, 1, rows, row_mask, cs, c_mask, R,
+                                           BLOCK_N, BLOCK_C, BLOCK_K)
+                tl.store(grad_pooled_ptr + nc, grad_pooled, mask=m)
+                grad_h0 = _matmul_tile(scratch_ptr + off_du + R, S, 1, whh1_ptr, C, 1, rows, row_mask, cs, c_mask, R,
+                                       BLOCK_N, BLOCK_C, BLOCK_K)
+                tl.store(grad_h_ptr + nc, grad_h0.to(grad_h_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _weight_grad_kernel(
+    scratch_ptr,  # (N, S) fp32 from _lstm_backward_kernel: the D (output-gradient) and V (input) operands
+    grad_w_ptr,  # flat fp32 out: every weight gradient flattened, in reference.weight_names order
+    N, C, R, S, off_ru, off_v0, off_vs, off_du, off_dgates,  # see the LSTM kernels
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Program (job, i, j) writes the (BLOCK_M, BLOCK_K) tile (i, j) of one weight gradient
+    dW = D^T V (M, K) summed over all N samples in a fixed order, and its bias gradient (column sums
+    of D) when j == 0. Jobs: 0 wih1, 1 wih2, 2 whh1, 3 whh2, then wih_l, whh_l per stacked cell."""
+    job = tl.program_id(0)
+    cell0_block = R * C + R + 4 * C * R + 4 * C  # numel of one reduced path's 4 tensors
+    if job < 4:
+        path = job // 2  # 0: ih, 1: hh
+        if job % 2 == 0:  # W1 (R, C): D = du, V = pooled | h0
+            m_size, k_size = R, C
+            d_col, v_col = off_du + path * R, off_v0 + path * C
+            out = path * cell0_block
+        else:  # W2 (4C, R): D = dgates of cell 0, V = relu(u)
+            m_size, k_size = 4 * C, R
+            d_col, v_col = off_dgates, off_ru + path * R
+            out = path * cell0_block + R * C + R
+    else:
+        cell = 1 + (job - 4) // 2
+        which = (job - 4) % 2  # 0: wih (V = the cell's input), 1: whh (V = its h copy)
+        m_size, k_size = 4 * C, C
+        d_col, v_col = off_dgates + cell * 4 * C, off_vs + (cell - 1) * 2 * C + which * C
+        out = 2 * cell0_block + (job - 4) * (4 * C * C + 4 * C)
+    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    m_mask = ms < m_size
+    k_mask = ks < k_size
+    if (tl.program_id(1) * BLOCK_M < m_size) & (tl.program_id(2) * BLOCK_K < k_size):
+        # A[m, n] = D[n, m] (D^T), B[n, k] = V[n, k]; the reduction runs over the samples
+        grad_w = _matmul_tile(scratch_ptr + d_col, 1, S, scratch_ptr + v_col, S, 1, ms, m_mask, ks, k_mask, N,
+                              BLOCK_M, BLOCK_K, BLOCK_N)
+        tl.store(grad_w_ptr + out + ms[:, None] * k_size + ks[None, :], grad_w,
+                 mask=m_mask[:, None] & k_mask[None, :])
+        if tl.program_id(2) == 0:
+            grad_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            for n0 in range(0, N, BLOCK_N):
+                ns = n0 + tl.arange(0, BLOCK_N)
+                d = tl.load(scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
+                            mask=(ns < N)[:, None] & m_mask[None, :], other=0.0)
+                grad_b += tl.sum(d, axis=0)
+            tl.store(grad_w_ptr + out + m_size * k_size + ms, grad_b, mask=m_mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host wrappers.
+
+
 def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     """(n, c, hw) strides of a map whose H and W collapse into one index (NCHW or channels_last)."""
     sn, sc, sh, sw = t.stride()
@@ -154,20 +507,86 @@ def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     return sn, sc, sw
 
 
-def _blocks(channels: int, hw: int) -> Tuple[int, int]:
+def _map_blocks(channels: int, hw: int) -> Tuple[int, int]:
     """Tile of (channels, H*W): wide along the contiguous H*W of NCHW maps, capped for registers."""
     block_hw = min(triton.next_power_of_2(hw), 256 if not INTERPRETED else 64)
     block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 64))
     return block_c, block_hw
 
 
-def _like_x(x: Tensor, dtype=None) -> Tensor:
-    return torch.empty_like(x, dtype=dtype)  # keeps x's layout (contiguous or channels_last)
+@dataclass(frozen=True)
+class _LSTMBlocks:
+    n: int  # samples per LSTM program
+    c: int  # channel columns per gate tile
+    r: int  # reduced-width columns per tile
+    k: int  # reduction step of the matmuls
+
+    @staticmethod
+    def of(channels: int, hidden: int) -> "_LSTMBlocks":
+        # tl.dot needs every block >= 16; the interpreter is fastest with few, wide steps
+        k = 64 if INTERPRETED else 32
+        return _LSTMBlocks(n=16, c=max(16, min(64, triton.next_power_of_2(channels))),
+                           r=max(16, min(64, triton.next_power_of_2(hidden))), k=k)
+
+    def kwargs(self):
+        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k)
+
+
+@dataclass(frozen=True)
+class _ScratchLayout:
+    """Columns of the (N, size) fp32 workspace of the LSTM kernels (one row per sample). The
+    backward keeps, per sample, the D (output-gradient) and V (input) operands of every weight
+    gradient dW = D^T V, read by _weight_grad_kernel:
+
+        du    du_ih | du_hh                  (R each)   D of wih1 | whh1
+        ru    relu(u_ih) | relu(u_hh)        (R each)   V of wih2 | whh2
+        v0    pooled | h[0]                  (C each)   V of wih1 | whh1
+        dgates  cell 0 .. L-1                (4C each)  D of wih2, whh2 (cell 0), wih_l, whh_l
+        vs    cell 1 .. L-1: input | h[l]    (C each)   V of wih_l | whh_l
+        gates cell 0 .. L-1                  (4C each)  pre-activations, recomputed
+        carry                                (C)        d(input of cell l) flowing into cell l-1
+    The forward needs only ru and the inputs of the stacked cells."""
+    du: int = 0
+    ru: int = 0
+    v0: int = 0
+    dgates: int = 0
+    vs: int = 0
+    gates: int = 0
+    carry: int = 0
+    size: int = 0
+
+    @staticmethod
+    def forward(channels: int, hidden: int, num_cells: int) -> "_ScratchLayout":
+        return _ScratchLayout(ru=0, vs=2 * hidden, size=2 * hidden + 2 * channels * (num_cells - 1))
+
+    @staticmethod
+    def backward(channels: int, hidden: int, num_cells: int) -> "_ScratchLayout":
+        ru, v0, dgates = 2 * hidden, 4 * hidden, 4 * hidden + 2 * channels
+        vs = dgates + 4 * channels * num_cells
+        gates = vs + 2 * channels * (num_cells - 1)
+        carry = gates + 4 * channels * num_cells
+        return _ScratchLayout(du=0, ru=ru, v0=v0, dgates=dgates, vs=vs, gates=gates, carry=carry,
+                              size=carry + channels)
+
+
+def _like_x(x: Tensor) -> Tensor:
+    return torch.empty_like(x)  # keeps x's layout (contiguous or channels_last)
 
 
 def _check(x: Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
+
+
+def _lstm_operands(pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor],
+                   dropout_masks: Optional[Tensor]):
+    """Kernel operands of the LSTM kernels: contiguous state, the 8 cell-0 tensors, the stacked
+    cells packed into one fp32 buffer (one copy, only when there are stacked cells) and the masks."""
+    cell0 = [w.contiguous() for w in weights[:reference.CELL0_WEIGHTS]]
+    stacked = (torch.cat([w.reshape(-1).float() for w in weights[reference.CELL0_WEIGHTS:]])
+               if len(weights) > reference.CELL0_WEIGHTS else pooled)
+    masks = dropout_masks.contiguous() if dropout_masks is not None else pooled
+    return [pooled, h.contiguous(), c.contiguous(), *cell0, stacked, masks]
 
 
 def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity: Optional[Tensor],
@@ -176,65 +595,79 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32."""
     _check(x)
     n, channels, height, width = x.shape
-    hw = height * width
-    strides = _map_strides(x)
-    block_c, block_hw = _blocks(channels, hw)
+    hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
     pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-    if n:
-        _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
-                                                          BLOCK_C=block_c, BLOCK_HW=block_hw)
-    h_new, c_new, _ = _cells(pooled, h, c, weights, activation, dropout_masks)
-    attention = h_new[-1].float().contiguous()
+    h_new = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    c_new = torch.empty(c.shape, device=c.device, dtype=c.dtype)
     out = _like_x(x)
-    if n:
-        idt = identity if identity is not None else x
-        grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
-        _scale_kernel[grid](x, attention, idt, out, channels, hw, *strides, *_map_strides(idt),
-                            HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
+    if n == 0:
+        return out, h_new, c_new, pooled
+    strides = _map_strides(x)
+    block_c, block_hw = _map_blocks(channels, hw)
+    _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
+                                                      BLOCK_C=block_c, BLOCK_HW=block_hw)
+    blocks = _LSTMBlocks.of(channels, hidden)
+    layout = _ScratchLayout.forward(channels, hidden, num_cells)
+    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
+    _lstm_forward_kernel[(triton.cdiv(n, blocks.n),)](
+        *_lstm_operands(pooled, h, c, weights, dropout_masks), h_new, c_new, scratch,
+        n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
+        NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
+        **blocks.kwargs())
+    idt = identity if identity is not None else x
+    grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
+    _scale_kernel[grid](x, h_new[-1], idt, out, channels, hw, *strides, *_map_strides(idt),
+                        HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out, h_new, c_new, pooled
-
-
-def _cells(pooled, h, c, weights, activation, dropout_masks):
-    """The small LSTM step in fp32; returns (h_new, c_new, saved-for-backward) in the state dtype."""
-    masks = None if dropout_masks is None else dropout_masks.float()
-    h_new, c_new, saved = lstm_cells.cells_forward(pooled, h.float(), c.float(), [w.float() for w in weights],
-                                                   activation, masks)
-    return h_new.to(h.dtype), c_new.to(c.dtype), saved
 
 
 def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optional[Tensor],
              x: Tensor, out: Tensor, pooled: Tensor, h: Tensor, c: Tensor,
              weights: Sequence[Tensor], identity_given: bool, relu: bool, activation: str,
-             dropout_masks: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
-    """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights in weight order)."""
+             dropout_masks: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+    """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights): grad_weights is ONE flat fp32
+    tensor, every weight's gradient flattened in weight order (ops.py splits it into views)."""
     n, channels, height, width = x.shape
-    hw = height * width
-    strides = _map_strides(x)
+    hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
     if grad_out.stride() != x.stride():
         grad_out = grad_out.contiguous(memory_format=_memory_format(x))
-    block_c, block_hw = _blocks(channels, hw)
-    grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+    grad_x = _like_x(x)
     grad_identity = _like_x(x) if identity_given else None
+    grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype)
+    grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype)
+    grad_weights = torch.empty(sum(w.numel() for w in weights), device=x.device, dtype=torch.float32)
+    layout = _ScratchLayout.backward(channels, hidden, num_cells)
+    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
+    strides = _map_strides(x)
+    block_c, block_hw = _map_blocks(channels, hw)
     if n:
+        grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, triton.cdiv(channels, block_c))](
             grad_out, x, out, grad_a, grad_identity if identity_given else grad_a, channels, hw, *strides,
             RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    # LSTM backward by recomputation from (pooled, h, c, weights), in fp32
-    h_new, _, saved = _cells(pooled, h, c, weights, activation, dropout_masks)
-    grad_h_total = torch.zeros_like(h, dtype=torch.float32) if grad_h_new is None else grad_h_new.float().clone()
-    grad_h_total[-1] += grad_a
-    grad_c_total = torch.zeros_like(c, dtype=torch.float32) if grad_c_new is None else grad_c_new.float()
-    masks = None if dropout_masks is None else dropout_masks.float()
-    grad_pooled, grad_h, grad_c, grad_weights = lstm_cells.cells_backward(
-        grad_h_total, grad_c_total, h.float(), c.float(), [w.float() for w in weights], activation, masks, saved)
-    attention = h_new[-1].float().contiguous()
-    grad_x = _like_x(x)
+        blocks = _LSTMBlocks.of(channels, hidden)
+        grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+        attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+        _lstm_backward_kernel[(triton.cdiv(n, blocks.n),)](
+            *_lstm_operands(pooled, h, c, weights, dropout_masks), scratch, grad_a,
+            grad_a if grad_h_new is None else grad_h_new.contiguous(),
+            grad_a if grad_c_new is None else grad_c_new.contiguous(),
+            grad_pooled, attention, grad_h, grad_c,
+            n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
+            layout.du, layout.dgates, layout.carry,
+            NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
+            HAS_GRAD_H=grad_h_new is not None, HAS_GRAD_C=grad_c_new is not None, **blocks.kwargs())
+    # over an empty batch this writes zeros: the gradient of a sum over no samples
+    wg_m, wg_k, wg_n = (64, 64, 64) if INTERPRETED else (64, 64, 32)
+    jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
+    _weight_grad_kernel[(jobs, triton.cdiv(4 * channels, wg_m), triton.cdiv(max(channels, hidden), wg_k))](
+        scratch, grad_weights, n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.du,
+        layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n)
     if n:
         grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
-        _grad_input_kernel[grid](grad_out, out, attention, grad_pooled.contiguous(), grad_x, channels, hw,
+        _grad_input_kernel[grid](grad_out, out, attention, grad_pooled, grad_x, channels, hw,
                                  *strides, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    return (grad_x, grad_identity, grad_h.to(h.dtype), grad_c.to(c.dtype),
-            [g.to(w.dtype) for g, w in zip(grad_weights, weights)])
+    return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
 
 def _memory_format(x: Tensor):

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# One device-tool call per phase of a GPU session (each fits the 10-minute limit of one call):
+#
+#   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
+#   bash bench/gpu_session.sh bench   # pytest bench/ (step microbenchmarks) + bench/model_bench.py
+#
+# Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
+# pytest-benchmark JSON, model_bench JSON and env.txt (device, driver, versions, date). Copy the
+# JSON files to bench/results/ and commit them. pytorchcv is not on the device image: carry its
+# wheel in .whl/ (see /work/.library/device/README.md) for the conversion tests, else they skip.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+
+{
+    date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | sed 's/^/gpu: /'
+    python3 -c "import torch, triton; print('torch:', torch.__version__, 'cuda:', torch.version.cuda, 'triton:', triton.__version__)"
+    nvcc --version | tail -1 | sed 's/^/nvcc: /'
+    echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+phase=${1:-tests}
+case "$phase" in
+tests)
+    # ahead-of-time build of the CUDA extension (16 cores; sm_90 only to save time on an H100/H200)
+    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
+        python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+    python3 -m dia_fused 2>&1 | tee "$OUT/selfcheck.log"
+    timeout 420 python3 -m pytest python_tests -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+        2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+    status=${PIPESTATUS[0]}
+    # memcheck + racecheck over one fused step of each fused backend, forward and backward
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitize_step.py \
+            > "$OUT/sanitizer_$tool.log" 2>&1
+        echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitizer_$tool.log") clean summaries)"
+    done
+    exit "$status"
+    ;;
+bench)
+    timeout 300 python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/step_bench.json" \
+        2>&1 | tee "$OUT/step_bench.log" | tail -40
+    timeout 280 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
+    ;;
+*)
+    echo "usage: $0 tests|bench" >&2
+    exit 2
+    ;;
+esac
