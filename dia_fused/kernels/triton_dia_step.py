@@ -529,7 +529,9 @@ class _LSTMBlocks:
                            r=max(16, min(64, triton.next_power_of_2(hidden))), k=k)
 
     def kwargs(self):
-        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k)
+        # 8 warps: one CTA runs a whole sample tile, and with 4 warps the four gate accumulators and
+        # the FMA-dot operands spill (sm_90: 255 registers + 88-184 B of stack; see triton_aot.py)
+        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=8)
 
 
 @dataclass(frozen=True)
@@ -662,7 +664,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
     _weight_grad_kernel[(jobs, triton.cdiv(4 * channels, wg_m), triton.cdiv(max(channels, hidden), wg_k))](
         scratch, grad_weights, n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.du,
-        layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n)
+        layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n, num_warps=8)
     if n:
         grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
         _grad_input_kernel[grid](grad_out, out, attention, grad_pooled, grad_x, channels, hw,

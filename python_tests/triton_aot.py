@@ -1,0 +1,148 @@
+"""Compiles every Triton kernel of the triton backend for a GPU target on a machine without a GPU
+(Triton's own compiler and ptxas; no driver needed), with the arguments the host wrappers really
+pass: the interpreter accepts programs a GPU compile rejects (dot shapes, dtypes, layouts), so this
+is the CPU-side check that the GPU build will work. Prints one JSON line per kernel
+specialisation: name, target, constexprs, and registers / stack / local (spill) bytes from
+cuobjdump.
+
+Run in a process WITHOUT TRITON_INTERPRET (the interpreter replaces the kernels at import):
+    python python_tests/triton_aot.py [--arch 90] [--arch 80]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def captured_launches():
+    """(kernel, args, constexprs) of every launch of one forward + backward, over the cases that
+    select different specialisations (dtypes, identity/relu, stacked cells with masks, grads)."""
+    from dia_fused.kernels import triton_dia_step as T
+    from dia_fused.testing import random_step_inputs
+
+    launches = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: launches.append((self.kernel, args, constexprs))
+
+    kernels = {name: getattr(T, name) for name in dir(T) if name.endswith("_kernel")}
+    for name, kernel in kernels.items():
+        setattr(T, name, Recorder(kernel))
+    try:
+        cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False),
+                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False),
+                 dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True)]
+        for case in cases:
+            inputs = random_step_inputs(4, 40, 3, 3, reduction=4, num_cells=case["num_cells"],
+                                        dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
+                                        identity=case["identity"]).to(case["dtype"])
+            out, h_new, c_new, pooled = T.forward(*inputs.args(), inputs.identity, case["relu"], "tanh",
+                                                  inputs.dropout_masks)
+            grad_h = torch.zeros_like(h_new) if case["grads"] else None
+            T.backward(torch.zeros_like(out), grad_h, grad_h, inputs.x, out, pooled, inputs.h, inputs.c,
+                       inputs.weights, case["identity"], case["relu"], "tanh", inputs.dropout_masks)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(T, name, kernel)
+    return launches
+
+
+LAUNCH_OPTIONS = ("num_warps", "num_stages", "num_ctas")
+
+
+def signature_of(kernel, args, constexprs):
+    constexprs = {k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS}
+    names = kernel.arg_names
+    signature, consts = {}, {}
+    runtime = [n for n in names if n not in constexprs]
+    if len(runtime) != len(args):
+        raise AssertionError(f"{kernel.__name__}: {len(args)} positional arguments for {runtime}")
+    for name, value in zip(runtime, args):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + TRITON_DTYPES[value.dtype]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+        else:
+            raise TypeError(f"{kernel.__name__}.{name}: unexpected argument {value!r}")
+    for name, value in constexprs.items():
+        signature[name] = "constexpr"
+        consts[(names.index(name),)] = value
+    return signature, consts
+
+
+def resource_usage(cubin: bytes):
+    """Registers, local memory (spills) and shared memory of a cubin, from the cuobjdump that
+    Triton ships (None where it is missing)."""
+    import triton
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(cuobjdump):
+        cuobjdump = shutil.which("cuobjdump")
+    if not cuobjdump:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        run = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True)
+    usage = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", run.stdout)
+    if usage is None:
+        return {"cuobjdump_error": (run.stdout + run.stderr)[-400:]}
+    regs, stack, shared, local = map(int, usage.groups())
+    return {"registers": regs, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 90)")
+    parser.add_argument("--no-usage", action="store_true", help="skip the cuobjdump resource report")
+    opts = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run without TRITON_INTERPRET=1: the interpreter replaces the kernels at import")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    seen = set()
+    failures = 0
+    for kernel, args, constexprs in captured_launches():
+        signature, consts = signature_of(kernel, args, constexprs)
+        key = (kernel.__name__, tuple(sorted(signature.items())), tuple(sorted(constexprs.items())))  # noqa
+        if key in seen:
+            continue
+        seen.add(key)
+        for arch in opts.arch or [90]:
+            record = {"kernel": kernel.__name__, "arch": arch,
+                      "constexprs": {k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS}}
+            try:
+                options = {k: v for k, v in constexprs.items() if k in LAUNCH_OPTIONS}
+                record["options"] = options
+                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                                          target=GPUTarget("cuda", arch, 32), options=options)
+                record["ok"] = True
+                if not opts.no_usage:
+                    record.update(resource_usage(compiled.asm["cubin"]) or {})
+            except Exception as err:  # report every failing specialisation, not only the first
+                failures += 1
+                record.update(ok=False, error=f"{type(err).__name__}: {str(err)[-1500:]}")
+            print(json.dumps(record, default=str), flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
