@@ -207,3 +207,29 @@ def test_ddp_two_gloo_processes_give_single_process_gradients(backend, tmp_path)
     nn.functional.cross_entropy(model(x), y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_returns_empty_outputs_and_zero_weight_gradients(backend):
+    unit = DIALSTM(8, reduction=2, num_cells=2, backend=backend)
+    x = torch.randn(0, 8, 3, 3, requires_grad=True)
+    out, (h, c) = unit(x, identity=x.detach())
+    assert out.shape == (0, 8, 3, 3) and h.shape == (2, 0, 8) and c.shape == (2, 0, 8)
+    (out.sum() + h.sum() + c.sum()).backward()
+    assert x.grad.shape == x.shape
+    for name, p in unit.named_parameters():
+        assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_compile_fullgraph_of_a_dia_resnet_has_no_graph_breaks(backend):
+    from dia_fused.models import create_model
+    torch.manual_seed(0)
+    model = create_model("dia_resnet20", num_classes=10, backend=backend).eval()
+    x = torch.randn(2, 3, 8, 8)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert max_abs_error(compiled(x), model(x)) < 1e-5
