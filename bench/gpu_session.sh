@@ -3,6 +3,7 @@
 #
 #   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
 #   bash bench/gpu_session.sh bench   # pytest bench/ (step microbenchmarks) + bench/model_bench.py
+#   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
 # pytest-benchmark JSON, model_bench JSON and env.txt (device, driver, versions, date). Copy the
@@ -50,8 +51,11 @@ bench)
         2>&1 | tee "$OUT/step_bench.log" | tail -40
     timeout 280 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
     ;;
+tune)
+    timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
+    ;;
 *)
-    echo "usage: $0 tests|bench" >&2
+    echo "usage: $0 tests|bench|tune" >&2
     exit 2
     ;;
 esac

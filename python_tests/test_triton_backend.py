@@ -160,3 +160,21 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
     out.sum().backward()
     assert seen == {"grad_h_new": None, "grad_c_new": None}
     assert all(w.grad is not None and w.grad.shape == w.shape for w in inputs.weights)
+
+
+@pytest.mark.parametrize("config", ["block_n=32,forward_groups=1", "block_c=16,block_r=16,forward_groups=3",
+                                    "block_k=16,num_warps=4,forward_groups=8"])
+def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
+    from dia_fused.kernels import triton_dia_step
+    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig.from_env(config))
+    inputs = random_step_inputs(35, 72, 2, 1, reduction=3, device=DEVICE, seed=7)  # 3 tiles of 16, 2 of 32
+    compare_backend(triton_step, inputs, torch.float32, relu=True)
+
+
+@pytest.mark.parametrize("text, words", [("block_n=8", "power of 2 >= 16"), ("warps=8", "names"),
+                                          ("block_c=x", "name=int")])
+def test_bad_lstm_configuration_is_named(text, words):
+    from dia_fused.kernels import triton_dia_step
+    with pytest.raises(ValueError, match="DIA_FUSED_TRITON_LSTM") as info:
+        triton_dia_step.LSTMConfig.from_env(text)
+    assert words in str(info.value)

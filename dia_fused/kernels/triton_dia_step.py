@@ -23,6 +23,7 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 set before thi
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -38,6 +39,9 @@ Tensor = torch.Tensor
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}
+# IEEE fp32 FMA dots follow the fp32 reference; "tf32x3" (tensor cores, ~fp32 accuracy) is for tuning
+# on a GPU (bench/tune_triton.py): read once at import, the kernels see it as a compile-time constant
+DOT_PRECISION = tl.constexpr(os.environ.get("DIA_FUSED_TRITON_DOT_PRECISION", "ieee"))
 CELL0_JOBS = 4  # weight-gradient matmuls of cell 0: wih1, wih2, whh1, whh2 (each with its bias)
 STACKED_CELL_JOBS = 2  # per stacked cell: wih, whh
 
@@ -207,7 +211,7 @@ def _matmul_tile(
                     mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        acc += tl.dot(a, b, input_precision="ieee")
+        acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     return acc
 
 
@@ -242,6 +246,7 @@ def _gate_tile(
 @triton.jit
 def _cells_forward_tile(
     tile,  # index of this program's block of BLOCK_N samples
+    group, num_groups,  # this program computes gate column chunks group, group + num_groups, ... (1 cell)
     pooled_ptr,  # (N, C) fp32
     h_ptr, c_ptr,  # (L, N, C) state dtype, contiguous: previous state
     wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr,  # cell 0 ih path: (R, C), (R,), (4C, R), (4C,)
@@ -251,7 +256,7 @@ def _cells_forward_tile(
     h_new_ptr, c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
     scratch_ptr,  # (N, S) fp32 workspace
     N, C, R, S,  # samples, channels, reduced width C/r, scratch row length
-    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R)
+    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); group g at + 2R g
     off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
     off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
     off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written if SAVE
@@ -262,6 +267,7 @@ def _cells_forward_tile(
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scratch_rows = scratch_ptr + rows[:, None] * S
+    off_ru = off_ru + group * 2 * R  # every column group recomputes u into its own slot: no sharing
     # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
     for r0 in range(0, R, BLOCK_R):
         rs = r0 + tl.arange(0, BLOCK_R)
@@ -289,7 +295,7 @@ def _cells_forward_tile(
             a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_vs + (cell - 1) * 2 * C, cell_w, cell_w + 4 * C * C, C
             a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
             w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
-        for col0 in range(0, C, BLOCK_C):
+        for col0 in range(group * BLOCK_C, C, num_groups * BLOCK_C):
             cs = col0 + tl.arange(0, BLOCK_C)
             c_mask = cs < C
             m = row_mask[:, None] & c_mask[None, :]
@@ -336,7 +342,7 @@ def _lstm_forward_kernel(
     NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _cells_forward_tile(tl.program_id(0), pooled_ptr, h_ptr, c_ptr,
+    _cells_forward_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), pooled_ptr, h_ptr, c_ptr,
                         wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
                         stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
                         N, C, R, S, off_ru, off_v0, off_vs, off_gates,
@@ -362,7 +368,7 @@ def _lstm_backward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    _cells_forward_tile(tile, pooled_ptr, h_ptr, c_ptr,
+    _cells_forward_tile(tile, 0, 1, pooled_ptr, h_ptr, c_ptr,
                         wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
                         stacked_ptr, masks_ptr, attention_ptr, attention_ptr, scratch_ptr,
                         N, C, R, S, off_ru, off_v0, off_vs, off_gates,
@@ -515,23 +521,67 @@ def _map_blocks(channels: int, hw: int) -> Tuple[int, int]:
 
 
 @dataclass(frozen=True)
+class LSTMConfig:
+    """Launch configuration of the LSTM kernels. The defaults come from the sm_90 resource report
+    (python_tests/triton_aot.py: no register spills); bench/tune_triton.py times alternatives on a
+    GPU through the environment variable DIA_FUSED_TRITON_LSTM ("block_n=32,num_warps=4,...")."""
+    block_n: int = 16  # samples per program (tl.dot needs >= 16)
+    block_c: int = 64  # most gate columns per tile
+    block_r: int = 64  # most reduced-width columns per tile
+    block_k: int = 32  # reduction step of the matmuls
+    num_warps: int = 8  # 4 warps spill on sm_90 (255 registers + 88-184 B of stack)
+    forward_groups: int = 4  # most column groups of the one-cell forward (programs per sample tile)
+
+    @staticmethod
+    def from_env(text: Optional[str]) -> "LSTMConfig":
+        config = LSTMConfig()
+        if not text:
+            return config
+        fields = {f.name for f in dataclasses.fields(LSTMConfig)}
+        values = {}
+        for item in text.split(","):
+            key, _, value = item.partition("=")
+            key = key.strip()
+            if key not in fields or not value.strip().isdigit():
+                raise ValueError(f"{ENV_LSTM_CONFIG}: expected comma-separated name=int with names "
+                                 f"{sorted(fields)}, got {text!r}")
+            values[key] = int(value)
+        config = dataclasses.replace(config, **values)
+        for name in ("block_n", "block_c", "block_r", "block_k"):
+            value = getattr(config, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{ENV_LSTM_CONFIG}: {name} must be a power of 2 >= 16, got {value}")
+        return config
+
+
+ENV_LSTM_CONFIG = "DIA_FUSED_TRITON_LSTM"
+LSTM_CONFIG = LSTMConfig.from_env(os.environ.get(ENV_LSTM_CONFIG))
+
+
+@dataclass(frozen=True)
 class _LSTMBlocks:
     n: int  # samples per LSTM program
     c: int  # channel columns per gate tile
     r: int  # reduced-width columns per tile
     k: int  # reduction step of the matmuls
+    num_warps: int
 
     @staticmethod
-    def of(channels: int, hidden: int) -> "_LSTMBlocks":
-        # tl.dot needs every block >= 16; the interpreter is fastest with few, wide steps
-        k = 64 if INTERPRETED else 32
-        return _LSTMBlocks(n=16, c=max(16, min(64, triton.next_power_of_2(channels))),
-                           r=max(16, min(64, triton.next_power_of_2(hidden))), k=k)
+    def of(channels: int, hidden: int, config: LSTMConfig) -> "_LSTMBlocks":
+        # the interpreter is fastest with few, wide steps
+        k = 64 if INTERPRETED else config.block_k
+        return _LSTMBlocks(n=config.block_n, c=max(16, min(config.block_c, triton.next_power_of_2(channels))),
+                           r=max(16, min(config.block_r, triton.next_power_of_2(hidden))), k=k,
+                           num_warps=config.num_warps)
+
+    def forward_groups(self, channels: int, num_cells: int, config: LSTMConfig) -> int:
+        """Programs per sample tile in the forward: the gate columns split between them, each
+        recomputing the cheap reduced paths (~1/4 of a cell's work) for itself. Stacked cells need
+        all columns of a cell before the next one: one group."""
+        return 1 if num_cells > 1 else max(1, min(config.forward_groups, triton.cdiv(channels, self.c)))
 
     def kwargs(self):
-        # 8 warps: one CTA runs a whole sample tile, and with 4 warps the four gate accumulators and
-        # the FMA-dot operands spill (sm_90: 255 registers + 88-184 B of stack; see triton_aot.py)
-        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=8)
+        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=self.num_warps)
 
 
 @dataclass(frozen=True)
@@ -558,8 +608,9 @@ class _ScratchLayout:
     size: int = 0
 
     @staticmethod
-    def forward(channels: int, hidden: int, num_cells: int) -> "_ScratchLayout":
-        return _ScratchLayout(ru=0, vs=2 * hidden, size=2 * hidden + 2 * channels * (num_cells - 1))
+    def forward(channels: int, hidden: int, num_cells: int, groups: int) -> "_ScratchLayout":
+        ru_size = 2 * hidden * groups  # one slot per column group
+        return _ScratchLayout(ru=0, vs=ru_size, size=ru_size + 2 * channels * (num_cells - 1))
 
     @staticmethod
     def backward(channels: int, hidden: int, num_cells: int) -> "_ScratchLayout":
@@ -608,10 +659,11 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     block_c, block_hw = _map_blocks(channels, hw)
     _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
                                                       BLOCK_C=block_c, BLOCK_HW=block_hw)
-    blocks = _LSTMBlocks.of(channels, hidden)
-    layout = _ScratchLayout.forward(channels, hidden, num_cells)
+    blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
+    groups = blocks.forward_groups(channels, num_cells, LSTM_CONFIG)
+    layout = _ScratchLayout.forward(channels, hidden, num_cells, groups)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
-    _lstm_forward_kernel[(triton.cdiv(n, blocks.n),)](
+    _lstm_forward_kernel[(triton.cdiv(n, blocks.n), groups)](
         *_lstm_operands(pooled, h, c, weights, dropout_masks), h_new, c_new, scratch,
         n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
         NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
@@ -647,7 +699,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         _grad_attention_kernel[(n, triton.cdiv(channels, block_c))](
             grad_out, x, out, grad_a, grad_identity if identity_given else grad_a, channels, hw, *strides,
             RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
-        blocks = _LSTMBlocks.of(channels, hidden)
+        blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _lstm_backward_kernel[(triton.cdiv(n, blocks.n),)](

@@ -1,0 +1,25 @@
+"""The tuning harness runs end to end: on CPU under the Triton interpreter with a tiny shape (its
+timings mean nothing there), on a GPU through bench/gpu_session.sh with the real shapes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/tune_triton.py itself")
+def test_tuning_harness_smoke(tmp_path):
+    pytest.importorskip("triton")  # the harness runs its candidates under TRITON_INTERPRET=1 itself
+    out = tmp_path / "tune.json"
+    run = subprocess.run([sys.executable, os.path.join(HERE, "tune_triton.py"), "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    records = json.loads(out.read_text())
+    assert {r["config"] for r in records} == {"defaults", "forward_groups=1"}
+    assert all(r["ok"] and r["triton_forward_backward_ms"] > 0 for r in records)
+    assert "best over all shapes" in run.stdout

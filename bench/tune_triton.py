@@ -1,0 +1,145 @@
+"""Times launch configurations of the Triton backend's LSTM kernels on a GPU and checks each one
+against the float64 reference (tolerance rule of DESIGN section 4), to choose the defaults of
+`triton_dia_step.LSTMConfig` and the dot precision from measurements.
+
+    python bench/tune_triton.py --json tune.json                      # all candidates, all shapes
+    python bench/tune_triton.py --configs "" "block_n=32" --precisions ieee tf32x3
+    python bench/tune_triton.py --smoke                               # CPU: harness check only
+
+Every (configuration, precision) runs in its own process, because both are read when the kernel
+module is imported (DIA_FUSED_TRITON_LSTM, DIA_FUSED_TRITON_DOT_PRECISION). Reports, per shape,
+forward and forward+backward times of each candidate next to the eager reference, and the best
+candidate that passed the tolerance rule everywhere.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
+              "block_c=32,block_k=16,num_warps=4"]
+PRECISIONS = ["ieee", "tf32x3"]
+# (N, C, H, W, r): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64
+GPU_SHAPES = [(128, 64, 32, 32, 4), (128, 128, 16, 16, 4), (128, 256, 8, 8, 4),
+              (64, 256, 56, 56, 16), (64, 512, 28, 28, 16), (64, 1024, 14, 14, 16), (64, 2048, 7, 7, 16)]
+SMOKE_SHAPES = [(3, 24, 2, 2, 4)]
+
+
+def _time_ms(fn, on_gpu: bool) -> float:
+    if on_gpu:
+        import triton.testing
+        return triton.testing.do_bench(fn, warmup=25, rep=100)
+    fn()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def worker(shapes, with_reference: bool) -> None:
+    """Runs in the candidate's process: one JSON line per shape."""
+    import torch
+
+    from dia_fused import ops
+    from dia_fused.testing import compare_backend, random_step_inputs
+
+    on_gpu = torch.cuda.is_available()
+    device = "cuda" if on_gpu else "cpu"
+
+    def step_fn(backend):
+        def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
+            return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, backend)
+        return step
+
+    for n, c, hgt, wid, r in shapes:
+        record = {"shape": [n, c, hgt, wid], "reduction": r}
+        inputs = random_step_inputs(n, c, hgt, wid, reduction=r, device=device)
+        try:
+            errors = compare_backend(step_fn("triton"), inputs, torch.float32, relu=True)
+            record.update(ok=True, max_error=max(errors.values()))
+        except AssertionError as err:
+            record.update(ok=False, error=str(err)[:500])
+        backends = ["triton"] + (["reference"] if with_reference else [])
+        for backend in backends:
+            x, h, cst = (t.detach().clone() for t in inputs.args()[:3])
+            w = [t.detach().clone().requires_grad_() for t in inputs.weights]
+            identity = inputs.identity.detach().clone()
+            step = step_fn(backend)
+
+            def forward():
+                with torch.no_grad():
+                    step(x, h, cst, w, identity, True)
+
+            xg = x.clone().requires_grad_()
+
+            def forward_backward():
+                out, h1, c1 = step(xg, h, cst, w, identity, True)
+                torch.autograd.backward((out, h1, c1), (out.detach(), h1.detach(), c1.detach()))
+
+            record[f"{backend}_forward_ms"] = _time_ms(forward, on_gpu)
+            record[f"{backend}_forward_backward_ms"] = _time_ms(forward_backward, on_gpu)
+        print(json.dumps(record), flush=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="*", default=None, help="DIA_FUSED_TRITON_LSTM strings ('' = defaults)")
+    parser.add_argument("--precisions", nargs="*", default=None, choices=PRECISIONS)
+    parser.add_argument("--json", help="write every record to this file")
+    parser.add_argument("--smoke", action="store_true", help="tiny shape, two candidates (CPU harness check)")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--with-reference", action="store_true", help=argparse.SUPPRESS)
+    opts = parser.parse_args(argv)
+    shapes = SMOKE_SHAPES if opts.smoke else GPU_SHAPES
+    if opts.worker:
+        worker(shapes, opts.with_reference)
+        return 0
+    configs = opts.configs if opts.configs is not None else (["", "forward_groups=1"] if opts.smoke else CANDIDATES)
+    precisions = opts.precisions or (["ieee"] if opts.smoke else PRECISIONS)
+    records = []
+    first = True
+    for precision in precisions:
+        for config in configs:
+            env = dict(os.environ, DIA_FUSED_TRITON_LSTM=config, DIA_FUSED_TRITON_DOT_PRECISION=precision)
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--smoke"] if opts.smoke else []) \
+                + (["--with-reference"] if first else [])
+            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+            if run.returncode or not lines:
+                print(f"candidate {config!r} / {precision}: failed (exit {run.returncode})\n{run.stderr[-2000:]}",
+                      file=sys.stderr)
+            for line in lines:
+                line.update(config=config or "defaults", precision=precision)
+                records.append(line)
+            first = False
+    reference = {tuple(r["shape"]): r for r in records if "reference_forward_ms" in r}
+    print(f"{'shape':>18} {'candidate':>40} {'ok':>3} {'fwd ms':>8} {'x ref':>6} {'fwd+bwd ms':>10} {'x ref':>6}")
+    for r in records:
+        ref = reference.get(tuple(r["shape"]), {})
+        speed_f = ref.get("reference_forward_ms", float("nan")) / r["triton_forward_ms"]
+        speed_b = ref.get("reference_forward_backward_ms", float("nan")) / r["triton_forward_backward_ms"]
+        print(f"{'x'.join(map(str, r['shape'])):>18} {r['config'] + ' / ' + r['precision']:>40} "
+              f"{'yes' if r['ok'] else 'NO':>3} {r['triton_forward_ms']:8.4f} {speed_f:6.2f} "
+              f"{r['triton_forward_backward_ms']:10.4f} {speed_b:6.2f}")
+    passing = {}
+    for r in records:
+        passing.setdefault((r["config"], r["precision"]), []).append(r)
+    good = {k: v for k, v in passing.items() if all(r["ok"] for r in v) and len(v) == len(shapes)}
+    if good:
+        best = min(good, key=lambda k: sum(r["triton_forward_backward_ms"] for r in good[k]))
+        print(f"best over all shapes (sum of forward+backward times, tolerance rule met): {best[0]} / {best[1]}")
+    if opts.json:
+        with open(opts.json, "w") as f:
+            json.dump(records, f, indent=1)
+    return 0 if records else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
