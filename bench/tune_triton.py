@@ -22,7 +22,7 @@ import sys
 import time
 
 CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
-              "block_c=32,block_k=16,num_warps=4"]
+              "block_c=32,block_k=16,num_warps=4", "split_min=0", "split_min=1000000000"]
 PRECISIONS = ["ieee", "tf32x3"]
 # (N, C, H, W, r): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64
 GPU_SHAPES = [(128, 64, 32, 32, 4), (128, 128, 16, 16, 4), (128, 256, 8, 8, 4),

@@ -128,6 +128,7 @@ def _recording_aten(log):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_one_step_is_three_launches_forward_and_four_backward(monkeypatch, channels_last):
     from dia_fused.kernels import triton_dia_step
+    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig())
     log = _LaunchLog()
     for name in FORWARD_KERNELS + BACKWARD_KERNELS:
         monkeypatch.setattr(triton_dia_step, name, log.stub(name))
@@ -163,7 +164,8 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
 
 
 @pytest.mark.parametrize("config", ["block_n=32,forward_groups=1", "block_c=16,block_r=16,forward_groups=3",
-                                    "block_k=16,num_warps=4,forward_groups=8"])
+                                    "block_k=16,num_warps=4,forward_groups=8",
+                                    "split_min=0", "split_min=0,block_c=16,block_r=16,block_n=32"])
 def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
     from dia_fused.kernels import triton_dia_step
     monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig.from_env(config))
@@ -178,3 +180,31 @@ def test_bad_lstm_configuration_is_named(text, words):
     with pytest.raises(ValueError, match="DIA_FUSED_TRITON_LSTM") as info:
         triton_dia_step.LSTMConfig.from_env(text)
     assert words in str(info.value)
+
+
+def test_split_path_launches(monkeypatch):
+    # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4 launches);
+    # backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7 launches)
+    from dia_fused.kernels import triton_dia_step
+    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig(split_min=0))
+    log = _LaunchLog()
+    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
+        monkeypatch.setattr(triton_dia_step, name, log.stub(name))
+    inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE)
+    out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
+    assert log.kernels == ["_pool_kernel", "_lstm_forward_kernel", "_lstm_forward_kernel", "_scale_kernel"]
+    log.kernels.clear()
+    triton_dia_step.backward(torch.empty_like(out), None, None, inputs.x, out, pooled, inputs.h, inputs.c,
+                             inputs.weights, True, True, "sigmoid", None)
+    assert log.kernels == ["_grad_attention_kernel", "_lstm_forward_kernel"] + ["_lstm_backward_kernel"] * 3 + \
+        ["_weight_grad_kernel", "_grad_input_kernel"]
+
+
+@pytest.mark.parametrize("activation", reference.CELL_ACTIVATIONS)
+def test_split_path_matches_the_reference(monkeypatch, activation):
+    from dia_fused.kernels import triton_dia_step
+    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig(split_min=0, block_c=16))
+    inputs = random_step_inputs(18, 40, 2, 3, reduction=2, device=DEVICE, seed=11)  # 3 column, 2 R parts
+    compare_backend(triton_step, inputs, torch.float32, relu=True, activation=activation)
+    stacked = random_step_inputs(3, 16, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=12)
+    compare_backend(triton_step, stacked, torch.float32, relu=True, activation=activation)  # stays fused

@@ -40,13 +40,17 @@ def captured_launches():
             return lambda *args, **constexprs: launches.append((self.kernel, args, constexprs))
 
     kernels = {name: getattr(T, name) for name in dir(T) if name.endswith("_kernel")}
+    config = T.LSTM_CONFIG
     for name, kernel in kernels.items():
         setattr(T, name, Recorder(kernel))
     try:
-        cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False),
-                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False),
-                 dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True)]
+        fused, split = T.LSTMConfig(), T.LSTMConfig(split_min=0)
+        cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False, config=fused),
+                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False, config=fused),
+                 dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused),
+                 dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split)]
         for case in cases:
+            T.LSTM_CONFIG = case["config"]
             inputs = random_step_inputs(4, 40, 3, 3, reduction=4, num_cells=case["num_cells"],
                                         dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
                                         identity=case["identity"]).to(case["dtype"])
@@ -56,6 +60,7 @@ def captured_launches():
             T.backward(torch.zeros_like(out), grad_h, grad_h, inputs.x, out, pooled, inputs.h, inputs.c,
                        inputs.weights, case["identity"], case["relu"], "tanh", inputs.dropout_masks)
     finally:
+        T.LSTM_CONFIG = config
         for name, kernel in kernels.items():
             setattr(T, name, kernel)
     return launches

@@ -1,7 +1,7 @@
 """Triton backend of the DIA-LSTM step: `forward` / `backward` of the kernel host-wrapper contract
 (shared with the CUDA backend; ops.py wraps both in the same custom ops).
 
-Launches per step (any number of stacked cells; N, C, H*W of any size):
+Launches per step on the fused path (any number of stacked cells; N, C, H*W of any size):
 
     forward   1. pool            s = mean_HW x                                   reads x once
               2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples
@@ -11,6 +11,13 @@ Launches per step (any number of stacked cells; N, C, H*W of any size):
               3. weight grads    dW = D^T V over all samples (one program per output tile:
                                  deterministic, no atomics), biases = column sums of D
               4. grad input      dx = z * a + ds / HW                            reads grad_out (+ out)
+
+That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
+with C * C/r >= LSTMConfig.split_min (ImageNet stages 3-4 by default) take the split path instead,
+where each LSTM phase is its own launch spread over GEMM-like grids (sample tiles x reduced-width or
+channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates and
+their gradients, du, ds and dh0, weight grads, grad input (7). One program per sample tile would run
+all of a large unit's matmuls on a handful of SMs.
 
 The small LSTM runs in fp32 whatever the input dtype (the recurrent state is fp32 for fp32 and half
 inputs); its matmuls use `tl.dot` with IEEE fp32 precision (no TF32), so the numbers follow the
@@ -42,6 +49,8 @@ ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}
 # IEEE fp32 FMA dots follow the fp32 reference; "tf32x3" (tensor cores, ~fp32 accuracy) is for tuning
 # on a GPU (bench/tune_triton.py): read once at import, the kernels see it as a compile-time constant
 DOT_PRECISION = tl.constexpr(os.environ.get("DIA_FUSED_TRITON_DOT_PRECISION", "ieee"))
+# phases of the LSTM kernels (constexpr PHASE): the fused step, or one launch of the split path
+PHASE_FUSED, PHASE_REDUCED, PHASE_GATES, PHASE_REDUCED_GRAD, PHASE_INPUT_GRAD = (tl.constexpr(i) for i in range(5))
 CELL0_JOBS = 4  # weight-gradient matmuls of cell 0: wih1, wih2, whh1, whh2 (each with its bias)
 STACKED_CELL_JOBS = 2  # per stacked cell: wih, whh
 
@@ -246,7 +255,9 @@ def _gate_tile(
 @triton.jit
 def _cells_forward_tile(
     tile,  # index of this program's block of BLOCK_N samples
-    group, num_groups,  # this program computes gate column chunks group, group + num_groups, ... (1 cell)
+    u_part, u_parts,  # this program computes reduced-width chunks u_part, u_part + u_parts, ... (if DO_U)
+    gate_part, gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
+    ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into their own
     pooled_ptr,  # (N, C) fp32
     h_ptr, c_ptr,  # (L, N, C) state dtype, contiguous: previous state
     wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr,  # cell 0 ih path: (R, C), (R,), (4C, R), (4C,)
@@ -256,81 +267,83 @@ def _cells_forward_tile(
     h_new_ptr, c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
     scratch_ptr,  # (N, S) fp32 workspace
     N, C, R, S,  # samples, channels, reduced width C/r, scratch row length
-    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); group g at + 2R g
+    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); slot k at + 2R k
     off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
     off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
     off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written if SAVE
     NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr, SAVE: tl.constexpr,
+    DO_U: tl.constexpr, DO_GATES: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs."""
+    """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs.
+    DO_U / DO_GATES select the phases (both: the fused step; one: a launch of the split path)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scratch_rows = scratch_ptr + rows[:, None] * S
-    off_ru = off_ru + group * 2 * R  # every column group recomputes u into its own slot: no sharing
-    # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
-    for r0 in range(0, R, BLOCK_R):
-        rs = r0 + tl.arange(0, BLOCK_R)
-        r_mask = rs < R
-        rr_mask = row_mask[:, None] & r_mask[None, :]
-        u_ih = _linear_tile(pooled_ptr, C, wih1_ptr, bih1_ptr, rows, row_mask, rs, r_mask, C,
-                            BLOCK_N, BLOCK_R, BLOCK_K)
-        u_hh = _linear_tile(h_ptr, C, whh1_ptr, bhh1_ptr, rows, row_mask, rs, r_mask, C, BLOCK_N, BLOCK_R, BLOCK_K)
-        tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
-        tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
-    if SAVE:  # the V operands of cell 0's weight gradients
-        for col0 in range(0, C, BLOCK_C):
-            cs = col0 + tl.arange(0, BLOCK_C)
-            m = row_mask[:, None] & (cs < C)[None, :]
-            nc = rows[:, None] * C + cs[None, :]
-            tl.store(scratch_rows + off_v0 + cs[None, :], tl.load(pooled_ptr + nc, mask=m), mask=m)
-            tl.store(scratch_rows + off_v0 + C + cs[None, :], tl.load(h_ptr + nc, mask=m).to(tl.float32), mask=m)
-    tl.debug_barrier()  # scratch written above is read by other threads of this program below
-    for cell in tl.static_range(NUM_CELLS):
-        if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
-            a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
-            a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr, R
-        else:  # gates = Wih input + bih + Whh h[cell] + bhh
-            cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
-            a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_vs + (cell - 1) * 2 * C, cell_w, cell_w + 4 * C * C, C
-            a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
-            w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
-        for col0 in range(group * BLOCK_C, C, num_groups * BLOCK_C):
-            cs = col0 + tl.arange(0, BLOCK_C)
-            c_mask = cs < C
-            m = row_mask[:, None] & c_mask[None, :]
-            nc = cell * N * C + rows[:, None] * C + cs[None, :]
-            gate_i = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                rows, row_mask, cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
-            gate_f = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
-            gate_g = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                rows, row_mask, 2 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
-            gate_o = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                rows, row_mask, 3 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
-            c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
-            c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
-            act, _ = _activation_and_grad(c_new, ACTIVATION)
-            h_new = tl.sigmoid(gate_o) * act
-            if not SAVE:
-                tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
-                tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
-            elif cell == NUM_CELLS - 1:  # the backward's recomputation keeps only the attention
-                tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
-            if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy for the weight gradients
-                nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
-                if HAS_MASKS:
-                    h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(tl.float32)
-                tl.store(nxt, h_new, mask=m)
+    off_ru = off_ru + ru_slot * 2 * R
+    if DO_U:  # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
+        for r0 in range(u_part * BLOCK_R, R, u_parts * BLOCK_R):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = rs < R
+            rr_mask = row_mask[:, None] & r_mask[None, :]
+            u_ih = _linear_tile(pooled_ptr, C, wih1_ptr, bih1_ptr, rows, row_mask, rs, r_mask, C,
+                                BLOCK_N, BLOCK_R, BLOCK_K)
+            u_hh = _linear_tile(h_ptr, C, whh1_ptr, bhh1_ptr, rows, row_mask, rs, r_mask, C,
+                                BLOCK_N, BLOCK_R, BLOCK_K)
+            tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
+            tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
+        if DO_GATES:
+            tl.debug_barrier()  # relu(u) written above is read by other threads of this program below
+    if DO_GATES:
+        for cell in tl.static_range(NUM_CELLS):
+            if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
+                a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
+                a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr, R
+            else:  # gates = Wih input + bih + Whh h[cell] + bhh
+                cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
+                a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_vs + (cell - 1) * 2 * C, cell_w, cell_w + 4 * C * C, C
+                a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
+                w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
+            for col0 in range(gate_part * BLOCK_C, C, gate_parts * BLOCK_C):
+                cs = col0 + tl.arange(0, BLOCK_C)
+                c_mask = cs < C
+                m = row_mask[:, None] & c_mask[None, :]
+                nc = cell * N * C + rows[:, None] * C + cs[None, :]
+                if SAVE and cell == 0:  # the V operands of cell 0's weight gradients: pooled, h[0]
+                    tl.store(scratch_rows + off_v0 + cs[None, :], tl.load(pooled_ptr + nc, mask=m), mask=m)
+                    tl.store(scratch_rows + off_v0 + C + cs[None, :], tl.load(h_ptr + nc, mask=m).to(tl.float32),
+                             mask=m)
+                gate_i = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                    rows, row_mask, cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+                gate_f = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                    rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+                gate_g = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                    rows, row_mask, 2 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+                gate_o = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
+                                    rows, row_mask, 3 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K)
+                c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
+                c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
+                act, _ = _activation_and_grad(c_new, ACTIVATION)
+                h_new = tl.sigmoid(gate_o) * act
+                if not SAVE:
+                    tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
+                    tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
+                elif cell == NUM_CELLS - 1:  # the backward's recomputation keeps only the attention
+                    tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
+                if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy for the weight gradients
+                    nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
+                    if HAS_MASKS:
+                        h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(tl.float32)
+                    tl.store(nxt, h_new, mask=m)
+                    if SAVE:
+                        tl.store(nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m)
                 if SAVE:
-                    tl.store(nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m)
-            if SAVE:
-                gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
-                tl.store(gates, gate_i, mask=m)
-                tl.store(gates + C, gate_f, mask=m)
-                tl.store(gates + 2 * C, gate_g, mask=m)
-                tl.store(gates + 3 * C, gate_o, mask=m)
-        tl.debug_barrier()
+                    gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
+                    tl.store(gates, gate_i, mask=m)
+                    tl.store(gates + C, gate_f, mask=m)
+                    tl.store(gates + 2 * C, gate_g, mask=m)
+                    tl.store(gates + 3 * C, gate_o, mask=m)
+            tl.debug_barrier()
 
 
 @triton.jit
@@ -340,13 +353,24 @@ def _lstm_forward_kernel(
     h_new_ptr, c_new_ptr, scratch_ptr,
     N, C, R, S, off_ru, off_v0, off_vs, off_gates,  # see _cells_forward_tile
     NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
+    PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own slot;
+    # REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading relu(u)
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    _cells_forward_tile(tl.program_id(0), tl.program_id(1), tl.num_programs(1), pooled_ptr, h_ptr, c_ptr,
-                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                        stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
-                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                        NUM_CELLS, ACTIVATION, HAS_MASKS, False, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+    part, parts = tl.program_id(1), tl.num_programs(1)
+    if PHASE == PHASE_FUSED:
+        _cells_forward_tile(tl.program_id(0), 0, 1, part, parts, part, pooled_ptr, h_ptr, c_ptr,
+                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                            stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
+                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                            NUM_CELLS, ACTIVATION, HAS_MASKS, False, True, True, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+    else:
+        _cells_forward_tile(tl.program_id(0), part, parts, part, parts, 0, pooled_ptr, h_ptr, c_ptr,
+                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                            stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
+                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                            NUM_CELLS, ACTIVATION, HAS_MASKS, False, PHASE == PHASE_REDUCED, PHASE == PHASE_GATES,
+                            BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
@@ -365,21 +389,31 @@ def _lstm_backward_kernel(
     off_carry,  # scratch column (C) of the gradient flowing into cell l-1's output from cell l
     NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
     HAS_GRAD_H: tl.constexpr, HAS_GRAD_C: tl.constexpr,
+    PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in scratch
+    # from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed gates and
+    # their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column parts): ds, dh0
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    _cells_forward_tile(tile, 0, 1, pooled_ptr, h_ptr, c_ptr,
-                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                        stacked_ptr, masks_ptr, attention_ptr, attention_ptr, scratch_ptr,
-                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                        NUM_CELLS, ACTIVATION, HAS_MASKS, True, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+    if PHASE == PHASE_FUSED:
+        part, parts = 0, 1
+    else:
+        part, parts = tl.program_id(1), tl.num_programs(1)
+    if PHASE == PHASE_FUSED or PHASE == PHASE_GATES:
+        _cells_forward_tile(tile, 0, 1, part, parts, 0, pooled_ptr, h_ptr, c_ptr,
+                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                            stacked_ptr, masks_ptr, attention_ptr, attention_ptr, scratch_ptr,
+                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                            NUM_CELLS, ACTIVATION, HAS_MASKS, True, PHASE == PHASE_FUSED, True,
+                            BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scratch_rows = scratch_ptr + rows[:, None] * S
     for step in tl.static_range(NUM_CELLS):
         cell = NUM_CELLS - 1 - step
         # pointwise LSTM backward: gate gradients of this cell, and dc_prev
-        for col0 in range(0, C, BLOCK_C):
+        for col0 in range(part * BLOCK_C, C if PHASE == PHASE_FUSED or PHASE == PHASE_GATES else 0,
+                          parts * BLOCK_C):
             cs = col0 + tl.arange(0, BLOCK_C)
             m = row_mask[:, None] & (cs < C)[None, :]
             nc = cell * N * C + rows[:, None] * C + cs[None, :]
@@ -426,7 +460,8 @@ def _lstm_backward_kernel(
                 tl.store(scratch_rows + off_carry + cs[None, :], grad_input, mask=m)
             tl.debug_barrier()
         else:  # the reduced paths: du = (dgates W2) * relu'(u); ds = du_ih Wih1; dh0 = du_hh Whh1
-            for r0 in range(0, R, BLOCK_R):
+            for r0 in range(part * BLOCK_R, R if PHASE == PHASE_FUSED or PHASE == PHASE_REDUCED_GRAD else 0,
+                            parts * BLOCK_R):
                 rs = r0 + tl.arange(0, BLOCK_R)
                 r_mask = rs < R
                 rr_mask = row_mask[:, None] & r_mask[None, :]
@@ -439,7 +474,8 @@ def _lstm_backward_kernel(
                 tl.store(scratch_rows + off_du + rs[None, :], tl.where(ru_ih > 0, du_ih, 0.0), mask=rr_mask)
                 tl.store(scratch_rows + off_du + R + rs[None, :], tl.where(ru_hh > 0, du_hh, 0.0), mask=rr_mask)
             tl.debug_barrier()
-            for col0 in range(0, C, BLOCK_C):
+            for col0 in range(part * BLOCK_C, C if PHASE == PHASE_FUSED or PHASE == PHASE_INPUT_GRAD else 0,
+                              parts * BLOCK_C):
                 cs = col0 + tl.arange(0, BLOCK_C)
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
@@ -530,7 +566,8 @@ class LSTMConfig:
     block_r: int = 64  # most reduced-width columns per tile
     block_k: int = 32  # reduction step of the matmuls
     num_warps: int = 8  # 4 warps spill on sm_90 (255 registers + 88-184 B of stack)
-    forward_groups: int = 4  # most column groups of the one-cell forward (programs per sample tile)
+    forward_groups: int = 4  # most column groups of the one-cell fused forward (programs per sample tile)
+    split_min: int = 65536  # one-cell steps with C * C/r at least this take the split path (GEMM-like grids)
 
     @staticmethod
     def from_env(text: Optional[str]) -> "LSTMConfig":
@@ -622,6 +659,15 @@ class _ScratchLayout:
                               size=carry + channels)
 
 
+_PHASE = tuple(p.value for p in (PHASE_FUSED, PHASE_REDUCED, PHASE_GATES, PHASE_REDUCED_GRAD, PHASE_INPUT_GRAD))
+
+
+def _split_path(channels: int, hidden: int, num_cells: int) -> bool:
+    """Large one-cell steps run the LSTM as several GEMM-like launches (every phase spread over the
+    reduced-width or channel chunks) instead of one program per sample tile doing all of it."""
+    return num_cells == 1 and channels * hidden >= LSTM_CONFIG.split_min
+
+
 def _like_x(x: Tensor) -> Tensor:
     return torch.empty_like(x)  # keeps x's layout (contiguous or channels_last)
 
@@ -660,14 +706,20 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
                                                       BLOCK_C=block_c, BLOCK_HW=block_hw)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
-    groups = blocks.forward_groups(channels, num_cells, LSTM_CONFIG)
+    tiles = triton.cdiv(n, blocks.n)
+    split = _split_path(channels, hidden, num_cells)
+    groups = 1 if split else blocks.forward_groups(channels, num_cells, LSTM_CONFIG)
     layout = _ScratchLayout.forward(channels, hidden, num_cells, groups)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
-    _lstm_forward_kernel[(triton.cdiv(n, blocks.n), groups)](
-        *_lstm_operands(pooled, h, c, weights, dropout_masks), h_new, c_new, scratch,
-        n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
-        NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
-        **blocks.kwargs())
+    operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
+    phases = ([(_PHASE[1], triton.cdiv(hidden, blocks.r)), (_PHASE[2], triton.cdiv(channels, blocks.c))]
+              if split else [(_PHASE[0], groups)])
+    for phase, parts in phases:
+        _lstm_forward_kernel[(tiles, parts)](
+            *operands, h_new, c_new, scratch,
+            n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
+            NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
+            PHASE=phase, **blocks.kwargs())
     idt = identity if identity is not None else x
     grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
     _scale_kernel[grid](x, h_new[-1], idt, out, channels, hw, *strides, *_map_strides(idt),
@@ -702,15 +754,27 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        _lstm_backward_kernel[(triton.cdiv(n, blocks.n),)](
-            *_lstm_operands(pooled, h, c, weights, dropout_masks), scratch, grad_a,
-            grad_a if grad_h_new is None else grad_h_new.contiguous(),
-            grad_a if grad_c_new is None else grad_c_new.contiguous(),
-            grad_pooled, attention, grad_h, grad_c,
-            n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
-            layout.du, layout.dgates, layout.carry,
-            NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
-            HAS_GRAD_H=grad_h_new is not None, HAS_GRAD_C=grad_c_new is not None, **blocks.kwargs())
+        tiles = triton.cdiv(n, blocks.n)
+        operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
+        options = dict(NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation],
+                       HAS_MASKS=dropout_masks is not None, **blocks.kwargs())
+        r_parts, c_parts = triton.cdiv(hidden, blocks.r), triton.cdiv(channels, blocks.c)
+        if _split_path(channels, hidden, num_cells):  # relu(u) first, by the forward kernel's phase
+            _lstm_forward_kernel[(tiles, r_parts)](
+                *operands, grad_a, grad_a, scratch, n, channels, hidden, layout.size, layout.ru, layout.v0,
+                layout.vs, layout.gates, PHASE=_PHASE[1], **options)
+            phases = [(_PHASE[2], c_parts), (_PHASE[3], r_parts), (_PHASE[4], c_parts)]
+        else:
+            phases = [(_PHASE[0], 1)]
+        for phase, parts in phases:
+            _lstm_backward_kernel[(tiles, parts)](
+                *operands, scratch, grad_a,
+                grad_a if grad_h_new is None else grad_h_new.contiguous(),
+                grad_a if grad_c_new is None else grad_c_new.contiguous(),
+                grad_pooled, attention, grad_h, grad_c,
+                n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
+                layout.du, layout.dgates, layout.carry,
+                HAS_GRAD_H=grad_h_new is not None, HAS_GRAD_C=grad_c_new is not None, PHASE=phase, **options)
     # over an empty batch this writes zeros: the gradient of a sum over no samples
     wg_m, wg_k, wg_n = (64, 64, 64) if INTERPRETED else (64, 64, 32)
     jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
