@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
 #   bash bench/gpu_session.sh bench   # pytest bench/ (step microbenchmarks) + bench/model_bench.py
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
+#   bash bench/gpu_session.sh train   # DIA-ResNet-164 through the training CLI, each backend: images/s
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
 # pytest-benchmark JSON, model_bench JSON and env.txt (device, driver, versions, date). Copy the
@@ -54,8 +55,15 @@ bench)
 tune)
     timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
     ;;
+train)
+    for backend in reference triton cuda; do
+        timeout 170 python3 -m dia_fused.train --preset resnet164 -d synthetic --synthetic-size 12800 --epochs 1 \
+            --max-steps 60 --backend "$backend" -c "$OUT/train_$backend" > "$OUT/train_$backend.log" 2>&1
+        echo "$backend: exit $? $(grep -o '[0-9.]* train images/s' "$OUT/train_$backend.log" | tail -1)"
+    done
+    ;;
 *)
-    echo "usage: $0 tests|bench|tune" >&2
+    echo "usage: $0 tests|bench|tune|train" >&2
     exit 2
     ;;
 esac

@@ -22,8 +22,8 @@ from dia_fused.train import checkpoint as ckpt_io
 from dia_fused.train.cli import main, parse_args
 from dia_fused.train.data import (CIFAR_MEAN, CIFAR_STD, BatchStream, DatasetError,
                                   DatasetNotFoundError, ImageSet, crop_and_flip, load_cifar,
-                                  normalize, write_cifar_directory)
-from dia_fused.train.loop import learning_rate
+                                  normalize, synthetic_dataset, write_cifar_directory)
+from dia_fused.train.loop import THROUGHPUT_WARMUP_STEPS, learning_rate, train_epoch
 from dia_fused.train.modelspec import build_model, model_spec
 from dia_fused.train.presets import PRESETS
 
@@ -163,6 +163,22 @@ def test_batch_stream_is_a_function_of_seed_and_epoch_and_shards_like_distribute
     assert torch.equal(x, normalize(data.images[y]))
     with pytest.raises(ValueError, match="multiple of the number of processes"):
         BatchStream(data, 5, train=True, augment=False, seed=0, world_size=2)
+
+
+def test_throughput_excludes_the_warm_up_steps():
+    from dia_fused.train.distributed import Context
+    train, _ = synthetic_dataset(20, 1, num_classes=4)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    long = train_epoch(model, BatchStream(train, 2, train=True, augment=False, seed=0), 0, opt,
+                       torch.nn.CrossEntropyLoss(), ctx)
+    assert long.images == 20 and long.steady_images == 20 - 2 * THROUGHPUT_WARMUP_STEPS
+    assert 0 < long.steady_seconds <= long.seconds
+    assert long.images_per_s == long.steady_images / long.steady_seconds
+    short = train_epoch(model, BatchStream(train, 10, train=True, augment=False, seed=0), 0, opt,
+                        torch.nn.CrossEntropyLoss(), ctx)  # 2 steps: too short to leave warm-up out
+    assert short.steady_images == 0 and short.images_per_s == short.images / short.seconds
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,15 +32,25 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+# the first steps of a run compile kernels (Triton, the CUDA extension's lazy loading) and warm the
+# allocator: throughput is measured after them when the epoch is long enough
+THROUGHPUT_WARMUP_STEPS = 3
+
+
 @dataclass
 class EpochResult:
     loss: float
     acc: float  # top-1, percent
     images: int  # over all processes
     seconds: float
+    steady_images: int = 0  # over all processes, after the warm-up steps (0: epoch too short)
+    steady_seconds: float = 0.0
 
     @property
     def images_per_s(self) -> float:
+        """Throughput after the warm-up steps, or over the whole epoch when it is too short."""
+        if self.steady_images and self.steady_seconds > 0:
+            return self.steady_images / self.steady_seconds
         return self.images / self.seconds if self.seconds > 0 else float("nan")
 
 
@@ -72,7 +82,14 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
                dynamic_ncols=True)
     _sync(device)
     start = time.perf_counter()
+    steady_start, steady_images = None, 0
+    measure_steady = len(stream) >= 2 * THROUGHPUT_WARMUP_STEPS
     for step, (inputs, targets) in enumerate(stream.epoch(epoch)):
+        if measure_steady and step == THROUGHPUT_WARMUP_STEPS:
+            _sync(device)
+            steady_start = time.perf_counter()
+        if steady_start is not None:
+            steady_images += targets.shape[0]
         with _autocast(device, amp_dtype):
             logits = model(inputs)
             loss = criterion(logits, targets)
@@ -94,9 +111,12 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
             loss_sum, correct, count = totals.tolist()  # host sync, only for the bar
             bar.set_postfix(loss=f"{loss_sum / count:.4f}", top1=f"{100 * correct / count:.2f}")
     _sync(device)
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
     bar.close()
-    return _result(ctx, totals, seconds)
+    result = _result(ctx, totals, end - start)
+    if steady_start is not None:  # equal shards: every process ran as many steady images
+        result.steady_images, result.steady_seconds = steady_images * ctx.world_size, end - steady_start
+    return result
 
 
 @torch.no_grad()
