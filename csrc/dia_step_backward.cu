@@ -241,31 +241,18 @@ struct GateBackwardParams {
 // grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): recomputes the gates of a tile
 // of samples x 8 channels, then the pointwise backward in the epilogue.
 __global__ void __launch_bounds__(GemmTile::kThreads) gate_backward_kernel(const GateBackwardParams p) {
-  __shared__ GemmSmem smem;
   const int C = p.channels;
-  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
-  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  float acc[GemmTile::kTM][GemmTile::kTN];
-  expansion_tile(acc, p.weights, p.hidden_in, p.n, C, p.hidden, m0, n0, smem);
-  const int c = n0 / 4 + gemm_thread_col();
-  if (c >= C) return;
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-    if (m >= p.n) continue;
+  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
-    float gate[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) gate[q] = acc[i][q] + p.weights.bih2[q * C + c] + p.weights.bhh2[q * C + c];
     const float grad_h = (p.grad_h_new != nullptr ? p.grad_h_new[at] : 0.0f) +
                          (p.grad_h_extra != nullptr ? p.grad_h_extra[at] : 0.0f);
     const float grad_c = p.grad_c_new != nullptr ? p.grad_c_new[at] : 0.0f;
     float h;
-    p.grad_c0[at] = lstm_cell_backward(gate, p.c0[at], grad_h, grad_c, p.activation, &h);
+    p.grad_c0[at] = lstm_cell_backward(gate, p.c0[at], grad_h, grad_c, p.activation, &h);  // gate -> grads
     p.h_new[at] = h;
 #pragma unroll
     for (int q = 0; q < 4; ++q) p.grad_gates[static_cast<int64_t>(m) * 4 * C + q * C + c] = gate[q];
-  }
+  });
 }
 
 struct HiddenGradParams {
@@ -289,18 +276,10 @@ __global__ void __launch_bounds__(GemmTile::kThreads) hidden_grad_kernel(const H
   gemm_zero(acc);
   gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.hidden, 4 * p.channels, smem);
   const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-#pragma unroll
-    for (int j = 0; j < GemmTile::kTN; ++j) {
-      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
-      if (m < p.n && col < p.hidden) {
-        const int64_t at = path + static_cast<int64_t>(m) * p.hidden + col;
-        p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? acc[i][j] : 0.0f;
-      }
-    }
-  }
+  gemm_tile_store(acc, m0, n0, p.n, p.hidden, [&](int m, int col, float v) {
+    const int64_t at = path + static_cast<int64_t>(m) * p.hidden + col;
+    p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? v : 0.0f;
+  });
 }
 
 struct InputGradParams {
@@ -324,22 +303,14 @@ __global__ void __launch_bounds__(GemmTile::kThreads) input_grad_kernel(const In
   gemm_zero(acc);
   gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.channels, p.hidden, smem);
   const float inv_hw = 1.0f / static_cast<float>(p.hw);
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-#pragma unroll
-    for (int j = 0; j < GemmTile::kTN; ++j) {
-      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
-      if (m < p.n && col < p.channels) {
-        const int64_t at = static_cast<int64_t>(m) * p.channels + col;
-        if (hh) {
-          p.grad_h0[at] = acc[i][j];
-        } else {
-          p.grad_pooled_over_hw[at] = acc[i][j] * inv_hw;
-        }
-      }
+  gemm_tile_store(acc, m0, n0, p.n, p.channels, [&](int m, int col, float v) {
+    const int64_t at = static_cast<int64_t>(m) * p.channels + col;
+    if (hh) {
+      p.grad_h0[at] = v;
+    } else {
+      p.grad_pooled_over_hw[at] = v * inv_hw;
     }
-  }
+  });
 }
 
 // One weight-grad GEMM: W[m, j] = sum_s A[s, m] * B[s, j] for j < cols, bias[m] = sum_s A[s, m].
@@ -376,20 +347,14 @@ __global__ void __launch_bounds__(GemmTile::kThreads) weight_grad_kernel(const W
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
   gemm_tile_accumulate<false, false>(acc, a, b, m0, n0, problem.rows, problem.cols + 1, p.n, smem);
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-#pragma unroll
-    for (int j = 0; j < GemmTile::kTN; ++j) {
-      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
-      if (m >= problem.rows || col > problem.cols) continue;
-      if (col < problem.cols) {
-        problem.weight[static_cast<int64_t>(m) * problem.cols + col] = acc[i][j];
-      } else {
-        problem.bias[m] = acc[i][j];
-      }
+  // column `cols` is the virtual column of ones: its sums are the bias gradient
+  gemm_tile_store(acc, m0, n0, problem.rows, problem.cols + 1, [&](int m, int col, float v) {
+    if (col < problem.cols) {
+      problem.weight[static_cast<int64_t>(m) * problem.cols + col] = v;
+    } else {
+      problem.bias[m] = v;
     }
-  }
+  });
 }
 
 cudaError_t launch_weight_grads(int n, int channels, int hidden, const float* pooled,

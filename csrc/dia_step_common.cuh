@@ -556,6 +556,49 @@ __device__ __forceinline__ void expansion_tile(float (&acc)[GemmTile::kTM][GemmT
                                    4 * channels, hidden_size, smem);
 }
 
+// The epilogue of the gate kernels (grid (ceil(4C / kN), ceil(N / kM)), block GemmTile::kThreads):
+// recomputes the cell-0 gates of this block's tile, biases included, and calls
+// fn(m, c, gate) (float (&)[4], i f g o) for every sample m and channel c of this thread.
+template <class Fn>
+__device__ __forceinline__ void for_each_cell0_gates(const Cell0Weights& w,
+                                                     const float* hidden,  // (2, N, R) relu(u)
+                                                     int n, int channels, int hidden_size,
+                                                     const Fn& fn) {
+  __shared__ GemmSmem smem;
+  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
+  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
+  float acc[GemmTile::kTM][GemmTile::kTN];
+  expansion_tile(acc, w, hidden, n, channels, hidden_size, m0, n0, smem);
+  const int c = n0 / 4 + gemm_thread_col();
+  if (c >= channels) return;
+#pragma unroll
+  for (int i = 0; i < GemmTile::kTM; ++i) {
+    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
+    if (m >= n) continue;
+    float gate[4];
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      gate[q] = acc[i][q] + w.bih2[q * channels + c] + w.bhh2[q * channels + c];
+    fn(m, c, gate);
+  }
+}
+
+// Calls store(m, col, value) for every element of this thread's GEMM tile inside [0, rows) x [0, cols).
+template <class Store>
+__device__ __forceinline__ void gemm_tile_store(const float (&acc)[GemmTile::kTM][GemmTile::kTN],
+                                                int m0, int n0, int rows, int cols,
+                                                const Store& store) {
+#pragma unroll
+  for (int i = 0; i < GemmTile::kTM; ++i) {
+    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
+#pragma unroll
+    for (int j = 0; j < GemmTile::kTN; ++j) {
+      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
+      if (m < rows && col < cols) store(m, col, acc[i][j]);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Per-sample cell-0 pieces of the one-block-per-sample kernels (vectors in shared memory)
 // ---------------------------------------------------------------------------------------------

@@ -152,25 +152,13 @@ struct GateForwardParams {
 // grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): a tile of samples x 8 channels,
 // all 4 gates, then the pointwise LSTM in the epilogue.
 __global__ void __launch_bounds__(GemmTile::kThreads) gate_forward_kernel(const GateForwardParams p) {
-  __shared__ GemmSmem smem;
   const int C = p.channels;
-  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
-  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  float acc[GemmTile::kTM][GemmTile::kTN];
-  expansion_tile(acc, p.weights, p.hidden_in, p.n, C, p.hidden, m0, n0, smem);
-  const int c = n0 / 4 + gemm_thread_col();
-  if (c >= C) return;
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-    if (m >= p.n) continue;
-    float gate[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q) gate[q] = acc[i][q] + p.weights.bih2[q * C + c] + p.weights.bhh2[q * C + c];
-    const CellState s = lstm_cell_forward(gate, p.c0[static_cast<int64_t>(m) * C + c], p.activation);
-    p.h_new[static_cast<int64_t>(m) * C + c] = s.h;
-    p.c_new[static_cast<int64_t>(m) * C + c] = s.c;
-  }
+  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
+    const int64_t at = static_cast<int64_t>(m) * C + c;
+    const CellState s = lstm_cell_forward(gate, p.c0[at], p.activation);
+    p.h_new[at] = s.h;
+    p.c_new[at] = s.c;
+  });
 }
 
 }  // namespace
@@ -196,16 +184,9 @@ __global__ void __launch_bounds__(GemmTile::kThreads) reduced_linear_kernel(cons
   gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, p.channels, smem);
   const float* bias = hh ? p.weights.bhh1 : p.weights.bih1;
   float* out = p.hidden_out + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0);
-#pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-#pragma unroll
-    for (int j = 0; j < GemmTile::kTN; ++j) {
-      const int col = n0 + gemm_thread_col() * GemmTile::kTN + j;
-      if (m < p.n && col < p.hidden)
-        out[static_cast<int64_t>(m) * p.hidden + col] = fmaxf(acc[i][j] + bias[col], 0.0f);
-    }
-  }
+  gemm_tile_store(acc, m0, n0, p.n, p.hidden, [&](int m, int col, float v) {
+    out[static_cast<int64_t>(m) * p.hidden + col] = fmaxf(v + bias[col], 0.0f);
+  });
 }
 
 cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* pooled,
