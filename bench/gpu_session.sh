@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
 #   bash bench/gpu_session.sh bench   # pytest bench/ (step microbenchmarks) + bench/model_bench.py
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
-#   bash bench/gpu_session.sh train   # DIA-ResNet-164 through the training CLI, each backend: images/s
+#   bash bench/gpu_session.sh train   # JIT build check; DIA-ResNet-164 through the training CLI, each backend
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
 # pytest-benchmark JSON, model_bench JSON and env.txt (device, driver, versions, date). Copy the
@@ -33,7 +33,7 @@ phase=${1:-tests}
 case "$phase" in
 tests)
     # ahead-of-time build of the CUDA extension (16 cores; sm_90 only to save time on an H100/H200)
-    TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
+    DIA_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
         python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
     python3 -m dia_fused 2>&1 | tee "$OUT/selfcheck.log"
     timeout 420 python3 -m pytest python_tests -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
@@ -56,6 +56,12 @@ tune)
     timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
     ;;
 train)
+    # the build on first use: a copy of the package without the ahead-of-time dia_fused._C
+    rm -rf /tmp/jit && mkdir -p /tmp/jit && cp -r dia_fused csrc /tmp/jit/ && rm -f /tmp/jit/dia_fused/_C*.so
+    (cd /tmp/jit && TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONPATH=/tmp/jit timeout 300 python3 -c \
+        "from dia_fused.kernels import cuda_dia_step as m; import torch; r = m.unavailable_reason('cuda'); \
+print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__name__ if m._extension else None)") \
+        2>&1 | tee "$OUT/jit_build.log" | tail -3
     for backend in reference triton cuda; do
         timeout 170 python3 -m dia_fused.train --preset resnet164 -d synthetic --synthetic-size 12800 --epochs 1 \
             --max-steps 60 --backend "$backend" -c "$OUT/train_$backend" > "$OUT/train_$backend.log" 2>&1
