@@ -46,6 +46,24 @@ def test_property_backend_matches_reference(backend, n, channels, height, width,
     compare_backend(backend_step(backend), inputs, dtype, relu=relu, activation=activation)
 
 
+@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the triton backend needs TRITON_INTERPRET=1 on CPU")
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(n=st.integers(1, 40), channels=st.integers(8, 80), hw=st.integers(1, 3), reduction=st.integers(1, 6),
+       split=st.booleans(), block_n=st.sampled_from([16, 32]), block_c=st.sampled_from([16, 32, 64]),
+       forward_groups=st.integers(1, 8), activation=st.sampled_from(reference.CELL_ACTIVATIONS),
+       seed=st.integers(0, 2**16))
+def test_property_triton_launch_configurations_match_reference(monkeypatch, n, channels, hw, reduction, split,
+                                                               block_n, block_c, forward_groups, activation, seed):
+    """Every path and tiling of the Triton LSTM kernels (fused with column groups, or split) over
+    random batch sizes and widths (several sample tiles, partial chunks)."""
+    from dia_fused.kernels import triton_dia_step
+    config = triton_dia_step.LSTMConfig(block_n=block_n, block_c=block_c, block_r=block_c,
+                                        forward_groups=forward_groups, split_min=0 if split else 1 << 30)
+    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", config)
+    inputs = random_step_inputs(n, channels, hw, 1, reduction=min(reduction, channels), seed=seed)
+    compare_backend(backend_step("triton"), inputs, torch.float32, relu=True, activation=activation)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_deterministic_algorithms_give_bitwise_identical_runs(backend):
     inputs = random_step_inputs(2, 12, 3, 3, reduction=3, num_cells=2, dropout_p=0.5, seed=5)
