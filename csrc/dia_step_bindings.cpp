@@ -135,6 +135,21 @@ std::vector<Tensor> empty_weight_grads(const std::vector<Tensor>& w) {
   return grads;
 }
 
+// The (2, N, R), (2, N, R), (N, 4C) fp32 workspace of the cell-0 backward, owned by tensors.
+struct Cell0WorkspaceTensors {
+  Tensor hidden, grad_hidden, grad_gates;
+
+  Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32)
+      : hidden(at::empty({2, n, hidden_size}, f32)),
+        grad_hidden(at::empty({2, n, hidden_size}, f32)),
+        grad_gates(at::empty({n, 4 * channels}, f32)) {}
+
+  Cell0Workspace pointers() {
+    return Cell0Workspace{hidden.data_ptr<float>(), grad_hidden.data_ptr<float>(),
+                          grad_gates.data_ptr<float>()};
+  }
+};
+
 Cell0WeightGrads weight_grad_ptrs(std::vector<Tensor>& g) {
   return Cell0WeightGrads{g[0].data_ptr<float>(), g[1].data_ptr<float>(),
                           g[2].data_ptr<float>(), g[3].data_ptr<float>(),
@@ -284,9 +299,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   Tensor grad_h0 = at::empty({N, C}, f32_like(x));
   Tensor grad_c0 = at::empty({N, C}, f32_like(x));
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Tensor hidden_ws = at::empty({2, N, R}, f32_like(x));
-  Tensor grad_hidden_ws = at::empty({2, N, R}, f32_like(x));
-  Tensor grad_gates_ws = at::empty({N, 4 * C}, f32_like(x));
+  Cell0WorkspaceTensors workspace(N, C, R, f32_like(x));
 
   const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
   const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
@@ -298,11 +311,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
                             gi_map, gh, gc, pooled.data_ptr<float>(), h0.data_ptr<float>(),
                             c0.data_ptr<float>(), cell.weights, relu, cell_activation(activation),
                             grad_h0.data_ptr<float>(), grad_c0.data_ptr<float>(),
-                            weight_grad_ptrs(wgrads),
-                            Cell0Workspace{hidden_ws.data_ptr<float>(),
-                                           grad_hidden_ws.data_ptr<float>(),
-                                           grad_gates_ws.data_ptr<float>()},
-                            current_stream(x)),
+                            weight_grad_ptrs(wgrads), workspace.pointers(), current_stream(x)),
       "fused backward kernels");
   std::vector<Tensor> result{grad_x, grad_identity, grad_h0, grad_c0};
   result.insert(result.end(), wgrads.begin(), wgrads.end());
@@ -359,19 +368,14 @@ std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const
   Tensor grad_c0 = at::empty({N, C}, opts);
   Tensor h_new = at::empty({N, C}, opts);
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Tensor hidden_ws = at::empty({2, N, R}, opts);
-  Tensor grad_hidden_ws = at::empty({2, N, R}, opts);
-  Tensor grad_gates_ws = at::empty({N, 4 * C}, opts);
+  Cell0WorkspaceTensors workspace(N, C, R, opts);
   check_launch(launch_cell0_backward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
                                      static_cast<int>(hw), pooled.data_ptr<float>(),
                                      h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,
                                      cell_activation(activation), gh, ghx, gc,
                                      grad_pooled.data_ptr<float>(), grad_h0.data_ptr<float>(),
                                      grad_c0.data_ptr<float>(), h_new.data_ptr<float>(),
-                                     weight_grad_ptrs(wgrads),
-                                     Cell0Workspace{hidden_ws.data_ptr<float>(),
-                                                    grad_hidden_ws.data_ptr<float>(),
-                                                    grad_gates_ws.data_ptr<float>()},
+                                     weight_grad_ptrs(wgrads), workspace.pointers(),
                                      current_stream(pooled)),
                "cell-0 backward kernels");
   std::vector<Tensor> result{grad_pooled, grad_h0, grad_c0, h_new};
