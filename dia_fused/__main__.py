@@ -29,6 +29,8 @@ def versions() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
+    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton launch knobs
+        info[name] = os.environ.get(name, "unset (defaults)")
     return info
 
 
@@ -67,8 +69,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     print("dia_fused environment")
-    for key, value in versions().items():
-        print(f"  {key:<18} {value}")
+    info = versions()
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"  {key:<{width}} {value}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     failures = 0
     for device in devices:
