@@ -46,14 +46,16 @@ def captured_launches():
     try:
         fused, split = T.LSTMConfig(), T.LSTMConfig(split_min=0)
         cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False, config=fused),
-                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False, config=fused),
+                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False, config=fused,
+                      channels_last=True),
                  dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused),
                  dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split)]
         for case in cases:
             T.LSTM_CONFIG = case["config"]
             inputs = random_step_inputs(4, 40, 3, 3, reduction=4, num_cells=case["num_cells"],
                                         dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
-                                        identity=case["identity"]).to(case["dtype"])
+                                        identity=case["identity"],
+                                        channels_last=case.get("channels_last", False)).to(case["dtype"])
             out, h_new, c_new, pooled = T.forward(*inputs.args(), inputs.identity, case["relu"], "tanh",
                                                   inputs.dropout_masks)
             grad_h = torch.zeros_like(h_new) if case["grads"] else None

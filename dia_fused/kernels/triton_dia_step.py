@@ -549,11 +549,14 @@ def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     return sn, sc, sw
 
 
-def _map_blocks(channels: int, hw: int) -> Tuple[int, int]:
-    """Tile of (channels, H*W): wide along the contiguous H*W of NCHW maps, capped for registers."""
-    block_hw = min(triton.next_power_of_2(hw), 256 if not INTERPRETED else 64)
-    block_c = max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 64))
-    return block_c, block_hw
+def _map_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
+    """Tile of (channels, H*W), wide along the map's contiguous axis (H*W for NCHW, C for
+    channels_last) so that loads coalesce, 4096 elements at most for registers."""
+    if channels_last:  # 64 channels = 256 B rows of fp32: whole sectors, and C/64 programs per sample
+        block_c = min(triton.next_power_of_2(channels), 64)
+        return block_c, max(1, min(triton.next_power_of_2(hw), 4096 // block_c))
+    block_hw = min(triton.next_power_of_2(hw), 64 if INTERPRETED else 256)
+    return max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 64)), block_hw
 
 
 @dataclass(frozen=True)
@@ -702,7 +705,7 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     if n == 0:
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw)
+    block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
     _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
                                                       BLOCK_C=block_c, BLOCK_HW=block_hw)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
@@ -745,7 +748,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     layout = _ScratchLayout.backward(channels, hidden, num_cells)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw)
+    block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, triton.cdiv(channels, block_c))](
@@ -786,6 +789,10 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         _grad_input_kernel[grid](grad_out, out, attention, grad_pooled, grad_x, channels, hw,
                                  *strides, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
 
 
 def _memory_format(x: Tensor):
