@@ -196,3 +196,8 @@ def test_autocast_keeps_fp32_state_and_matches_the_reference(backend, dtype):
     assert torch.isfinite(out).all() and torch.isfinite(h).all()
     assert max_abs_error(h, ref_h) <= 1e-4
     assert max_abs_error(out, ref_out) <= 2 * torch.finfo(dtype).eps * ref_out.abs().max().item()
+
+
+def test_ddp_two_processes_on_one_gpu_give_single_process_gradients(backend, tmp_path):
+    import ddp_check
+    ddp_check.assert_ddp_matches_single_process(backend, "cuda", tmp_path)

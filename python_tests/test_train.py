@@ -25,7 +25,6 @@ from dia_fused.train.data import (CIFAR_MEAN, CIFAR_STD, BatchStream, DatasetErr
                                   normalize, synthetic_dataset, write_cifar_directory)
 from dia_fused.train.loop import THROUGHPUT_WARMUP_STEPS, learning_rate, train_epoch
 from dia_fused.train.modelspec import build_model, model_spec
-from dia_fused.train.presets import PRESETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_IMAGES, TEST_IMAGES = 96, 32

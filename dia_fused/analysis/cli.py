@@ -17,7 +17,6 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from ..modules import DIAStage
 from ..ops import BACKEND_CHOICES

@@ -62,7 +62,6 @@ class ResidualBlock(nn.Module):
         if self.shortcut is None:
             return branch, x
         return branch, self.shortcut(pre if self.preact_shortcut else x)
-        return branch, identity
 
 
 def projection(cin: int, cout: int, stride: int, norm: bool, with_norm: bool = True) -> Optional[nn.Module]:
