@@ -10,7 +10,7 @@ Launches per step on the fused path (any number of stacked cells; N, C, H*W of a
               2. LSTM backward   recomputes the gates, then dgates, ds, dh, dc per sample tile
               3. weight grads    dW = D^T V over all samples (one program per output tile:
                                  deterministic, no atomics), biases = column sums of D
-              4. grad input      dx = z * a + ds / HW                            reads grad_out (+ out)
+              4. grad input      dx = z * a + ds / HW      reads d_identity (= z), else grad_out (+ out)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
 with C * C/r >= LSTMConfig.split_min (ImageNet stages 3-4 by default) take the split path instead,
@@ -786,8 +786,11 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n, num_warps=8)
     if n:
         grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
-        _grad_input_kernel[grid](grad_out, out, attention, grad_pooled, grad_x, channels, hw,
-                                 *strides, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
+        # with an identity, d_identity already holds z = relu-masked grad_out (exactly: masking
+        # keeps values), so one map is read instead of two (grad_out and the forward output)
+        z, z_mask_source = (grad_identity, grad_identity) if identity_given else (grad_out, out)
+        _grad_input_kernel[grid](z, z_mask_source, attention, grad_pooled, grad_x, channels, hw,
+                                 *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
 
