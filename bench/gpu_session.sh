@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
-# One device-tool call per phase of a GPU session (each fits the 10-minute limit of one call):
+# One device-tool call per phase of a GPU session (each fits the 10-minute limit of one call), in
+# order of priority for a 30-minute device budget:
 #
 #   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
-#   bash bench/gpu_session.sh bench   # pytest bench/ (step microbenchmarks) + bench/model_bench.py
+#   bash bench/gpu_session.sh bench   # pytest bench/: one DIA step per backend, shape, dtype, direction
+#   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
 #   bash bench/gpu_session.sh train   # JIT build check; DIA-ResNet-164 through the training CLI, each backend
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
-# pytest-benchmark JSON, model_bench JSON and env.txt (device, driver, versions, date). Copy the
-# JSON files to bench/results/ and commit them. pytorchcv is not on the device image: carry its
-# wheel in .whl/ (see /work/.library/device/README.md) for the conversion tests, else they skip.
+# step_bench.json, model_bench.json, tune_triton.json and env.txt (device, driver, versions, date).
+# Then: copy env.txt and the JSON files to bench/results/<date>_<gpu>/, run
+# `python bench/summarize.py bench/results/<date>_<gpu> -o BENCHMARKS.md`, commit both.
+# pytorchcv is not on the device image: carry its wheel in .whl/ (see the device tool's README) for
+# the conversion tests, else they skip.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -48,9 +52,11 @@ tests)
     exit "$status"
     ;;
 bench)
-    timeout 300 python3 -m pytest bench -q -p no:cacheprovider --benchmark-json="$OUT/step_bench.json" \
-        2>&1 | tee "$OUT/step_bench.log" | tail -40
-    timeout 280 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
+    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider \
+        --benchmark-json="$OUT/step_bench.json" 2>&1 | tee "$OUT/step_bench.log" | tail -40
+    ;;
+model)  # torch.compile of the reference DIA-ResNet-164 alone took 206 s on an H100 (DESIGN section 5)
+    timeout 570 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
     ;;
 tune)
     timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
@@ -69,7 +75,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|bench|tune|train" >&2
+    echo "usage: $0 tests|bench|model|tune|train" >&2
     exit 2
     ;;
 esac

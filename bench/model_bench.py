@@ -5,8 +5,9 @@ backward, update) and inference, fp32 and bf16 autocast, median over timed steps
     python bench/model_bench.py --json bench/results/model_bench_h100.json
     python bench/model_bench.py --depth 20 --batch 4 --steps 3 --warmup 1   # quick CPU check
 
-Keys: {plain,se,dia_fused,dia_reference,dia_compiled}_{train,infer}_ms for fp32, the same with a
-`bf16_` prefix for autocast, ratios to plain, plus device, versions and the settings.
+Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train,infer}_ms for fp32
+(dia_fused = backend "auto"; dia_triton / dia_cuda where that backend runs), the same with a `bf16_`
+prefix for autocast, ratios to plain, plus device, versions and the settings.
 """
 from __future__ import annotations
 
@@ -28,9 +29,18 @@ VARIANTS = {  # key -> (model name prefix, options, compiled)
     "plain": ("resnet", {}, False),
     "se": ("se_resnet", {}, False),
     "dia_fused": ("dia_resnet", {"backend": "auto"}, False),
+    "dia_triton": ("dia_resnet", {"backend": "triton"}, False),
+    "dia_cuda": ("dia_resnet", {"backend": "cuda"}, False),
     "dia_reference": ("dia_resnet", {"backend": "reference"}, False),
     "dia_compiled": ("dia_resnet", {"backend": "reference"}, True),
 }
+EXPLICIT_FUSED = {"dia_triton": "triton", "dia_cuda": "cuda"}  # run by default where available
+
+
+def default_variants(device) -> list:
+    return [key for key in VARIANTS
+            if key not in EXPLICIT_FUSED or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
+            and torch.device(device).type == "cuda"]
 
 
 def synchronize(device):
@@ -123,13 +133,16 @@ def parse_args(argv=None):
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                        help="default: all, dia_triton / dia_cuda where that backend runs on the device")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs")
     parser.add_argument("--channels-last", action="store_true")
     args = parser.parse_args(argv)
     for name in ("batch", "steps", "depth"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if args.variants is None:
+        args.variants = default_variants(args.device)
     return args
 
 

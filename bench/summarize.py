@@ -1,0 +1,125 @@
+"""BENCHMARKS.md from the files a GPU session leaves in one results folder (bench/gpu_session.sh):
+env.txt, model_bench.json (bench/model_bench.py) and step_bench.json (pytest bench/
+--benchmark-json). Ratios first: the model-level ratios to plain ResNet-164 against the targets,
+then one DIA step per shape: the speed-up of each implementation over the eager reference and
+the share of the device's peak memory bandwidth.
+
+    python bench/summarize.py bench/results/2026-11-25_h100 > BENCHMARKS.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+MODEL_ROWS = ["dia_fused", "dia_triton", "dia_cuda", "dia_compiled", "dia_reference", "se", "plain"]
+TARGET_RATIO = 1.10  # DIA-ResNet-164 with dia_fused vs plain ResNet-164, train and inference (issue 6)
+
+
+def _load(folder: str, name: str):
+    path = os.path.join(folder, name)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f) if name.endswith(".json") else f.read()
+
+
+def model_table(result: dict) -> List[str]:
+    columns = [(prefix, phase) for prefix in ("", "bf16_") for phase in ("train", "infer")
+               if f"{prefix}plain_{phase}_ms" in result]
+    header = " | ".join(f"{'bf16' if p else 'fp32'} {phase}" for p, phase in columns)
+    lines = [f"| DIA-ResNet-{result.get('depth', '?')}, batch {result.get('batch', '?')} | {header} |",
+             "|---" * (len(columns) + 1) + "|"]
+    for key in MODEL_ROWS:
+        cells = []
+        for prefix, phase in columns:
+            ms = result.get(f"{prefix}{key}_{phase}_ms")
+            if ms is None:
+                cells.append("-")
+                continue
+            ratio = ms / result[f"{prefix}plain_{phase}_ms"]
+            mark = " ✓" if key == "dia_fused" and ratio <= TARGET_RATIO else ""
+            cells.append(f"{ratio:.2f}x ({ms:.1f} ms){mark}")
+        if any(c != "-" for c in cells):
+            label = f"{key} ({result.get('dia_fused_backend', 'auto')})" if key == "dia_fused" else key
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def step_table(bench: dict) -> List[str]:
+    """One row per (shape, dtype, direction): time of each implementation and its speed-up over
+    the eager reference; % of peak bandwidth of the fastest fused backend."""
+    cells: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
+    for b in bench.get("benchmarks", []):
+        info = b.get("extra_info", {})
+        if "impl" not in info:
+            continue
+        direction = "fwd+bwd" if "fwd_bwd" in b.get("name", "") else "fwd"
+        key = ("x".join(map(str, info["shape"])), info["dtype"].replace("torch.", ""), direction)
+        cells[key][info["impl"]] = info
+    impls = sorted({impl for row in cells.values() for impl in row},
+                   key=lambda i: ["reference", "compiled_reference", "triton", "cuda"].index(i)
+                   if i in ("reference", "compiled_reference", "triton", "cuda") else 9)
+    lines = ["| step | dtype | pass | " + " | ".join(impls) + " | best fused % of peak BW |",
+             "|---" * (len(impls) + 4) + "|"]
+    for (shape, dtype, direction), row in sorted(cells.items()):
+        ref = row.get("reference", {}).get("per_call_ms")
+        out = []
+        for impl in impls:
+            ms = row.get(impl, {}).get("per_call_ms")
+            if ms is None:
+                out.append("-")
+            elif impl == "reference" or ref is None:
+                out.append(f"{ms:.3f} ms")
+            else:
+                out.append(f"{ref / ms:.1f}x ({ms:.3f} ms)")
+        fused = [row[i] for i in ("triton", "cuda") if i in row]
+        best = min(fused, key=lambda i: i["per_call_ms"]) if fused else None
+        peak = f"{best['pct_peak_bandwidth']:.0f}% ({best['impl']})" if best and "pct_peak_bandwidth" in best else "-"
+        lines.append(f"| {shape} | {dtype} | {direction} | " + " | ".join(out) + f" | {peak} |")
+    return lines
+
+
+def summarize(folder: str) -> str:
+    env: Optional[str] = _load(folder, "env.txt")
+    model: Optional[dict] = _load(folder, "model_bench.json")
+    steps: Optional[dict] = _load(folder, "step_bench.json")
+    if model is None and steps is None:
+        raise FileNotFoundError(f"{folder}: neither model_bench.json nor step_bench.json is there")
+    lines = ["# Benchmarks", "", f"Measured by `bench/gpu_session.sh`; raw files in `{folder}`.", ""]
+    if env:
+        lines += ["```", env.strip(), "```", ""]
+    if model is not None:
+        lines += [f"## DIA-ResNet-{model.get('depth')}: time per step, as a ratio to plain ResNet-{model.get('depth')}",
+                  "", f"Device {model.get('device')}, torch {model.get('torch')}, triton {model.get('triton')}, "
+                  f"median of {model.get('steps')} steps after {model.get('warmup')} warm-up; target for "
+                  f"dia_fused: <= {TARGET_RATIO:.2f}x (✓ where met).", ""]
+        lines += model_table(model) + [""]
+    if steps is not None:
+        lines += ["## One DIA step: speed-up over the eager reference", ""]
+        lines += step_table(steps) + [""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", help="a results folder (env.txt, model_bench.json, step_bench.json)")
+    parser.add_argument("-o", "--output", help="write here instead of standard output")
+    args = parser.parse_args(argv)
+    try:
+        text = summarize(args.folder)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

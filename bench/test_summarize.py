@@ -1,0 +1,36 @@
+"""bench/summarize.py renders BENCHMARKS.md from real (CPU, tiny) outputs of model_bench.py and of
+pytest-benchmark's JSON, so that the GPU session's results only need running it."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import model_bench
+import summarize
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_summary_from_model_bench_and_step_bench(tmp_path):
+    assert model_bench.main(["--json", str(tmp_path / "model_bench.json"), "--depth", "11", "--batch", "2",
+                             "--steps", "1", "--warmup", "1", "--no-bf16",
+                             "--variants", "plain", "dia_fused", "dia_reference"]) == 0
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_step_bench.py"),
+                          "-k", "reference-8x256x8x8-float32 and not compiled", f"--benchmark-json={tmp_path / 'step_bench.json'}"],
+                         capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    (tmp_path / "env.txt").write_text("gpu: none (CPU test)\n")
+    text = summarize.summarize(str(tmp_path))
+    assert "| dia_fused (reference) |" in text and "| plain | 1.00x" in text
+    assert "| dia_reference |" in text
+    step_rows = [line for line in text.splitlines() if line.startswith("| 8x256x8x8 | float32 |")]
+    assert {row.split(" | ")[2] for row in step_rows} == {"fwd", "fwd+bwd"}
+    assert "gpu: none (CPU test)" in text
+
+
+def test_missing_results_are_named(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        summarize.main([str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "neither model_bench.json nor step_bench.json" in capsys.readouterr().err
