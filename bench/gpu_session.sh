@@ -2,7 +2,8 @@
 # One device-tool call per phase of a GPU session (each fits the 10-minute limit of one call), in
 # order of priority for a 30-minute device budget:
 #
-#   bash bench/gpu_session.sh tests   # build dia_fused._C, the whole suite on the GPU, compute-sanitizer
+#   bash bench/gpu_session.sh tests   # build dia_fused._C (needs a warm machine for later phases), GPU test files
+#   bash bench/gpu_session.sh suite   # the rest of python_tests on the GPU machine, compute-sanitizer
 #   bash bench/gpu_session.sh bench   # pytest bench/: one DIA step per backend, shape, dtype, direction
 #   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
@@ -33,18 +34,25 @@ fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
+GPU_FILES="python_tests/test_gpu_fused.py python_tests/test_cuda_backend.py python_tests/test_triton_backend.py
+    python_tests/test_custom_ops.py python_tests/test_hardening.py"
+GPU_FILES=$(echo $GPU_FILES)
 phase=${1:-tests}
 case "$phase" in
-tests)
-    # ahead-of-time build of the CUDA extension (16 cores; sm_90 only to save time on an H100/H200)
+tests)  # the ahead-of-time build, then the test files that exercise the fused backends on the GPU
     DIA_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
         python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
     python3 -m dia_fused 2>&1 | tee "$OUT/selfcheck.log"
-    timeout 420 python3 -m pytest python_tests -q -x -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+    timeout 420 python3 -m pytest $GPU_FILES -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -30
+    exit "${PIPESTATUS[0]}"
+    ;;
+suite)  # the rest of python_tests on the GPU machine, then compute-sanitizer over both fused backends
+    ignores=$(for f in $GPU_FILES; do printf -- '--ignore=%s ' "$f"; done)
+    timeout 420 python3 -m pytest python_tests $ignores -q -p no:cacheprovider --junitxml="$OUT/suite.xml" \
+        2>&1 | tee "$OUT/suite.log" | tail -30
     status=${PIPESTATUS[0]}
-    # memcheck + racecheck over one fused step of each fused backend, forward and backward
-    for tool in memcheck racecheck; do
+    for tool in memcheck racecheck; do  # one small step of each fused backend, forward and backward
         compute-sanitizer --tool $tool --error-exitcode 3 python3 bench/sanitize_step.py \
             > "$OUT/sanitizer_$tool.log" 2>&1
         echo "compute-sanitizer $tool: exit $? ($(grep -c 'ERROR SUMMARY: 0' "$OUT/sanitizer_$tool.log") clean summaries)"
@@ -75,7 +83,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|bench|model|tune|train" >&2
+    echo "usage: $0 tests|suite|bench|model|tune|train" >&2
     exit 2
     ;;
 esac
