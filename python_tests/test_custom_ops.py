@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cuda_emulation
+import layout_cases
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
 from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
@@ -86,3 +87,9 @@ def test_torch_compile_fullgraph_through_the_custom_ops(cuda_on_cpu):
         assert max_abs_error(g, e) < 1e-6
     got[0].sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("grad_layout", ["like-out", "nhwc"])
+@pytest.mark.parametrize("case", layout_cases.CASES)
+def test_non_dense_and_mixed_layouts_match_the_reference(cuda_on_cpu, case, grad_layout):
+    layout_cases.check_against_reference("cuda", case, grad_layout, "cpu")

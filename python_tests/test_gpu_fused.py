@@ -201,3 +201,11 @@ def test_autocast_keeps_fp32_state_and_matches_the_reference(backend, dtype):
 def test_ddp_two_processes_on_one_gpu_give_single_process_gradients(backend, tmp_path):
     import ddp_check
     ddp_check.assert_ddp_matches_single_process(backend, "cuda", tmp_path)
+
+
+@pytest.mark.parametrize("grad_layout", ["like-out", "nhwc"])
+@pytest.mark.parametrize("case", ["sliced-w", "sliced-c-and-h", "permuted-nhwc-identity-nchw",
+                                  "size1-dims-odd-strides"])
+def test_non_dense_and_mixed_layouts_match_the_reference(backend, case, grad_layout):
+    import layout_cases
+    layout_cases.check_against_reference(backend, case, grad_layout, "cuda")

@@ -6,6 +6,8 @@ import torch
 from dia_fused import DIALSTM, ops, reference
 from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
 
+import layout_cases
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(ops.backend_unavailable_reason("triton", DEVICE) is not None,
                                 reason=f"{ops.backend_unavailable_reason('triton', DEVICE)}")
@@ -208,3 +210,9 @@ def test_split_path_matches_the_reference(monkeypatch, activation):
     compare_backend(triton_step, inputs, torch.float32, relu=True, activation=activation)
     stacked = random_step_inputs(3, 16, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=12)
     compare_backend(triton_step, stacked, torch.float32, relu=True, activation=activation)  # stays fused
+
+
+@pytest.mark.parametrize("grad_layout", ["like-out", "nhwc"])
+@pytest.mark.parametrize("case", layout_cases.CASES)
+def test_non_dense_and_mixed_layouts_match_the_reference(case, grad_layout):
+    layout_cases.check_against_reference("triton", case, grad_layout, DEVICE)

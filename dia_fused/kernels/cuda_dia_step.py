@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 
 from .. import reference
-from . import cuda_build
+from . import cuda_build, layouts
 
 Tensor = torch.Tensor
 
@@ -293,6 +293,9 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
     `path` forces the fused or split kernels (tests); the contract's callers leave it."""
     ext = _extension_for(x)
+    # maps the kernels cannot walk as (N, C, H*W) with out laid like x: a view or one copy
+    x = layouts.canonical(x)
+    identity = None if identity is None else layouts.canonical(identity)
     num_cells = reference.num_cells_of(weights)
     w32 = [_f32(w) for w in weights]
     code = ACTIVATION_CODES[activation]
@@ -320,6 +323,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights in weight order).
     grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c)."""
     ext = _extension_for(x)
+    x = layouts.canonical(x)  # as the forward saw it
     grad_out = _grad_out_for_kernels(grad_out, x)
     num_cells = reference.num_cells_of(weights)
     w32 = [_f32(w) for w in weights]

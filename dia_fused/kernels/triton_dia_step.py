@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
+from . import layouts
 
 Tensor = torch.Tensor
 
@@ -672,7 +673,7 @@ def _split_path(channels: int, hidden: int, num_cells: int) -> bool:
 
 
 def _like_x(x: Tensor) -> Tensor:
-    return torch.empty_like(x)  # keeps x's layout (contiguous or channels_last)
+    return torch.empty_like(x)  # x is canonical (dense): empty_like keeps its exact strides
 
 
 def _check(x: Tensor) -> None:
@@ -696,6 +697,8 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
             ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32."""
     _check(x)
+    x = layouts.canonical(x)
+    identity = None if identity is None else layouts.canonical(identity)
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
     pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
@@ -736,10 +739,10 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
              dropout_masks: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
     """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights): grad_weights is ONE flat fp32
     tensor, every weight's gradient flattened in weight order (ops.py splits it into views)."""
+    x = layouts.canonical(x)  # as the forward saw it: `out` has these strides
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
-    if grad_out.stride() != x.stride():
-        grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+    grad_out, out = layouts.in_layout_of(grad_out, x), layouts.in_layout_of(out, x)
     grad_x = _like_x(x)
     grad_identity = _like_x(x) if identity_given else None
     grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype)
@@ -796,8 +799,3 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
 
 def _is_channels_last(x: Tensor) -> bool:
     return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
-
-
-def _memory_format(x: Tensor):
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
-        else torch.contiguous_format
