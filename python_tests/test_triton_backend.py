@@ -216,3 +216,11 @@ def test_split_path_matches_the_reference(monkeypatch, activation):
 @pytest.mark.parametrize("case", layout_cases.CASES)
 def test_non_dense_and_mixed_layouts_match_the_reference(case, grad_layout):
     layout_cases.check_against_reference("triton", case, grad_layout, DEVICE)
+
+
+def test_map_larger_than_the_grid_covers_is_a_clear_error():
+    from dia_fused.kernels import triton_dia_step
+    x = torch.zeros(1, 4, 1, 1, device=DEVICE).expand(1, 4, 4100, 4100)  # 16.8M positions, no memory
+    inputs = random_step_inputs(1, 4, 1, 1, reduction=2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"x: H\*W = 16810000 is more than the triton backend's map kernels cover"):
+        triton_dia_step.forward(x, inputs.h, inputs.c, inputs.weights, None, False, "sigmoid", None)

@@ -676,9 +676,20 @@ def _like_x(x: Tensor) -> Tensor:
     return torch.empty_like(x)  # x is canonical (dense): empty_like keeps its exact strides
 
 
+MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension, where the map kernels put H*W blocks
+
+
 def _check(x: Tensor) -> None:
+    """Before any copy of the map: the dtype, and an H*W the elementwise kernels' grid can cover."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
+    n, channels, height, width = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and channels > 1
+    _, block_hw = _map_blocks(channels, height * width, channels_last)
+    if triton.cdiv(height * width, block_hw) > MAX_GRID_Z:
+        raise ValueError(f"x: H*W = {height * width} is more than the triton backend's map kernels cover "
+                         f"({MAX_GRID_Z * block_hw} for C = {channels} in this layout), got shape "
+                         f"{tuple(x.shape)}; use backend='reference' for such maps")
 
 
 def _lstm_operands(pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor],
