@@ -1,5 +1,7 @@
 """The triton backend against the reference (tolerance rule of DESIGN section 4: out, h, c and every
 gradient). On CPU under the Triton interpreter with tiny shapes; the same file runs on a GPU."""
+import os
+
 import pytest
 import torch
 
@@ -224,3 +226,12 @@ def test_map_larger_than_the_grid_covers_is_a_clear_error():
     inputs = random_step_inputs(1, 4, 1, 1, reduction=2, device=DEVICE)
     with pytest.raises(ValueError, match=r"x: H\*W = 16810000 is more than the triton backend's map kernels cover"):
         triton_dia_step.forward(x, inputs.h, inputs.c, inputs.weights, None, False, "sigmoid", None)
+
+
+def test_bad_dot_precision_is_named_at_import():
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", "import dia_fused.kernels.triton_dia_step"], capture_output=True,
+                         text=True, env={**os.environ, "DIA_FUSED_TRITON_DOT_PRECISION": "fp64"}, timeout=300)
+    assert run.returncode != 0
+    assert "DIA_FUSED_TRITON_DOT_PRECISION: expected one of ('ieee', 'tf32x3', 'tf32'), got 'fp64'" in run.stderr

@@ -23,8 +23,9 @@ The small LSTM runs in fp32 whatever the input dtype (the recurrent state is fp3
 inputs); its matmuls use `tl.dot` with IEEE fp32 precision (no TF32), so the numbers follow the
 fp32 reference. The LSTM kernels walk through the cells in phases that exchange (BLOCK_N, K)
 operands through an fp32 workspace (`scratch`, one row per sample, layout in `_ScratchLayout`),
-separated by CTA barriers. Maps are addressed through strides (NCHW and channels_last), so no copy
-of a feature map is made.
+separated by CTA barriers. Maps dense in NCHW or channels_last are addressed in place through
+their strides; other strided maps (slices, permutations) are copied once (kernels/layouts.py).
+Stacked cells add one launch that packs their weights into one fp32 buffer.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 set before this module is imported.
 """
@@ -49,7 +50,10 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}
 # IEEE fp32 FMA dots follow the fp32 reference; "tf32x3" (tensor cores, ~fp32 accuracy) is for tuning
 # on a GPU (bench/tune_triton.py): read once at import, the kernels see it as a compile-time constant
-DOT_PRECISION = tl.constexpr(os.environ.get("DIA_FUSED_TRITON_DOT_PRECISION", "ieee"))
+DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DOT_PRECISION = tl.constexpr(os.environ.get("DIA_FUSED_TRITON_DOT_PRECISION") or "ieee")
+if DOT_PRECISION.value not in DOT_PRECISIONS:
+    raise ValueError(f"DIA_FUSED_TRITON_DOT_PRECISION: expected one of {DOT_PRECISIONS}, got {DOT_PRECISION.value!r}")
 # phases of the LSTM kernels (constexpr PHASE): the fused step, or one launch of the split path
 PHASE_FUSED, PHASE_REDUCED, PHASE_GATES, PHASE_REDUCED_GRAD, PHASE_INPUT_GRAD = (tl.constexpr(i) for i in range(5))
 CELL0_JOBS = 4  # weight-gradient matmuls of cell 0: wih1, wih2, whh1, whh2 (each with its bias)
