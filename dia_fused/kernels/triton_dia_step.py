@@ -32,6 +32,7 @@ Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 set before thi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -545,6 +546,16 @@ def _weight_grad_kernel(
 # Host wrappers.
 
 
+# Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are constexpr functions that
+# cost microseconds per call on the host, and the launch plan is recomputed every step.
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     """(n, c, hw) strides of a map whose H and W collapse into one index (NCHW or channels_last)."""
     sn, sc, sh, sw = t.stride()
@@ -554,14 +565,15 @@ def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     return sn, sc, sw
 
 
+@functools.lru_cache(maxsize=1024)
 def _map_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
     """Tile of (channels, H*W), wide along the map's contiguous axis (H*W for NCHW, C for
     channels_last) so that loads coalesce, 4096 elements at most for registers."""
     if channels_last:  # 64 channels = 256 B rows of fp32: whole sectors, and C/64 programs per sample
-        block_c = min(triton.next_power_of_2(channels), 64)
-        return block_c, max(1, min(triton.next_power_of_2(hw), 4096 // block_c))
-    block_hw = min(triton.next_power_of_2(hw), 64 if INTERPRETED else 256)
-    return max(1, min(triton.next_power_of_2(channels), 4096 // block_hw, 64)), block_hw
+        block_c = min(_next_power_of_2(channels), 64)
+        return block_c, max(1, min(_next_power_of_2(hw), 4096 // block_c))
+    block_hw = min(_next_power_of_2(hw), 64 if INTERPRETED else 256)
+    return max(1, min(_next_power_of_2(channels), 4096 // block_hw, 64)), block_hw
 
 
 @dataclass(frozen=True)
@@ -612,18 +624,19 @@ class _LSTMBlocks:
     num_warps: int
 
     @staticmethod
+    @functools.lru_cache(maxsize=1024)
     def of(channels: int, hidden: int, config: LSTMConfig) -> "_LSTMBlocks":
         # the interpreter is fastest with few, wide steps
         k = 64 if INTERPRETED else config.block_k
-        return _LSTMBlocks(n=config.block_n, c=max(16, min(config.block_c, triton.next_power_of_2(channels))),
-                           r=max(16, min(config.block_r, triton.next_power_of_2(hidden))), k=k,
+        return _LSTMBlocks(n=config.block_n, c=max(16, min(config.block_c, _next_power_of_2(channels))),
+                           r=max(16, min(config.block_r, _next_power_of_2(hidden))), k=k,
                            num_warps=config.num_warps)
 
     def forward_groups(self, channels: int, num_cells: int, config: LSTMConfig) -> int:
         """Programs per sample tile in the forward: the gate columns split between them, each
         recomputing the cheap reduced paths (~1/4 of a cell's work) for itself. Stacked cells need
         all columns of a cell before the next one: one group."""
-        return 1 if num_cells > 1 else max(1, min(config.forward_groups, triton.cdiv(channels, self.c)))
+        return 1 if num_cells > 1 else max(1, min(config.forward_groups, _cdiv(channels, self.c)))
 
     def kwargs(self):
         return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=self.num_warps)
@@ -690,7 +703,7 @@ def _check(x: Tensor) -> None:
     n, channels, height, width = x.shape
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and channels > 1
     _, block_hw = _map_blocks(channels, height * width, channels_last)
-    if triton.cdiv(height * width, block_hw) > MAX_GRID_Z:
+    if _cdiv(height * width, block_hw) > MAX_GRID_Z:
         raise ValueError(f"x: H*W = {height * width} is more than the triton backend's map kernels cover "
                          f"({MAX_GRID_Z * block_hw} for C = {channels} in this layout), got shape "
                          f"{tuple(x.shape)}; use backend='reference' for such maps")
@@ -724,16 +737,16 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
     block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
-    _pool_kernel[(n, triton.cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
+    _pool_kernel[(n, _cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
                                                       BLOCK_C=block_c, BLOCK_HW=block_hw)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
-    tiles = triton.cdiv(n, blocks.n)
+    tiles = _cdiv(n, blocks.n)
     split = _split_path(channels, hidden, num_cells)
     groups = 1 if split else blocks.forward_groups(channels, num_cells, LSTM_CONFIG)
     layout = _ScratchLayout.forward(channels, hidden, num_cells, groups)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
-    phases = ([(_PHASE[1], triton.cdiv(hidden, blocks.r)), (_PHASE[2], triton.cdiv(channels, blocks.c))]
+    phases = ([(_PHASE[1], _cdiv(hidden, blocks.r)), (_PHASE[2], _cdiv(channels, blocks.c))]
               if split else [(_PHASE[0], groups)])
     for phase, parts in phases:
         _lstm_forward_kernel[(tiles, parts)](
@@ -742,7 +755,7 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
             NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
             PHASE=phase, **blocks.kwargs())
     idt = identity if identity is not None else x
-    grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
+    grid = (n, _cdiv(channels, block_c), _cdiv(hw, block_hw))
     _scale_kernel[grid](x, h_new[-1], idt, out, channels, hw, *strides, *_map_strides(idt),
                         HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out, h_new, c_new, pooled
@@ -769,17 +782,17 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        _grad_attention_kernel[(n, triton.cdiv(channels, block_c))](
+        _grad_attention_kernel[(n, _cdiv(channels, block_c))](
             grad_out, x, out, grad_a, grad_identity if identity_given else grad_a, channels, hw, *strides,
             RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
         blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        tiles = triton.cdiv(n, blocks.n)
+        tiles = _cdiv(n, blocks.n)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
         options = dict(NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation],
                        HAS_MASKS=dropout_masks is not None, **blocks.kwargs())
-        r_parts, c_parts = triton.cdiv(hidden, blocks.r), triton.cdiv(channels, blocks.c)
+        r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
         if _split_path(channels, hidden, num_cells):  # relu(u) first, by the forward kernel's phase
             _lstm_forward_kernel[(tiles, r_parts)](
                 *operands, grad_a, grad_a, scratch, n, channels, hidden, layout.size, layout.ru, layout.v0,
@@ -799,11 +812,11 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     # over an empty batch this writes zeros: the gradient of a sum over no samples
     wg_m, wg_k, wg_n = (64, 64, 64) if INTERPRETED else (64, 64, 32)
     jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
-    _weight_grad_kernel[(jobs, triton.cdiv(4 * channels, wg_m), triton.cdiv(max(channels, hidden), wg_k))](
+    _weight_grad_kernel[(jobs, _cdiv(4 * channels, wg_m), _cdiv(max(channels, hidden), wg_k))](
         scratch, grad_weights, n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.du,
         layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n, num_warps=8)
     if n:
-        grid = (n, triton.cdiv(channels, block_c), triton.cdiv(hw, block_hw))
+        grid = (n, _cdiv(channels, block_c), _cdiv(hw, block_hw))
         # with an identity, d_identity already holds z = relu-masked grad_out (exactly: masking
         # keeps values), so one map is read instead of two (grad_out and the forward output)
         z, z_mask_source = (grad_identity, grad_identity) if identity_given else (grad_out, out)
