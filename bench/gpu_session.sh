@@ -4,13 +4,14 @@
 #
 #   bash bench/gpu_session.sh tests   # build dia_fused._C (needs a warm machine for later phases), GPU test files
 #   bash bench/gpu_session.sh suite   # the rest of python_tests on the GPU machine, compute-sanitizer
-#   bash bench/gpu_session.sh bench   # pytest bench/: one DIA step per backend, shape, dtype, direction
+#   bash bench/gpu_session.sh bench   # one DIA step per fused backend and the eager reference, every shape
+#   bash bench/gpu_session.sh bench-compiled   # the same for torch.compile of the reference
 #   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
 #   bash bench/gpu_session.sh train   # JIT build check; DIA-ResNet-164 through the training CLI, each backend
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
-# step_bench.json, model_bench.json, tune_triton.json and env.txt (device, driver, versions, date).
+# step_bench*.json, model_bench.json, tune_triton.json and env.txt (device, driver, versions, date).
 # Then: copy env.txt and the JSON files to bench/results/<date>_<gpu>/, run
 # `python bench/summarize.py bench/results/<date>_<gpu> -o BENCHMARKS.md`, commit both.
 # pytorchcv is not on the device image: carry its wheel in .whl/ (see the device tool's README) for
@@ -59,9 +60,13 @@ suite)  # the rest of python_tests on the GPU machine, then compute-sanitizer ov
     done
     exit "$status"
     ;;
-bench)
-    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider \
+bench)  # the fused backends and the eager reference; torch.compile of the reference separately
+    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "not compiled_reference" \
         --benchmark-json="$OUT/step_bench.json" 2>&1 | tee "$OUT/step_bench.log" | tail -40
+    ;;
+bench-compiled)  # one inductor compile per shape and dtype
+    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "compiled_reference" \
+        --benchmark-json="$OUT/step_bench_compiled.json" 2>&1 | tee "$OUT/step_bench_compiled.log" | tail -40
     ;;
 model)  # torch.compile of the reference DIA-ResNet-164 alone took 206 s on an H100 (DESIGN section 5)
     timeout 570 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
@@ -83,7 +88,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|suite|bench|model|tune|train" >&2
+    echo "usage: $0 tests|suite|bench|bench-compiled|model|tune|train" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,6 @@
 """BENCHMARKS.md from the files a GPU session leaves in one results folder (bench/gpu_session.sh):
-env.txt, model_bench.json (bench/model_bench.py) and step_bench.json (pytest bench/
---benchmark-json). Ratios first: the model-level ratios to plain ResNet-164 against the targets,
+env.txt, model_bench.json (bench/model_bench.py) and step_bench*.json (pytest
+bench/test_step_bench.py --benchmark-json, possibly in several parts). Ratios first: the model-level ratios to plain ResNet-164 against the targets,
 then one DIA step per shape: the speed-up of each implementation over the eager reference and
 the share of the device's peak memory bandwidth.
 
@@ -86,9 +86,13 @@ def step_table(bench: dict) -> List[str]:
 def summarize(folder: str) -> str:
     env: Optional[str] = _load(folder, "env.txt")
     model: Optional[dict] = _load(folder, "model_bench.json")
-    steps: Optional[dict] = _load(folder, "step_bench.json")
+    step_files = sorted(f for f in os.listdir(folder) if f.startswith("step_bench") and f.endswith(".json"))
+    steps: Optional[dict] = None
+    for name in step_files:  # step_bench.json, step_bench_compiled.json, ...: one table
+        part = _load(folder, name)
+        steps = part if steps is None else {**steps, "benchmarks": steps["benchmarks"] + part["benchmarks"]}
     if model is None and steps is None:
-        raise FileNotFoundError(f"{folder}: neither model_bench.json nor step_bench.json is there")
+        raise FileNotFoundError(f"{folder}: neither model_bench.json nor step_bench*.json is there")
     lines = ["# Benchmarks", "", f"Measured by `bench/gpu_session.sh`; raw files in `{folder}`.", ""]
     if env:
         lines += ["```", env.strip(), "```", ""]

@@ -33,4 +33,4 @@ def test_missing_results_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         summarize.main([str(tmp_path)])
     assert exit_.value.code == 2
-    assert "neither model_bench.json nor step_bench.json" in capsys.readouterr().err
+    assert "neither model_bench.json nor step_bench*.json" in capsys.readouterr().err
