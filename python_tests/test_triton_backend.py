@@ -70,10 +70,20 @@ def test_four_chained_module_steps_match_the_reference_module():
         assert max_abs_error(a, b) <= 1e-4 * max(1.0, b.abs().max().item())
 
 
-def test_opcheck_forward_op():
-    inputs = random_step_inputs(2, 8, 2, 2, reduction=2, device=DEVICE, seed=3).requires_grad_()
-    args = (inputs.x, inputs.h, inputs.c, list(inputs.weights), inputs.identity, True, "sigmoid", None, "triton")
+@pytest.mark.parametrize("num_cells", [1, 2])
+def test_opcheck_forward_and_backward_ops(num_cells):
+    inputs = random_step_inputs(2, 8, 2, 2, reduction=2, num_cells=num_cells, dropout_p=0.5, device=DEVICE,
+                                seed=3).requires_grad_()
+    masks = inputs.dropout_masks
+    args = (inputs.x, inputs.h, inputs.c, list(inputs.weights), inputs.identity, True, "sigmoid", masks, "triton")
     torch.library.opcheck(torch.ops.dia_fused.step_forward.default, args)
+    detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
+    detached[3] = [w.detach() for w in inputs.weights]
+    out, h, c, pooled = ops.step_forward(*detached)
+    for grad_h, grad_c in ((torch.randn_like(h), torch.randn_like(c)), (None, None)):
+        bwd_args = (torch.randn_like(out), grad_h, grad_c, detached[0], out, pooled, detached[1], detached[2],
+                    detached[3], True, True, "sigmoid", masks, "triton")
+        torch.library.opcheck(torch.ops.dia_fused.step_backward.default, bwd_args)
 
 
 def test_torch_compile_fullgraph():
