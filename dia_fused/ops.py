@@ -11,6 +11,7 @@ raises with the reason: there is no silent fallback.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -61,6 +62,7 @@ def _lookup(name: str) -> Backend:
     return _REGISTRY[name]
 
 
+@functools.lru_cache(maxsize=None)  # every step asks; a failed import is not cached and raises again
 def _kernel_module(name: str):
     """The host-wrapper module of fused backend `name` (forward / backward / unavailable_reason)."""
     return importlib.import_module(FUSED_MODULES[name])
