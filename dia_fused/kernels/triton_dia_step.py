@@ -738,7 +738,7 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     strides = _map_strides(x)
     block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
     _pool_kernel[(n, _cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
-                                                      BLOCK_C=block_c, BLOCK_HW=block_hw)
+                                                BLOCK_C=block_c, BLOCK_HW=block_hw)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
     tiles = _cdiv(n, blocks.n)
     split = _split_path(channels, hidden, num_cells)
