@@ -254,9 +254,7 @@ def _grad_out_for_kernels(grad_out: Tensor, x: Tensor) -> Tensor:
     kernels walk H * W as one axis): then the one copy of a map, laid out like x."""
     if _collapsible(grad_out):
         return grad_out
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return grad_out.contiguous(
-        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return grad_out.contiguous(memory_format=layouts.memory_format(x))
 
 
 _sm_counts = {}

@@ -22,9 +22,14 @@ def canonical(t: Tensor) -> Tensor:
     return t if t.stride() == strides else t.as_strided(t.shape, strides)
 
 
+def is_channels_last(t: Tensor) -> bool:
+    """Whether canonical(t) lays t out channels_last (NCHW wins where both fit, e.g. C = 1)."""
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def memory_format(x: Tensor) -> torch.memory_format:
-    """The memory format of a canonical map."""
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
+    """The memory format canonical() gives x."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def in_layout_of(t: Tensor, x: Tensor) -> Tensor:

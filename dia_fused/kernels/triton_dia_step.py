@@ -364,19 +364,16 @@ def _lstm_forward_kernel(
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     part, parts = tl.program_id(1), tl.num_programs(1)
-    if PHASE == PHASE_FUSED:
-        _cells_forward_tile(tl.program_id(0), 0, 1, part, parts, part, pooled_ptr, h_ptr, c_ptr,
-                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                            stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
-                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                            NUM_CELLS, ACTIVATION, HAS_MASKS, False, True, True, BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
-    else:
-        _cells_forward_tile(tl.program_id(0), part, parts, part, parts, 0, pooled_ptr, h_ptr, c_ptr,
-                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                            stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
-                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                            NUM_CELLS, ACTIVATION, HAS_MASKS, False, PHASE == PHASE_REDUCED, PHASE == PHASE_GATES,
-                            BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
+    if PHASE == PHASE_FUSED:  # every column part computes all of u, into its own slot
+        u_part, u_parts, ru_slot = 0, 1, part
+    else:  # REDUCED splits u over the parts; GATES reads it from the one slot
+        u_part, u_parts, ru_slot = part, parts, 0
+    _cells_forward_tile(tl.program_id(0), u_part, u_parts, part, parts, ru_slot, pooled_ptr, h_ptr, c_ptr,
+                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
+                        stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
+                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
+                        NUM_CELLS, ACTIVATION, HAS_MASKS, False, PHASE != PHASE_GATES, PHASE != PHASE_REDUCED,
+                        BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K)
 
 
 @triton.jit
@@ -701,8 +698,7 @@ def _check(x: Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
     n, channels, height, width = x.shape
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() and channels > 1
-    _, block_hw = _map_blocks(channels, height * width, channels_last)
+    _, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x))  # as canonical() lays it
     if _cdiv(height * width, block_hw) > MAX_GRID_Z:
         raise ValueError(f"x: H*W = {height * width} is more than the triton backend's map kernels cover "
                          f"({MAX_GRID_Z * block_hw} for C = {channels} in this layout), got shape "
@@ -736,7 +732,7 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     if n == 0:
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
+    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x))
     _pool_kernel[(n, _cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
                                                 BLOCK_C=block_c, BLOCK_HW=block_hw)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
@@ -779,7 +775,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     layout = _ScratchLayout.backward(channels, hidden, num_cells)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, _is_channels_last(x))
+    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x))
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, _cdiv(channels, block_c))](
@@ -824,6 +820,3 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
                                  *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
-
-def _is_channels_last(x: Tensor) -> bool:
-    return x.stride(1) == 1 and x.shape[1] > 1 and not x.is_contiguous()
