@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
 CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
               "block_c=32,block_k=16,num_warps=4", "split_min=0", "split_min=1000000000"]
@@ -34,13 +32,9 @@ def _time_ms(fn, on_gpu: bool) -> float:
     if on_gpu:
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100)
-    fn()
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    import torch
+    from model_bench import time_steps  # bench/ is the script's directory
+    return time_steps(fn, torch.device("cpu"), warmup=1, steps=3)
 
 
 def worker(shapes, with_reference: bool) -> None:
