@@ -35,22 +35,20 @@ fi
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-GPU_FILES="python_tests/test_gpu_fused.py python_tests/test_cuda_backend.py python_tests/test_triton_backend.py
-    python_tests/test_custom_ops.py python_tests/test_hardening.py"
-GPU_FILES=$(echo $GPU_FILES)
+GPU_FILES=(python_tests/test_gpu_fused.py python_tests/test_cuda_backend.py python_tests/test_triton_backend.py
+           python_tests/test_custom_ops.py python_tests/test_hardening.py)
 phase=${1:-tests}
 case "$phase" in
 tests)  # the ahead-of-time build, then the test files that exercise the fused backends on the GPU
     DIA_FUSED_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 \
         python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
     python3 -m dia_fused 2>&1 | tee "$OUT/selfcheck.log"
-    timeout 420 python3 -m pytest $GPU_FILES -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+    timeout 420 python3 -m pytest "${GPU_FILES[@]}" -q -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -30
     exit "${PIPESTATUS[0]}"
     ;;
 suite)  # the rest of python_tests on the GPU machine, then compute-sanitizer over both fused backends
-    ignores=$(for f in $GPU_FILES; do printf -- '--ignore=%s ' "$f"; done)
-    timeout 420 python3 -m pytest python_tests $ignores -q -p no:cacheprovider --junitxml="$OUT/suite.xml" \
+    timeout 420 python3 -m pytest python_tests "${GPU_FILES[@]/#/--ignore=}" -q -p no:cacheprovider --junitxml="$OUT/suite.xml" \
         2>&1 | tee "$OUT/suite.log" | tail -30
     status=${PIPESTATUS[0]}
     for tool in memcheck racecheck; do  # one small step of each fused backend, forward and backward
