@@ -41,22 +41,16 @@ def worker(shapes, with_reference: bool) -> None:
     """Runs in the candidate's process: one JSON line per shape."""
     import torch
 
-    from dia_fused import ops
-    from dia_fused.testing import compare_backend, random_step_inputs
+    from dia_fused.testing import backend_step, compare_backend, random_step_inputs
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
-
-    def step_fn(backend):
-        def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
-            return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, backend)
-        return step
 
     for n, c, hgt, wid, r in shapes:
         record = {"shape": [n, c, hgt, wid], "reduction": r}
         inputs = random_step_inputs(n, c, hgt, wid, reduction=r, device=device)
         try:
-            errors = compare_backend(step_fn("triton"), inputs, torch.float32, relu=True)
+            errors = compare_backend(backend_step("triton"), inputs, torch.float32, relu=True)
             record.update(ok=True, max_error=max(errors.values()))
         except AssertionError as err:
             record.update(ok=False, error=str(err)[:500])
@@ -65,7 +59,7 @@ def worker(shapes, with_reference: bool) -> None:
             x, h, cst = (t.detach().clone() for t in inputs.args()[:3])
             w = [t.detach().clone().requires_grad_() for t in inputs.weights]
             identity = inputs.identity.detach().clone()
-            step = step_fn(backend)
+            step = backend_step(backend)
 
             def forward():
                 with torch.no_grad():

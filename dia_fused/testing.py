@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from . import reference
+from . import ops, reference
 
 Tensor = torch.Tensor
 
@@ -88,6 +88,14 @@ def random_step_inputs(n: int, channels: int, height: int, width: int, *, reduct
         masks = (torch.rand(num_cells - 1, n, channels, generator=gen) < keep).to(
             device=device, dtype=sdtype) / keep
     return StepInputs(x, h, c, weights, idt, masks)
+
+
+def backend_step(backend: str):
+    """ops.dia_step on `backend`, with the signature of reference.dia_lstm_step (what
+    compare_backend and step_outputs_and_grads call)."""
+    def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
+        return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, backend)
+    return step
 
 
 def max_abs_error(actual: Tensor, expected: Tensor) -> float:

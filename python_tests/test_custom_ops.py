@@ -9,7 +9,7 @@ import cuda_emulation
 import layout_cases
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
+from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
 pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
@@ -23,8 +23,7 @@ def cuda_on_cpu(emu, monkeypatch):
     return emu
 
 
-def ops_step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
-    return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, "cuda")
+ops_step = backend_step("cuda")
 
 
 @pytest.mark.parametrize("num_cells", [1, 2])

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from dia_fused import DIALSTM, ops
 from dia_fused.models import create_model
-from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs, step_outputs_and_grads
+from dia_fused.testing import (backend_step, compare_backend, max_abs_error, random_step_inputs,
+                               step_outputs_and_grads)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -28,12 +29,6 @@ def backend(request):
     reason = ops.backend_unavailable_reason(request.param, "cuda")
     assert reason is None, f"backend {request.param} must run on a GPU machine: {reason}"
     return request.param
-
-
-def step_fn(backend):
-    def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
-        return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, backend)
-    return step
 
 
 SHAPES = [pytest.param(128, 64, 32, 32, 4, id="cifar-c64-32"),
@@ -53,22 +48,22 @@ SHAPES = [pytest.param(128, 64, 32, 32, 4, id="cifar-c64-32"),
 @pytest.mark.parametrize("n,c,h,w,r", SHAPES)
 def test_real_shapes(backend, n, c, h, w, r, dtype, channels_last):
     inputs = random_step_inputs(n, c, h, w, reduction=r, device="cuda", channels_last=channels_last, seed=c + h)
-    compare_backend(step_fn(backend), inputs, dtype, relu=True)
+    compare_backend(backend_step(backend), inputs, dtype, relu=True)
 
 
 @pytest.mark.parametrize("num_cells", [2, 3])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 def test_stacked_cells_and_activations(backend, num_cells, activation):
     inputs = random_step_inputs(64, 128, 8, 8, reduction=4, num_cells=num_cells, dropout_p=0.2, device="cuda")
-    compare_backend(step_fn(backend), inputs, torch.float32, relu=False, activation=activation)
+    compare_backend(backend_step(backend), inputs, torch.float32, relu=False, activation=activation)
 
 
 def test_deterministic_bitwise(backend):
     inputs = random_step_inputs(128, 256, 8, 8, reduction=4, device="cuda")
     torch.use_deterministic_algorithms(True)
     try:
-        first = step_outputs_and_grads(step_fn(backend), inputs.to(torch.float32))
-        second = step_outputs_and_grads(step_fn(backend), inputs.to(torch.float32))
+        first = step_outputs_and_grads(backend_step(backend), inputs.to(torch.float32))
+        second = step_outputs_and_grads(backend_step(backend), inputs.to(torch.float32))
     finally:
         torch.use_deterministic_algorithms(False)
     for key in first:

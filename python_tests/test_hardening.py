@@ -11,20 +11,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from dia_fused import DIALSTM, available_backends, ops, reference
-from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
+from dia_fused import DIALSTM, available_backends, reference
+from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
 import ddp_check
 from ddp_check import TinyNet
 
 CPU_BACKENDS = available_backends("cpu")
 FUSED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
-
-
-def backend_step(name):
-    def step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
-        return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, name)
-    return step
 
 
 @pytest.mark.skipif(not FUSED_CPU_BACKENDS, reason="no fused backend runs on CPU here "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dia_fused import DIALSTM, ops, reference
-from dia_fused.testing import compare_backend, max_abs_error, random_step_inputs
+from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
 import layout_cases
 
@@ -15,8 +15,7 @@ pytestmark = pytest.mark.skipif(ops.backend_unavailable_reason("triton", DEVICE)
                                 reason=f"{ops.backend_unavailable_reason('triton', DEVICE)}")
 
 
-def triton_step(x, h, c, w, identity=None, relu=False, activation="sigmoid", dropout_masks=None):
-    return ops.dia_step(x, h, c, w, identity, relu, activation, dropout_masks, "triton")
+triton_step = backend_step("triton")
 
 
 @pytest.mark.parametrize("n, c, h, w, r", [(2, 12, 3, 5, 4), (1, 8, 1, 1, 2), (3, 20, 4, 4, 5), (2, 70, 2, 3, 7)],
