@@ -128,6 +128,16 @@ class _LaunchLog:
         return Stub()
 
 
+@pytest.fixture
+def launch_log(monkeypatch):
+    """Every Triton kernel of the backend replaced by a stub that logs its launch."""
+    from dia_fused.kernels import triton_dia_step
+    log = _LaunchLog()
+    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
+        monkeypatch.setattr(triton_dia_step, name, log.stub(name))
+    return log
+
+
 def _recording_aten(log):
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -139,23 +149,20 @@ def _recording_aten(log):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_one_step_is_three_launches_forward_and_four_backward(monkeypatch, channels_last):
+def test_one_step_is_three_launches_forward_and_four_backward(monkeypatch, launch_log, channels_last):
     from dia_fused.kernels import triton_dia_step
     monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig())
-    log = _LaunchLog()
-    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
-        monkeypatch.setattr(triton_dia_step, name, log.stub(name))
     inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE, channels_last=channels_last)
-    with _recording_aten(log):
+    with _recording_aten(launch_log):
         out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
-    assert log.kernels == FORWARD_KERNELS
+    assert launch_log.kernels == FORWARD_KERNELS
     grad_out = torch.empty_like(out)
-    log.kernels.clear()
-    with _recording_aten(log):
+    launch_log.kernels.clear()
+    with _recording_aten(launch_log):
         grads = triton_dia_step.backward(grad_out, None, None, inputs.x, out, pooled, inputs.h, inputs.c,
                                          inputs.weights, True, True, "sigmoid", None)
-    assert log.kernels == BACKWARD_KERNELS
-    assert log.aten <= NO_KERNEL_OPS, f"compute ops outside the kernels: {sorted(log.aten - NO_KERNEL_OPS)}"
+    assert launch_log.kernels == BACKWARD_KERNELS
+    assert launch_log.aten <= NO_KERNEL_OPS, f"compute ops outside the kernels: {sorted(launch_log.aten - NO_KERNEL_OPS)}"
     assert grads[-1].shape == (sum(w.numel() for w in inputs.weights),)
 
 
@@ -195,21 +202,18 @@ def test_bad_lstm_configuration_is_named(text, words):
     assert words in str(info.value)
 
 
-def test_split_path_launches(monkeypatch):
+def test_split_path_launches(monkeypatch, launch_log):
     # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4 launches);
     # backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7 launches)
     from dia_fused.kernels import triton_dia_step
     monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig(split_min=0))
-    log = _LaunchLog()
-    for name in FORWARD_KERNELS + BACKWARD_KERNELS:
-        monkeypatch.setattr(triton_dia_step, name, log.stub(name))
     inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE)
     out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
-    assert log.kernels == ["_pool_kernel", "_lstm_forward_kernel", "_lstm_forward_kernel", "_scale_kernel"]
-    log.kernels.clear()
+    assert launch_log.kernels == ["_pool_kernel", "_lstm_forward_kernel", "_lstm_forward_kernel", "_scale_kernel"]
+    launch_log.kernels.clear()
     triton_dia_step.backward(torch.empty_like(out), None, None, inputs.x, out, pooled, inputs.h, inputs.c,
                              inputs.weights, True, True, "sigmoid", None)
-    assert log.kernels == ["_grad_attention_kernel", "_lstm_forward_kernel"] + ["_lstm_backward_kernel"] * 3 + \
+    assert launch_log.kernels == ["_grad_attention_kernel", "_lstm_forward_kernel"] + ["_lstm_backward_kernel"] * 3 + \
         ["_weight_grad_kernel", "_grad_input_kernel"]
 
 
