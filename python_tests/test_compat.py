@@ -1,5 +1,6 @@
 """Conversion of other codebases' DIA models: pytorchcv 0.0.74 (random weights) and the official
-DIANet CIFAR models (their module structure re-created here from the published code), outputs
+DIANet CIFAR models (dia_resnet, dia_preresnet, dia_wrn, dia_resnext: their module structure and
+registration order re-created here from gbup-group/DIANet models/cifar), outputs
 compared in eval mode within 1e-5 (relative to the logits' magnitude)."""
 import pytest
 import torch
@@ -91,6 +92,7 @@ class OfficialBottleneck(nn.Module):
             self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(planes)
             self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+            self.downsample = downsample  # registered before bn_additional, as in the official file
             self.bn_additional = nn.BatchNorm2d(planes * 4)
         else:
             self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -99,7 +101,7 @@ class OfficialBottleneck(nn.Module):
             self.bn2 = nn.BatchNorm2d(planes)
             self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
             self.bn3 = nn.BatchNorm2d(planes * 4)
-        self.downsample = downsample
+            self.downsample = downsample
 
     def forward(self, x):
         if self.pre:
@@ -141,7 +143,7 @@ class OfficialNet(nn.Module):
         out = [OfficialBottleneck(self.inplanes, planes, stride, downsample, self.pre)]
         self.inplanes = planes * 4
         out += [OfficialBottleneck(self.inplanes, planes, pre=self.pre) for _ in range(1, blocks)]
-        return nn.ModuleList(out)
+        return nn.Sequential(*out) if self.pre else nn.ModuleList(out)  # the official PreResNet: Sequential
 
     def forward(self, x):
         x = self.conv1(x)
@@ -157,6 +159,116 @@ def official(depth, num_classes, pre):
     model = OfficialNet(depth, num_classes, pre)
     model.__class__ = type("PreResNet" if pre else "ResNet", (OfficialNet,), {})
     return randomise_norms(model)
+
+
+class OfficialWideBlock(nn.Module):
+    """models/cifar/dia_wrn.py BasicBlock: pre-activation, an extra BN closing the branch; a width
+    change projects the pre-activated input."""
+
+    def __init__(self, cin, cout, stride, drop_rate):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.droprate = drop_rate
+        self.equalInOut = cin == cout
+        self.convShortcut = None if self.equalInOut else nn.Conv2d(cin, cout, 1, stride, bias=False)
+        self.bn_additional = nn.BatchNorm2d(cout)  # registered after the shortcut, runs before it
+
+    def forward(self, x):
+        pre = torch.relu(self.bn1(x))
+        out = torch.relu(self.bn2(self.conv1(pre)))
+        out = nn.functional.dropout(out, p=self.droprate, training=self.training)
+        out = self.bn_additional(self.conv2(out))
+        return out, (x if self.equalInOut else self.convShortcut(pre))
+
+
+class WideResNet(nn.Module):
+    """models/cifar/dia_wrn.py WideResNet (no ReLU after the residual sum). The official file sizes
+    the units 64/128/256, i.e. widen factor 4 only; here they follow the widths."""
+
+    def __init__(self, depth, num_classes, widen_factor, drop_rate=0.0):
+        super().__init__()
+        widths, n = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor], (depth - 4) // 6
+        self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
+        for i in range(3):
+            blocks = nn.ModuleList(OfficialWideBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1],
+                                                     (1 if i == 0 else 2) if j == 0 else 1, drop_rate)
+                                   for j in range(n))
+            setattr(self, f"block{i + 1}", Attention(blocks, widths[i + 1], relu=False))
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], num_classes)
+
+    def forward(self, x):
+        x = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(torch.relu(self.bn1(x)).mean((2, 3)))
+
+
+class OfficialResNeXtBlock(nn.Module):
+    """models/cifar/dia_resnext.py ResNeXtBottleneck: 1x1 reduce, grouped strided 3x3, 1x1 expand;
+    a projection shortcut (conv + BN) when the channels change."""
+
+    def __init__(self, cin, cout, stride, cardinality, widen_factor):
+        super().__init__()
+        width = cardinality * cout // widen_factor
+        self.conv_reduce = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn_reduce = nn.BatchNorm2d(width)
+        self.conv_conv = nn.Conv2d(width, width, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        self.conv_expand = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn_expand = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Sequential()
+        if cin != cout:
+            self.shortcut.add_module("shortcut_conv", nn.Conv2d(cin, cout, 1, stride, bias=False))
+            self.shortcut.add_module("shortcut_bn", nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = torch.relu(self.bn_reduce(self.conv_reduce(x)))
+        out = torch.relu(self.bn(self.conv_conv(out)))
+        return self.bn_expand(self.conv_expand(out)), self.shortcut(x)
+
+
+class CifarResNeXt(nn.Module):
+    """models/cifar/dia_resnext.py CifarResNeXt (widen factor 4: stages of 128/256/512 channels)."""
+
+    def __init__(self, cardinality, depth, num_classes, widen_factor=4):
+        super().__init__()
+        self.cardinality, self.depth, self.widen_factor, self.num_classes = cardinality, depth, widen_factor, num_classes
+        stages = [32, 32 * widen_factor, 64 * widen_factor, 128 * widen_factor]
+        self.conv_1_3x3 = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
+        self.bn_1 = nn.BatchNorm2d(32)
+        for i in range(3):
+            blocks = nn.ModuleList(OfficialResNeXtBlock(stages[i] if j == 0 else stages[i + 1], stages[i + 1],
+                                                        (1 if i == 0 else 2) if j == 0 else 1, cardinality,
+                                                        widen_factor) for j in range((depth - 2) // 9))
+            setattr(self, f"stage_{i + 1}", Attention(blocks, stages[i + 1], relu=True))
+        self.classifier = nn.Linear(stages[3], num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn_1(self.conv_1_3x3(x)))
+        x = self.stage_3(self.stage_2(self.stage_1(x)))
+        return self.classifier(x.mean((2, 3)))
+
+
+OFFICIAL_WIDE_MODELS = {  # name for load_official_state_dict -> the official model
+    "dia_wrn16_2": lambda: WideResNet(16, 100, 2, drop_rate=0.3),
+    "dia_wrn10_4": lambda: WideResNet(10, 100, 4),
+    "dia_resnext11_2x64": lambda: CifarResNeXt(2, 11, 100),
+    "dia_resnext20_4x32": lambda: CifarResNeXt(4, 20, 10),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFICIAL_WIDE_MODELS))
+def test_official_wrn_and_resnext_convert_and_load_with_the_same_outputs(name):
+    torch.manual_seed(0)
+    source = randomise_norms(OFFICIAL_WIDE_MODELS[name]()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    converted = convert(source, backend="reference")
+    assert [type(s.unit) for s in converted.stages] == [DIALSTM] * 3
+    assert_same_outputs(source, converted, x)
+    checkpoint = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
+    assert_same_outputs(source, load_official_state_dict(name, checkpoint), x)
 
 
 @pytest.mark.parametrize("pre", [False, True], ids=["dia_resnet", "dia_preresnet"])
