@@ -74,7 +74,8 @@ ext_modules, cmdclass = cuda_extensions()
 setup(
     packages=find_packages(include=["dia_fused", "dia_fused.*"]) + ["dia_fused.csrc"],
     package_dir={"dia_fused.csrc": "csrc"},
-    package_data={"dia_fused.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"]},
+    # auto_backend.json: the measured table behind backend="auto" (bench/make_auto_table.py)
+    package_data={"dia_fused.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"], "dia_fused": ["auto_backend.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -14,6 +14,8 @@
 # step_bench*.json, model_bench.json, tune_triton.json and env.txt (device, driver, versions, date).
 # Then: copy env.txt and the JSON files to bench/results/<date>_<gpu>/, run
 # `python bench/summarize.py bench/results/<date>_<gpu> -o BENCHMARKS.md`, commit both.
+# `bench` also leaves auto_backend.json (bench/make_auto_table.py: what backend="auto" picks per
+# step shape): copy it to dia_fused/ before the `model` phase, so that dia_fused (auto) runs by it.
 # pytorchcv is not on the device image: carry its wheel in .whl/ (see the device tool's README) for
 # the conversion tests, else they skip.
 set -uo pipefail
@@ -61,6 +63,9 @@ suite)  # the rest of python_tests on the GPU machine, then compute-sanitizer ov
 bench)  # the fused backends and the eager reference; torch.compile of the reference separately
     timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "not compiled_reference" \
         --benchmark-json="$OUT/step_bench.json" 2>&1 | tee "$OUT/step_bench.log" | tail -40
+    status=${PIPESTATUS[0]}
+    python3 bench/make_auto_table.py "$OUT/step_bench.json" -o "$OUT/auto_backend.json"
+    exit "$status"
     ;;
 bench-compiled)  # one inductor compile per shape and dtype
     timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "compiled_reference" \

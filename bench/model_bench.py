@@ -7,7 +7,8 @@ backward, update) and inference, fp32 and bf16 autocast, median over timed steps
 
 Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train,infer}_ms for fp32
 (dia_fused = backend "auto"; dia_triton / dia_cuda where that backend runs), the same with a `bf16_`
-prefix for autocast, ratios to plain, plus device, versions and the settings.
+prefix for autocast, ratios to plain, auto's backend per DIA unit ({,bf16_}dia_fused_{train,infer}_backends),
+plus device, versions and the settings.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 import dia_fused
+from dia_fused import DIALSTM
 from dia_fused.models import create_model
 
 VARIANTS = {  # key -> (model name prefix, options, compiled)
@@ -88,10 +90,29 @@ def bench_variant(key, args, device, amp_dtype):
             runner(x)
 
     model.train()
+    backends = {"train": unit_backends(model, train_step)}
     train_ms = time_steps(train_step, device, args.warmup, args.steps)
     model.eval()
+    backends["infer"] = unit_backends(model, infer_step)
     infer_ms = time_steps(infer_step, device, args.warmup, args.steps)
-    return train_ms, infer_ms
+    return train_ms, infer_ms, backends
+
+
+def unit_backends(model, step) -> str:
+    """The backend each DIA unit of `model` runs with in one call of `step` (auto decides per step
+    shape), as 'cuda/cuda/triton' in stage order; '' without DIA units."""
+    chosen = {}
+
+    def record(unit, args):
+        chosen.setdefault(unit, unit.resolved_backend(args[0]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules() if isinstance(m, DIALSTM)]
+    try:
+        step()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return "/".join(chosen.values())
 
 
 def run(args) -> dict:
@@ -100,7 +121,6 @@ def run(args) -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "cuda": torch.version.cuda, "dia_fused": dia_fused.__version__,
-        "dia_fused_backend": dia_fused.resolve_backend("auto", device),
         "depth": args.depth, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "channels_last": args.channels_last,
     }
@@ -112,9 +132,11 @@ def run(args) -> dict:
     precisions = [("", None)] + ([("bf16_", torch.bfloat16)] if args.bf16 else [])
     for label, amp_dtype in precisions:
         for key in args.variants:
-            train_ms, infer_ms = bench_variant(key, args, device, amp_dtype)
+            train_ms, infer_ms, backends = bench_variant(key, args, device, amp_dtype)
             result[f"{label}{key}_train_ms"] = train_ms
             result[f"{label}{key}_infer_ms"] = infer_ms
+            if key == "dia_fused":  # auto's choice per unit, e.g. "cuda/cuda/triton"
+                result.update({f"{label}dia_fused_{phase}_backends": b for phase, b in backends.items()})
             print(f"{label or 'fp32_'}{key:<14} train {train_ms:9.2f} ms   infer {infer_ms:9.2f} ms",
                   file=sys.stderr, flush=True)
         for key in args.variants:

@@ -44,9 +44,16 @@ def model_table(result: dict) -> List[str]:
             mark = " ✓" if key == "dia_fused" and ratio <= TARGET_RATIO else ""
             cells.append(f"{ratio:.2f}x ({ms:.1f} ms){mark}")
         if any(c != "-" for c in cells):
-            label = f"{key} ({result.get('dia_fused_backend', 'auto')})" if key == "dia_fused" else key
+            label = f"{key} (auto: {_auto_choice(result)})" if key == "dia_fused" else key
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _auto_choice(result: dict) -> str:
+    """auto's backend per DIA unit as model_bench recorded it, e.g. 'train cuda/cuda/triton, infer ...'."""
+    phases = [f"{phase} {result[f'dia_fused_{phase}_backends']}" for phase in ("train", "infer")
+              if result.get(f"dia_fused_{phase}_backends")]
+    return ", ".join(phases) or result.get("dia_fused_backend", "?")
 
 
 def step_table(bench: dict) -> List[str]:

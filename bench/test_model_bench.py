@@ -14,4 +14,6 @@ def test_model_bench_writes_every_key(tmp_path, capsys):
                 "se_train_ms", "plain_infer_ms", "dia_fused_infer_ms", "dia_fused_train_ratio_to_plain"):
         assert result[key] > 0, key
     assert result["device"] and result["torch"] and result["steps"] == 2
+    # depth 11: one block per stage, one unit per stage; auto on a CPU runs the reference
+    assert result["dia_fused_train_backends"] == result["dia_fused_infer_backends"] == "reference/reference/reference"
     assert json.loads(capsys.readouterr().out) == result

@@ -22,7 +22,7 @@ def test_summary_from_model_bench_and_step_bench(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     (tmp_path / "env.txt").write_text("gpu: none (CPU test)\n")
     text = summarize.summarize(str(tmp_path))
-    assert "| dia_fused (reference) |" in text and "| plain | 1.00x" in text
+    assert "| dia_fused (auto: train reference/reference/reference, infer reference/reference/reference) |" in text and "| plain | 1.00x" in text
     assert "| dia_reference |" in text
     step_rows = [line for line in text.splitlines() if line.startswith("| 8x256x8x8 | float32 |")]
     assert {row.split(" | ")[2] for row in step_rows} == {"fwd", "fwd+bwd"}

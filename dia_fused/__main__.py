@@ -10,7 +10,7 @@ import sys
 import torch
 from torch.utils import benchmark
 
-from . import __version__, ops, reference
+from . import __version__, backend_table, ops, reference
 from .testing import compare_backend, random_step_inputs
 
 # (N, C, H, W) of the check: the CIFAR stage-1 step on a GPU, small on CPU, tiny for the interpreter
@@ -29,7 +29,7 @@ def versions() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
-    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton launch knobs
+    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION", backend_table.ENV_TABLE):
         info[name] = os.environ.get(name, "unset (defaults)")
     return info
 
@@ -95,8 +95,16 @@ def main(argv=None) -> int:
             print(f"  {name:<10} available; step N={n} C={c} {h}x{w} fp32: "
                   f"max error vs float64 {r['max_error']:.2e} (out {r['out_error']:.2e}), "
                   f"forward {r['forward_ms']:.3f} ms, forward+backward {r['forward_backward_ms']:.3f} ms")
-    auto = ops.resolve_backend("auto", devices[-1])
-    print(f"\nbackend='auto' on {devices[-1]} runs: {auto}")
+    device = devices[-1]
+    n, c, h, w = SHAPES[device.type]
+    auto = ops.resolve_backend("auto", device, (c, h * w, "float32", True) if device.type == "cuda" else None)
+    how = "cuda > triton > reference"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        how = (f"fastest measured for the step's shape on this GPU ({backend_table.table_path()})"
+               if backend_table.has_device(name) else f"{how}: no measurements for {name} in "
+               f"{backend_table.table_path()} (bench/make_auto_table.py)")
+    print(f"\nbackend='auto' on {device} ({how}): a training step N={n} C={c} {h}x{w} fp32 runs {auto}")
     print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
     return 1 if failures else 0
 

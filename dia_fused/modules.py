@@ -111,9 +111,13 @@ class DIALSTM(nn.Module):
         zeros = torch.zeros(shape, dtype=state_dtype(x.dtype), device=x.device)
         return zeros, zeros.clone()
 
-    def resolved_backend(self, device) -> str:
-        """The backend a forward on `device` runs with (after `auto` and DIA_FUSED_BACKEND)."""
-        return ops.resolve_backend(self.backend, device)
+    def resolved_backend(self, x_or_device) -> str:
+        """The backend a forward runs with (after `auto` and DIA_FUSED_BACKEND): for an input x
+        exactly; for a device, auto's choice without a step shape (cuda > triton > reference)."""
+        if isinstance(x_or_device, Tensor):
+            return ops.resolve_backend(self.backend, x_or_device.device,
+                                       ops.step_key(x_or_device, self.flat_weights()))
+        return ops.resolve_backend(self.backend, x_or_device)
 
     def forward(self, x: Tensor, state: Optional[State] = None, identity: Optional[Tensor] = None,
                 relu: Optional[bool] = None) -> Tuple[Tensor, State]:

@@ -4,8 +4,9 @@ Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` 
 Both fused backends run through ONE pair of torch.library custom ops, `dia_fused::step_forward` and
 `dia_fused::step_backward`, with a fake (meta) implementation and an autograd formula, so they work
 eagerly, under torch.compile(fullgraph=True) and in CUDA-graph capture. The ops dispatch on a
-`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py). `auto` picks cuda > triton >
-reference among those available for the tensor's device; the environment variable
+`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py). `auto` picks, among
+the backends available for the tensor's device, the fastest measured for the step's shape on this GPU
+(backend_table.py), else cuda > triton > reference; the environment variable
 DIA_FUSED_BACKEND overrides the requested name. A backend named explicitly that is unavailable
 raises with the reason: there is no silent fallback.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+import operator
 import os
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from . import reference
+from . import backend_table, reference
 from ._checks import check_choice, check_step_args
 
 Tensor = torch.Tensor
@@ -91,14 +93,47 @@ def available_backends(device) -> Tuple[str, ...]:
     return tuple(b for b in BACKENDS if backend_unavailable_reason(b, device) is None)
 
 
-@torch.compiler.assume_constant_result  # pure in (name, device, environment): resolved once at trace time
-def resolve_backend(requested: str, device) -> str:
-    """The backend that runs for `requested` on `device` (DIA_FUSED_BACKEND overrides)."""
+@functools.lru_cache(maxsize=None)
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def auto_order(device, step: Optional[Tuple[int, int, str, bool]] = None) -> Tuple[str, ...]:
+    """The order in which `auto` tries the backends on `device`: fastest first as measured for
+    `step` = (channels, H*W, dtype name, training) where the table has this GPU (backend_table),
+    else cuda > triton > reference."""
+    device = torch.device(device)
+    measured = None
+    if step is not None and device.type == "cuda":
+        measured = backend_table.measured_order(_device_name(device), *step)
+    if measured is None:
+        return AUTO_ORDER
+    return measured + tuple(name for name in AUTO_ORDER if name not in measured)
+
+
+def step_key(x: Tensor, weights: Sequence[Tensor]) -> Optional[Tuple[int, int, str, bool]]:
+    """(channels, H*W, dtype name, training) of a step on `x`: what auto's measured choice depends
+    on (on a GPU only: None elsewhere)."""
+    return shape_key(x, weights) if x.is_cuda else None
+
+
+def shape_key(x: Tensor, weights: Sequence[Tensor]) -> Tuple[int, int, str, bool]:
+    # operator.index makes torch.compile specialise symbolic C and H*W (with guards) into the plain
+    # ints assume_constant_result needs; int() would keep them symbolic and break the graph
+    training = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
+    return (operator.index(x.shape[1]), operator.index(x.shape[2] * x.shape[3]), str(x.dtype).replace("torch.", ""),
+            training)
+
+
+@torch.compiler.assume_constant_result  # pure in (arguments, environment): resolved once at trace time
+def resolve_backend(requested: str, device, step: Optional[Tuple[int, int, str, bool]] = None) -> str:
+    """The backend that runs for `requested` on `device` (DIA_FUSED_BACKEND overrides); for
+    `auto`, `step` = (channels, H*W, dtype name, training) selects by the measured table."""
     requested = os.environ.get(ENV_BACKEND) or requested
     check_choice("backend", requested, BACKEND_CHOICES)
     device = torch.device(device)
     if requested == "auto":
-        for name in AUTO_ORDER:
+        for name in auto_order(device, step):
             # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic choice
             if name == "triton" and device.type == "cpu":
                 continue
@@ -127,7 +162,7 @@ def dia_step(
     if x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"x: expected H*W >= 1 (the attention pools over H, W), got shape "
                          f"{tuple(x.shape)}")
-    name = resolve_backend(backend, x.device)
+    name = resolve_backend(backend, x.device, step_key(x, weights))
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
     return _lookup(name).step(x, h, c, tuple(weights), identity, bool(relu), activation,

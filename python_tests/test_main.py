@@ -10,7 +10,8 @@ from dia_fused.__main__ import main
 def test_no_check_lists_versions_knobs_and_every_backend(capsys):
     assert main(["--no-check"]) == 0
     out = capsys.readouterr().out
-    for word in ("torch", "DIA_FUSED_BACKEND", "DIA_FUSED_TRITON_LSTM", "backends on cpu:", "reference  available"):
+    for word in ("torch", "DIA_FUSED_BACKEND", "DIA_FUSED_TRITON_LSTM", "DIA_FUSED_AUTO_TABLE", "backends on cpu:",
+                 "reference  available"):
         assert word in out
     for name in ops.BACKENDS:
         reason = ops.backend_unavailable_reason(name, "cpu")
@@ -26,4 +27,4 @@ def test_check_runs_every_available_cpu_backend_against_float64(capsys, monkeypa
     for name in ops.available_backends("cpu"):
         line = next(line for line in backends if line.strip().startswith(name + " "))
         assert "max error vs float64" in line and "forward+backward" in line, line
-    assert "backend='auto' on cpu runs: reference" in out
+    assert "backend='auto' on cpu (cuda > triton > reference): a training step N=8 C=64 16x16 fp32 runs reference" in out
