@@ -97,7 +97,13 @@ def nearest_step(steps: Sequence[dict], channels: int, hw: int, dtype: str, trai
 def measured_order(device_name: str, channels: int, hw: int, dtype: str, training: bool) -> Optional[Tuple[str, ...]]:
     """Backends fastest first at the nearest measured step on `device_name`; None when the table
     has no step for it (then auto keeps its static order)."""
-    steps = load_table(table_path()).get(device_name)
+    return _measured_order(table_path(), device_name, channels, hw, dtype, training)
+
+
+@functools.lru_cache(maxsize=4096)  # every step asks: a search of the table costs ~20 us, a hit ~1 us
+def _measured_order(path: str, device_name: str, channels: int, hw: int, dtype: str,
+                    training: bool) -> Optional[Tuple[str, ...]]:
+    steps = load_table(path).get(device_name)
     if not steps:
         return None
     step = nearest_step(steps, channels, hw, dtype, training)
