@@ -69,6 +69,21 @@ def _result(ctx: distributed.Context, totals: torch.Tensor, seconds: float) -> E
     return EpochResult(loss_sum / count, 100.0 * correct / count, int(count), seconds)
 
 
+def _progress_bar(stream: BatchStream, ctx: distributed.Context, desc: str) -> tqdm:
+    """One bar per epoch on the main process (tqdm decides for a non-terminal output)."""
+    return tqdm(total=len(stream), desc=desc, disable=None if ctx.is_main else True, leave=False,
+                dynamic_ncols=True)
+
+
+def _add_batch(totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+    """Adds a batch to totals = [sum of per-sample losses, correct predictions, samples], on the
+    device (no host sync per step)."""
+    n = targets.shape[0]
+    totals[0] += mean_loss.detach().double() * n
+    totals[1] += (logits.argmax(dim=1) == targets).sum()
+    totals[2] += n
+
+
 def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: torch.optim.Optimizer,
                 criterion: nn.Module, ctx: distributed.Context, *,
                 amp_dtype: Optional[torch.dtype] = None,
@@ -76,10 +91,8 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
     """One pass over `stream.epoch(epoch)`; returns the mean loss/accuracy over all processes."""
     model.train()
     device = ctx.device
-    # [sum of per-sample losses, correct predictions, samples] of this process
-    totals = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = tqdm(total=len(stream), desc=desc, disable=None if ctx.is_main else True, leave=False,
-               dynamic_ncols=True)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # this process's, see _add_batch
+    bar = _progress_bar(stream, ctx, desc)
     _sync(device)
     start = time.perf_counter()
     steady_start, steady_images = None, 0
@@ -102,10 +115,7 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
             loss.backward()
             optimizer.step()
         with torch.no_grad():
-            n = targets.shape[0]
-            totals[0] += loss.detach().double() * n
-            totals[1] += (logits.argmax(dim=1) == targets).sum()
-            totals[2] += n
+            _add_batch(totals, loss, logits, targets)
         bar.update(1)
         if not bar.disable and (step + 1) % PROGRESS_EVERY == 0:
             loss_sum, correct, count = totals.tolist()  # host sync, only for the bar
@@ -128,17 +138,14 @@ def evaluate(model: nn.Module, stream: BatchStream, criterion: nn.Module,
     model.eval()
     device = ctx.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = tqdm(total=len(stream), desc=desc, disable=None if ctx.is_main else True, leave=False,
-               dynamic_ncols=True)
+    bar = _progress_bar(stream, ctx, desc)
     _sync(device)
     start = time.perf_counter()
     for inputs, targets in stream.epoch(0):
         if targets.shape[0]:
             with _autocast(device, amp_dtype):
                 logits = model(inputs)
-            totals[0] += criterion(logits.float(), targets).double() * targets.shape[0]
-            totals[1] += (logits.argmax(dim=1) == targets).sum()
-            totals[2] += targets.shape[0]
+            _add_batch(totals, criterion(logits.float(), targets), logits, targets)
         bar.update(1)
     _sync(device)
     seconds = time.perf_counter() - start
