@@ -161,24 +161,33 @@ __device__ __forceinline__ float lstm_cell_backward(float (&gate)[4], float c_pr
 // Loads of UNROLL accesses are issued before their use so several are in flight per thread.
 // ---------------------------------------------------------------------------------------------
 
+// The load-ahead loop of every pass: positions first, first + stride, ... below `limit` of the
+// plane or row (n, c); Op::kUnroll accesses are loaded before any is used, so several are in
+// flight per thread; then visit(regs, position) for each.
+template <class Op, class Visit>
+__device__ __forceinline__ void stream_accesses(const Op& op, int64_t n, int c, int first, int limit,
+                                                int stride, const Visit& visit) {
+  constexpr int kUnroll = Op::kUnroll;
+  for (int base = first; base < limit; base += stride * kUnroll) {
+    typename Op::Regs regs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * stride < limit) op.load(regs[u], n, c, base + u * stride);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (base + u * stride < limit) visit(regs[u], base + u * stride);
+  }
+}
+
 // One warp streams the plane (n, c) (channels outer). Returns the plane's sum in every lane.
 template <int VEC, class Op>
 __device__ __forceinline__ float warp_plane_reduce(const Op& op, int64_t n, int c, int hw_size,
                                                    int lane) {
-  constexpr int kUnroll = Op::kUnroll;
-  constexpr int kStep = kWarpSize * VEC;
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  for (int base = lane * VEC; base < hw_size; base += kStep * kUnroll) {
-    typename Op::Regs regs[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * kStep < hw_size) op.load(regs[u], n, c, base + u * kStep);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * kStep < hw_size) op.reduce(regs[u], acc, n, c, base + u * kStep);
-  }
+  stream_accesses(op, n, c, lane * VEC, hw_size, kWarpSize * VEC,
+                  [&](typename Op::Regs& regs, int hw) { op.reduce(regs, acc, n, c, hw); });
   float total = 0.0f;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) total += acc[e];
@@ -189,23 +198,14 @@ __device__ __forceinline__ float warp_plane_reduce(const Op& op, int64_t n, int 
 template <int VEC, class Op>
 __device__ __forceinline__ void warp_plane_apply(const Op& op, int64_t n, int c, int hw_size,
                                                  int lane, float p0, float p1) {
-  constexpr int kUnroll = Op::kUnroll;
-  constexpr int kStep = kWarpSize * VEC;
   float p0v[VEC], p1v[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     p0v[e] = p0;
     p1v[e] = p1;
   }
-  for (int base = lane * VEC; base < hw_size; base += kStep * kUnroll) {
-    typename Op::Regs regs[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * kStep < hw_size) op.load(regs[u], n, c, base + u * kStep);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * kStep < hw_size) op.store(regs[u], p0v, p1v, n, c, base + u * kStep);
-  }
+  stream_accesses(op, n, c, lane * VEC, hw_size, kWarpSize * VEC,
+                  [&](typename Op::Regs& regs, int hw) { op.store(regs, p0v, p1v, n, c, hw); });
 }
 
 // Rows of sample n (channels inner), channels [c_begin, c_end) with c_end - c_begin <= lanes * VEC:
@@ -216,7 +216,6 @@ __device__ __forceinline__ void warp_plane_apply(const Op& op, int64_t n, int c,
 template <int VEC, class Op>
 __device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_end, int hw_size,
                                   int lanes, float* scratch, float* out, float scale) {
-  constexpr int kUnroll = Op::kUnroll;
   const int groups = static_cast<int>(blockDim.x) / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes;
   const int group = static_cast<int>(threadIdx.x) / lanes;
@@ -225,15 +224,8 @@ __device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_en
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
   if (group < groups && c < c_end) {
-    for (int base = group; base < hw_size; base += groups * kUnroll) {
-      typename Op::Regs regs[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * groups < hw_size) op.load(regs[u], n, c, base + u * groups);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * groups < hw_size) op.reduce(regs[u], acc, n, c, base + u * groups);
-    }
+    stream_accesses(op, n, c, group, hw_size, groups,
+                    [&](typename Op::Regs& regs, int hw) { op.reduce(regs, acc, n, c, hw); });
   }
   if (group < groups) {
 #pragma unroll
@@ -255,7 +247,6 @@ template <int VEC, class Op>
 __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_begin, int c_end,
                                                  int hw_size, int lanes, const float* p0,
                                                  const float* p1) {
-  constexpr int kUnroll = Op::kUnroll;
   const int groups = static_cast<int>(blockDim.x) / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes;
   const int group = static_cast<int>(threadIdx.x) / lanes;
@@ -267,15 +258,8 @@ __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_
     p0v[e] = p0[c + e];
     p1v[e] = p1 != nullptr ? p1[c + e] : 0.0f;
   }
-  for (int base = group; base < hw_size; base += groups * kUnroll) {
-    typename Op::Regs regs[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * groups < hw_size) op.load(regs[u], n, c, base + u * groups);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (base + u * groups < hw_size) op.store(regs[u], p0v, p1v, n, c, base + u * groups);
-  }
+  stream_accesses(op, n, c, group, hw_size, groups,
+                  [&](typename Op::Regs& regs, int hw) { op.store(regs, p0v, p1v, n, c, hw); });
 }
 
 // Vector lanes per row of the one-block-per-sample kernels: a whole row of C per thread group.
