@@ -97,12 +97,21 @@ class DIALSTM(nn.Module):
                 f"backend={self.backend!r}")
 
     def flat_weights(self) -> Tuple[Tensor, ...]:
-        """The weights in reference.weight_names order (the backends' calling convention)."""
+        """The weights in reference.weight_names order (the backends' calling convention).
+
+        Read from the submodules' parameter dicts directly: every step asks, and going through
+        nn.Module attribute lookup and ModuleList/Sequential indexing cost ~25 us a step."""
+        ih, hh = self._modules["w_ih"]._modules, self._modules["w_hh"]._modules
         out = []
-        for path in (self.w_ih[0].seq, self.w_hh[0].seq):
-            out += [path[0].weight, path[0].bias, path[2].weight, path[2].bias]
-        for ih, hh in zip(self.w_ih[1:], self.w_hh[1:]):
-            out += [ih.weight, ih.bias, hh.weight, hh.bias]
+        for cells in (ih, hh):  # cell 0: Linear(C, C/r) -> ReLU -> Linear(C/r, 4C)
+            layers = cells["0"]._modules["seq"]._modules
+            for index in ("0", "2"):
+                params = layers[index]._parameters
+                out += (params["weight"], params["bias"])
+        for cell in range(1, self.num_cells):  # cells 1..: Linear(C, 4C)
+            for cells in (ih, hh):
+                params = cells[str(cell)]._parameters
+                out += (params["weight"], params["bias"])
         return tuple(out)
 
     def initial_state(self, x: Tensor) -> State:

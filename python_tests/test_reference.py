@@ -153,6 +153,16 @@ def test_stacked_cell_keys_follow_the_official_layout():
     assert "w_ih.1.weight" in keys and "w_hh.2.bias" in keys
 
 
+@pytest.mark.parametrize("num_cells", [1, 2, 3])
+def test_flat_weights_are_the_parameters_in_weight_names_order(num_cells):
+    unit = DIALSTM(16, reduction=4, num_cells=num_cells)
+    unit.w_hh[0].seq[2].weight = nn.Parameter(torch.randn(64, 4))  # a replaced parameter is seen
+    params = dict(unit.named_parameters())
+    flat = unit.flat_weights()
+    assert len(flat) == len(reference.weight_names(num_cells))
+    assert all(t is params[name] for t, name in zip(flat, reference.weight_names(num_cells)))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs_keep_fp32_state_and_return_input_dtype(dtype):
     unit = DIALSTM(16)
