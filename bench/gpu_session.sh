@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh bench   # one DIA step per fused backend and the eager reference, every shape
 #   bash bench/gpu_session.sh bench-compiled   # the same for torch.compile of the reference
 #   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
+#   bash bench/gpu_session.sh ncu     # Nsight Compute per kernel: time, DRAM bytes, L2 hit rate (profile_step.py)
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
 #   bash bench/gpu_session.sh train   # JIT build check; DIA-ResNet-164 through the training CLI, each backend
 #
@@ -74,6 +75,18 @@ bench-compiled)  # one inductor compile per shape and dtype
 model)  # torch.compile of the reference DIA-ResNet-164 alone took 206 s on an H100 (DESIGN section 5)
     timeout 570 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
     ;;
+ncu)  # the 5x/8x step and the 70%-of-bandwidth large map, per fused backend
+    for backend in triton cuda; do
+        for shape in "128 64 32 32" "256 256 56 56"; do
+            name="ncu_${backend}_${shape// /x}"
+            timeout 140 ncu --profile-from-start off --print-units base --csv --page raw \
+                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+                python3 bench/profile_step.py run --backend "$backend" --shape $shape > "$OUT/$name.csv" 2> "$OUT/$name.log"
+            echo "== $backend $shape (exit $?)"
+            python3 bench/profile_step.py summarize "$OUT/$name.csv" | tee "$OUT/$name.md"
+        done
+    done
+    ;;
 tune)
     timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
     ;;
@@ -91,7 +104,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|suite|bench|bench-compiled|model|tune|train" >&2
+    echo "usage: $0 tests|suite|bench|bench-compiled|model|ncu|tune|train" >&2
     exit 2
     ;;
 esac

@@ -18,8 +18,10 @@ pytestmark = pytest.mark.skipif(ops.backend_unavailable_reason("triton", DEVICE)
 triton_step = backend_step("triton")
 
 
-@pytest.mark.parametrize("n, c, h, w, r", [(2, 12, 3, 5, 4), (1, 8, 1, 1, 2), (3, 20, 4, 4, 5), (2, 70, 2, 3, 7)],
-                         ids=["odd-c-hw15", "batch1-hw1", "c20", "c70-two-channel-tiles"])
+@pytest.mark.parametrize("n, c, h, w, r", [(2, 12, 3, 5, 4), (1, 8, 1, 1, 2), (3, 20, 4, 4, 5), (2, 70, 2, 3, 7),
+                                           (3, 72, 9, 9, 6)],
+                         ids=["odd-c-hw15", "batch1-hw1", "c20", "c70-two-channel-tiles",
+                              "c72-hw81-2x2-map-tiles-per-sample"])  # the elementwise kernels' reversed order
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_shapes_dtypes_layouts(n, c, h, w, r, dtype, channels_last):
@@ -235,9 +237,10 @@ def test_non_dense_and_mixed_layouts_match_the_reference(case, grad_layout):
 
 def test_map_larger_than_the_grid_covers_is_a_clear_error():
     from dia_fused.kernels import triton_dia_step
-    x = torch.zeros(1, 4, 1, 1, device=DEVICE).expand(1, 4, 4100, 4100)  # 16.8M positions, no memory
+    x = torch.zeros(1, 4, 1, 1, device=DEVICE).expand(1, 4, 2**20, 2**20)  # 2^40 positions, no memory
     inputs = random_step_inputs(1, 4, 1, 1, reduction=2, device=DEVICE)
-    with pytest.raises(ValueError, match=r"x: H\*W = 16810000 is more than the triton backend's map kernels cover"):
+    with pytest.raises(ValueError, match=r"x: \d+ tiles of 4 channels x \d+ positions are more than the triton "
+                                         r"backend's map kernels cover \(2147483647\), got shape \(1, 4, 1048576"):
         triton_dia_step.forward(x, inputs.h, inputs.c, inputs.weights, None, False, "sigmoid", None)
 
 

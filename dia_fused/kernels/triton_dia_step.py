@@ -5,12 +5,14 @@ Launches per step on the fused path (any number of stacked cells; N, C, H*W of a
 
     forward   1. pool            s = mean_HW x                                   reads x once
               2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples
-              3. scale epilogue  out = relu?(x * a + identity)                   reads x (+ identity) once
+              3. scale epilogue  out = relu?(x * a + identity)                   reads x (+ identity) once,
+                                 last-pooled rows first (L2)
     backward  1. grad attention  da = sum_HW z * x, writes d_identity = z       reads grad_out, x (+ out)
               2. LSTM backward   recomputes the gates, then dgates, ds, dh, dc per sample tile
               3. weight grads    dW = D^T V over all samples (one program per output tile:
                                  deterministic, no atomics), biases = column sums of D
-              4. grad input      dx = z * a + ds / HW      reads d_identity (= z), else grad_out (+ out)
+              4. grad input      dx = z * a + ds / HW      reads d_identity (= z), else grad_out (+ out),
+                                 in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
 with C * C/r >= LSTMConfig.split_min (ImageNet stages 3-4 by default) take the split path instead,
@@ -96,20 +98,33 @@ def _pool_kernel(
 
 
 @triton.jit
+def _elementwise_tile(N, C, HW, BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr):
+    """(n, channel indices, hw indices) of this program of an elementwise map kernel. Its 1-D grid
+    of N * C-blocks * HW-blocks tiles runs in the reverse of the order in which the reducing kernel
+    before it (pool, grad attention: grid (N, C-blocks), n fastest, each program over all H*W) read
+    the map: the rows read last, the likeliest to be still in L2, are re-read first."""
+    hw_blocks = tl.cdiv(HW, BLOCK_HW)
+    pid = tl.program_id(0)
+    row = N * tl.cdiv(C, BLOCK_C) - 1 - pid // hw_blocks  # the reducing kernel's program, reversed
+    n = (row % N).to(tl.int64)  # N*C*H*W may pass 2^31
+    cs = (row // N) * BLOCK_C + tl.arange(0, BLOCK_C)
+    hw = (pid % hw_blocks) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    return n, cs, hw
+
+
+@triton.jit
 def _scale_kernel(
     x_ptr,  # (N, C, H, W)
     a_ptr,  # (N, C) fp32 attention, contiguous
     identity_ptr,  # (N, C, H, W) or x_ptr when HAS_IDENTITY is False (not read)
     out_ptr,  # (N, C, H, W) x's dtype, x's strides
-    C, HW,
+    N, C, HW,
     stride_xn, stride_xc, stride_xhw,  # x and out strides
     stride_in, stride_ic, stride_ihw,  # identity strides
     HAS_IDENTITY: tl.constexpr, RELU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    n, cs, hw = _elementwise_tile(N, C, HW, BLOCK_C, BLOCK_HW)  # 1-D grid, see there
     mask = (cs[:, None] < C) & (hw[None, :] < HW)
     offsets = n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw
     a = tl.load(a_ptr + n * C + cs, mask=cs < C, other=0.0)
@@ -158,14 +173,12 @@ def _grad_input_kernel(
     a_ptr,  # (N, C) fp32 attention
     grad_pooled_ptr,  # (N, C) fp32 gradient of the pooled mean
     grad_x_ptr,  # (N, C, H, W) out, x's dtype and strides: z * a + grad_pooled / HW
-    C, HW,
+    N, C, HW,
     stride_xn, stride_xc, stride_xhw,
     RELU: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
-    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    hw = tl.program_id(2) * BLOCK_HW + tl.arange(0, BLOCK_HW)
+    n, cs, hw = _elementwise_tile(N, C, HW, BLOCK_C, BLOCK_HW)  # 1-D grid, see there
     c_mask = cs < C
     mask = c_mask[:, None] & (hw[None, :] < HW)
     offsets = n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw
@@ -690,19 +703,24 @@ def _like_x(x: Tensor) -> Tensor:
     return torch.empty_like(x)  # x is canonical (dense): empty_like keeps its exact strides
 
 
-MAX_GRID_Z = 65535  # CUDA's limit on the third grid dimension, where the map kernels put H*W blocks
+MAX_GRID_X = 2**31 - 1  # CUDA's limit on the first grid dimension: the elementwise kernels' 1-D grid
+
+
+def _elementwise_grid(n: int, channels: int, hw: int, block_c: int, block_hw: int) -> Tuple[int]:
+    return (n * _cdiv(channels, block_c) * _cdiv(hw, block_hw),)
 
 
 def _check(x: Tensor) -> None:
-    """Before any copy of the map: the dtype, and an H*W the elementwise kernels' grid can cover."""
+    """Before any copy of the map: the dtype, and a map the elementwise kernels' grid can cover."""
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
     n, channels, height, width = x.shape
-    _, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x))  # as canonical() lays it
-    if _cdiv(height * width, block_hw) > MAX_GRID_Z:
-        raise ValueError(f"x: H*W = {height * width} is more than the triton backend's map kernels cover "
-                         f"({MAX_GRID_Z * block_hw} for C = {channels} in this layout), got shape "
-                         f"{tuple(x.shape)}; use backend='reference' for such maps")
+    block_c, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x))  # as canonical() lays it
+    (programs,) = _elementwise_grid(n, channels, height * width, block_c, block_hw)
+    if programs > MAX_GRID_X:
+        raise ValueError(f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the triton "
+                         f"backend's map kernels cover ({MAX_GRID_X}), got shape {tuple(x.shape)}; use "
+                         f"backend='reference' for such maps")
 
 
 def _lstm_operands(pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor],
@@ -751,8 +769,8 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
             NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
             PHASE=phase, **blocks.kwargs())
     idt = identity if identity is not None else x
-    grid = (n, _cdiv(channels, block_c), _cdiv(hw, block_hw))
-    _scale_kernel[grid](x, h_new[-1], idt, out, channels, hw, *strides, *_map_strides(idt),
+    grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
+    _scale_kernel[grid](x, h_new[-1], idt, out, n, channels, hw, *strides, *_map_strides(idt),
                         HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return out, h_new, c_new, pooled
 
@@ -812,11 +830,11 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         scratch, grad_weights, n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.du,
         layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n, num_warps=8)
     if n:
-        grid = (n, _cdiv(channels, block_c), _cdiv(hw, block_hw))
+        grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
         # with an identity, d_identity already holds z = relu-masked grad_out (exactly: masking
         # keeps values), so one map is read instead of two (grad_out and the forward output)
         z, z_mask_source = (grad_identity, grad_identity) if identity_given else (grad_out, out)
-        _grad_input_kernel[grid](z, z_mask_source, attention, grad_pooled, grad_x, channels, hw,
+        _grad_input_kernel[grid](z, z_mask_source, attention, grad_pooled, grad_x, n, channels, hw,
                                  *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
