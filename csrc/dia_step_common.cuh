@@ -262,6 +262,13 @@ __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_
                   [&](typename Op::Regs& regs, int hw) { op.store(regs, p0v, p1v, n, c, hw); });
 }
 
+// The block of a streaming pass's grid in the mirror position (linear index reversed). The apply
+// passes (scale, grad input) run on the grid of the reduction pass before them (pool, grad
+// attention) in reverse, so the rows that pass touched last, the likeliest still in L2, come first.
+__device__ __forceinline__ dim3 mirrored_block() {
+  return dim3(gridDim.x - 1 - blockIdx.x, gridDim.y - 1 - blockIdx.y, blockIdx.z);
+}
+
 // Vector lanes per row of the one-block-per-sample kernels: a whole row of C per thread group.
 __host__ __device__ __forceinline__ int fused_row_lanes(int channels, int vec) {
   return (channels + vec - 1) / vec;

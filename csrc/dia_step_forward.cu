@@ -123,15 +123,16 @@ scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
                       bool relu) {
   const int C = layout.channels;
   const ScaleResidualOp<T, VEC> op{x, identity, out, relu};
+  const dim3 block = mirrored_block();  // reverse of the reduction pass's order (L2)
   if (layout.channels_inner) {
     const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
+    const int c_begin = static_cast<int>(block.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = blockIdx.x;
+    const int64_t n = block.x;
     block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C, nullptr);
   } else {
     const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / kWarpSize) +
                           threadIdx.x / kWarpSize;
     if (plane >= static_cast<int64_t>(layout.n) * C) return;
     warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,

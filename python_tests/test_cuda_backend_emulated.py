@@ -82,9 +82,11 @@ def test_mixed_layouts_identity_contiguous_x_channels_last(emu, path):
     run(emu, inputs, torch.float32, path, relu=True)
 
 
-def test_large_channels_split_only(emu):
-    """C=260 > FUSED_MAX_CHANNELS: auto takes the split path, whose C tiles then run."""
-    inputs = random_step_inputs(2, 260, 1, 2, reduction=20, seed=9)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_large_channels_split_only(emu, channels_last):
+    """C=260 > FUSED_MAX_CHANNELS: auto takes the split path, whose C tiles then run (channels_last:
+    two row tiles of 256 channels per sample, which the apply passes walk mirrored)."""
+    inputs = random_step_inputs(3, 260, 1, 2, reduction=20, seed=9, channels_last=channels_last)
     run(emu, inputs, torch.float32, "auto", relu=True)
     assert emu.launches[0] == "pool"
     with pytest.raises(ValueError, match="path='fused' needs"):
