@@ -1,7 +1,8 @@
 """Argument checks shared by the public entry points: errors name the argument, expected, actual."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import functools
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -78,11 +79,13 @@ def check_step_args(
                             f"{x.dtype}), got {t.dtype}")
         check_same_device(f"state {name}", t, "x", x)
     hidden = weights[0].shape[0] if isinstance(weights[0], torch.Tensor) else None
-    for name, t in zip(weight_names(num_cells), weights):
-        check_tensor(f"weight {name}", t)
-        check_same_device(f"weight {name}", t, "x", x)
-        expected = _expected_weight_shape(name, channels, hidden)
-        if tuple(t.shape) != expected:
+    device = x.device
+    for (name, expected), t in zip(_expected_weight_shapes(num_cells, channels, hidden), weights):
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
+            check_tensor(f"weight {name}", t)  # raises, naming what it got
+        if t.device != device:
+            check_same_device(f"weight {name}", t, "x", x)
+        if t.shape != expected:
             raise ValueError(f"weight {name}: expected shape {expected} for C={channels}, "
                              f"got {tuple(t.shape)}")
     if identity is not None:
@@ -93,6 +96,11 @@ def check_step_args(
             raise ValueError(f"dropout_masks: expected shape {(num_cells - 1, n, channels)}, "
                              f"got {tuple(dropout_masks.shape)}")
         check_same_device("dropout_masks", dropout_masks, "x", x)
+
+
+@functools.lru_cache(maxsize=256)  # every step checks its weights: the names and shapes once per unit shape
+def _expected_weight_shapes(num_cells: int, channels: int, hidden: Optional[int]) -> Tuple[Tuple[str, tuple], ...]:
+    return tuple((name, _expected_weight_shape(name, channels, hidden)) for name in weight_names(num_cells))
 
 
 def _expected_weight_shape(name: str, channels: int, hidden: Optional[int]) -> tuple:
