@@ -80,7 +80,9 @@ def check_step_args(
         check_same_device(f"state {name}", t, "x", x)
     hidden = weights[0].shape[0] if isinstance(weights[0], torch.Tensor) else None
     device = x.device
-    for (name, expected), t in zip(_expected_weight_shapes(num_cells, channels, hidden), weights):
+    # torch.compile traces the checks once per graph: the uncached function (no lru_cache warning)
+    shapes = _expected_weight_shapes.__wrapped__ if torch.compiler.is_compiling() else _expected_weight_shapes
+    for (name, expected), t in zip(shapes(num_cells, channels, hidden), weights):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             check_tensor(f"weight {name}", t)  # raises, naming what it got
         if t.device != device:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import backend_table, reference
 from ._checks import check_choice, check_step_args
@@ -216,6 +217,10 @@ def step_forward(
     backend: str,  # "triton" | "cuda"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
+    return _step_forward_impl(x, h, c, weights, identity, relu, activation, dropout_masks, backend)
+
+
+def _step_forward_impl(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
     with _autocast_off(x.device.type):  # fp32 LSTM math, whatever autocast says
         results = _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
     return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
@@ -295,9 +300,26 @@ torch.library.register_autograd("dia_fused::step_forward", _step_forward_backwar
                                 setup_context=_step_forward_setup)
 
 
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # not subclasses such as FakeTensor
+
+
+def _direct_call(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether a fused forward may call the op's implementation without the dispatcher (~20 us a
+    step, for nothing there): eagerly, with nothing to differentiate, on plain tensors, with no
+    dispatch mode or functorch transform active. torch.compile, autograd, fake tensors, modes
+    and transforms keep going through the custom op."""
+    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
+            or torch._C._functorch.peek_interpreter_stack() is not None):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return False
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
 def _fused_step(name: str) -> StepFn:
     def step(x, h, c, weights, identity, relu, activation, dropout_masks):
-        out, h_new, c_new, _ = step_forward(x, h, c, list(weights), identity, relu, activation,
-                                            dropout_masks, name)
+        weights = list(weights)
+        run = _step_forward_impl if _direct_call((x, h, c, identity, dropout_masks, *weights)) else step_forward
+        out, h_new, c_new, _ = run(x, h, c, weights, identity, relu, activation, dropout_masks, name)
         return out, h_new, c_new
     return step
