@@ -5,6 +5,7 @@ extra_info has the per-call time in microseconds."""
 import pytest
 import torch
 
+from dia_fused import ops
 from dia_fused.testing import random_step_inputs
 
 triton_dia_step = pytest.importorskip("dia_fused.kernels.triton_dia_step")
@@ -20,19 +21,26 @@ def stubbed(monkeypatch):
     for name in dir(triton_dia_step):
         if name.endswith("_kernel"):
             monkeypatch.setattr(triton_dia_step, name, _NoLaunch())
+    monkeypatch.setattr(triton_dia_step, "unavailable_reason", lambda device: None)  # CPU tensors, no interpreter
     inputs = random_step_inputs(128, 64, 32, 32, reduction=4)
     out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
     return inputs, out, pooled
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward"])
+@pytest.mark.parametrize("direction", ["forward", "backward", "dia_step_no_grad"])
 def test_triton_host_wrapper_overhead(benchmark, stubbed, direction):
+    """forward / backward: the host wrappers alone; dia_step_no_grad: the whole path of an eager
+    inference step, ops.dia_step (checks, backend choice, the op's implementation) included."""
     inputs, out, pooled = stubbed
     x, h, c, w = inputs.args()
     grad_out = torch.empty_like(out)
     if direction == "forward":
         def call():
             triton_dia_step.forward(x, h, c, w, inputs.identity, True, "sigmoid", None)
+    elif direction == "dia_step_no_grad":
+        def call():
+            with torch.no_grad():
+                ops.dia_step(x, h, c, w, inputs.identity, True, "sigmoid", None, "triton")
     else:
         def call():
             triton_dia_step.backward(grad_out, None, None, x, out, pooled, h, c, w, True, True, "sigmoid", None)
