@@ -217,13 +217,14 @@ def step_forward(
     backend: str,  # "triton" | "cuda"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
-    return _step_forward_impl(x, h, c, weights, identity, relu, activation, dropout_masks, backend)
-
-
-def _step_forward_impl(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
-    with _autocast_off(x.device.type):  # fp32 LSTM math, whatever autocast says
-        results = _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
+    results = _kernel_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend)
     return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
+
+
+def _kernel_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
+    """The host wrapper's (out, h_new, c_new, pooled), as it returns them (the custom op unaliases)."""
+    with _autocast_off(x.device.type):  # fp32 LSTM math, whatever autocast says
+        return _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
 
 
 @step_forward.register_fake
@@ -252,16 +253,26 @@ def step_backward(
     """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, grad_weights]: grad_weights is
     one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (a
     kernel can write them all in one launch; the autograd formula splits it into views)."""
+    grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_backward(
+        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu, activation,
+        dropout_masks, backend)
+    if grad_identity is None:
+        grad_identity = grad_out.new_empty(0)
+    inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
+    return _unaliased([grad_x, grad_identity, grad_h, grad_c, grad_weights], inputs)
+
+
+def _kernel_backward(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+                     activation, dropout_masks, backend):
+    """The host wrapper's (grad_x, grad_identity or None, grad_h, grad_c, flat fp32 weight grads),
+    possibly aliasing its inputs (the custom op unaliases)."""
     with _autocast_off(x.device.type):
         grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
             grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
             activation, dropout_masks)
-    if grad_identity is None:
-        grad_identity = grad_out.new_empty(0)
     if not isinstance(grad_weights, Tensor):  # a host wrapper that returns one tensor per weight
         grad_weights = torch.cat([g.reshape(-1).float() for g in grad_weights])
-    inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
-    return _unaliased([grad_x, grad_identity, grad_h, grad_c, grad_weights], inputs)
+    return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
 
 @step_backward.register_fake
@@ -272,9 +283,7 @@ def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, 
     return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c), grad_weights]
 
 
-def _step_forward_setup(ctx, inputs, output):
-    x, h, c, weights, identity, relu, activation, dropout_masks, backend = inputs
-    out, _, _, pooled = output
+def _save_for_backward(ctx, x, h, c, weights, identity, relu, activation, dropout_masks, backend, out, pooled):
     ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
     # unused outputs (pooled always, the state after a stage's last block) get None, not zeros:
     # the kernels skip them, where materialised zeros would cost a fill launch each
@@ -282,44 +291,80 @@ def _step_forward_setup(ctx, inputs, output):
     ctx.options = (identity is not None, relu, activation, backend)
 
 
-def _step_forward_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+def _input_grads(ctx, grad_out, grad_h_new, grad_c_new, backward):
+    """(grad_x, grad_h, grad_c, [grad of each weight], grad_identity or None) by `backward`:
+    the step_backward custom op, or its implementation on the eager path."""
     x, out, pooled, h, c, dropout_masks, *weights = ctx.saved_tensors
     identity_given, relu, activation, backend = ctx.options
     if grad_out is None:  # only the state was used downstream
         grad_out = torch.zeros_like(out)
-    grad_x, grad_identity, grad_h, grad_c, flat_grad_weights = step_backward(
+    grad_x, grad_identity, grad_h, grad_c, flat_grad_weights = backward(
         grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
         activation, dropout_masks, backend)
     grad_weights = [g.view(w.shape).to(w.dtype) for g, w in
                     zip(flat_grad_weights.split([w.numel() for w in weights]), weights)]
-    return (grad_x, grad_h, grad_c, grad_weights, grad_identity if identity_given else None,
-            None, None, None, None)
+    return grad_x, grad_h, grad_c, grad_weights, (grad_identity if identity_given else None)
+
+
+def _step_forward_setup(ctx, inputs, output):
+    _save_for_backward(ctx, *inputs, output[0], output[3])
+
+
+def _step_forward_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+    grad_x, grad_h, grad_c, grad_weights, grad_identity = _input_grads(ctx, grad_out, grad_h_new, grad_c_new,
+                                                                       step_backward)
+    return grad_x, grad_h, grad_c, grad_weights, grad_identity, None, None, None, None
 
 
 torch.library.register_autograd("dia_fused::step_forward", _step_forward_backward,
                                 setup_context=_step_forward_setup)
 
 
+class _EagerStep(torch.autograd.Function):
+    """The custom ops' host wrappers and autograd formula without the dispatcher, for eager steps
+    on plain tensors: torch.library's autograd wrapper (pytree flattening of the arguments, two
+    redispatches, unaliasing) made a training step's host time 503 us instead of 288 us on a
+    2-core CPU (kernels stubbed, N=8 C=64 8x8)."""
+
+    @staticmethod
+    def forward(ctx, x, h, c, identity, dropout_masks, relu, activation, backend, *weights):
+        out, h_new, c_new, pooled = _kernel_forward(x, h, c, list(weights), identity, relu, activation,
+                                                    dropout_masks, backend)
+        _save_for_backward(ctx, x, h, c, weights, identity, relu, activation, dropout_masks, backend, out, pooled)
+        return out, h_new, c_new
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels have no double backward: say so, not zeros
+    def backward(ctx, grad_out, grad_h_new, grad_c_new):
+        grad_x, grad_h, grad_c, grad_weights, grad_identity = _input_grads(ctx, grad_out, grad_h_new, grad_c_new,
+                                                                           _kernel_backward)
+        return (grad_x, grad_h, grad_c, grad_identity, None, None, None, None, *grad_weights)
+
+
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # not subclasses such as FakeTensor
 
 
-def _direct_call(tensors: Sequence[Optional[Tensor]]) -> bool:
-    """Whether a fused forward may call the op's implementation without the dispatcher (~20 us a
-    step, for nothing there): eagerly, with nothing to differentiate, on plain tensors, with no
-    dispatch mode or functorch transform active. torch.compile, autograd, fake tensors, modes
-    and transforms keep going through the custom op."""
+def _eager_route(tensors: Sequence[Optional[Tensor]]) -> Optional[str]:
+    """How an eager step on `tensors` may skip the dispatcher: "direct" (nothing to differentiate:
+    the host wrapper), "function" (autograd through _EagerStep), or None: through the
+    custom ops, which torch.compile, dispatch modes, functorch transforms and tensor subclasses
+    (FakeTensor) need."""
     if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None):
-        return False
+            or torch._C._functorch.peek_interpreter_stack() is not None
+            or not all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)):
+        return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return False
-    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+        return "function"
+    return "direct"
 
 
 def _fused_step(name: str) -> StepFn:
     def step(x, h, c, weights, identity, relu, activation, dropout_masks):
         weights = list(weights)
-        run = _step_forward_impl if _direct_call((x, h, c, identity, dropout_masks, *weights)) else step_forward
+        route = _eager_route((x, h, c, identity, dropout_masks, *weights))
+        if route == "function":
+            return _EagerStep.apply(x, h, c, identity, dropout_masks, relu, activation, name, *weights)
+        run = _kernel_forward if route == "direct" else step_forward
         out, h_new, c_new, _ = run(x, h, c, weights, identity, relu, activation, dropout_masks, name)
         return out, h_new, c_new
     return step

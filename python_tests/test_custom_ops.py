@@ -94,34 +94,50 @@ def test_non_dense_and_mixed_layouts_match_the_reference(cuda_on_cpu, case, grad
     layout_cases.check_against_reference("cuda", case, grad_layout, "cpu")
 
 
-def test_eager_forward_without_gradients_skips_the_dispatcher(cuda_on_cpu, monkeypatch):
-    """Without anything to differentiate, eagerly, the forward calls the op's implementation
-    directly (the same kernels, ~20 us a step less); with gradients, under a dispatch mode and
-    under torch.compile it goes through the custom op."""
-    calls = []
+def test_eager_steps_skip_the_dispatcher_with_the_same_results(cuda_on_cpu, monkeypatch):
+    """Eagerly on plain tensors a step calls the host wrappers without the dispatcher: directly
+    without gradients, through an autograd.Function with them (the same kernels and formula).
+    Under a dispatch mode and under torch.compile it goes through the custom ops, and every
+    route gives the same outputs and gradients."""
+    calls, seen = [], []
     custom_op = ops.step_forward
     monkeypatch.setattr(ops, "step_forward", lambda *args: calls.append(1) or custom_op(*args))
     unit = DIALSTM(12, reduction=3, backend="cuda")
     x, identity = torch.randn(2, 12, 3, 2), torch.randn(2, 12, 3, 2)
-    with torch.no_grad():
-        direct, _ = unit(x, identity=identity)
-    assert calls == []
-    with torch.inference_mode():
-        unit(x, identity=identity)
-    assert calls == []
-    through_op, _ = unit(x, identity=identity)  # the parameters require grad
-    assert len(calls) == 1 and through_op.requires_grad
-    assert torch.equal(direct, through_op.detach())
-    seen = []
+
+    def train_step():
+        unit.zero_grad()
+        xg = x.clone().requires_grad_()
+        out, (h, c) = unit(xg, identity=identity)
+        (out.square().sum() + h.sum()).backward()
+        return [out.detach(), xg.grad] + [p.grad.clone() for p in unit.parameters()]
 
     class Recorder(torch.utils._python_dispatch.TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             seen.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), Recorder():  # a mode sees the op whole
+    with torch.no_grad():
+        direct, _ = unit(x, identity=identity)
+    with torch.inference_mode():
         unit(x, identity=identity)
-    assert len(calls) == 2 and "dia_fused.step_forward.default" in seen
+    eager = train_step()  # autograd through ops._EagerStep
+    assert calls == []
+    with Recorder():  # a mode sees the ops whole
+        dispatched = train_step()
+    assert len(calls) == 1
+    assert {"dia_fused.step_forward.default", "dia_fused.step_backward.default"} <= set(seen)
+    assert torch.equal(direct, eager[0])
+    assert all(torch.equal(a, b) for a, b in zip(eager, dispatched))
     with torch.no_grad():
         compiled = torch.compile(lambda t: unit(t, identity=identity)[0], fullgraph=True)(x)
-    assert len(calls) == 3 and torch.equal(compiled, direct)
+    assert len(calls) == 2 and torch.equal(compiled, direct)
+
+
+def test_double_backward_is_an_error_not_zeros(cuda_on_cpu):
+    unit = DIALSTM(12, reduction=3, backend="cuda")
+    x = torch.randn(2, 12, 3, 2, requires_grad=True)
+    out, _ = unit(x)
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
+        grad_x.sum().backward()
