@@ -67,9 +67,9 @@ def step_table(bench: dict) -> List[str]:
         direction = "fwd+bwd" if "fwd_bwd" in b.get("name", "") else "fwd"
         key = ("x".join(map(str, info["shape"])), info["dtype"].replace("torch.", ""), direction)
         cells[key][info["impl"]] = info
+    order = ["reference", "compiled_reference", "triton", "cuda", "triton_graph", "cuda_graph"]
     impls = sorted({impl for row in cells.values() for impl in row},
-                   key=lambda i: ["reference", "compiled_reference", "triton", "cuda"].index(i)
-                   if i in ("reference", "compiled_reference", "triton", "cuda") else 9)
+                   key=lambda i: order.index(i) if i in order else len(order))
     lines = ["| step | dtype | pass | " + " | ".join(impls) + " | best fused % of peak BW |",
              "|---" * (len(impls) + 4) + "|"]
     for (shape, dtype, direction), row in sorted(cells.items()):
@@ -83,7 +83,7 @@ def step_table(bench: dict) -> List[str]:
                 out.append(f"{ms:.3f} ms")
             else:
                 out.append(f"{ref / ms:.1f}x ({ms:.3f} ms)")
-        fused = [row[i] for i in ("triton", "cuda") if i in row]
+        fused = [row[i] for i in ("triton", "cuda", "triton_graph", "cuda_graph") if i in row]
         best = min(fused, key=lambda i: i["per_call_ms"]) if fused else None
         peak = f"{best['pct_peak_bandwidth']:.0f}% ({best['impl']})" if best and "pct_peak_bandwidth" in best else "-"
         lines.append(f"| {shape} | {dtype} | {direction} | " + " | ".join(out) + f" | {peak} |")

@@ -1,5 +1,6 @@
-"""One DIA step, forward and forward+backward, for every available backend, the eager reference and
-torch.compile(reference), over CIFAR and ImageNet stage shapes, fp32 and bf16.
+"""One DIA step, forward and forward+backward, for every available backend (eager, and replayed from a
+CUDA graph), the eager reference and torch.compile(reference), over CIFAR and ImageNet stage shapes,
+fp32 and bf16.
 
 On a GPU: the real shapes. On a CPU-only machine: the eager reference on scaled-down CIFAR shapes
 (batch 8) and one compiled-reference shape, so that `pytest bench/` stays short there.
@@ -50,10 +51,29 @@ def compiled_reference_step(x, h, c, w, idt):
     return _compiled_reference(x, h, c, w, identity=idt, relu=True)
 
 
-IMPLEMENTATIONS = ["reference", "compiled_reference"] + fused_backends()
+# "<backend>_graph": the same step captured in a CUDA graph and replayed, i.e. without host overhead:
+# what the kernels cost on the GPU, where the eager numbers may be bounded by the host
+IMPLEMENTATIONS = (["reference", "compiled_reference"] + fused_backends()
+                   + [f"{b}_graph" for b in fused_backends() if ON_GPU])
+
+
+def cuda_graph(fn):
+    """fn captured in a CUDA graph after a warm-up on a side stream; returns the replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def make_fn(impl, inputs, backward):
+    if impl.endswith("_graph"):
+        return cuda_graph(make_fn(impl[:-len("_graph")], inputs, backward))
     step = compiled_reference_step if impl == "compiled_reference" else eager_step(impl)
     x, h, c, w = inputs.args()
     idt = inputs.identity
