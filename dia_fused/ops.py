@@ -301,8 +301,8 @@ def _input_grads(ctx, grad_out, grad_h_new, grad_c_new, backward):
     grad_x, grad_identity, grad_h, grad_c, flat_grad_weights = backward(
         grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
         activation, dropout_masks, backend)
-    grad_weights = [g.view(w.shape).to(w.dtype) for g, w in
-                    zip(flat_grad_weights.split([w.numel() for w in weights]), weights)]
+    grad_weights = [g.view(w.shape) if w.dtype == torch.float32 else g.view(w.shape).to(w.dtype)
+                    for g, w in zip(flat_grad_weights.split([w.numel() for w in weights]), weights)]
     return grad_x, grad_h, grad_c, grad_weights, (grad_identity if identity_given else None)
 
 
