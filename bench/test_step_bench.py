@@ -10,7 +10,7 @@ import torch
 
 from bench_utils import DEVICE, ON_GPU, run_timed
 from dia_fused import ops, reference
-from dia_fused.testing import random_step_inputs
+from dia_fused.testing import capture_cuda_graph, random_step_inputs
 
 # (N, C, H, W): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64, and the
 # large map of the bandwidth target.
@@ -57,23 +57,10 @@ IMPLEMENTATIONS = (["reference", "compiled_reference"] + fused_backends()
                    + [f"{b}_graph" for b in fused_backends() if ON_GPU])
 
 
-def cuda_graph(fn):
-    """fn captured in a CUDA graph after a warm-up on a side stream; returns the replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def make_fn(impl, inputs, backward):
     if impl.endswith("_graph"):
-        return cuda_graph(make_fn(impl[:-len("_graph")], inputs, backward))
+        graph, _ = capture_cuda_graph(make_fn(impl[:-len("_graph")], inputs, backward))
+        return graph.replay
     step = compiled_reference_step if impl == "compiled_reference" else eager_step(impl)
     x, h, c, w = inputs.args()
     idt = inputs.identity

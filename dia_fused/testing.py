@@ -8,7 +8,7 @@ values compared).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -157,3 +157,19 @@ def compare_backend(step, inputs: StepInputs, dtype: torch.dtype, **kwargs) -> D
         errors[key] = max_abs_error(got[key], value)
     return errors
 
+
+
+def capture_cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Tuple["torch.cuda.CUDAGraph", Any]:
+    """(graph, fn's outputs in the graph's memory): fn run `warmup` times on a side stream first
+    (allocator, lazy loading, kernel compilation, optimizer state), then captured; replaying the
+    graph rewrites those outputs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn()
+    return graph, outputs

@@ -14,7 +14,7 @@ import torch
 
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import compare_backend, random_step_inputs, step_outputs_and_grads
+from dia_fused.testing import capture_cuda_graph, compare_backend, random_step_inputs, step_outputs_and_grads
 
 from cuda_step_autograd import cuda_step
 
@@ -136,14 +136,7 @@ def test_cuda_graph_capture(path):
                                        True, True, "sigmoid", None, path=path)
         return out, h_new, grads[0]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        run()  # warm-up outside the graph (allocator, lazy loading)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture_cuda_graph(run, warmup=1)
     static_x.copy_(torch.randn_like(x))
     graph.replay()
     eager = run()

@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from dia_fused import DIALSTM, ops
 from dia_fused.models import create_model
-from dia_fused.testing import (backend_step, compare_backend, max_abs_error, random_step_inputs,
-                               step_outputs_and_grads)
+from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend, max_abs_error,
+                               random_step_inputs, step_outputs_and_grads)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -85,15 +85,7 @@ def test_cuda_graph_replay_with_poisoned_outputs(backend):
         grads = torch.autograd.grad(loss, [static_x, *unit.parameters()])
         return [out2, h, c, *grads]
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = run()
+    graph, captured = capture_cuda_graph(run, warmup=2)
     for trial in range(3):
         with torch.no_grad():
             static_x.copy_(torch.randn_like(static_x))
@@ -135,15 +127,8 @@ def test_training_step_in_a_cuda_graph_matches_eager_over_ten_steps(backend):
 
     graph_step, graph_opt = make_step(model)
     static_x, static_y = data[0][0].clone(), data[0][1].clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up: allocator, lazy init, momentum buffers
-        for _ in range(3):
-            graph_step(static_x, static_y)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = graph_step(static_x, static_y)
+    # warm-up: allocator, lazy init, momentum buffers
+    graph, static_loss = capture_cuda_graph(lambda: graph_step(static_x, static_y), warmup=3)
     # back to the start, in place (the graph holds these tensors): weights, BN statistics and
     # momentum (zero momentum with dampening 0 is what a fresh optimizer's first step does)
     with torch.no_grad():
