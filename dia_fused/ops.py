@@ -164,7 +164,9 @@ def dia_step(
     if x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"x: expected H*W >= 1 (the attention pools over H, W), got shape "
                          f"{tuple(x.shape)}")
-    name = resolve_backend(backend, x.device, step_key(x, weights))
+    # only auto looks at the step's shape (so a named backend never specialises a compiled graph on it)
+    step = step_key(x, weights) if (os.environ.get(ENV_BACKEND) or backend) == "auto" else None
+    name = resolve_backend(backend, x.device, step)
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
     return _lookup(name).step(x, h, c, tuple(weights), identity, bool(relu), activation,
