@@ -1,10 +1,13 @@
 """Backend dispatch for the DIA step: the one entry point the modules call (DESIGN section 2).
 
 Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels).
-Both fused backends run through ONE pair of torch.library custom ops, `dia_fused::step_forward` and
+Both fused backends share ONE pair of torch.library custom ops, `dia_fused::step_forward` and
 `dia_fused::step_backward`, with a fake (meta) implementation and an autograd formula, so they work
-eagerly, under torch.compile(fullgraph=True) and in CUDA-graph capture. The ops dispatch on a
-`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py). `auto` picks, among
+under torch.compile(fullgraph=True), dispatch modes and in CUDA-graph capture. The ops dispatch on a
+`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py).
+Eager steps on plain tensors take the same wrappers and formula without the dispatcher, whose cost
+is most of a step's host time: directly without gradients, through `_EagerStep` (an
+autograd.Function) with them (`_eager_route`). `auto` picks, among
 the backends available for the tensor's device, the fastest measured for the step's shape on this GPU
 (backend_table.py), else cuda > triton > reference; the environment variable
 DIA_FUSED_BACKEND overrides the requested name. A backend named explicitly that is unavailable
