@@ -29,8 +29,11 @@ def versions() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
-    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION", backend_table.ENV_TABLE):
+    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton launch knobs
         info[name] = os.environ.get(name, "unset (defaults)")
+    table = backend_table.table_path()
+    info[backend_table.ENV_TABLE] = os.environ.get(backend_table.ENV_TABLE) or (
+        f"unset ({table}{'' if os.path.exists(table) else ': none shipped, auto uses cuda > triton > reference'})")
     return info
 
 
