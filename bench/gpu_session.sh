@@ -9,6 +9,7 @@
 #   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
 #   bash bench/gpu_session.sh ncu     # Nsight Compute per kernel: time, DRAM bytes, L2 hit rate (profile_step.py)
 #   bash bench/gpu_session.sh tune    # Triton LSTM launch configurations and dot precision (tune_triton.py)
+#   bash bench/gpu_session.sh tune-map   # Triton feature-map tiles (DIA_FUSED_TRITON_MAP candidates)
 #   bash bench/gpu_session.sh train   # JIT build check; DIA-ResNet-164 through the training CLI, each backend
 #
 # Results go to $OUT (the device tool brings them back; default ./gpu-out): logs, junit XML,
@@ -93,7 +94,13 @@ ncu)  # the 5x/8x step and the 70%-of-bandwidth large map, per fused backend
     done
     ;;
 tune)
-    timeout 560 python3 bench/tune_triton.py --json "$OUT/tune_triton.json" 2>&1 | tee "$OUT/tune_triton.log" | tail -60
+    timeout 560 python3 bench/tune_triton.py --map-configs --json "$OUT/tune_triton.json" 2>&1 \
+        | tee "$OUT/tune_triton.log" | tail -60
+    ;;
+tune-map)
+    # the default LSTM configuration, then each of tune_triton.py's MAP_CANDIDATES
+    timeout 560 python3 bench/tune_triton.py --configs "" --precisions ieee --json "$OUT/tune_map.json" 2>&1 \
+        | tee "$OUT/tune_map.log" | tail -60
     ;;
 train)
     # the build on first use: a copy of the package without the ahead-of-time dia_fused._C
@@ -109,7 +116,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|suite|bench|bench-compiled|model|ncu|tune|train" >&2
+    echo "usage: $0 tests|suite|bench|bench-compiled|model|ncu|tune|tune-map|train" >&2
     exit 2
     ;;
 esac

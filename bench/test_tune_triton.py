@@ -20,6 +20,7 @@ def test_tuning_harness_smoke(tmp_path):
                          capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert {r["config"] for r in records} == {"defaults", "forward_groups=1"}
+    assert {(r["config"], r["map_config"]) for r in records} == {("defaults", "defaults"), ("forward_groups=1", "defaults"),
+                                                                   ("defaults", "tile=256")}
     assert all(r["ok"] and r["triton_forward_backward_ms"] > 0 for r in records)
     assert "best over all shapes" in run.stdout

@@ -1,13 +1,17 @@
-"""Times launch configurations of the Triton backend's LSTM kernels on a GPU and checks each one
-against the float64 reference (tolerance rule of DESIGN section 4), to choose the defaults of
-`triton_dia_step.LSTMConfig` and the dot precision from measurements.
+"""Times launch configurations of the Triton backend's kernels on a GPU and checks each one against
+the float64 reference (tolerance rule of DESIGN section 4), to choose the defaults of
+`triton_dia_step.LSTMConfig` (LSTM kernels), `MapConfig` (feature-map kernels) and the dot precision
+from measurements.
 
     python bench/tune_triton.py --json tune.json                      # all candidates, all shapes
-    python bench/tune_triton.py --configs "" "block_n=32" --precisions ieee tf32x3
+    python bench/tune_triton.py --configs "" "block_n=32" --map-configs --precisions ieee tf32x3
+    python bench/tune_triton.py --configs --map-configs "tile=8192,num_warps=8"
     python bench/tune_triton.py --smoke                               # CPU: harness check only
 
-Every (configuration, precision) runs in its own process, because both are read when the kernel
-module is imported (DIA_FUSED_TRITON_LSTM, DIA_FUSED_TRITON_DOT_PRECISION). Reports, per shape,
+Every candidate runs in its own process, because the configurations are read when the kernel module
+is imported (DIA_FUSED_TRITON_LSTM, DIA_FUSED_TRITON_MAP, DIA_FUSED_TRITON_DOT_PRECISION). LSTM
+candidates run with the default map tiles and map candidates with the default LSTM configuration
+(the defaults once, as an LSTM candidate). Reports, per shape,
 forward and forward+backward times of each candidate next to the eager reference, and the best
 candidate that passed the tolerance rule everywhere.
 """
@@ -21,6 +25,8 @@ import sys
 
 CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
               "block_c=32,block_k=16,num_warps=4", "split_min=0", "split_min=1000000000"]
+MAP_CANDIDATES = ["num_warps=8", "tile=8192,num_warps=8", "hw_block=512,tile=8192,num_warps=8", "hw_block=128",
+                  "c_block=128,tile=8192,num_warps=8", "tile=2048"]
 PRECISIONS = ["ieee", "tf32x3"]
 # (N, C, H, W, r): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64
 GPU_SHAPES = [(128, 64, 32, 32, 4), (128, 128, 16, 16, 4), (128, 256, 8, 8, 4),
@@ -79,6 +85,7 @@ def worker(shapes, with_reference: bool) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", nargs="*", default=None, help="DIA_FUSED_TRITON_LSTM strings ('' = defaults)")
+    parser.add_argument("--map-configs", nargs="*", default=None, help="DIA_FUSED_TRITON_MAP strings")
     parser.add_argument("--precisions", nargs="*", default=None, choices=PRECISIONS)
     parser.add_argument("--json", help="write every record to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, two candidates (CPU harness check)")
@@ -90,39 +97,46 @@ def main(argv=None) -> int:
         worker(shapes, opts.with_reference)
         return 0
     configs = opts.configs if opts.configs is not None else (["", "forward_groups=1"] if opts.smoke else CANDIDATES)
+    map_configs = (opts.map_configs if opts.map_configs is not None
+                   else (["tile=256"] if opts.smoke else MAP_CANDIDATES))
+    candidates = [(config, "") for config in configs] + [("", m) for m in map_configs]
     precisions = opts.precisions or (["ieee"] if opts.smoke else PRECISIONS)
     records = []
     first = True
     for precision in precisions:
-        for config in configs:
-            env = dict(os.environ, DIA_FUSED_TRITON_LSTM=config, DIA_FUSED_TRITON_DOT_PRECISION=precision)
+        for config, map_config in candidates:
+            env = dict(os.environ, DIA_FUSED_TRITON_LSTM=config, DIA_FUSED_TRITON_MAP=map_config,
+                       DIA_FUSED_TRITON_DOT_PRECISION=precision)
             cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--smoke"] if opts.smoke else []) \
                 + (["--with-reference"] if first else [])
             run = subprocess.run(cmd, env=env, capture_output=True, text=True)
             lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
             if run.returncode or not lines:
-                print(f"candidate {config!r} / {precision}: failed (exit {run.returncode})\n{run.stderr[-2000:]}",
-                      file=sys.stderr)
+                print(f"candidate {config!r} | map {map_config!r} / {precision}: failed (exit {run.returncode})\n"
+                      f"{run.stderr[-2000:]}", file=sys.stderr)
             for line in lines:
-                line.update(config=config or "defaults", precision=precision)
+                line.update(config=config or "defaults", map_config=map_config or "defaults", precision=precision)
                 records.append(line)
             first = False
     reference = {tuple(r["shape"]): r for r in records if "reference_forward_ms" in r}
-    print(f"{'shape':>18} {'candidate':>40} {'ok':>3} {'fwd ms':>8} {'x ref':>6} {'fwd+bwd ms':>10} {'x ref':>6}")
+    print(f"{'shape':>18} {'candidate (lstm | map / precision)':>56} {'ok':>3} {'fwd ms':>8} {'x ref':>6} "
+          f"{'fwd+bwd ms':>10} {'x ref':>6}")
     for r in records:
         ref = reference.get(tuple(r["shape"]), {})
         speed_f = ref.get("reference_forward_ms", float("nan")) / r["triton_forward_ms"]
         speed_b = ref.get("reference_forward_backward_ms", float("nan")) / r["triton_forward_backward_ms"]
-        print(f"{'x'.join(map(str, r['shape'])):>18} {r['config'] + ' / ' + r['precision']:>40} "
+        label = f"{r['config']} | {r['map_config']} / {r['precision']}"
+        print(f"{'x'.join(map(str, r['shape'])):>18} {label:>56} "
               f"{'yes' if r['ok'] else 'NO':>3} {r['triton_forward_ms']:8.4f} {speed_f:6.2f} "
               f"{r['triton_forward_backward_ms']:10.4f} {speed_b:6.2f}")
     passing = {}
     for r in records:
-        passing.setdefault((r["config"], r["precision"]), []).append(r)
+        passing.setdefault((r["config"], r["map_config"], r["precision"]), []).append(r)
     good = {k: v for k, v in passing.items() if all(r["ok"] for r in v) and len(v) == len(shapes)}
     if good:
         best = min(good, key=lambda k: sum(r["triton_forward_backward_ms"] for r in good[k]))
-        print(f"best over all shapes (sum of forward+backward times, tolerance rule met): {best[0]} / {best[1]}")
+        print(f"best over all shapes (sum of forward+backward times, tolerance rule met): lstm {best[0]} | "
+              f"map {best[1]} / {best[2]}")
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(records, f, indent=1)

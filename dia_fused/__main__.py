@@ -29,7 +29,7 @@ def versions() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
     info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
-    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton launch knobs
+    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_MAP", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton knobs
         info[name] = os.environ.get(name, "unset (defaults)")
     table = backend_table.table_path()
     info[backend_table.ENV_TABLE] = os.environ.get(backend_table.ENV_TABLE) or (

@@ -204,6 +204,39 @@ def test_bad_lstm_configuration_is_named(text, words):
     assert words in str(info.value)
 
 
+@pytest.mark.parametrize("config", ["tile=256,num_warps=2", "hw_block=16,c_block=8", "tile=16,c_block=16,num_warps=1"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_map_tile_configurations_give_the_same_results(monkeypatch, config, channels_last):
+    """The map kernels' tiles (DIA_FUSED_TRITON_MAP) change how a map is cut, never the result:
+    here several channel and H*W tiles per sample, down to 16-element tiles."""
+    from dia_fused.kernels import triton_dia_step
+    monkeypatch.setattr(triton_dia_step, "MAP_CONFIG", triton_dia_step.MapConfig.from_env(config))
+    inputs = random_step_inputs(3, 40, 5, 7, reduction=4, device=DEVICE, channels_last=channels_last, seed=3)
+    block_c, block_hw = triton_dia_step._map_blocks(40, 35, channels_last, triton_dia_step.MAP_CONFIG)
+    assert block_c < 40 or block_hw < 35  # more than one tile per sample
+    compare_backend(triton_step, inputs, torch.float32, relu=True)
+
+
+@pytest.mark.parametrize("text, words", [("tile=8", "tile must be a power of 2 >= 16"),
+                                          ("num_warps=3", "num_warps must be a power of 2"), ("block=4", "names")])
+def test_bad_map_configuration_is_named(text, words):
+    from dia_fused.kernels import triton_dia_step
+    with pytest.raises(ValueError, match="DIA_FUSED_TRITON_MAP") as info:
+        triton_dia_step.MapConfig.from_env(text)
+    assert words in str(info.value)
+
+
+def test_default_map_tiles():
+    """The defaults: NCHW tiles wide along H*W (256 positions, 64 in the interpreter), channels_last
+    tiles of 64 channels, 4096 elements at most."""
+    from dia_fused.kernels import triton_dia_step
+    config = triton_dia_step.MapConfig(hw_block=256)
+    assert triton_dia_step._map_blocks(64, 1024, False, config) == (16, 256)
+    assert triton_dia_step._map_blocks(256, 49, False, config) == (64, 64)
+    assert triton_dia_step._map_blocks(64, 1024, True, config) == (64, 64)
+    assert triton_dia_step._map_blocks(2048, 49, True, config) == (64, 64)
+
+
 def test_split_path_launches(monkeypatch, launch_log):
     # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4 launches);
     # backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7 launches)

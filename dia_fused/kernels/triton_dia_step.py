@@ -575,15 +575,54 @@ def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     return sn, sc, sw
 
 
+def _config_from_env(cls, env_name: str, text: Optional[str], minimums: dict):
+    """cls() with the fields named in `text` ("name=int,...", from env_name) replaced; each field of
+    `minimums` must be a power of 2 at least its minimum."""
+    config = cls()
+    if not text:
+        return config
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        key = key.strip()
+        if key not in fields or not value.strip().isdigit():
+            raise ValueError(f"{env_name}: expected comma-separated name=int with names {sorted(fields)}, got {text!r}")
+        values[key] = int(value)
+    config = dataclasses.replace(config, **values)
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if value < minimum or value & (value - 1):
+            raise ValueError(f"{env_name}: {name} must be a power of 2 >= {minimum}, got {value}")
+    return config
+
+
+@dataclass(frozen=True)
+class MapConfig:
+    """Tiles of the feature-map kernels (pool, scale, grad attention, grad input): at most `tile`
+    elements (registers), wide along the map's contiguous axis so that loads coalesce: up to
+    `hw_block` positions of H*W in NCHW, up to `c_block` channels in channels_last (64 fp32
+    channels = 256 B rows: whole sectors). bench/tune_triton.py times alternatives through the
+    environment variable DIA_FUSED_TRITON_MAP ("tile=8192,num_warps=8")."""
+    tile: int = 4096
+    hw_block: int = 64 if INTERPRETED else 256  # the interpreter is fastest with small tiles
+    c_block: int = 64
+    num_warps: int = 4
+
+    @staticmethod
+    def from_env(text: Optional[str]) -> "MapConfig":
+        return _config_from_env(MapConfig, ENV_MAP_CONFIG, text,
+                                {"tile": 16, "hw_block": 1, "c_block": 1, "num_warps": 1})
+
+
 @functools.lru_cache(maxsize=1024)
-def _map_blocks(channels: int, hw: int, channels_last: bool) -> Tuple[int, int]:
-    """Tile of (channels, H*W), wide along the map's contiguous axis (H*W for NCHW, C for
-    channels_last) so that loads coalesce, 4096 elements at most for registers."""
-    if channels_last:  # 64 channels = 256 B rows of fp32: whole sectors, and C/64 programs per sample
-        block_c = min(_next_power_of_2(channels), 64)
-        return block_c, max(1, min(_next_power_of_2(hw), 4096 // block_c))
-    block_hw = min(_next_power_of_2(hw), 64 if INTERPRETED else 256)
-    return max(1, min(_next_power_of_2(channels), 4096 // block_hw, 64)), block_hw
+def _map_blocks(channels: int, hw: int, channels_last: bool, config: "MapConfig") -> Tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) tile of the map kernels for this map (see MapConfig)."""
+    if channels_last:
+        block_c = min(_next_power_of_2(channels), config.c_block)
+        return block_c, max(1, min(_next_power_of_2(hw), config.tile // block_c))
+    block_hw = min(_next_power_of_2(hw), config.hw_block, config.tile)
+    return max(1, min(_next_power_of_2(channels), config.tile // block_hw, config.c_block)), block_hw
 
 
 @dataclass(frozen=True)
@@ -601,28 +640,14 @@ class LSTMConfig:
 
     @staticmethod
     def from_env(text: Optional[str]) -> "LSTMConfig":
-        config = LSTMConfig()
-        if not text:
-            return config
-        fields = {f.name for f in dataclasses.fields(LSTMConfig)}
-        values = {}
-        for item in text.split(","):
-            key, _, value = item.partition("=")
-            key = key.strip()
-            if key not in fields or not value.strip().isdigit():
-                raise ValueError(f"{ENV_LSTM_CONFIG}: expected comma-separated name=int with names "
-                                 f"{sorted(fields)}, got {text!r}")
-            values[key] = int(value)
-        config = dataclasses.replace(config, **values)
-        for name in ("block_n", "block_c", "block_r", "block_k"):
-            value = getattr(config, name)
-            if value < 16 or value & (value - 1):
-                raise ValueError(f"{ENV_LSTM_CONFIG}: {name} must be a power of 2 >= 16, got {value}")
-        return config
+        return _config_from_env(LSTMConfig, ENV_LSTM_CONFIG, text,
+                                {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16})
 
 
 ENV_LSTM_CONFIG = "DIA_FUSED_TRITON_LSTM"
+ENV_MAP_CONFIG = "DIA_FUSED_TRITON_MAP"
 LSTM_CONFIG = LSTMConfig.from_env(os.environ.get(ENV_LSTM_CONFIG))
+MAP_CONFIG = MapConfig.from_env(os.environ.get(ENV_MAP_CONFIG))
 
 
 @dataclass(frozen=True)
@@ -715,7 +740,7 @@ def _check(x: Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
     n, channels, height, width = x.shape
-    block_c, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x))  # as canonical() lays it
+    block_c, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x), MAP_CONFIG)  # as canonical()
     (programs,) = _elementwise_grid(n, channels, height * width, block_c, block_hw)
     if programs > MAX_GRID_X:
         raise ValueError(f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the triton "
@@ -750,9 +775,9 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     if n == 0:
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x))
+    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x), MAP_CONFIG)
     _pool_kernel[(n, _cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
-                                                BLOCK_C=block_c, BLOCK_HW=block_hw)
+                                                BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=MAP_CONFIG.num_warps)
     blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
     tiles = _cdiv(n, blocks.n)
     split = _split_path(channels, hidden, num_cells)
@@ -771,7 +796,8 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     idt = identity if identity is not None else x
     grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
     _scale_kernel[grid](x, h_new[-1], idt, out, n, channels, hw, *strides, *_map_strides(idt),
-                        HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                        HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                        num_warps=MAP_CONFIG.num_warps)
     return out, h_new, c_new, pooled
 
 
@@ -793,12 +819,12 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     layout = _ScratchLayout.backward(channels, hidden, num_cells)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x))
+    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x), MAP_CONFIG)
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, _cdiv(channels, block_c))](
             grad_out, x, out, grad_a, grad_identity if identity_given else grad_a, channels, hw, *strides,
-            RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
+            RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=MAP_CONFIG.num_warps)
         blocks = _LSTMBlocks.of(channels, hidden, LSTM_CONFIG)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
@@ -835,6 +861,7 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
         # keeps values), so one map is read instead of two (grad_out and the forward output)
         z, z_mask_source = (grad_identity, grad_identity) if identity_given else (grad_out, out)
         _grad_input_kernel[grid](z, z_mask_source, attention, grad_pooled, grad_x, n, channels, hw,
-                                 *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw)
+                                 *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                                 num_warps=MAP_CONFIG.num_warps)
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
 
