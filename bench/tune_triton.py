@@ -25,8 +25,9 @@ import sys
 
 CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
               "block_c=32,block_k=16,num_warps=4", "split_min=0", "split_min=1000000000"]
+# more programs per map (channels_last N=128 C=64 pools with 128 programs by default), or wider tiles
 MAP_CANDIDATES = ["num_warps=8", "tile=8192,num_warps=8", "hw_block=512,tile=8192,num_warps=8", "hw_block=128",
-                  "c_block=128,tile=8192,num_warps=8", "tile=2048"]
+                  "c_block=32", "c_block=128,tile=8192,num_warps=8", "tile=2048"]
 PRECISIONS = ["ieee", "tf32x3"]
 # (N, C, H, W, r): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64
 GPU_SHAPES = [(128, 64, 32, 32, 4), (128, 128, 16, 16, 4), (128, 256, 8, 8, 4),
