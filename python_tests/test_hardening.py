@@ -174,3 +174,29 @@ def test_compile_fullgraph_of_a_dia_resnet_has_no_graph_breaks(backend):
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert max_abs_error(compiled(x), model(x)) < 1e-5
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_activation_checkpointing_gives_the_reference_gradients(backend, use_reentrant):
+    """torch.utils.checkpoint over two chained steps: the forward runs without gradients (the
+    fused backends' direct route), the recomputation with them (their autograd route)."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    unit = DIALSTM(16, reduction=4, backend=backend)
+    ref = DIALSTM(16, reduction=4, backend="reference")
+    ref.load_state_dict(unit.state_dict())
+    x, identity = torch.randn(2, 16, 3, 3, requires_grad=True), torch.randn(2, 16, 3, 3)
+
+    def loss(module, inp):
+        out, state = module(inp, identity=identity)
+        out, (h, c) = module(out, state, identity=identity)
+        return out.square().sum() + h.sum() + c.sum()
+
+    checkpoint(lambda inp: loss(unit, inp), x, use_reentrant=use_reentrant).backward()
+    got = [x.grad.clone()] + [p.grad for p in unit.parameters()]
+    x.grad = None
+    loss(ref, x).backward()
+    expected = [x.grad] + [p.grad for p in ref.parameters()]
+    for g, e in zip(got, expected):
+        assert max_abs_error(g, e) <= 1e-4 * max(1.0, e.abs().max().item())
