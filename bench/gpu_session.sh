@@ -5,6 +5,7 @@
 #   bash bench/gpu_session.sh tests   # build dia_fused._C (needs a warm machine for later phases), GPU test files
 #   bash bench/gpu_session.sh suite   # the rest of python_tests on the GPU machine, compute-sanitizer
 #   bash bench/gpu_session.sh bench   # one DIA step per fused backend and the eager reference, every shape
+#   bash bench/gpu_session.sh bench-graph      # the fused steps replayed from CUDA graphs (GPU time alone)
 #   bash bench/gpu_session.sh bench-compiled   # the same for torch.compile of the reference
 #   bash bench/gpu_session.sh model   # bench/model_bench.py: DIA/SE/plain ResNet-164, train + inference
 #   bash bench/gpu_session.sh ncu     # Nsight Compute per kernel: time, DRAM bytes, L2 hit rate (profile_step.py)
@@ -68,11 +69,15 @@ suite)  # the rest of python_tests on the GPU machine, then compute-sanitizer ov
     exit "$status"
     ;;
 bench)  # the fused backends and the eager reference; torch.compile of the reference separately
-    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "not compiled_reference" \
+    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "not compiled_reference and not _graph" \
         --benchmark-json="$OUT/step_bench.json" 2>&1 | tee "$OUT/step_bench.log" | tail -40
     status=${PIPESTATUS[0]}
     python3 bench/make_auto_table.py "$OUT/step_bench.json" -o "$OUT/auto_backend.json"
     exit "$status"
+    ;;
+bench-graph)  # separate from bench: a call past its time limit loses the whole JSON
+    timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "_graph" \
+        --benchmark-json="$OUT/step_bench_graph.json" 2>&1 | tee "$OUT/step_bench_graph.log" | tail -40
     ;;
 bench-compiled)  # one inductor compile per shape and dtype
     timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "compiled_reference" \
@@ -116,7 +121,7 @@ print('JIT build:', 'ok' if r is None else r); print('module:', m._extension.__n
     done
     ;;
 *)
-    echo "usage: $0 tests|suite|bench|bench-compiled|model|ncu|tune|tune-map|train" >&2
+    echo "usage: $0 tests|suite|bench|bench-graph|bench-compiled|model|ncu|tune|tune-map|train" >&2
     exit 2
     ;;
 esac
