@@ -17,6 +17,7 @@ import sys
 from typing import Dict, List
 
 from dia_fused import backend_table
+from summarize import step_bench_names  # bench/ is the script's directory
 
 
 def step_files(paths: List[str]) -> List[str]:
@@ -24,8 +25,7 @@ def step_files(paths: List[str]) -> List[str]:
     files = []
     for path in paths:
         if os.path.isdir(path):
-            found = sorted(os.path.join(path, f) for f in os.listdir(path)
-                           if f.startswith("step_bench") and f.endswith(".json"))
+            found = [os.path.join(path, name) for name in step_bench_names(path)]
             if not found:
                 raise FileNotFoundError(f"{path}: no step_bench*.json in this folder")
             files += found

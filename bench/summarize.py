@@ -90,12 +90,16 @@ def step_table(bench: dict) -> List[str]:
     return lines
 
 
+def step_bench_names(folder: str) -> List[str]:
+    """step_bench.json, step_bench_compiled.json, ...: the parts of one folder's step benchmarks."""
+    return sorted(f for f in os.listdir(folder) if f.startswith("step_bench") and f.endswith(".json"))
+
+
 def summarize(folder: str) -> str:
     env: Optional[str] = _load(folder, "env.txt")
     model: Optional[dict] = _load(folder, "model_bench.json")
-    step_files = sorted(f for f in os.listdir(folder) if f.startswith("step_bench") and f.endswith(".json"))
     steps: Optional[dict] = None
-    for name in step_files:  # step_bench.json, step_bench_compiled.json, ...: one table
+    for name in step_bench_names(folder):  # one table
         part = _load(folder, name)
         steps = part if steps is None else {**steps, "benchmarks": steps["benchmarks"] + part["benchmarks"]}
     if model is None and steps is None:

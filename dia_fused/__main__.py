@@ -15,6 +15,7 @@ from .testing import compare_backend, random_step_inputs
 
 # (N, C, H, W) of the check: the CIFAR stage-1 step on a GPU, small on CPU, tiny for the interpreter
 SHAPES = {"cuda": (128, 64, 32, 32), "cpu": (8, 64, 16, 16), "interpreter": (2, 16, 4, 4)}
+STATIC_ORDER = " > ".join(ops.AUTO_ORDER)  # auto's order without measurements
 
 
 def versions() -> dict:
@@ -33,7 +34,7 @@ def versions() -> dict:
         info[name] = os.environ.get(name, "unset (defaults)")
     table = backend_table.table_path()
     info[backend_table.ENV_TABLE] = os.environ.get(backend_table.ENV_TABLE) or (
-        f"unset ({table}{'' if os.path.exists(table) else ': none shipped, auto uses cuda > triton > reference'})")
+        f"unset ({table}{'' if os.path.exists(table) else f': none shipped, auto uses {STATIC_ORDER}'})")
     return info
 
 
@@ -101,12 +102,11 @@ def main(argv=None) -> int:
     device = devices[-1]
     n, c, h, w = SHAPES[device.type]
     auto = ops.resolve_backend("auto", device, (c, h * w, "float32", True) if device.type == "cuda" else None)
-    how = "cuda > triton > reference"
+    how = STATIC_ORDER
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        how = (f"fastest measured for the step's shape on this GPU ({backend_table.table_path()})"
-               if backend_table.has_device(name) else f"{how}: no measurements for {name} in "
-               f"{backend_table.table_path()} (bench/make_auto_table.py)")
+        name, table = torch.cuda.get_device_name(device), backend_table.table_path()
+        how = (f"fastest measured for the step's shape on this GPU ({table})" if backend_table.has_device(name)
+               else f"{how}: no measurements for {name} in {table} (bench/make_auto_table.py)")
     print(f"\nbackend='auto' on {device} ({how}): a training step N={n} C={c} {h}x{w} fp32 runs {auto}")
     print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
     return 1 if failures else 0

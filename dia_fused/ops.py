@@ -125,16 +125,25 @@ def step_key(x: Tensor, weights: Sequence[Tensor]) -> Optional[Tuple[int, int, s
 def shape_key(x: Tensor, weights: Sequence[Tensor]) -> Tuple[int, int, str, bool]:
     # operator.index makes torch.compile specialise symbolic C and H*W (with guards) into the plain
     # ints assume_constant_result needs; int() would keep them symbolic and break the graph
-    training = torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights))
     return (operator.index(x.shape[1]), operator.index(x.shape[2] * x.shape[3]), str(x.dtype).replace("torch.", ""),
-            training)
+            _needs_grad((x, *weights)))
+
+
+def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether autograd will record a step on `tensors` (None entries allowed)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _requested(backend: str) -> str:
+    """The backend asked for: DIA_FUSED_BACKEND overrides the argument."""
+    return os.environ.get(ENV_BACKEND) or backend
 
 
 @torch.compiler.assume_constant_result  # pure in (arguments, environment): resolved once at trace time
 def resolve_backend(requested: str, device, step: Optional[Tuple[int, int, str, bool]] = None) -> str:
     """The backend that runs for `requested` on `device` (DIA_FUSED_BACKEND overrides); for
     `auto`, `step` = (channels, H*W, dtype name, training) selects by the measured table."""
-    requested = os.environ.get(ENV_BACKEND) or requested
+    requested = _requested(requested)
     check_choice("backend", requested, BACKEND_CHOICES)
     device = torch.device(device)
     if requested == "auto":
@@ -168,7 +177,7 @@ def dia_step(
         raise ValueError(f"x: expected H*W >= 1 (the attention pools over H, W), got shape "
                          f"{tuple(x.shape)}")
     # only auto looks at the step's shape (so a named backend never specialises a compiled graph on it)
-    step = step_key(x, weights) if (os.environ.get(ENV_BACKEND) or backend) == "auto" else None
+    step = step_key(x, weights) if _requested(backend) == "auto" else None
     name = resolve_backend(backend, x.device, step)
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
@@ -358,9 +367,7 @@ def _eager_route(tensors: Sequence[Optional[Tensor]]) -> Optional[str]:
             or torch._C._functorch.peek_interpreter_stack() is not None
             or not all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)):
         return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return "function"
-    return "direct"
+    return "function" if _needs_grad(tensors) else "direct"
 
 
 def _fused_step(name: str) -> StepFn:

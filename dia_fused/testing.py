@@ -158,7 +158,6 @@ def compare_backend(step, inputs: StepInputs, dtype: torch.dtype, **kwargs) -> D
     return errors
 
 
-
 def capture_cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Tuple["torch.cuda.CUDAGraph", Any]:
     """(graph, fn's outputs in the graph's memory): fn run `warmup` times on a side stream first
     (allocator, lazy loading, kernel compilation, optimizer state), then captured; replaying the
