@@ -44,11 +44,6 @@ def _fmt(value) -> str:
     return f"{value:.6g}"
 
 
-def read_csv_log(path: str) -> List[Dict[str, float]]:
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
 class TensorBoard:
     """Scalars under <checkpoint>/tensorboard when torch.utils.tensorboard imports; otherwise
     `available` is False and the reason is kept for the one-line notice the CLI prints."""
