@@ -1,5 +1,5 @@
 """Build script: pure Python + Triton everywhere; the CUDA extension `dia_fused._C` from csrc/ ahead
-of time when torch with CUDA and a CUDA toolkit are present at build time (DESIGN section 3):
+of time when torch with CUDA and a CUDA toolkit are present at build time (docs/design.md §5):
 
     pip install --no-build-isolation .        # uses the torch already installed
 

@@ -83,10 +83,10 @@ bench-compiled)  # one inductor compile per shape and dtype
     timeout 570 python3 -m pytest bench/test_step_bench.py -q -p no:cacheprovider -k "compiled_reference" \
         --benchmark-json="$OUT/step_bench_compiled.json" 2>&1 | tee "$OUT/step_bench_compiled.log" | tail -40
     ;;
-model)  # torch.compile of the reference DIA-ResNet-164 alone took 206 s on an H100 (DESIGN section 5)
+model)  # inductor compiles of whole models take minutes: a phase of its own (docs/design.md §6)
     timeout 570 python3 bench/model_bench.py --json "$OUT/model_bench.json" 2>&1 | tee "$OUT/model_bench.log" | tail -30
     ;;
-ncu)  # the 5x/8x step and the 70%-of-bandwidth large map, per fused backend
+ncu)  # the per-step and large-map bandwidth targets (docs/design.md §6), per fused backend
     for backend in triton cuda; do
         for shape in "128 64 32 32" "256 256 56 56"; do
             name="ncu_${backend}_${shape// /x}"

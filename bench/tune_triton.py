@@ -1,5 +1,5 @@
 """Times launch configurations of the Triton backend's kernels on a GPU and checks each one against
-the float64 reference (tolerance rule of DESIGN section 4), to choose the defaults of
+the float64 reference (tolerance rule of docs/design.md §4), to choose the defaults of
 `triton_dia_step.LSTMConfig` (LSTM kernels), `MapConfig` (feature-map kernels) and the dot precision
 from measurements.
 

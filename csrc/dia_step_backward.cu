@@ -1,4 +1,4 @@
-// Backward of the fused DIA-LSTM step, cell 0 (the contract of CONTEXT.md):
+// Backward of the fused DIA-LSTM step, cell 0 (docs/design.md §1, §2):
 //   z = grad_out * (out > 0 if relu);  grad_identity = z;  da = sum_HW z * x
 //   LSTM backward from (pooled, h0, c0, weights) recomputed, with dh = grad_h_new + da:
 //     d gates -> d u (relu-masked) -> d pooled, d h0;  d c0;  weight grads = sums over samples

@@ -1,7 +1,7 @@
 // Torch bindings of the fused DIA-LSTM step kernels: argument checks (TORCH_CHECK naming the
 // argument), output allocation, the current CUDA stream, the walk order and vector width of the
 // feature maps. Called by dia_fused/kernels/cuda_dia_step.py, which composes the forward and
-// backward of the contract in CONTEXT.md from these pieces.
+// backward of the contract in docs/design.md §2 from these pieces.
 //
 // No host synchronization anywhere (no .item(), no device-to-host copies): every function only
 // enqueues kernels on the current stream, so the step can be captured in a CUDA graph.

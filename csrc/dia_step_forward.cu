@@ -1,4 +1,4 @@
-// Forward of the fused DIA-LSTM step (DESIGN section 1), cell 0:
+// Forward of the fused DIA-LSTM step (docs/design.md §1), cell 0:
 //   s = mean_HW x;  u_ih = relu(Wih1 s + bih1);  u_hh = relu(Whh1 h0 + bhh1)
 //   gates = Wih2 u_ih + bih2 + Whh2 u_hh + bhh2;  (h, c) = LSTM pointwise(gates, c0)
 //   out = relu?(x * h + identity)

@@ -99,8 +99,8 @@ class DIALSTM(nn.Module):
     def flat_weights(self) -> Tuple[Tensor, ...]:
         """The weights in reference.weight_names order (the backends' calling convention).
 
-        Read from the submodules' parameter dicts directly: every step asks, and going through
-        nn.Module attribute lookup and ModuleList/Sequential indexing cost ~25 us a step."""
+        Read from the submodules' parameter dicts directly: every step asks, and nn.Module
+        attribute lookup plus container indexing would be a large part of a step's host time."""
         ih, hh = self._modules["w_ih"]._modules, self._modules["w_hh"]._modules
         out = []
         for cells in (ih, hh):  # cell 0: Linear(C, C/r) -> ReLU -> Linear(C/r, 4C)

@@ -1,4 +1,4 @@
-"""Backend dispatch for the DIA step: the one entry point the modules call (DESIGN section 2).
+"""Backend dispatch for the DIA step: the one entry point the modules call (docs/design.md §3).
 
 Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels).
 Both fused backends share ONE pair of torch.library custom ops, `dia_fused::step_forward` and

@@ -1,6 +1,6 @@
 """The DIA-LSTM step in plain PyTorch: the executable spec every backend matches.
 
-DESIGN section 1. For one residual block t of a stage, with branch output x_t (N, C, H, W):
+docs/design.md §1. For one residual block t of a stage, with branch output x_t (N, C, H, W):
 
     s_t   = mean_{H,W} x_t                                              (N, C)
     cell 0:  gates = Wih2 relu(Wih1 s_t + bih1) + bih2
@@ -13,7 +13,7 @@ DESIGN section 1. For one residual block t of a stage, with branch output x_t (N
 Numerics: the recurrent state and the LSTM math are kept in `state_dtype(x.dtype)` (float32 for
 half inputs, float64 for float64), the pooled mean accumulates in that dtype, and the feature-map
 epilogue is computed in it and rounded once to x.dtype. Fused kernels do the same, so they are
-compared against this function run on the same inputs (DESIGN section 4).
+compared against this function run on the same inputs (docs/design.md §4).
 
 Weights are passed as one flat sequence, in the order of `weight_names(num_cells)`:
 cell 0 has 8 tensors (the reduced ih and hh paths), every stacked cell l >= 1 has 4.

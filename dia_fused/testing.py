@@ -1,5 +1,5 @@
 """Helpers shared by the test suites and `python -m dia_fused`: random step inputs and the
-tolerance rule of DESIGN section 4.
+tolerance rule of docs/design.md §4.
 
 Tolerance rule: a backend's max error against the float64 reference is at most twice the error of
 the same-dtype PyTorch reference, plus a small absolute floor (scaled by the magnitude of the

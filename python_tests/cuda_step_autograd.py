@@ -1,6 +1,6 @@
 """A torch.autograd.Function over the CUDA backend's host wrapper (forward / backward of the
-contract in CONTEXT.md), with the signature of reference.dia_lstm_step, so that the tests can run
-dia_fused.testing.compare_backend on the wrapper directly, whatever ops.py does with it."""
+contract in docs/design.md §2), with the signature of reference.dia_lstm_step, so that the tests
+can run dia_fused.testing.compare_backend on the wrapper directly, whatever ops.py does with it."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""CI compile check of csrc/ (DESIGN section 3): every source of the CUDA extension compiles with
+"""CI compile check of csrc/ (docs/design.md §5): every source of the CUDA extension compiles with
 `nvcc -c` against torch's headers, for sm_80 and sm_90, with warnings as errors, on a machine
 without a GPU (and with a CPU-only torch, whose extension builder refuses CUDA).
 

@@ -1,5 +1,5 @@
 """The CUDA backend on a GPU: its host wrapper and compiled kernels against the float64 reference
-(tolerance rule of DESIGN section 4) over outputs, state and every gradient, on the real shapes of
+(tolerance rule of docs/design.md §4) over outputs, state and every gradient, on the real shapes of
 DIANet (CIFAR ResNet-164 stages, ImageNet ResNet-50 stages), odd shapes, fp32/bf16/fp16,
 contiguous and channels_last, both kernel paths, stacked cells; plus CUDA-graph capture,
 determinism, and DIALSTM(backend="cuda") once ops.py routes to this backend.

@@ -2,7 +2,7 @@
 shapes, fp32/bf16/fp16, channels_last, CUDA-graph capture and replay of a step with poisoned
 outputs, a whole training step of a DIA-ResNet captured in a CUDA graph against eager over 10
 steps, torch.compile(fullgraph=True) of a DIA-ResNet, autocast, determinism and DDP (2 processes on
-one GPU). Tolerance rule of DESIGN section 4. Skipped where no CUDA device exists; where one does,
+one GPU). Tolerance rule of docs/design.md §4. Skipped where no CUDA device exists; where one does,
 an unavailable backend is a failure (with its reason)."""
 from __future__ import annotations
 

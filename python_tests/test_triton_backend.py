@@ -1,5 +1,6 @@
-"""The triton backend against the reference (tolerance rule of DESIGN section 4: out, h, c and every
-gradient). On CPU under the Triton interpreter with tiny shapes; the same file runs on a GPU."""
+"""The triton backend against the reference (tolerance rule of docs/design.md §4: out, h, c and
+every gradient). On CPU under the Triton interpreter with tiny shapes; the same file runs on a
+GPU."""
 import os
 
 import pytest

@@ -1,6 +1,6 @@
 """CUDA backend of the DIA-LSTM step: the loader of the extension compiled from csrc/ and its host
-wrapper, `forward` and `backward` of the kernel host-wrapper contract (CONTEXT.md), shared with the
-Triton backend so that ops.py defines one pair of custom ops for both.
+wrapper, `forward` and `backward` of the kernel host-wrapper contract (docs/design.md §2), shared
+with the Triton backend so that ops.py defines one pair of custom ops for both.
 
 Loading: `dia_fused._C` when it was built ahead of time (`pip install --no-build-isolation .` with
 a CUDA build of torch), else a JIT build with torch.utils.cpp_extension.load (ninja), compiled on
@@ -235,7 +235,7 @@ def stacked_cells_backward(
 
 
 # ------------------------------------------------------------------------------------------------
-# Host wrapper (contract in CONTEXT.md)
+# Host wrapper (contract in docs/design.md §2)
 # ------------------------------------------------------------------------------------------------
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
