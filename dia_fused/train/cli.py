@@ -333,7 +333,9 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         say(f"    train loss {train.loss:.4f} acc {train.acc:.2f} | test loss {test.loss:.4f} "
             f"acc {test.acc:.2f} | {row['epoch_time_s']:.1f}s, "
             f"{train.images_per_s:.1f} train images/s")
-        is_best = test.acc > best_acc
+        # an epoch with no best model on disk yet (0% accuracy, a deleted file) makes one
+        is_best = test.acc > best_acc or not os.path.isfile(
+            os.path.join(args.checkpoint, ckpt_io.BEST_NAME))
         best_acc = max(best_acc, test.acc)
         rng = distributed.all_gather_object(ctx, ckpt_io.rng_state(device))
         # a signal now waits for the epoch's files: the last completed epoch is kept
