@@ -107,6 +107,10 @@ GRADIENT_ARGS = ["gradients", "--arch", "resnet8", "--synthetic-size", "20", "--
                  "--batches", "1", "--device", "cpu", "--backend", "reference"]
 
 
+# user errors are AnalysisError, a ValueError: matched as such (with their message) so that the
+# tests also run against the code before it
+
+
 def _no_work(monkeypatch):
     """Makes the computation fail loudly: an output error must come before it."""
     def work(*args, **kwargs):
@@ -123,29 +127,27 @@ def test_output_into_a_missing_folder_is_created(tmp_path):
 
 
 def test_unwritable_output_fails_before_the_work(tmp_path, monkeypatch):
-    from dia_fused.analysis.cli import AnalysisError
     _no_work(monkeypatch)
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with pytest.raises(AnalysisError, match="cannot write into the folder"):
+    with pytest.raises(ValueError, match="cannot write into the folder"):
         analysis_main(GRADIENT_ARGS + ["-o", str(blocker / "gradients.png")])
-    with pytest.raises(AnalysisError, match="is a folder"):
+    with pytest.raises(ValueError, match="is a folder"):
         analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path)])
     # gini: before the checkpoint is even read
-    with pytest.raises(AnalysisError, match="cannot write into the folder"):
+    with pytest.raises(ValueError, match="cannot write into the folder"):
         analysis_main(["gini", str(tmp_path / "none.pth.tar"), "-o", str(blocker / "g.png")])
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
                     reason="root writes into read-only folders")
 def test_read_only_output_folder_fails_before_the_work(tmp_path, monkeypatch):
-    from dia_fused.analysis.cli import AnalysisError
     _no_work(monkeypatch)
     folder = tmp_path / "ro"
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        with pytest.raises(AnalysisError, match="cannot write into the folder"):
+        with pytest.raises(ValueError, match="cannot write into the folder"):
             analysis_main(GRADIENT_ARGS + ["-o", str(folder / "gradients.png")])
     finally:
         folder.chmod(0o755)
@@ -163,8 +165,8 @@ def _checkpoint(path, name, options, num_classes=100):
 def test_gradients_says_what_it_plots(tmp_path, capsys):
     result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
-    assert "untrained" in result["title"] and "without skip connections" in result["title"]
     assert "DIANet untrained" in out and "ResNet untrained" in out and "Figure 6" in out
+    assert "untrained" in result["title"] and "without skip connections" in result["title"]
     dia = _checkpoint(tmp_path / "dia.pth.tar", "resnet8", {"block": "basic", "attention": "dia",
                                                             "skip": False})
     result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), "--dia-checkpoint",
@@ -182,9 +184,8 @@ def test_gradients_says_what_it_plots(tmp_path, capsys):
 ])
 def test_gradients_refuses_a_checkpoint_of_another_network(tmp_path, name, options, flag,
                                                            message):
-    from dia_fused.analysis.cli import AnalysisError
     path = _checkpoint(tmp_path / "other.pth.tar", name, options)
-    with pytest.raises(AnalysisError, match=f"{flag} .*another network.*{message}") as err:
+    with pytest.raises(ValueError, match=f"{flag} .*another network.*{message}") as err:
         analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), flag, path])
     assert "\n" not in str(err.value)
 
