@@ -97,3 +97,108 @@ def test_gradients_cli_renders_figure_6(tmp_path):
     assert png_shape(png) == (432, 1584, 4)
     saved = np.load(tmp_path / "gradients.npz")
     assert saved["DIANet_stage3"].size == 8 * 64 * 8 * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# output path and what the gradients figure shows
+# ---------------------------------------------------------------------------------------------
+
+GRADIENT_ARGS = ["gradients", "--arch", "resnet8", "--synthetic-size", "20", "--batch-size", "4",
+                 "--batches", "1", "--device", "cpu", "--backend", "reference"]
+
+
+# user errors are AnalysisError, a ValueError: matched as such (with their message) so that the
+# tests also run against the code before it
+
+
+def _no_work(monkeypatch):
+    """Makes the computation fail loudly: an output error must come before it."""
+    def work(*args, **kwargs):
+        raise AssertionError("the computation ran before the output path was checked")
+    monkeypatch.setattr(gradients, "stage_output_gradients", work)
+    monkeypatch.setattr(gini, "collect_attention", work)
+
+
+def test_output_into_a_missing_folder_is_created(tmp_path):
+    png = tmp_path / "new" / "sub" / "gradients.png"
+    result = analysis_main(GRADIENT_ARGS + ["-o", str(png)])
+    assert png.is_file() and (tmp_path / "new" / "sub" / "gradients.npz").is_file()
+    assert result["png"] == str(png)
+
+
+def test_unwritable_output_fails_before_the_work(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot write into the folder"):
+        analysis_main(GRADIENT_ARGS + ["-o", str(blocker / "gradients.png")])
+    with pytest.raises(ValueError, match="is a folder"):
+        analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path)])
+    # gini: before the checkpoint is even read
+    with pytest.raises(ValueError, match="cannot write into the folder"):
+        analysis_main(["gini", str(tmp_path / "none.pth.tar"), "-o", str(blocker / "g.png")])
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_read_only_output_folder_fails_before_the_work(tmp_path, monkeypatch):
+    _no_work(monkeypatch)
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="cannot write into the folder"):
+            analysis_main(GRADIENT_ARGS + ["-o", str(folder / "gradients.png")])
+    finally:
+        folder.chmod(0o755)
+
+
+def _checkpoint(path, name, options, num_classes=100):
+    """A checkpoint as python -m dia_fused.train writes it, of freshly initialised weights."""
+    from dia_fused.train import checkpoint as ckpt_io
+    spec = {"name": name, "num_classes": num_classes, "options": options}
+    model = build_model(spec, backend="reference")
+    ckpt_io.atomic_save({"state_dict": model.state_dict(), "model": spec, "epoch": 3}, str(path))
+    return str(path)
+
+
+def test_gradients_says_what_it_plots(tmp_path, capsys):
+    result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png")])
+    out = capsys.readouterr().out
+    assert "DIANet untrained" in out and "ResNet untrained" in out and "Figure 6" in out
+    assert "untrained" in result["title"] and "without skip connections" in result["title"]
+    dia = _checkpoint(tmp_path / "dia.pth.tar", "resnet8", {"block": "basic", "attention": "dia",
+                                                            "skip": False})
+    result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), "--dia-checkpoint",
+                                            dia])
+    assert result["states"]["DIANet"] == "trained (dia.pth.tar, epoch 3)"
+    assert result["states"]["ResNet"].startswith("untrained")
+    assert "DIANet trained" in result["title"]
+
+
+@pytest.mark.parametrize("name, options, flag, message", [
+    ("resnet14", {"attention": "dia", "skip": False}, "--dia-checkpoint", "depth 14 .expected 8"),
+    ("resnet8", {"attention": "dia"}, "--dia-checkpoint", "skip True .expected False"),
+    ("resnet8", {"attention": "dia", "skip": False}, "--plain-checkpoint",
+     "attention 'dia' .expected 'none'"),
+])
+def test_gradients_refuses_a_checkpoint_of_another_network(tmp_path, name, options, flag,
+                                                           message):
+    path = _checkpoint(tmp_path / "other.pth.tar", name, options)
+    with pytest.raises(ValueError, match=f"{flag} .*another network.*{message}") as err:
+        analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), flag, path])
+    assert "\n" not in str(err.value)
+
+
+def test_gradients_checkpoint_error_is_one_line_on_the_command_line(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = _checkpoint(tmp_path / "deep.pth.tar", "resnet14", {"attention": "dia", "skip": False})
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "dia_fused.analysis", *GRADIENT_ARGS, "-o",
+                           str(tmp_path / "g.png"), "--dia-checkpoint", path], env=env,
+                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --dia-checkpoint")

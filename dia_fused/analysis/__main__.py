@@ -1,5 +1,5 @@
 """`python -m dia_fused.analysis`: see dia_fused/analysis/cli.py."""
-from .cli import main
+from .cli import console_main
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -14,18 +14,43 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..modules import DIAStage
-from ..ops import BACKEND_CHOICES
+from ..ops import BACKEND_CHOICES, BackendUnavailableError
 from ..train import checkpoint as ckpt_io
-from ..train.data import DATASETS, BatchStream, load_datasets
+from ..train.data import DATASETS, BatchStream, DatasetError, load_datasets
 from ..train.distributed import pick_device
-from ..train.modelspec import build_model
+from ..train.modelspec import build_model, resolved_options
 from . import gini as gini_mod
 from . import gradients as grad_mod
+
+
+class AnalysisError(ValueError):
+    """A command line the analysis cannot run with; `python -m dia_fused.analysis` prints it in
+    one line."""
+
+
+def check_output(path: str) -> None:
+    """Makes sure the figure (and the .npz next to it) can be written, before any computation:
+    creates a missing folder, refuses a folder, an unwritable folder or an unwritable file."""
+    target = os.path.abspath(path)
+    if os.path.isdir(target):
+        raise AnalysisError(f"-o {path}: is a folder; expected a file path such as "
+                            f"{os.path.join(path, 'figure.png')}")
+    folder = os.path.dirname(target)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):  # the permission bits do not tell for root
+            pass
+    except OSError as err:
+        raise AnalysisError(f"-o {path}: cannot write into the folder {folder} "
+                            f"({err.strerror or err})") from err
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        raise AnalysisError(f"-o {path}: the file exists and is read-only")
 
 
 def _add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str]) -> None:
@@ -103,6 +128,8 @@ def _stage_titles(model) -> List[str]:
 
 
 def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gini.png")
+    check_output(out)
     ckpt = ckpt_io.load_checkpoint(args.checkpoint)
     if "model" not in ckpt:
         raise ValueError(f"{args.checkpoint}: no model description ('model' key): expected a "
@@ -124,7 +151,6 @@ def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
                                          max_features=args.max_features,
                                          max_samples=args.max_samples, seed=args.seed,
                                          n_jobs=args.jobs) for a in attention]
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gini.png")
     titles = _stage_titles(model)
     gini_mod.plot_gini(matrices, out, titles=titles,
                        suptitle=f"Gini importance of h_1..h_(t-1) for h_t: {spec['name']} "
@@ -141,38 +167,98 @@ def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
     return {"png": out, "matrices": matrices, "titles": titles, "attention": attention}
 
 
+# what a checkpoint's description must agree on with the network of the figure
+_ARCHITECTURE = ("family", "depth", "cardinality", "width", "widen", "cifar")
+
+
+def _architecture(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The parts of a model description that make the network of Figure 6: the backbone (from
+    the name, whose attention prefix the options override), the attention, the skips, the
+    classes."""
+    from ..models import parse_name
+    parsed = parse_name(spec["name"])
+    options = resolved_options(spec)
+    out = {key: parsed[key] for key in _ARCHITECTURE}
+    out.update(attention=options.get("attention"), skip=options.get("skip"),
+               num_classes=spec.get("num_classes"))
+    return out
+
+
 def _gradient_model(arch: str, attention: str, num_classes: int, backend: str, seed: int,
-                    weights: Optional[str], device):
+                    weights: Optional[str], flag: str, device):
+    """(model, label): the skip-free network of the figure, with the weights of `weights` (given
+    as --`flag`) when given; a checkpoint of another network is refused."""
     spec = {"name": arch, "num_classes": num_classes,
             "options": {"attention": attention, "skip": False}}
+    ckpt = None
+    if weights:
+        try:
+            ckpt = ckpt_io.load_checkpoint(weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise AnalysisError(f"--{flag} {weights}: {err}") from err
+        saved = ckpt.get("model")
+        if isinstance(saved, dict) and "name" in saved:
+            want, got = _architecture(spec), _architecture(saved)
+            diffs = [f"{key} {got[key]!r} (expected {want[key]!r})" for key in want
+                     if got[key] != want[key]]
+            if diffs:
+                raise AnalysisError(
+                    f"--{flag} {weights}: a checkpoint of another network ({saved['name']}, "
+                    f"{'; '.join(diffs)}); this figure needs {arch} with attention {attention}, "
+                    f"without skip connections (--arch, -a dia_resnet/resnet --no-skip in training)"
+                    f", {num_classes} classes (--num-classes)")
+            spec = dict(saved)  # its other options (reduction, ...) shape the weights
     ckpt_io.seed_everything(seed)
     model = build_model(spec, backend=backend if attention != "none" else None)
-    if weights:
-        model.load_state_dict(ckpt_io.model_state_dict(ckpt_io.load_checkpoint(weights)))
-    return model.to(device)
+    if ckpt is None:
+        return model.to(device), f"untrained (initialised from --seed {seed})"
+    state, own = ckpt_io.model_state_dict(ckpt), model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or reshaped:
+        raise AnalysisError(
+            f"--{flag} {weights}: its weights are not those of {spec['name']} without skips "
+            f"({len(missing)} missing, e.g. {missing[:2]}; {len(unexpected)} unexpected, e.g. "
+            f"{unexpected[:2]}; {len(reshaped)} of another shape, e.g. {reshaped[:2]})")
+    model.load_state_dict(state)
+    epoch = f", epoch {ckpt['epoch']}" if "epoch" in ckpt else ""
+    return model.to(device), f"trained ({os.path.basename(weights)}{epoch})"
 
 
 def run_gradients(args: argparse.Namespace) -> Dict[str, Any]:
+    check_output(args.out)
     device = pick_device(args.device, 0)
     train, _ = _data(args.dataset, args.data_dir, args.synthetic_size, device)
     num_classes = args.num_classes or train.num_classes
     stream = BatchStream(train, args.batch_size, train=False, augment=False, seed=args.seed)
-    series = {}
-    for label, attention, weights in (("DIANet", "dia", args.dia_checkpoint),
-                                      ("ResNet", "none", args.plain_checkpoint)):
-        model = _gradient_model(args.arch, attention, num_classes, args.backend, args.seed,
-                                weights, device)
-        series[label] = grad_mod.stage_output_gradients(model, _batches(stream, args.batches),
-                                                        args.max_values, seed=args.seed)
-    grad_mod.plot_gradients(series, args.out, colors={"DIANet": "tab:blue", "ResNet": "tab:orange"})
+    models = {label: _gradient_model(args.arch, attention, num_classes, args.backend, args.seed,
+                                     weights, flag, device)
+              for label, attention, weights, flag in (
+                  ("DIANet", "dia", args.dia_checkpoint, "dia-checkpoint"),
+                  ("ResNet", "none", args.plain_checkpoint, "plain-checkpoint"))}
+    series = {label: grad_mod.stage_output_gradients(model, _batches(stream, args.batches),
+                                                     args.max_values, seed=args.seed)
+              for label, (model, _) in models.items()}
+    states = {label: state for label, (_, state) in models.items()}
+    title = (f"|gradient| at the stage outputs of {args.arch} without skip connections: "
+             + ", ".join(f"{label} {state}" for label, state in states.items()))
+    grad_mod.plot_gradients(series, args.out, colors={"DIANet": "tab:blue", "ResNet": "tab:orange"},
+                            title=title)
     stats = {label: [grad_mod.summarize(v) for v in values] for label, values in series.items()}
     np.savez(os.path.splitext(args.out)[0] + ".npz",
              **{f"{label}_stage{k + 1}": v for label, values in series.items()
                 for k, v in enumerate(values)})
     print(f"wrote {args.out}: {args.arch} without skip connections, {args.batches} batches of "
-          f"{args.batch_size} {args.dataset} images")
+          f"{args.batch_size} {args.dataset} images; "
+          + ", ".join(f"{label} {state}" for label, state in states.items()))
+    untrained = [label for label, state in states.items() if state.startswith("untrained")]
+    if untrained:
+        print(f"note: {' and '.join(untrained)} untrained: the paper's Figure 6 compares trained "
+              f"networks; pass --dia-checkpoint and --plain-checkpoint (python -m dia_fused.train "
+              f"-a dia_resnet / -a resnet --depth 56 --no-skip)")
     print(json.dumps(stats, indent=1))
-    return {"png": args.out, "stats": stats}
+    return {"png": args.out, "stats": stats, "title": title, "states": states}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -186,5 +272,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return run_gradients(args)
 
 
+def console_main(argv: Optional[Sequence[str]] = None) -> None:
+    """main, with the user errors in one line and no traceback."""
+    try:
+        main(sys.argv[1:] if argv is None else argv)
+    except (AnalysisError, DatasetError, BackendUnavailableError) as err:
+        sys.exit(f"error: {err}")
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    console_main()

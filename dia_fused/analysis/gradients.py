@@ -8,7 +8,7 @@ values of all gradient entries over all batches form the histogram of a stage.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,9 +64,10 @@ def summarize(values: np.ndarray) -> Dict[str, float]:
 
 
 def plot_gradients(series: Dict[str, Sequence[np.ndarray]], path: str, bins: int = 60,
-                   colors: Dict[str, str] = None) -> str:
+                   colors: Dict[str, str] = None, title: Optional[str] = None) -> str:
     """One panel per stage; one histogram per model (label -> per-stage |grad| arrays), on a
-    log-spaced |gradient| axis shared by the models of a panel. PNG, Agg backend."""
+    log-spaced |gradient| axis shared by the models of a panel, under `title` (what the models
+    are: trained or not, with or without skips). PNG, Agg backend."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -99,6 +100,8 @@ def plot_gradients(series: Dict[str, Sequence[np.ndarray]], path: str, bins: int
         ax.set_xlabel("|gradient|")
         ax.set_ylabel("count")
         ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

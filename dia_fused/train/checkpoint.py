@@ -45,6 +45,16 @@ def atomic_save(obj: Any, path: str) -> None:
     _atomic_write(path, "wb", lambda f: torch.save(obj, f))
 
 
+def save_epoch(folder: str, state: Mapping[str, Any], is_best: bool) -> None:
+    """Writes an epoch's checkpoint, and first its best model when it is the best so far: the
+    checkpoint records the new best accuracy only once model_best holds that model, so a run
+    killed between the two writes loses nothing (it resumes from the previous checkpoint, and
+    the resume keeps the newer best, see runfolder)."""
+    if is_best:
+        atomic_save(state, os.path.join(folder, BEST_NAME))
+    atomic_save(state, os.path.join(folder, CHECKPOINT_NAME))
+
+
 def atomic_write_text(path: str, text: str) -> None:
     """A small text file, atomically."""
     _atomic_write(path, "w", lambda f: f.write(text))

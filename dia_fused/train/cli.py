@@ -30,7 +30,7 @@ from torch import nn
 
 from ..ops import resolve_backend
 from . import checkpoint as ckpt_io
-from . import distributed
+from . import distributed, interrupt, runfolder
 from .data import DATASETS, BatchStream, load_datasets
 from .loop import evaluate, learning_rate, set_learning_rate, train_epoch
 from .modelspec import (ARCH_HELP, BACKEND_CHOICES, ATTENTION_CHOICES, CELL_ACTIVATIONS,
@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--resume)")
     p.add_argument("--resume", default="", metavar="PATH",
                    help="checkpoint file (or its folder) to continue from")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run that -c already holds (deletes its log and checkpoints); "
+                        "without it, a folder holding a run is only written by --resume")
     p.add_argument("-a", "--arch", default="dia_resnet", metavar="ARCH", help=ARCH_HELP)
     p.add_argument("--depth", type=int, default=29, help="model depth")
     p.add_argument("--block-name", type=str, default="BasicBlock",
@@ -161,16 +164,54 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     args = parse_args(argv)
     ctx = distributed.init(args.device)
     try:
-        return run(args, ctx)
+        with interrupt.handled():
+            return run(args, ctx)
+    except interrupt.Interrupted as err:
+        if ctx.is_main and not args.evaluate:
+            print(f"\n==> {err}: {_last_epoch_note(args.checkpoint)}", file=sys.stderr,
+                  flush=True)
+        raise
     finally:
         distributed.shutdown(ctx)
+
+
+def _last_epoch_note(folder: str) -> str:
+    path = os.path.join(folder, ckpt_io.CHECKPOINT_NAME)
+    try:
+        epoch = int(ckpt_io.load_checkpoint(path)["epoch"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return f"no epoch had finished ({path} does not hold one)"
+    return f"{path} holds the last completed epoch ({epoch}); continue with --resume {path}"
+
+
+# flags that describe the model (compared through the model description) or that do not change
+# how a resumed run trains
+_NOT_SETTINGS = frozenset((
+    "arch", "depth", "block_name", "cardinality", "widen_factor", "drop", "attention", "reduction",
+    "num_cells", "cell_activation", "no_norm", "no_skip", "dia_stages", "preset", "resume",
+    "checkpoint", "overwrite", "evaluate", "start_epoch", "manualSeed", "workers"))
+
+
+def changed_settings(saved: Dict[str, Any], args: argparse.Namespace) -> List[str]:
+    """'--flag old -> new' for each training setting whose value differs from the checkpoint's
+    run (values are compared, so a flag passed with the value of the original run is no
+    change)."""
+    changes = []
+    for key, value in sorted(vars(args).items()):
+        if key in _NOT_SETTINGS or key not in saved or saved[key] == value:
+            continue
+        changes.append(f"--{key.replace('_', '-')} {saved[key]!r} -> {value!r}")
+    return changes
 
 
 def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     say = _Printer(ctx)
     device = ctx.device
     resolve_backend(args.backend, device)  # an unusable --backend fails now, saying why
-    resumed = ckpt_io.load_checkpoint(_resume_file(args.resume)) if args.resume else None
+    resume_file = _resume_file(args.resume) if args.resume else None
+    resumed = ckpt_io.load_checkpoint(resume_file) if resume_file else None
+    if not args.evaluate:  # before any work: a refused folder costs nothing
+        runfolder.check(args.checkpoint, resume_file=resume_file, overwrite=args.overwrite)
 
     # The seed decides the model initialisation and every epoch's data stream; a resumed run
     # keeps the checkpoint's.
@@ -198,6 +239,11 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         if problem:
             raise ValueError(f"--resume {args.resume}: the command line describes another model "
                              f"than the checkpoint ({problem}); pass the flags of the original run")
+    if resumed is not None and not args.evaluate:
+        changes = changed_settings(dict(resumed.get("args") or {}), args)
+        if changes:
+            say(f"==> resuming with settings that differ from the checkpoint's run: "
+                f"{', '.join(changes)} (the run no longer continues as the original would have)")
     ckpt_io.seed_everything(seed)  # identical initial weights on every process
     say(f"==> creating model {spec['name']} {spec['options']}")
     model = build_model(spec, backend=args.backend).to(device)
@@ -258,9 +304,10 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
                                augment=not args.no_augment, seed=seed, rank=ctx.rank,
                                world_size=ctx.world_size, channels_last=args.channels_last,
                                max_steps=args.max_steps)
-    os.makedirs(args.checkpoint, exist_ok=True)
     log = board = None
     if ctx.is_main:
+        best_acc = runfolder.prepare(args.checkpoint, resumed=resumed, resume_file=resume_file,
+                                     overwrite=args.overwrite, say=say)
         log = CsvLog(args.checkpoint, resume_epoch=start_epoch if resumed is not None else None)
         board = TensorBoard(args.checkpoint)
         if not board.available:
@@ -286,23 +333,26 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         say(f"    train loss {train.loss:.4f} acc {train.acc:.2f} | test loss {test.loss:.4f} "
             f"acc {test.acc:.2f} | {row['epoch_time_s']:.1f}s, "
             f"{train.images_per_s:.1f} train images/s")
-        is_best = test.acc > best_acc
+        # an epoch with no best model on disk yet (0% accuracy, a deleted file) makes one
+        is_best = test.acc > best_acc or not os.path.isfile(
+            os.path.join(args.checkpoint, ckpt_io.BEST_NAME))
         best_acc = max(best_acc, test.acc)
         rng = distributed.all_gather_object(ctx, ckpt_io.rng_state(device))
-        if ctx.is_main:
-            # log row first: if the run dies before the checkpoint, the resume drops the row
-            log.append(row)
-            board.log(row)
-            state = {
-                "format": ckpt_io.FORMAT, "epoch": epoch + 1, "state_dict": bare_model.state_dict(),
-                "acc": test.acc, "best_acc": best_acc, "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "seed": seed, "model": spec, "args": vars(args), "rng": rng,
-            }
-            path = os.path.join(args.checkpoint, ckpt_io.CHECKPOINT_NAME)
-            ckpt_io.atomic_save(state, path)
-            if is_best:
-                ckpt_io.atomic_save(state, os.path.join(args.checkpoint, ckpt_io.BEST_NAME))
+        # a signal now waits for the epoch's files: the last completed epoch is kept
+        with interrupt.deferred():
+            if ctx.is_main:
+                # log row first: if the run dies before the checkpoint, the resume moves the
+                # row to log_superseded.csv and runs the epoch again
+                log.append(row)
+                board.log(row)
+                state = {
+                    "format": ckpt_io.FORMAT, "epoch": epoch + 1,
+                    "state_dict": bare_model.state_dict(), "acc": test.acc, "best_acc": best_acc,
+                    "optimizer": optimizer.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None,
+                    "seed": seed, "model": spec, "args": vars(args), "rng": rng,
+                }
+                ckpt_io.save_epoch(args.checkpoint, state, is_best)
         distributed.barrier(ctx)
     if board is not None:
         board.close()

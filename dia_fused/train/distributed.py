@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+
+from .errors import TrainError
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,10 @@ class Context:
         return self.rank == 0
 
 
+class DistributedEnvError(TrainError):
+    """The torchrun environment variables are inconsistent."""
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     if value is None:
@@ -34,7 +40,42 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError as err:
-        raise ValueError(f"environment {name}: expected an int, got {value!r}") from err
+        raise DistributedEnvError(f"environment {name}: expected an int, got {value!r}") from err
+
+
+def read_environment() -> Tuple[int, int, int]:
+    """(world_size, rank, local_rank) from the torchrun variables, checked: WORLD_SIZE >= 1,
+    0 <= RANK < WORLD_SIZE, 0 <= LOCAL_RANK (< LOCAL_WORLD_SIZE when set), RANK and LOCAL_RANK
+    only with WORLD_SIZE, MASTER_ADDR and MASTER_PORT with WORLD_SIZE > 1. A process launched
+    with part of the variables would otherwise train alone (or divide by zero) and write nothing
+    as a rank other than 0."""
+    hint = "launch with torchrun, or unset the variable for one process"
+    if "WORLD_SIZE" not in os.environ:
+        for name in ("RANK", "LOCAL_RANK"):
+            if _env_int(name, 0) != 0:
+                raise DistributedEnvError(f"environment {name}={os.environ[name]} without "
+                                          f"WORLD_SIZE: {hint}")
+    world_size = _env_int("WORLD_SIZE", 1)
+    if world_size < 1:
+        raise DistributedEnvError(f"environment WORLD_SIZE: expected >= 1, got {world_size}")
+    rank = _env_int("RANK", 0)
+    if not 0 <= rank < world_size:
+        raise DistributedEnvError(f"environment RANK: expected 0 <= RANK < WORLD_SIZE "
+                                  f"({world_size}), got {rank}")
+    local_rank = _env_int("LOCAL_RANK", 0)
+    local_size = _env_int("LOCAL_WORLD_SIZE", world_size)
+    if local_size < 1:
+        raise DistributedEnvError(f"environment LOCAL_WORLD_SIZE: expected >= 1, got {local_size}")
+    if not 0 <= local_rank < local_size:
+        raise DistributedEnvError(f"environment LOCAL_RANK: expected 0 <= LOCAL_RANK < "
+                                  f"LOCAL_WORLD_SIZE ({local_size}), got {local_rank}")
+    if world_size > 1:
+        missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
+        if missing:
+            raise DistributedEnvError(f"environment {' and '.join(missing)}: not set, needed "
+                                      f"with WORLD_SIZE={world_size} to join the process group; "
+                                      f"{hint}")
+    return world_size, rank, local_rank
 
 
 def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
@@ -57,9 +98,7 @@ def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
 
 def init(requested_device: Optional[str] = None) -> Context:
     """Joins the torchrun process group when WORLD_SIZE > 1 (nccl on GPUs, gloo on the CPU)."""
-    world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
-    local_rank = _env_int("LOCAL_RANK", 0)
+    world_size, rank, local_rank = read_environment()
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",

@@ -10,11 +10,13 @@ The DIA backend is not part of the description: it is a runtime choice (--backen
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, Mapping, Optional
+import inspect
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 from torch import nn
 
-from ..models import IMAGENET_LAYERS, create_model, list_models, parse_name
+from ..models import (IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn,
+                      create_model, imagenet_resnet, list_models, parse_name)
 from ..ops import BACKEND_CHOICES
 from ..reference import CELL_ACTIVATIONS
 
@@ -107,13 +109,47 @@ def build_model(spec: Mapping[str, Any], backend: Optional[str] = None) -> nn.Mo
     return create_model(spec["name"], num_classes=spec["num_classes"], **options)
 
 
+def _builder(parsed: Mapping[str, Any]) -> Tuple[Callable[..., nn.Module], int]:
+    """The zoo function create_model calls for a parsed name, and its number of stages."""
+    family, depth = parsed["family"], parsed["depth"]
+    imagenet = not parsed["cifar"] and ((family == "resnet" and depth in IMAGENET_LAYERS)
+                                        or (family == "resnext" and depth == 50))
+    if imagenet:
+        return imagenet_resnet, 4
+    return {"resnet": cifar_resnet, "preresnet": cifar_preresnet, "wrn": cifar_wrn,
+            "resnext": cifar_resnext}[family], 3
+
+
+def resolved_options(spec: Mapping[str, Any]) -> Dict[str, Any]:
+    """The options of a description with every option left out replaced by the value the zoo
+    uses for it (the name's attention, the builder's defaults), so that a description that
+    passes a default explicitly equals one that leaves it out. The runtime `backend` is left out;
+    `dia_stages` is the sorted list of stages."""
+    options = dict(spec.get("options", {}))
+    options.pop("backend", None)
+    try:
+        parsed = parse_name(spec["name"])
+    except (KeyError, ValueError):
+        return options
+    builder, num_stages = _builder(parsed)
+    resolved = {name: p.default for name, p in inspect.signature(builder).parameters.items()
+                if p.default is not p.empty and name not in ("num_classes", "backend")}
+    resolved["attention"] = parsed["attention"]
+    resolved.update(options)
+    stages = resolved.get("dia_stages")
+    resolved["dia_stages"] = sorted(stages) if stages is not None else list(
+        range(1, num_stages + 1))
+    return resolved
+
+
 def spec_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optional[str]:
-    """None when both describe the same network, else what differs."""
+    """None when both describe the same network, else what differs. Options are compared by
+    value (resolved_options): passing a default explicitly describes the same network."""
     diffs = []
     for key in ("name", "num_classes"):
         if saved.get(key) != current.get(key):
             diffs.append(f"{key} {saved.get(key)!r} vs {current.get(key)!r}")
-    a, b = dict(saved.get("options", {})), dict(current.get("options", {}))
+    a, b = resolved_options(saved), resolved_options(current)
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
             diffs.append(f"{key} {a.get(key)!r} vs {b.get(key)!r}")
@@ -121,4 +157,4 @@ def spec_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optio
 
 
 __all__ = ["ATTENTION_CHOICES", "BACKEND_CHOICES", "CELL_ACTIVATIONS", "ARCH_HELP", "model_spec",
-           "build_model", "spec_mismatch", "split_arch"]
+           "build_model", "resolved_options", "spec_mismatch", "split_arch"]

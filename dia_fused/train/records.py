@@ -8,6 +8,7 @@ from typing import Dict, List, Optional
 from .checkpoint import atomic_write_text
 
 CSV_NAME = "log.csv"
+SUPERSEDED_NAME = "log_superseded.csv"
 COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
            "train_images_per_s")
 
@@ -15,18 +16,24 @@ COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "e
 class CsvLog:
     """log.csv in the checkpoint folder, one row per finished epoch (1-based `epoch`).
 
-    On resume from a checkpoint of epoch k, rows after k are dropped first: they belong to an
-    epoch whose checkpoint was never written (the run was killed in between) and that epoch runs
-    again."""
+    On resume from a checkpoint of epoch k, rows after k leave log.csv, since those epochs run
+    again; they are appended to log_superseded.csv (with the epoch resumed from), never dropped:
+    they may be a killed epoch whose checkpoint was never written, or a whole later history when
+    the run resumes from an earlier checkpoint (model_best)."""
 
     def __init__(self, folder: str, resume_epoch: Optional[int] = None):
         self.path = os.path.join(folder, CSV_NAME)
         rows: List[Dict[str, str]] = []
+        later: List[Dict[str, str]] = []
         if resume_epoch is not None and os.path.isfile(self.path):
             with open(self.path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["epoch"]) <= resume_epoch]
+                for r in csv.DictReader(f):
+                    (rows if int(r["epoch"]) <= resume_epoch else later).append(r)
+        if later:
+            _append_superseded(os.path.join(folder, SUPERSEDED_NAME), later, resume_epoch)
         lines = [",".join(COLUMNS)] + [",".join(r.get(c, "") for c in COLUMNS) for r in rows]
         atomic_write_text(self.path, "\n".join(lines) + "\n")
+        self.superseded = len(later)
 
     def append(self, row: Dict[str, float]) -> None:
         missing = [c for c in COLUMNS if c not in row]
@@ -36,6 +43,20 @@ class CsvLog:
             f.write(",".join(_fmt(row[c]) for c in COLUMNS) + "\n")
             f.flush()
             os.fsync(f.fileno())
+
+
+def _append_superseded(path: str, rows: List[Dict[str, str]], resume_epoch: int) -> None:
+    """Appends `rows` to the superseded log (created with its header), fsynced before log.csv is
+    rewritten without them."""
+    columns = ("resumed_from_epoch",) + COLUMNS
+    new = not os.path.isfile(path)
+    with open(path, "a", newline="") as f:
+        if new:
+            f.write(",".join(columns) + "\n")
+        for r in rows:
+            f.write(",".join([str(resume_epoch)] + [r.get(c, "") for c in COLUMNS]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _fmt(value) -> str:
