@@ -23,6 +23,12 @@ HEADERS = ("dia_step.h", "dia_step_common.cuh")
 DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 ARCH_ENV = "TORCH_CUDA_ARCH_LIST"
 
+# Numbers shared with the C++ sources: csrc/dia_step_constants.h is generated from these
+# (python dia_fused/kernels/cuda_build.py --header; python_tests/test_csrc_compile.py checks it)
+ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}  # CellActivation
+FUSED_MAX_CHANNELS = 256  # the one-block-per-sample kernels hold a sample's C channels
+FUSED_THREADS = 512  # threads of those blocks
+
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
@@ -64,7 +70,11 @@ def arch_flags(arch_list: str = DEFAULT_ARCH_LIST) -> List[str]:
     return flags
 
 
-def default_arch_flags() -> List[str]:
+def default_arch_flags(arch_list_env=...) -> List[str]:
     """-gencode flags of DEFAULT_ARCH_LIST when TORCH_CUDA_ARCH_LIST is unset, else [] (torch
-    reads the variable itself and adds its flags; explicit flags would switch that off)."""
-    return [] if os.environ.get(ARCH_ENV) else arch_flags(DEFAULT_ARCH_LIST)
+    reads the variable itself and adds its flags; explicit flags would switch that off). The
+    package passes the value it read through dia_fused.settings; setup.py, which cannot import
+    the package, lets this read the environment."""
+    if arch_list_env is ...:
+        arch_list_env = os.environ.get(ARCH_ENV)
+    return [] if arch_list_env else arch_flags(DEFAULT_ARCH_LIST)
