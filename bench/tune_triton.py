@@ -1,17 +1,17 @@
 """Times launch configurations of the Triton backend's kernels on a GPU and checks each one against
 the float64 reference (tolerance rule of docs/design.md §4), to choose the defaults of
-`triton_dia_step.LSTMConfig` (LSTM kernels), `MapConfig` (feature-map kernels) and the dot precision
-from measurements.
+`dia_fused.kernels.triton.LSTMConfig` (LSTM kernels), `MapConfig` (feature-map kernels) and the
+dot precision from measurements.
 
     python bench/tune_triton.py --json tune.json                      # all candidates, all shapes
     python bench/tune_triton.py --configs "" "block_n=32" --map-configs --precisions ieee tf32x3
     python bench/tune_triton.py --configs --map-configs "tile=8192,num_warps=8"
     python bench/tune_triton.py --smoke                               # CPU: harness check only
 
-Every candidate runs in its own process, because the configurations are read when the kernel module
-is imported (DIA_FUSED_TRITON_LSTM, DIA_FUSED_TRITON_MAP, DIA_FUSED_TRITON_DOT_PRECISION). LSTM
-candidates run with the default map tiles and map candidates with the default LSTM configuration
-(the defaults once, as an LSTM candidate). Reports, per shape,
+Every candidate runs in this process: its KernelSettings are passed to the kernels for its steps
+(dia_fused.kernels.triton.use_settings), the environment plays no part. LSTM candidates run with
+the default map tiles and map candidates with the default LSTM configuration (the defaults once,
+as an LSTM candidate). Reports, per shape,
 forward and forward+backward times of each candidate next to the eager reference, and the best
 candidate that passed the tolerance rule everywhere.
 """
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
 CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
@@ -44,59 +42,70 @@ def _time_ms(fn, on_gpu: bool) -> float:
     return time_steps(fn, torch.device("cpu"), warmup=1, steps=3)
 
 
-def worker(shapes, with_reference: bool) -> None:
-    """Runs in the candidate's process: one JSON line per shape."""
+def measure(shapes, settings, with_reference: bool):
+    """One record per shape for the candidate `settings` (a KernelSettings), in this process."""
     import torch
 
+    from dia_fused.kernels import triton as triton_kernels
     from dia_fused.testing import backend_step, compare_backend, random_step_inputs
 
     on_gpu = torch.cuda.is_available()
     device = "cuda" if on_gpu else "cpu"
+    records = []
+    with triton_kernels.use_settings(settings):
+        for n, c, hgt, wid, r in shapes:
+            record = {"shape": [n, c, hgt, wid], "reduction": r}
+            inputs = random_step_inputs(n, c, hgt, wid, reduction=r, device=device)
+            try:
+                errors = compare_backend(backend_step("triton"), inputs, torch.float32, relu=True)
+                record.update(ok=True, max_error=max(errors.values()))
+            except AssertionError as err:
+                record.update(ok=False, error=str(err)[:500])
+            backends = ["triton"] + (["reference"] if with_reference else [])
+            for backend in backends:
+                x, h, cst = (t.detach().clone() for t in inputs.args()[:3])
+                w = [t.detach().clone().requires_grad_() for t in inputs.weights]
+                identity = inputs.identity.detach().clone()
+                step = backend_step(backend)
 
-    for n, c, hgt, wid, r in shapes:
-        record = {"shape": [n, c, hgt, wid], "reduction": r}
-        inputs = random_step_inputs(n, c, hgt, wid, reduction=r, device=device)
-        try:
-            errors = compare_backend(backend_step("triton"), inputs, torch.float32, relu=True)
-            record.update(ok=True, max_error=max(errors.values()))
-        except AssertionError as err:
-            record.update(ok=False, error=str(err)[:500])
-        backends = ["triton"] + (["reference"] if with_reference else [])
-        for backend in backends:
-            x, h, cst = (t.detach().clone() for t in inputs.args()[:3])
-            w = [t.detach().clone().requires_grad_() for t in inputs.weights]
-            identity = inputs.identity.detach().clone()
-            step = backend_step(backend)
+                def forward():
+                    with torch.no_grad():
+                        step(x, h, cst, w, identity, True)
 
-            def forward():
-                with torch.no_grad():
-                    step(x, h, cst, w, identity, True)
+                xg = x.clone().requires_grad_()
 
-            xg = x.clone().requires_grad_()
+                def forward_backward():
+                    out, h1, c1 = step(xg, h, cst, w, identity, True)
+                    torch.autograd.backward((out, h1, c1), (out.detach(), h1.detach(), c1.detach()))
 
-            def forward_backward():
-                out, h1, c1 = step(xg, h, cst, w, identity, True)
-                torch.autograd.backward((out, h1, c1), (out.detach(), h1.detach(), c1.detach()))
+                record[f"{backend}_forward_ms"] = _time_ms(forward, on_gpu)
+                record[f"{backend}_forward_backward_ms"] = _time_ms(forward_backward, on_gpu)
+            records.append(record)
+    return records
 
-            record[f"{backend}_forward_ms"] = _time_ms(forward, on_gpu)
-            record[f"{backend}_forward_backward_ms"] = _time_ms(forward_backward, on_gpu)
-        print(json.dumps(record), flush=True)
+
+def candidate_settings(config: str, map_config: str, precision: str):
+    """The KernelSettings of a candidate: the strings override the defaults (those of the
+    interpreter's map tiles where it runs)."""
+    from dia_fused.kernels import triton as triton_kernels
+    from dia_fused.kernels.triton import config as triton_config
+
+    base_map = triton_config.INTERPRETER_MAP if triton_kernels.INTERPRETED else None
+    return triton_kernels.KernelSettings(
+        lstm=triton_kernels.LSTMConfig.from_env(config),
+        map=triton_kernels.MapConfig.from_env(map_config, base_map),
+        dot_precision=precision)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="*", default=None, help="DIA_FUSED_TRITON_LSTM strings ('' = defaults)")
-    parser.add_argument("--map-configs", nargs="*", default=None, help="DIA_FUSED_TRITON_MAP strings")
+    parser.add_argument("--configs", nargs="*", default=None, help="LSTMConfig strings ('' = defaults)")
+    parser.add_argument("--map-configs", nargs="*", default=None, help="MapConfig strings")
     parser.add_argument("--precisions", nargs="*", default=None, choices=PRECISIONS)
     parser.add_argument("--json", help="write every record to this file")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, two candidates (CPU harness check)")
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--with-reference", action="store_true", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
     shapes = SMOKE_SHAPES if opts.smoke else GPU_SHAPES
-    if opts.worker:
-        worker(shapes, opts.with_reference)
-        return 0
     configs = opts.configs if opts.configs is not None else (["", "forward_groups=1"] if opts.smoke else CANDIDATES)
     map_configs = (opts.map_configs if opts.map_configs is not None
                    else (["tile=256"] if opts.smoke else MAP_CANDIDATES))
@@ -106,15 +115,13 @@ def main(argv=None) -> int:
     first = True
     for precision in precisions:
         for config, map_config in candidates:
-            env = dict(os.environ, DIA_FUSED_TRITON_LSTM=config, DIA_FUSED_TRITON_MAP=map_config,
-                       DIA_FUSED_TRITON_DOT_PRECISION=precision)
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker"] + (["--smoke"] if opts.smoke else []) \
-                + (["--with-reference"] if first else [])
-            run = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-            if run.returncode or not lines:
-                print(f"candidate {config!r} | map {map_config!r} / {precision}: failed (exit {run.returncode})\n"
-                      f"{run.stderr[-2000:]}", file=sys.stderr)
+            try:
+                settings = candidate_settings(config, map_config, precision)
+                lines = measure(shapes, settings, with_reference=first)
+            except Exception as err:  # report the candidate and go on with the others
+                print(f"candidate {config!r} | map {map_config!r} / {precision}: failed: "
+                      f"{type(err).__name__}: {err}", file=sys.stderr)
+                lines = []
             for line in lines:
                 line.update(config=config or "defaults", map_config=map_config or "defaults", precision=precision)
                 records.append(line)

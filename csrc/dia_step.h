@@ -14,18 +14,12 @@
 
 #include <cuda_runtime_api.h>
 
+// CellActivation, kFusedThreads, kFusedMaxChannels: generated from dia_fused/kernels/cuda_build.py
+#include "dia_step_constants.h"
+
 namespace dia_fused {
 
 enum class ScalarKind : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-// act of h = sigmoid(o) * act(c); values match the Python strings' order in reference.CELL_ACTIVATIONS.
-enum class CellActivation : int { kSigmoid = 0, kTanh = 1, kRelu = 2 };
-
-// Threads per block of the one-block-per-sample kernels; their LSTM part needs 2R <= this.
-constexpr int kFusedThreads = 512;
-// Largest C the one-block-per-sample kernels take (all per-sample vectors live in shared memory,
-// and above this the per-sample re-read of the weights costs more than the extra launches save).
-constexpr int kFusedMaxChannels = 256;
 
 // A (N, C, H, W) feature map whose H and W collapse into one axis: element (n, c, hw) is at
 // data + n * stride_n + c * stride_c + hw * stride_hw (in elements).

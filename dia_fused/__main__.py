@@ -8,9 +8,8 @@ import platform
 import sys
 
 import torch
-from torch.utils import benchmark
 
-from . import __version__, backend_table, ops, reference
+from . import __version__, backend_table, ops, reference, settings
 from .testing import compare_backend, random_step_inputs
 
 # (N, C, H, W) of the check: the CIFAR stage-1 step on a GPU, small on CPU, tiny for the interpreter
@@ -28,17 +27,22 @@ def versions() -> dict:
         info["triton"] = "not installed"
     if torch.cuda.is_available():
         info["GPU"] = torch.cuda.get_device_name()
-    info["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
-    info[ops.ENV_BACKEND] = os.environ.get(ops.ENV_BACKEND, "unset")
-    for name in ("DIA_FUSED_TRITON_LSTM", "DIA_FUSED_TRITON_MAP", "DIA_FUSED_TRITON_DOT_PRECISION"):  # Triton knobs
-        info[name] = os.environ.get(name, "unset (defaults)")
+    for name in settings.ALL:
+        info[name] = settings.raw(name) or "unset"
+    for name in (settings.ENV_TRITON_LSTM, settings.ENV_TRITON_MAP, settings.ENV_TRITON_DOT_PRECISION):
+        info[name] = settings.raw(name) or "unset (defaults)"
     table = backend_table.table_path()
-    info[backend_table.ENV_TABLE] = os.environ.get(backend_table.ENV_TABLE) or (
-        f"unset ({table}{'' if os.path.exists(table) else f': none shipped, auto uses {STATIC_ORDER}'})")
+    if settings.raw(settings.ENV_AUTO_TABLE) is None:
+        shipped = "" if os.path.exists(table) else f": none shipped, auto uses {STATIC_ORDER}"
+        info[settings.ENV_AUTO_TABLE] = f"unset ({table}{shipped})"
     return info
 
 
-def step_timer(name: str, inputs, backward: bool) -> benchmark.Timer:
+def step_timer(name: str, inputs, backward: bool):
+    # imported here: torch.utils.benchmark imports torch.utils.cpp_extension, which warns on a
+    # CUDA build of torch without a GPU; the listing (--no-check) needs neither
+    from torch.utils import benchmark
+
     x, h, c, weights = inputs.args()
 
     def run():

@@ -22,18 +22,20 @@ import math
 import os
 from typing import Dict, Optional, Sequence, Tuple
 
-ENV_TABLE = "DIA_FUSED_AUTO_TABLE"
+from . import settings
+from .names import BACKENDS as BACKEND_NAMES
+
+ENV_TABLE = settings.ENV_AUTO_TABLE
 DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_backend.json")
 FORMAT = 1
 PASSES = ("fwd", "fwd_bwd")
-BACKEND_NAMES = ("reference", "triton", "cuda")
 # where a dtype was not measured, the nearest stand-in: same element size first
 DTYPE_FALLBACK = {"float16": ("float16", "bfloat16", "float32"), "bfloat16": ("bfloat16", "float16", "float32"),
                   "float32": ("float32",)}
 
 
 def table_path() -> str:
-    return os.environ.get(ENV_TABLE) or DEFAULT_TABLE
+    return settings.auto_table_path(DEFAULT_TABLE)
 
 
 @functools.lru_cache(maxsize=8)
@@ -94,10 +96,12 @@ def nearest_step(steps: Sequence[dict], channels: int, hw: int, dtype: str, trai
     return None
 
 
-def measured_order(device_name: str, channels: int, hw: int, dtype: str, training: bool) -> Optional[Tuple[str, ...]]:
-    """Backends fastest first at the nearest measured step on `device_name`; None when the table
-    has no step for it (then auto keeps its static order)."""
-    return _measured_order(table_path(), device_name, channels, hw, dtype, training)
+def measured_order(device_name: str, channels: int, hw: int, dtype: str, training: bool,
+                   path: Optional[str] = None) -> Optional[Tuple[str, ...]]:
+    """Backends fastest first at the nearest measured step on `device_name` in the table at
+    `path` (default table_path()); None when the table has no step for it (then auto keeps its
+    static order)."""
+    return _measured_order(path or table_path(), device_name, channels, hw, dtype, training)
 
 
 @functools.lru_cache(maxsize=4096)  # every step asks: a cache hit is far cheaper than a search

@@ -1,101 +1,96 @@
 """Backend dispatch for the DIA step: the one entry point the modules call (docs/design.md §3).
 
-Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels).
-Both fused backends share ONE pair of torch.library custom ops, `dia_fused::step_forward` and
-`dia_fused::step_backward`, with a fake (meta) implementation and an autograd formula, so they work
-under torch.compile(fullgraph=True), dispatch modes and in CUDA-graph capture. The ops dispatch on a
-`backend` string to the kernel module's `forward` / `backward` host wrappers (kernels/*_dia_step.py).
-Eager steps on plain tensors take the same wrappers and formula without the dispatcher, whose cost
-is most of a step's host time: directly without gradients, through `_EagerStep` (an
-autograd.Function) with them (`_eager_route`). `auto` picks, among
-the backends available for the tensor's device, the fastest measured for the step's shape on this GPU
-(backend_table.py), else cuda > triton > reference; the environment variable
-DIA_FUSED_BACKEND overrides the requested name. A backend named explicitly that is unavailable
-raises with the reason: there is no silent fallback.
+Backends: `reference` (plain PyTorch, autograd by PyTorch), `triton` and `cuda` (fused kernels, in
+the kernel modules kernels/triton/ and kernels/cuda_dia_step.py). Dispatch asks one question,
+`step_unavailable_reason(name, device, dtype)`: each kernel module answers for the device
+(`unavailable_reason`) and declares the dtypes it takes (`SUPPORTED_DTYPES`); the reference takes
+every step. `auto` runs the first backend that can take the step, in the order measured for its
+shape on this GPU (backend_table.py), else cuda > triton > reference: a float64 step on a GPU runs
+on the reference. A backend named explicitly that cannot take the step raises
+BackendUnavailableError with the reason before any kernel runs; there is no silent fallback.
+DIA_FUSED_BACKEND sets what `auto` stands for; an explicit name wins over it.
+
+Both fused backends run through one torch.library custom op, `dia_fused::step_forward` (with
+`dia_fused::step_backward` for its gradient), which torch.compile, export, CUDA graphs, dispatch
+modes and tensor subclasses see whole. Eager steps on plain tensors take `_EagerStep`, an
+autograd.Function over the same host wrappers with the same autograd formula, without the
+dispatcher round trips that are most of a step's host time (bench/test_host_overhead.py).
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import operator
-import os
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from . import backend_table, reference
+from . import backend_table, reference, settings
 from ._checks import check_choice, check_step_args
+from .kernels import SUPPORTED_DTYPES, cuda_dia_step
+from .names import AUTO_ORDER, BACKEND_CHOICES, BACKENDS
+from .settings import ENV_BACKEND
+
+try:
+    from .kernels.triton import host as triton_host
+    _TRITON_MISSING = None
+except ModuleNotFoundError as err:  # triton is an optional dependency; anything else is a bug
+    if err.name != "triton":
+        raise
+    triton_host = None
+    _TRITON_MISSING = ("the triton backend needs the triton package, which is not installed: "
+                       "pip install triton (or pip install 'dia_fused[triton]')")
 
 Tensor = torch.Tensor
-StepFn = Callable[..., Tuple[Tensor, Tensor, Tensor]]
+StepKey = Tuple[int, int, str, bool]  # (channels, H*W, dtype name, training)
 
-BACKENDS = ("reference", "triton", "cuda")
-BACKEND_CHOICES = ("auto",) + BACKENDS
-AUTO_ORDER = ("cuda", "triton", "reference")
-ENV_BACKEND = "DIA_FUSED_BACKEND"
+__all__ = ["BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "ENV_BACKEND", "BackendUnavailableError",
+           "backend_unavailable_reason", "step_unavailable_reason", "available_backends",
+           "auto_order", "resolve_backend", "dia_step", "step_key", "shape_key"]
 
 
 class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name on a device where it cannot run; the message says why."""
+    """A backend was asked for by name for a step it cannot run; the message says why."""
 
 
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    # device -> None when usable there, else the reason it is not
-    unavailable_reason: Callable[[torch.device], Optional[str]]
-    # (x, h, c, weights, identity, relu, activation, dropout_masks) -> (out, h, c)
-    step: StepFn
-
-
-_REGISTRY: Dict[str, Backend] = {}
-
-
-def register_backend(backend: Backend) -> None:
-    check_choice("backend.name", backend.name, BACKENDS)
-    _REGISTRY[backend.name] = backend
-
-
-FUSED_MODULES = {"triton": "dia_fused.kernels.triton_dia_step",
-                 "cuda": "dia_fused.kernels.cuda_dia_step"}
-
-
-def _lookup(name: str) -> Backend:
-    if name not in _REGISTRY:
-        register_backend(Backend(name, _fused_unavailable_reason(name), _fused_step(name)))
-    return _REGISTRY[name]
-
-
-@functools.lru_cache(maxsize=None)  # every step asks; a failed import is not cached and raises again
 def _kernel_module(name: str):
-    """The host-wrapper module of fused backend `name` (forward / backward / unavailable_reason)."""
-    return importlib.import_module(FUSED_MODULES[name])
-
-
-def _fused_unavailable_reason(name: str) -> Callable[[torch.device], Optional[str]]:
-    def reason(device: torch.device) -> Optional[str]:
-        try:
-            module = _kernel_module(name)
-        except ModuleNotFoundError as err:
-            if err.name not in (FUSED_MODULES[name], "triton"):
-                raise
-            missing = "the triton package" if err.name == "triton" else f"module {FUSED_MODULES[name]}"
-            return f"the {name} backend needs {missing}, which is not part of this installation"
-        return module.unavailable_reason(device)
-    return reason
+    """The kernel module of fused backend `name`: forward, backward, unavailable_reason,
+    SUPPORTED_DTYPES (docs/design.md §2)."""
+    return triton_host if name == "triton" else cuda_dia_step
 
 
 def backend_unavailable_reason(name: str, device) -> Optional[str]:
     """None if backend `name` can run on `device`, else a sentence saying why not."""
     check_choice("backend", name, BACKENDS)
-    return _lookup(name).unavailable_reason(torch.device(device))
+    if name == "reference":
+        return None
+    if name == "triton" and triton_host is None:
+        return _TRITON_MISSING
+    return _kernel_module(name).unavailable_reason(torch.device(device))
 
 
-def available_backends(device) -> Tuple[str, ...]:
-    return tuple(b for b in BACKENDS if backend_unavailable_reason(b, device) is None)
+def _dtype_unavailable_reason(name: str, dtype: Optional[torch.dtype]) -> Optional[str]:
+    if name == "reference" or dtype is None:
+        return None
+    supported = SUPPORTED_DTYPES if name == "triton" and triton_host is None else \
+        _kernel_module(name).SUPPORTED_DTYPES
+    if dtype in supported:
+        return None
+    names = ", ".join(str(d).replace("torch.", "") for d in supported)
+    return (f"the {name} backend takes {names} inputs, got {str(dtype).replace('torch.', '')} "
+            f"(backend='reference' runs every dtype)")
+
+
+def step_unavailable_reason(name: str, device, dtype: Optional[torch.dtype] = None
+                            ) -> Optional[str]:
+    """The dispatch's one question: None if backend `name` can run a step on `device` with inputs
+    of `dtype` (any layout: the fused host wrappers take every stride), else why not."""
+    return backend_unavailable_reason(name, device) or _dtype_unavailable_reason(name, dtype)
+
+
+def available_backends(device, dtype: Optional[torch.dtype] = None) -> Tuple[str, ...]:
+    return tuple(b for b in BACKENDS if step_unavailable_reason(b, device, dtype) is None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,30 +98,36 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def auto_order(device, step: Optional[Tuple[int, int, str, bool]] = None) -> Tuple[str, ...]:
+def auto_order(device, step: Optional[StepKey] = None, table_path: Optional[str] = None
+               ) -> Tuple[str, ...]:
     """The order in which `auto` tries the backends on `device`: fastest first as measured for
-    `step` = (channels, H*W, dtype name, training) where the table has this GPU (backend_table),
+    `step` where the table (at `table_path`, default backend_table.table_path()) has this GPU,
     else cuda > triton > reference."""
     device = torch.device(device)
     measured = None
     if step is not None and device.type == "cuda":
-        measured = backend_table.measured_order(_device_name(device), *step)
+        path = table_path or backend_table.table_path()
+        measured = backend_table.measured_order(_device_name(device), *step, path=path)
     if measured is None:
         return AUTO_ORDER
     return measured + tuple(name for name in AUTO_ORDER if name not in measured)
 
 
-def step_key(x: Tensor, weights: Sequence[Tensor]) -> Optional[Tuple[int, int, str, bool]]:
+def step_key(x: Tensor, weights: Sequence[Tensor]) -> Optional[StepKey]:
     """(channels, H*W, dtype name, training) of a step on `x`: what auto's measured choice depends
     on (on a GPU only: None elsewhere)."""
     return shape_key(x, weights) if x.is_cuda else None
 
 
-def shape_key(x: Tensor, weights: Sequence[Tensor]) -> Tuple[int, int, str, bool]:
+def shape_key(x: Tensor, weights: Sequence[Tensor]) -> StepKey:
     # operator.index makes torch.compile specialise symbolic C and H*W (with guards) into the plain
     # ints assume_constant_result needs; int() would keep them symbolic and break the graph
-    return (operator.index(x.shape[1]), operator.index(x.shape[2] * x.shape[3]), str(x.dtype).replace("torch.", ""),
-            _needs_grad((x, *weights)))
+    return (operator.index(x.shape[1]), operator.index(x.shape[2] * x.shape[3]),
+            _dtype_name(x.dtype), _needs_grad((x, *weights)))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
@@ -134,29 +135,44 @@ def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _requested(backend: str) -> str:
-    """The backend asked for: DIA_FUSED_BACKEND overrides the argument."""
-    return os.environ.get(ENV_BACKEND) or backend
-
-
-@torch.compiler.assume_constant_result  # pure in (arguments, environment): resolved once at trace time
-def resolve_backend(requested: str, device, step: Optional[Tuple[int, int, str, bool]] = None) -> str:
-    """The backend that runs for `requested` on `device` (DIA_FUSED_BACKEND overrides); for
-    `auto`, `step` = (channels, H*W, dtype name, training) selects by the measured table."""
-    requested = _requested(requested)
+def resolve_backend(requested: str, device, step: Optional[StepKey] = None,
+                    dtype: Optional[torch.dtype] = None) -> str:
+    """The backend that runs for `requested` on `device`: for `auto` (or what DIA_FUSED_BACKEND
+    sets it to), `step` = (channels, H*W, dtype name, training) selects by the measured table.
+    The step's dtype (`dtype`, else the one in `step`) rules out backends that cannot take it."""
+    if isinstance(requested, str) and requested == "auto":
+        requested = settings.backend_for_auto()
     check_choice("backend", requested, BACKEND_CHOICES)
+    dtype_name = _dtype_name(dtype) if dtype is not None else (step[2] if step else None)
+    table = None
+    if requested == "auto" and step is not None and torch.device(device).type == "cuda":
+        table = backend_table.table_path()
+    return _resolve(requested, device, step, dtype_name, table)
+
+
+# The environment was read by the caller: this is pure in its arguments (and the table file,
+# fixed for the process), so torch.compile resolves it once at trace time.
+@torch.compiler.assume_constant_result
+def _resolve(requested: str, device, step: Optional[StepKey], dtype_name: Optional[str],
+             table_path: Optional[str]) -> str:
     device = torch.device(device)
+    dtype = getattr(torch, dtype_name) if dtype_name else None
     if requested == "auto":
-        for name in auto_order(device, step):
+        for name in auto_order(device, step, table_path):
             # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic choice
             if name == "triton" and device.type == "cpu":
                 continue
-            if backend_unavailable_reason(name, device) is None:
+            if (backend_unavailable_reason(name, device) is None
+                    and _dtype_unavailable_reason(name, dtype) is None):
                 return name
-        raise AssertionError("the reference backend is always available")
+        raise AssertionError("the reference backend takes every step")
     reason = backend_unavailable_reason(requested, device)
     if reason is not None:
         raise BackendUnavailableError(f"backend={requested!r} cannot run on {device}: {reason}")
+    reason = _dtype_unavailable_reason(requested, dtype)
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={requested!r} cannot run a {dtype_name} step: "
+                                      f"{reason}")
     return requested
 
 
@@ -176,32 +192,82 @@ def dia_step(
     if x.shape[2] * x.shape[3] == 0:
         raise ValueError(f"x: expected H*W >= 1 (the attention pools over H, W), got shape "
                          f"{tuple(x.shape)}")
-    # only auto looks at the step's shape (so a named backend never specialises a compiled graph on it)
-    step = step_key(x, weights) if _requested(backend) == "auto" else None
-    name = resolve_backend(backend, x.device, step)
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
-    return _lookup(name).step(x, h, c, tuple(weights), identity, bool(relu), activation,
-                              dropout_masks)
+    # Export routing: an exported program holds the reference math (any backend asked for), so
+    # that it runs wherever it is loaded, without this package's kernels (docs/design.md §3).
+    if torch.compiler.is_exporting():
+        return reference.dia_lstm_step(x, h, c, weights, identity=identity, relu=relu,
+                                       activation=activation, dropout_masks=dropout_masks)
+    if isinstance(backend, str) and backend == "auto":
+        backend = settings.backend_for_auto()
+    # only auto looks at the step's shape (so a named backend never specialises a compiled graph
+    # on it)
+    step = step_key(x, weights) if backend == "auto" else None
+    name = resolve_backend(backend, x.device, step, x.dtype)
+    if name == "reference":
+        return reference.dia_lstm_step(x, h, c, weights, identity=identity, relu=relu,
+                                       activation=activation, dropout_masks=dropout_masks)
+    weights = list(weights)
+    relu = bool(relu)
+    if _eager(x, h, c, identity, dropout_masks, weights):
+        if _needs_grad((x, h, c, identity, dropout_masks, *weights)):
+            out, h_new, c_new, _ = _EagerStep.apply(name, relu, activation, x, h, c, identity,
+                                                    dropout_masks, *weights)
+        else:  # nothing to record: _EagerStep's forward without the autograd node
+            out, h_new, c_new, _ = _host_forward(x, h, c, weights, identity, relu, activation,
+                                                 dropout_masks, name)
+    else:
+        out, h_new, c_new, _ = step_forward(x, h, c, weights, identity, relu, activation,
+                                            dropout_masks, name)
+    return out, h_new, c_new
 
 
-register_backend(Backend(
-    "reference",
-    lambda device: None,
-    lambda x, h, c, w, identity, relu, activation, masks: reference.dia_lstm_step(
-        x, h, c, w, identity=identity, relu=relu, activation=activation, dropout_masks=masks),
-))
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _eager(x, h, c, identity, dropout_masks, weights) -> bool:
+    """Whether a step may take _EagerStep instead of the custom op. The op is needed wherever
+    something must see the step as one operator: torch.compile and export (is_compiling, public),
+    tensor subclasses such as FakeTensor or DTensor (their exact type, public), and dispatch modes.
+    Torch has no public query for an active dispatch mode: is_in_torch_dispatch_mode is torch's
+    own, unprefixed function for it (in a private module), which reads one Python flag, cheap
+    enough for every step."""
+    if torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
+        return False
+    for t in (x, h, c, identity, dropout_masks):
+        if t is not None and type(t) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return all(type(w) in _PLAIN_TENSOR_TYPES for w in weights)
 
 
 # ---------------------------------------------------------------------------------------------
-# Fused backends: one pair of custom ops for triton and cuda.
+# The fused backends' host wrappers, the custom op, and the one autograd formula.
 
 
 def _autocast_off(device_type: str):
-    """Autocast disabled inside, entered only where it is on (entering costs ~3 us a call)."""
+    """Autocast disabled inside (fp32 LSTM math whatever autocast says), entered only where it is
+    on: entering a context costs more than the rest of a check."""
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def _host_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
+    """The kernel module's (out, h_new, c_new, pooled), possibly aliasing inputs."""
+    with _autocast_off(x.device.type):
+        return _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation,
+                                               dropout_masks)
+
+
+def _host_backward(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights,
+                   identity_given, relu, activation, dropout_masks, backend):
+    """The kernel module's (grad_x, grad_identity or None, grad_h, grad_c, grad_weights):
+    grad_weights one flat fp32 tensor (weight order) or one fp32 tensor per weight."""
+    with _autocast_off(x.device.type):
+        return _kernel_module(backend).backward(
+            grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+            activation, dropout_masks)
 
 
 def _unaliased(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
@@ -231,14 +297,8 @@ def step_forward(
     backend: str,  # "triton" | "cuda"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
-    results = _kernel_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend)
+    results = _host_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend)
     return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
-
-
-def _kernel_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
-    """The host wrapper's (out, h_new, c_new, pooled), as it returns them (the custom op unaliases)."""
-    with _autocast_off(x.device.type):  # fp32 LSTM math, whatever autocast says
-        return _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation, dropout_masks)
 
 
 @step_forward.register_fake
@@ -265,39 +325,33 @@ def step_backward(
     backend: str,
 ) -> List[Tensor]:
     """[grad_x, grad_identity (empty if no identity), grad_h, grad_c, grad_weights]: grad_weights is
-    one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (a
-    kernel can write them all in one launch; the autograd formula splits it into views)."""
-    grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_backward(
-        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu, activation,
-        dropout_masks, backend)
+    one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (one
+    output of a fixed schema, which the autograd formula splits into views)."""
+    grad_x, grad_identity, grad_h, grad_c, grad_weights = _host_backward(
+        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
+        activation, dropout_masks, backend)
     if grad_identity is None:
         grad_identity = grad_out.new_empty(0)
+    if not isinstance(grad_weights, Tensor):  # one tensor per weight (the cuda backend)
+        grad_weights = torch.cat([g.reshape(-1) for g in grad_weights])
     inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
     return _unaliased([grad_x, grad_identity, grad_h, grad_c, grad_weights], inputs)
 
 
-def _kernel_backward(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-                     activation, dropout_masks, backend):
-    """The host wrapper's (grad_x, grad_identity or None, grad_h, grad_c, flat fp32 weight grads),
-    possibly aliasing its inputs (the custom op unaliases)."""
-    with _autocast_off(x.device.type):
-        grad_x, grad_identity, grad_h, grad_c, grad_weights = _kernel_module(backend).backward(
-            grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-            activation, dropout_masks)
-    if not isinstance(grad_weights, Tensor):  # a host wrapper that returns one tensor per weight
-        grad_weights = torch.cat([g.reshape(-1).float() for g in grad_weights])
-    return grad_x, grad_identity, grad_h, grad_c, grad_weights
-
-
 @step_backward.register_fake
-def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given,
-                        relu, activation, dropout_masks, backend):
+def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights,
+                        identity_given, relu, activation, dropout_masks, backend):
     grad_identity = torch.empty_like(grad_out) if identity_given else grad_out.new_empty(0)
     grad_weights = x.new_empty((sum(w.numel() for w in weights),), dtype=torch.float32)
-    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c), grad_weights]
+    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c),
+            grad_weights]
 
 
-def _save_for_backward(ctx, x, h, c, weights, identity, relu, activation, dropout_masks, backend, out, pooled):
+# The autograd formula, shared by the custom op (register_autograd) and _EagerStep: the forward
+# keeps (x, out, pooled, h, c, masks, weights); the backward runs the kernel module's backward
+# (through the step_backward op on the op's route) and casts the fp32 weight gradients once.
+
+def _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, out, pooled):
     ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
     # unused outputs (pooled always, the state after a stage's last block) get None, not zeros:
     # the kernels skip them, where materialised zeros would cost a fill launch each
@@ -305,78 +359,63 @@ def _save_for_backward(ctx, x, h, c, weights, identity, relu, activation, dropou
     ctx.options = (identity is not None, relu, activation, backend)
 
 
-def _input_grads(ctx, grad_out, grad_h_new, grad_c_new, backward):
-    """(grad_x, grad_h, grad_c, [grad of each weight], grad_identity or None) by `backward`:
-    the step_backward custom op, or its implementation on the eager path."""
+def _weight_grads(grad_weights, weights: Sequence[Tensor]) -> List[Tensor]:
+    """Each weight's gradient in its shape and dtype, from one flat fp32 tensor (views) or one
+    fp32 tensor per weight; cast only where the weight is not fp32."""
+    if isinstance(grad_weights, Tensor):
+        grad_weights = grad_weights.split([w.numel() for w in weights])
+    return [g.view(w.shape) if g.dtype == w.dtype else g.view(w.shape).to(w.dtype)
+            for g, w in zip(grad_weights, weights)]
+
+
+def _backward(ctx, grad_out, grad_h_new, grad_c_new, kernel_backward):
+    """(grad_x, grad_h, grad_c, grad_identity or None, [grad of each weight])."""
     x, out, pooled, h, c, dropout_masks, *weights = ctx.saved_tensors
     identity_given, relu, activation, backend = ctx.options
     if grad_out is None:  # only the state was used downstream
         grad_out = torch.zeros_like(out)
-    grad_x, grad_identity, grad_h, grad_c, flat_grad_weights = backward(
+    grad_x, grad_identity, grad_h, grad_c, grad_weights = kernel_backward(
         grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
         activation, dropout_masks, backend)
-    grad_weights = [g.view(w.shape) if w.dtype == torch.float32 else g.view(w.shape).to(w.dtype)
-                    for g, w in zip(flat_grad_weights.split([w.numel() for w in weights]), weights)]
-    return grad_x, grad_h, grad_c, grad_weights, (grad_identity if identity_given else None)
+    return (grad_x, grad_h, grad_c, grad_identity if identity_given else None,
+            _weight_grads(grad_weights, weights))
 
 
-def _step_forward_setup(ctx, inputs, output):
-    _save_for_backward(ctx, *inputs, output[0], output[3])
+def _op_setup_context(ctx, inputs, output):
+    x, h, c, weights, identity, relu, activation, dropout_masks, backend = inputs
+    _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, output[0],
+          output[3])
 
 
-def _step_forward_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
-    grad_x, grad_h, grad_c, grad_weights, grad_identity = _input_grads(ctx, grad_out, grad_h_new, grad_c_new,
-                                                                       step_backward)
+def _op_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+    grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
+        ctx, grad_out, grad_h_new, grad_c_new, step_backward)
     return grad_x, grad_h, grad_c, grad_weights, grad_identity, None, None, None, None
 
 
-torch.library.register_autograd("dia_fused::step_forward", _step_forward_backward,
-                                setup_context=_step_forward_setup)
+torch.library.register_autograd("dia_fused::step_forward", _op_backward,
+                                setup_context=_op_setup_context)
 
 
 class _EagerStep(torch.autograd.Function):
-    """The custom ops' host wrappers and autograd formula without the dispatcher, for eager steps
-    on plain tensors: torch.library's autograd wrapper (pytree flattening of the arguments, two
-    redispatches, unaliasing) made a training step's host time 503 us instead of 288 us on a
-    2-core CPU (kernels stubbed, N=8 C=64 8x8)."""
+    """The custom op's host wrappers and autograd formula without the dispatcher, for eager steps
+    on plain tensors (see _eager). Returns (out, h_new, c_new, pooled) like the op. Written with
+    ctx in forward: a setup_context staticmethod would make every apply bind the arguments with
+    inspect.signature, which costs more than the rest of the eager route; the price is that
+    torch.func transforms reject it with torch's own message (run them on backend="reference")."""
 
     @staticmethod
-    def forward(ctx, x, h, c, identity, dropout_masks, relu, activation, backend, *weights):
-        out, h_new, c_new, pooled = _kernel_forward(x, h, c, list(weights), identity, relu, activation,
-                                                    dropout_masks, backend)
-        _save_for_backward(ctx, x, h, c, weights, identity, relu, activation, dropout_masks, backend, out, pooled)
-        return out, h_new, c_new
+    def forward(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, *weights):
+        out, h_new, c_new, pooled = _host_forward(x, h, c, list(weights), identity, relu,
+                                                  activation, dropout_masks, backend)
+        ctx.mark_non_differentiable(pooled)
+        _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, out,
+              pooled)
+        return out, h_new, c_new, pooled
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels have no double backward: say so, not zeros
-    def backward(ctx, grad_out, grad_h_new, grad_c_new):
-        grad_x, grad_h, grad_c, grad_weights, grad_identity = _input_grads(ctx, grad_out, grad_h_new, grad_c_new,
-                                                                           _kernel_backward)
-        return (grad_x, grad_h, grad_c, grad_identity, None, None, None, None, *grad_weights)
-
-
-_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)  # not subclasses such as FakeTensor
-
-
-def _eager_route(tensors: Sequence[Optional[Tensor]]) -> Optional[str]:
-    """How an eager step on `tensors` may skip the dispatcher: "direct" (nothing to differentiate:
-    the host wrapper), "function" (autograd through _EagerStep), or None: through the
-    custom ops, which torch.compile, dispatch modes, functorch transforms and tensor subclasses
-    (FakeTensor) need."""
-    if (torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
-            or torch._C._functorch.peek_interpreter_stack() is not None
-            or not all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)):
-        return None
-    return "function" if _needs_grad(tensors) else "direct"
-
-
-def _fused_step(name: str) -> StepFn:
-    def step(x, h, c, weights, identity, relu, activation, dropout_masks):
-        weights = list(weights)
-        route = _eager_route((x, h, c, identity, dropout_masks, *weights))
-        if route == "function":
-            return _EagerStep.apply(x, h, c, identity, dropout_masks, relu, activation, name, *weights)
-        run = _kernel_forward if route == "direct" else step_forward
-        out, h_new, c_new, _ = run(x, h, c, weights, identity, relu, activation, dropout_masks, name)
-        return out, h_new, c_new
-    return step
+    @torch.autograd.function.once_differentiable  # no double backward in the kernels: say so
+    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+        grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
+            ctx, grad_out, grad_h_new, grad_c_new, _host_backward)
+        return (None, None, None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)

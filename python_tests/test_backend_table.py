@@ -175,3 +175,40 @@ def test_the_step_key_compiles_with_dynamic_shapes(table):
         assert compiled(torch.ones(2, 64, 32, 32)).max().item() == 2.0
     assert compiled(torch.ones(2, 64, 32, 32)).max().item() == 3.0  # fwd_bwd (weights require grad): cuda
     assert compiled(torch.ones(3, 256, 8, 8)).max().item() == 2.0  # fwd_bwd at 256 x 8x8: triton
+
+
+def test_auto_takes_the_dtype_into_account_on_a_gpu(monkeypatch):
+    """On a (simulated) GPU where both fused backends run: auto sends a float64 step to the
+    reference and a float32 one to a fused backend; a fused backend named for float64 refuses,
+    saying why, before any kernel runs."""
+    from dia_fused.kernels import cuda_dia_step
+    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
+    monkeypatch.setattr(ops, "_device_name", lambda device: "a GPU without measurements")
+    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
+    if ops.triton_host is not None:
+        monkeypatch.setattr(ops.triton_host, "unavailable_reason", lambda device: None)
+    assert ops.resolve_backend("auto", "cuda:0", (64, 1024, "float64", True)) == "reference"
+    assert ops.resolve_backend("auto", "cuda:0", (64, 1024, "float32", True)) == "cuda"
+    assert ops.resolve_backend("auto", "cuda:0", dtype=torch.float64) == "reference"
+    assert ops.available_backends("cuda:0", torch.float64) == ("reference",)
+    for name in ("cuda", "triton"):
+        with pytest.raises(ops.BackendUnavailableError,
+                           match=rf"backend='{name}' cannot run a float64 step: the {name} backend "
+                                 r"takes float32, bfloat16, float16 inputs, got float64"):
+            ops.resolve_backend(name, "cuda:0", dtype=torch.float64)
+
+    calls = []
+    monkeypatch.setattr(cuda_dia_step, "forward", lambda *args: calls.append(args[0].dtype) or 1 / 0)
+    resolve = ops.resolve_backend  # CPU tensors whose steps are resolved as on cuda:0
+    monkeypatch.setattr(ops, "resolve_backend",
+                        lambda requested, device, step=None, dtype=None: resolve(requested, "cuda:0", step, dtype))
+    unit = DIALSTM(8, reduction=2).double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64)
+    out, _ = unit(x)  # the reference: no kernel called
+    assert calls == [] and out.dtype == torch.float64
+    with pytest.raises(ZeroDivisionError):  # float32 reaches the cuda kernel module
+        unit.float()(x.float())
+    assert calls == [torch.float32]
+    with pytest.raises(ops.BackendUnavailableError, match="float64"):
+        DIALSTM(8, reduction=2, backend="cuda").double()(x)
+    assert calls == [torch.float32]

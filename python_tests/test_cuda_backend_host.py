@@ -115,3 +115,21 @@ def test_path_names_are_checked():
         cuda_dia_step._fused_path("fast", x, 1, 2)
     with pytest.raises(ValueError, match="path='fused' needs num_cells == 1"):
         cuda_dia_step._fused_path("fused", x, 2, 2)
+
+
+def test_the_constants_header_is_generated_from_cuda_build():
+    """csrc/dia_step_constants.h holds what cuda_build.py says (regenerate it with
+    `python dia_fused/kernels/cuda_build.py --header` after changing a number there)."""
+    with open(os.path.join(cuda_build.csrc_dir(), cuda_build.CONSTANTS_HEADER)) as f:
+        assert f.read() == cuda_build.constants_header()
+
+
+def test_a_failed_build_is_reported_and_can_be_retried(monkeypatch):
+    monkeypatch.setattr(cuda_dia_step, "_extension", None)
+    monkeypatch.setattr(cuda_dia_step, "_load_error", None)
+    monkeypatch.setattr(cuda_dia_step, "_jit_blocker", lambda: "no CUDA toolkit (test)")
+    assert cuda_dia_step._load() is None
+    monkeypatch.setattr(cuda_dia_step, "_jit_blocker", lambda: "no ninja (test)")
+    assert cuda_dia_step._load() is None and cuda_dia_step._load_error.startswith("no CUDA toolkit")
+    assert cuda_dia_step.reset_build().startswith("no CUDA toolkit (test)")
+    assert cuda_dia_step._load() is None and cuda_dia_step._load_error.startswith("no ninja (test)")

@@ -90,14 +90,16 @@ def test_backend_asked_by_name_that_cannot_run_says_why(unit, monkeypatch):
         DIALSTM(8, backend="cuda")(torch.randn(1, 8, 2, 2))
 
 
-def test_environment_variable_overrides_the_backend(monkeypatch):
-    unit = DIALSTM(8, backend="cuda")
+def test_environment_variable_sets_what_auto_means_and_an_explicit_name_wins(monkeypatch):
     monkeypatch.setenv(ops.ENV_BACKEND, "reference")
-    assert unit.resolved_backend("cpu") == "reference"
-    unit(torch.randn(1, 8, 2, 2))
+    assert DIALSTM(8).resolved_backend("cpu") == "reference"
+    DIALSTM(8)(torch.randn(1, 8, 2, 2))
+    with pytest.raises(BackendUnavailableError, match=r"backend='cuda' cannot run on cpu"):
+        DIALSTM(8, backend="cuda")(torch.randn(1, 8, 2, 2))  # not overridden by the variable
     monkeypatch.setenv(ops.ENV_BACKEND, "bogus")
-    with pytest.raises(ValueError, match="backend: expected one of"):
-        unit(torch.randn(1, 8, 2, 2))
+    with pytest.raises(ValueError, match=r"DIA_FUSED_BACKEND: expected one of \('auto', 'reference'"):
+        DIALSTM(8)(torch.randn(1, 8, 2, 2))
+    assert DIALSTM(8, backend="reference").resolved_backend("cpu") == "reference"
 
 
 def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):

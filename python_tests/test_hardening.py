@@ -48,12 +48,13 @@ def test_property_triton_launch_configurations_match_reference(monkeypatch, n, c
                                                                block_n, block_c, forward_groups, activation, seed):
     """Every path and tiling of the Triton LSTM kernels (fused with column groups, or split) over
     random batch sizes and widths (several sample tiles, partial chunks)."""
-    from dia_fused.kernels import triton_dia_step
-    config = triton_dia_step.LSTMConfig(block_n=block_n, block_c=block_c, block_r=block_c,
-                                        forward_groups=forward_groups, split_min=0 if split else 1 << 30)
-    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", config)
+    from dia_fused.kernels import triton as triton_kernels
+    config = triton_kernels.LSTMConfig(block_n=block_n, block_c=block_c, block_r=block_c,
+                                       forward_groups=forward_groups, split_min=0 if split else 1 << 30)
+    settings = triton_kernels.KernelSettings(lstm=config, map=triton_kernels.current_settings().map)
     inputs = random_step_inputs(n, channels, hw, 1, reduction=min(reduction, channels), seed=seed)
-    compare_backend(backend_step("triton"), inputs, torch.float32, relu=True, activation=activation)
+    with triton_kernels.use_settings(settings):
+        compare_backend(backend_step("triton"), inputs, torch.float32, relu=True, activation=activation)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -134,7 +134,7 @@ class _LaunchLog:
 @pytest.fixture
 def launch_log(monkeypatch):
     """Every Triton kernel of the backend replaced by a stub that logs its launch."""
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     log = _LaunchLog()
     for name in FORWARD_KERNELS + BACKWARD_KERNELS:
         monkeypatch.setattr(triton_dia_step, name, log.stub(name))
@@ -153,17 +153,18 @@ def _recording_aten(log):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_one_step_is_three_launches_forward_and_four_backward(monkeypatch, launch_log, channels_last):
-    from dia_fused.kernels import triton_dia_step
-    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig())
+    from dia_fused.kernels.triton import host as triton_dia_step
+    settings = triton_dia_step.KernelSettings(map=triton_dia_step.current_settings().map)
     inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE, channels_last=channels_last)
     with _recording_aten(launch_log):
-        out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
+        out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None,
+                                                            settings)
     assert launch_log.kernels == FORWARD_KERNELS
     grad_out = torch.empty_like(out)
     launch_log.kernels.clear()
     with _recording_aten(launch_log):
         grads = triton_dia_step.backward(grad_out, None, None, inputs.x, out, pooled, inputs.h, inputs.c,
-                                         inputs.weights, True, True, "sigmoid", None)
+                                         inputs.weights, True, True, "sigmoid", None, settings)
     assert launch_log.kernels == BACKWARD_KERNELS
     assert launch_log.aten <= NO_KERNEL_OPS, f"compute ops outside the kernels: {sorted(launch_log.aten - NO_KERNEL_OPS)}"
     assert grads[-1].shape == (sum(w.numel() for w in inputs.weights),)
@@ -171,7 +172,7 @@ def test_one_step_is_three_launches_forward_and_four_backward(monkeypatch, launc
 
 def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
     # pooled never gets a gradient and the state often does not: they must reach the kernels as None
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     seen = {}
     real_backward = triton_dia_step.backward
 
@@ -190,16 +191,18 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
                                     "block_k=16,num_warps=4,forward_groups=8",
                                     "split_min=0", "split_min=0,block_c=16,block_r=16,block_n=32"])
 def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
-    from dia_fused.kernels import triton_dia_step
-    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig.from_env(config))
+    from dia_fused.kernels.triton import host as triton_dia_step
+    settings = triton_dia_step.KernelSettings(lstm=triton_dia_step.LSTMConfig.from_env(config),
+                                              map=triton_dia_step.current_settings().map)
     inputs = random_step_inputs(35, 72, 2, 1, reduction=3, device=DEVICE, seed=7)  # 3 tiles of 16, 2 of 32
-    compare_backend(triton_step, inputs, torch.float32, relu=True)
+    with triton_dia_step.use_settings(settings):
+        compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
 @pytest.mark.parametrize("text, words", [("block_n=8", "power of 2 >= 16"), ("warps=8", "names"),
                                           ("block_c=x", "name=int")])
 def test_bad_lstm_configuration_is_named(text, words):
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     with pytest.raises(ValueError, match="DIA_FUSED_TRITON_LSTM") as info:
         triton_dia_step.LSTMConfig.from_env(text)
     assert words in str(info.value)
@@ -210,18 +213,20 @@ def test_bad_lstm_configuration_is_named(text, words):
 def test_map_tile_configurations_give_the_same_results(monkeypatch, config, channels_last):
     """The map kernels' tiles (DIA_FUSED_TRITON_MAP) change how a map is cut, never the result:
     here several channel and H*W tiles per sample, down to 16-element tiles."""
-    from dia_fused.kernels import triton_dia_step
-    monkeypatch.setattr(triton_dia_step, "MAP_CONFIG", triton_dia_step.MapConfig.from_env(config))
+    from dia_fused.kernels.triton import host as triton_dia_step
+    settings = triton_dia_step.KernelSettings(map=triton_dia_step.MapConfig.from_env(
+        config, triton_dia_step.current_settings().map))
     inputs = random_step_inputs(3, 40, 5, 7, reduction=4, device=DEVICE, channels_last=channels_last, seed=3)
-    block_c, block_hw = triton_dia_step._map_blocks(40, 35, channels_last, triton_dia_step.MAP_CONFIG)
+    block_c, block_hw = triton_dia_step._map_blocks(40, 35, channels_last, settings.map)
     assert block_c < 40 or block_hw < 35  # more than one tile per sample
-    compare_backend(triton_step, inputs, torch.float32, relu=True)
+    with triton_dia_step.use_settings(settings):
+        compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
 @pytest.mark.parametrize("text, words", [("tile=8", "tile must be a power of 2 >= 16"),
                                           ("num_warps=3", "num_warps must be a power of 2"), ("block=4", "names")])
 def test_bad_map_configuration_is_named(text, words):
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     with pytest.raises(ValueError, match="DIA_FUSED_TRITON_MAP") as info:
         triton_dia_step.MapConfig.from_env(text)
     assert words in str(info.value)
@@ -230,7 +235,7 @@ def test_bad_map_configuration_is_named(text, words):
 def test_default_map_tiles():
     """The defaults: NCHW tiles wide along H*W (256 positions, 64 in the interpreter), channels_last
     tiles of 64 channels, 4096 elements at most."""
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     config = triton_dia_step.MapConfig(hw_block=256)
     assert triton_dia_step._map_blocks(64, 1024, False, config) == (16, 256)
     assert triton_dia_step._map_blocks(256, 49, False, config) == (64, 64)
@@ -241,26 +246,30 @@ def test_default_map_tiles():
 def test_split_path_launches(monkeypatch, launch_log):
     # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4 launches);
     # backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7 launches)
-    from dia_fused.kernels import triton_dia_step
-    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig(split_min=0))
+    from dia_fused.kernels.triton import host as triton_dia_step
+    settings = triton_dia_step.KernelSettings(lstm=triton_dia_step.LSTMConfig(split_min=0),
+                                              map=triton_dia_step.current_settings().map)
     inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE)
-    out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None)
+    out, h_new, c_new, pooled = triton_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None,
+                                                        settings)
     assert launch_log.kernels == ["_pool_kernel", "_lstm_forward_kernel", "_lstm_forward_kernel", "_scale_kernel"]
     launch_log.kernels.clear()
     triton_dia_step.backward(torch.empty_like(out), None, None, inputs.x, out, pooled, inputs.h, inputs.c,
-                             inputs.weights, True, True, "sigmoid", None)
+                             inputs.weights, True, True, "sigmoid", None, settings)
     assert launch_log.kernels == ["_grad_attention_kernel", "_lstm_forward_kernel"] + ["_lstm_backward_kernel"] * 3 + \
         ["_weight_grad_kernel", "_grad_input_kernel"]
 
 
 @pytest.mark.parametrize("activation", reference.CELL_ACTIVATIONS)
 def test_split_path_matches_the_reference(monkeypatch, activation):
-    from dia_fused.kernels import triton_dia_step
-    monkeypatch.setattr(triton_dia_step, "LSTM_CONFIG", triton_dia_step.LSTMConfig(split_min=0, block_c=16))
+    from dia_fused.kernels.triton import host as triton_dia_step
+    settings = triton_dia_step.KernelSettings(lstm=triton_dia_step.LSTMConfig(split_min=0, block_c=16),
+                                              map=triton_dia_step.current_settings().map)
     inputs = random_step_inputs(18, 40, 2, 3, reduction=2, device=DEVICE, seed=11)  # 3 column, 2 R parts
-    compare_backend(triton_step, inputs, torch.float32, relu=True, activation=activation)
     stacked = random_step_inputs(3, 16, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=12)
-    compare_backend(triton_step, stacked, torch.float32, relu=True, activation=activation)  # stays fused
+    with triton_dia_step.use_settings(settings):
+        compare_backend(triton_step, inputs, torch.float32, relu=True, activation=activation)
+        compare_backend(triton_step, stacked, torch.float32, relu=True, activation=activation)  # stays fused
 
 
 @pytest.mark.parametrize("grad_layout", ["like-out", "nhwc"])
@@ -270,7 +279,7 @@ def test_non_dense_and_mixed_layouts_match_the_reference(case, grad_layout):
 
 
 def test_map_larger_than_the_grid_covers_is_a_clear_error():
-    from dia_fused.kernels import triton_dia_step
+    from dia_fused.kernels.triton import host as triton_dia_step
     x = torch.zeros(1, 4, 1, 1, device=DEVICE).expand(1, 4, 2**20, 2**20)  # 2^40 positions, no memory
     inputs = random_step_inputs(1, 4, 1, 1, reduction=2, device=DEVICE)
     with pytest.raises(ValueError, match=r"x: \d+ tiles of 4 channels x \d+ positions are more than the triton "
@@ -278,10 +287,23 @@ def test_map_larger_than_the_grid_covers_is_a_clear_error():
         triton_dia_step.forward(x, inputs.h, inputs.c, inputs.weights, None, False, "sigmoid", None)
 
 
-def test_bad_dot_precision_is_named_at_import():
-    import subprocess
-    import sys
-    run = subprocess.run([sys.executable, "-c", "import dia_fused.kernels.triton_dia_step"], capture_output=True,
-                         text=True, env={**os.environ, "DIA_FUSED_TRITON_DOT_PRECISION": "fp64"}, timeout=300)
-    assert run.returncode != 0
-    assert "DIA_FUSED_TRITON_DOT_PRECISION: expected one of ('ieee', 'tf32x3', 'tf32'), got 'fp64'" in run.stderr
+def test_bad_setting_makes_the_backend_unavailable_with_the_reason(monkeypatch, capsys):
+    """A malformed DIA_FUSED_TRITON_* value is read when used: available_backends() and
+    `python -m dia_fused` report the triton backend unavailable, naming the variable; a step
+    asking for triton by name raises with that reason before any kernel runs."""
+    from dia_fused import BackendUnavailableError, ops
+    from dia_fused.__main__ import main
+    for name, value, words in [("DIA_FUSED_TRITON_DOT_PRECISION", "fp64",
+                                "DIA_FUSED_TRITON_DOT_PRECISION: expected one of ('ieee', 'tf32x3', 'tf32'), got 'fp64'"),
+                               ("DIA_FUSED_TRITON_LSTM", "block_n=8", "DIA_FUSED_TRITON_LSTM: block_n must be a power of 2"),
+                               ("DIA_FUSED_TRITON_MAP", "tile=x", "DIA_FUSED_TRITON_MAP: expected comma-separated")]:
+        monkeypatch.setenv(name, value)
+        assert "triton" not in ops.available_backends(DEVICE)
+        assert words in ops.backend_unavailable_reason("triton", DEVICE)
+        assert main(["--no-check"]) == 0
+        assert words in capsys.readouterr().out
+        inputs = random_step_inputs(1, 8, 2, 2, reduction=2, device=DEVICE)
+        with pytest.raises(BackendUnavailableError, match=name):
+            triton_step(*inputs.args())
+        monkeypatch.delenv(name)
+    assert "triton" in ops.available_backends(DEVICE)

@@ -27,7 +27,7 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "
 def captured_launches():
     """(kernel, args, constexprs) of every launch of one forward + backward, over the cases that
     select different specialisations (dtypes, identity/relu, stacked cells with masks, grads)."""
-    from dia_fused.kernels import triton_dia_step as T
+    from dia_fused.kernels.triton import host as T
     from dia_fused.testing import random_step_inputs
 
     launches = []
@@ -40,29 +40,27 @@ def captured_launches():
             return lambda *args, **constexprs: launches.append((self.kernel, args, constexprs))
 
     kernels = {name: getattr(T, name) for name in dir(T) if name.endswith("_kernel")}
-    config = T.LSTM_CONFIG
     for name, kernel in kernels.items():
         setattr(T, name, Recorder(kernel))
     try:
-        fused, split = T.LSTMConfig(), T.LSTMConfig(split_min=0)
+        fused, split = T.KernelSettings(), T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
         cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False, config=fused),
                  dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False, config=fused,
                       channels_last=True),
                  dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused),
                  dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split)]
         for case in cases:
-            T.LSTM_CONFIG = case["config"]
             inputs = random_step_inputs(4, 40, 3, 3, reduction=4, num_cells=case["num_cells"],
                                         dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
                                         identity=case["identity"],
                                         channels_last=case.get("channels_last", False)).to(case["dtype"])
             out, h_new, c_new, pooled = T.forward(*inputs.args(), inputs.identity, case["relu"], "tanh",
-                                                  inputs.dropout_masks)
+                                                  inputs.dropout_masks, case["config"])
             grad_h = torch.zeros_like(h_new) if case["grads"] else None
             T.backward(torch.zeros_like(out), grad_h, grad_h, inputs.x, out, pooled, inputs.h, inputs.c,
-                       inputs.weights, case["identity"], case["relu"], "tanh", inputs.dropout_masks)
+                       inputs.weights, case["identity"], case["relu"], "tanh", inputs.dropout_masks,
+                       case["config"])
     finally:
-        T.LSTM_CONFIG = config
         for name, kernel in kernels.items():
             setattr(T, name, kernel)
     return launches

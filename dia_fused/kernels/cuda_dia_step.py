@@ -1,11 +1,14 @@
 """CUDA backend of the DIA-LSTM step: the loader of the extension compiled from csrc/ and its host
-wrapper, `forward` and `backward` of the kernel host-wrapper contract (docs/design.md §2), shared
-with the Triton backend so that ops.py defines one pair of custom ops for both.
+wrapper, `forward` and `backward` of the kernel-module contract (docs/design.md §2), shared with
+the Triton backend so that ops.py defines one custom op for both.
 
 Loading: `dia_fused._C` when it was built ahead of time (`pip install --no-build-isolation .` with
 a CUDA build of torch), else a JIT build with torch.utils.cpp_extension.load (ninja), compiled on
 first CUDA use and cached in torch's extensions directory. Nothing is compiled or loaded at import:
 on a machine without CUDA this module imports fine and `unavailable_reason` says what is missing.
+torch.utils.cpp_extension is imported only for a build (importing it on a CUDA build of torch
+without a GPU prints a warning). A failed build is remembered for the process, with its reason;
+`reset_build()` forgets it so that the next CUDA use tries again (after installing ninja, say).
 
 Paths (chosen per call by shape, see `_fused_path`):
   fused: one cell and C <= FUSED_MAX_CHANNELS: the forward is 1 kernel (one block per sample:
@@ -24,18 +27,13 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference
-from . import cuda_build, layouts
+from .. import reference, settings
+from . import SUPPORTED_DTYPES, cuda_build, layouts
+from .cuda_build import ACTIVATION_CODES, FUSED_MAX_CHANNELS, FUSED_THREADS
 
 Tensor = torch.Tensor
 
-ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}  # csrc/dia_step.h CellActivation
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 PATHS = ("auto", "fused", "split")
-
-# Mirrors of csrc/dia_step.h (checked against the loaded extension in _load).
-FUSED_MAX_CHANNELS = 256
-FUSED_THREADS = 512
 # One block per sample streams this many elements of a map in about a launch's time; past it the
 # fused path needs enough samples to fill the GPU (see _fused_path).
 FUSED_SMALL_MAP = 1 << 14
@@ -48,6 +46,7 @@ INSTALL_HINT = ("install a CUDA build of torch and a CUDA toolkit, then run "
 _lock = threading.Lock()
 _extension = None
 _load_error: Optional[str] = None
+_ready_devices = set()  # devices whose unavailable_reason was None (checked once each)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -97,9 +96,10 @@ def _load():
                     name=cuda_build.JIT_NAME,
                     sources=[os.path.join(src, f) for f in cuda_build.SOURCES],
                     extra_cflags=list(cuda_build.CXX_FLAGS),
-                    extra_cuda_cflags=cuda_build.NVCC_FLAGS + cuda_build.default_arch_flags(),
                     extra_include_paths=[src],
-                    verbose=os.environ.get("DIA_FUSED_VERBOSE_BUILD") == "1")
+                    extra_cuda_cflags=cuda_build.NVCC_FLAGS
+                    + cuda_build.default_arch_flags(settings.cuda_arch_list()),
+                    verbose=settings.verbose_build())
             except Exception as err:  # compiler errors: keep the message as the reason
                 _load_error = (f"building the CUDA extension on first use failed{aot_note}: "
                                f"{type(err).__name__}: {err}")
@@ -110,6 +110,16 @@ def _load():
                            "pip install --no-build-isolation .)")
             _extension = None
         return _extension
+
+
+def reset_build() -> Optional[str]:
+    """Forgets a failed load or build (the reason it gave is returned) so that the next CUDA use
+    tries again; a loaded extension stays loaded (a module cannot be unloaded)."""
+    global _load_error
+    with _lock:
+        reason, _load_error = _load_error, None
+        _ready_devices.clear()
+    return reason
 
 
 def unavailable_reason(device) -> Optional[str]:
@@ -123,15 +133,13 @@ def unavailable_reason(device) -> Optional[str]:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 8 and not os.environ.get(cuda_build.ARCH_ENV):
+    if major < 8 and not settings.cuda_arch_list():
         return (f"the GPU has compute capability {major}.{minor}; the cuda backend is built for "
                 f"sm_80 and sm_90 by default: set TORCH_CUDA_ARCH_LIST={major}.{minor} and rebuild")
     if _load() is None:
         return _load_error
     return None
 
-
-_ready_devices = set()
 
 
 def _extension_for(x: Tensor):
@@ -318,7 +326,8 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
              weights: Sequence[Tensor], identity_given: bool, relu: bool, activation: str,
              dropout_masks: Optional[Tensor], *, path: str = "auto"
              ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
-    """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights in weight order).
+    """(grad_x, grad_identity or None, grad_h, grad_c, fp32 grad_weights in weight order: the
+    caller casts each to its weight's dtype, once).
     grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c)."""
     ext = _extension_for(x)
     x = layouts.canonical(x)  # as the forward saw it
@@ -355,5 +364,4 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
             grad_c = torch.stack([grad_c0] + grad_c_rest)
             grads = grads + stacked_grads
         grad_x = ext.grad_input(grad_out, out, attention, grad_pooled, relu)
-    grad_weights = [g.to(w.dtype) for g, w in zip(grads, weights)]
-    return grad_x, grad_identity, grad_h, grad_c, grad_weights
+    return grad_x, grad_identity, grad_h, grad_c, list(grads)
