@@ -207,14 +207,30 @@ class DIAStage(nn.Module):
     def forward(self, x: Tensor, return_attention: bool = False):
         state = None
         attention = []
-        for block in self.blocks:
-            branch, identity = block(x)
+        for index, block in enumerate(self.blocks):
+            branch, identity = block_output(block(x), index, block)
             x, state = self.unit(branch, state, identity=identity, relu=self.relu)
             if return_attention:
                 attention.append(_attention_vector(self.unit, branch, state))
         if return_attention:
             return x, torch.stack(attention, dim=1)
         return x
+
+
+def block_output(result, index: int, block: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+    """A stage block's (branch, identity), or a TypeError naming the block: a block that returns
+    one tensor would otherwise be unpacked along its batch dimension."""
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return result
+    if isinstance(result, Tensor):
+        got = f"a Tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, (tuple, list)):
+        got = f"a {type(result).__name__} of {len(result)} items"
+    else:
+        got = type(result).__name__
+    raise TypeError(f"blocks[{index}] ({type(block).__name__}): expected a block that returns "
+                    f"(branch, identity), the residual branch and the shortcut (None without "
+                    f"one), got {got}")
 
 
 def _attention_vector(unit: nn.Module, branch: Tensor, state) -> Tensor:

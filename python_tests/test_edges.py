@@ -128,3 +128,85 @@ def test_plain_parameters_are_returned_themselves():
     by_name = dict(unit.named_parameters())
     for name, weight in zip(reference.weight_names(2), unit.flat_weights()):
         assert weight is by_name[name], name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_unit_and_step_propagate_shapes_on_meta(dtype):
+    """Meta tensors (no data: shapes, dtypes and devices only) through DIALSTM in training mode
+    (dropout masks between stacked cells), its backward, ops.dia_step and DIASE."""
+    from dia_fused import DIASE, ops
+    with torch.device("meta"):
+        unit = DIALSTM(16, reduction=4, num_cells=2, dropout=0.2)
+        se = DIASE(16, reduction=4)
+    x = torch.empty(3, 16, 5, 4, device="meta", dtype=dtype, requires_grad=True)
+    out, (h, c) = unit(x, identity=x.detach())
+    assert (out.shape, out.dtype, out.device.type) == (x.shape, dtype, "meta")
+    assert h.shape == c.shape == (2, 3, 16) and h.dtype == torch.float32 and h.is_meta
+    (out.sum() + h.sum()).backward()
+    assert x.grad.shape == x.shape and x.grad.is_meta
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in unit.parameters())
+    assert unit.resolved_backend(x) == "reference"
+    step_out, step_h, _ = ops.dia_step(x.detach(), h.detach(), c.detach(), unit.flat_weights())
+    assert step_out.shape == x.shape and step_h.shape == h.shape and step_out.is_meta
+    se_out, state = se(x.detach(), identity=x.detach())
+    assert se_out.shape == x.shape and se_out.is_meta and state is None
+
+
+@pytest.mark.parametrize("name, logits, attention", [
+    ("dia_resnet20", (2, 10), [(2, 3, 16), (2, 3, 32), (2, 3, 64)]),
+    ("dia_se_preresnet20", (2, 10), [(2, 2, 64), (2, 2, 128), (2, 2, 256)]),
+    ("dia_resnet18", (2, 1000), [(2, 2, 64), (2, 2, 128), (2, 2, 256), (2, 2, 512)]),
+])
+def test_models_propagate_shapes_on_meta(name, logits, attention):
+    from dia_fused.models import create_model
+    with torch.device("meta"):
+        model = create_model(name)
+        y, attn = model(torch.empty(2, 3, 32, 32), return_attention=True)
+    assert y.is_meta and tuple(y.shape) == logits
+    assert [tuple(a.shape) for a in attn] == attention
+
+
+def test_training_cli_refuses_the_meta_device(tmp_path):
+    """Before any work: meta tensors hold no data, so there is nothing to train or measure."""
+    from dia_fused.train.cli import main
+    from dia_fused.train.distributed import pick_device
+    with pytest.raises(ValueError, match=r"--device meta: meta tensors hold no data"):
+        main(["--device", "meta", "-d", "synthetic", "--epochs", "1", "-c", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"expected cpu or cuda"):
+        pick_device("meta", 0)  # the analysis CLI's device choice too
+
+
+class _OneTensor(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+class _Triple(nn.Module):
+    def forward(self, x):
+        return x, x, None
+
+
+@pytest.mark.parametrize("stage_type", ["dia", "plain"])
+def test_a_stage_block_that_breaks_the_branch_identity_contract_is_named(stage_type):
+    """A block returning one tensor would be unpacked along its batch dimension (N=2 gives two
+    3-D "branch" and "identity" tensors); the stage names the block and what it returned."""
+    from dia_fused.models.blocks import PlainStage
+
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, None
+
+    def stage(blocks):
+        if stage_type == "dia":
+            return DIAStage(blocks, DIALSTM(8, reduction=2, backend="reference"))
+        return PlainStage(blocks)
+
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(TypeError, match=r"blocks\[1\] \(_OneTensor\): expected a block that "
+                                        r"returns \(branch, identity\).*got a Tensor of shape "
+                                        r"\(2, 8, 3, 3\)"):
+        stage([Pair(), _OneTensor()])(x)
+    with pytest.raises(TypeError, match=r"blocks\[0\] \(_Triple\): .*got a tuple of 3 items"):
+        stage([_Triple()])(x)
+    assert stage([Pair(), Pair()])(x).shape == x.shape
