@@ -99,7 +99,8 @@ def test_pruned_cell_linear_uses_the_current_mask_and_weights(backend):
         out, _ = unit(x, identity=x, relu=True)
         want, _ = plain(x, identity=x, relu=True)
     assert max_abs_error(out, want) < 1e-5
-    assert not torch.equal(layer.weight_orig, start)  # the steps moved it: a stale weight would show
+    # the steps moved it: a weight computed once at pruning time would show
+    assert not torch.equal(layer.weight_orig, start)
 
 
 def test_old_style_weight_norm_hook_on_a_cell_linear():
@@ -109,7 +110,8 @@ def test_old_style_weight_norm_hook_on_a_cell_linear():
     layer = unit.w_ih[0].seq[2]
     with pytest.warns(FutureWarning):
         nn.utils.weight_norm(layer)
-    with torch.no_grad():  # a weight the hook must recompute: the attribute set at wrapping is stale
+    # a weight the hook must recompute: the attribute set at wrapping time is stale
+    with torch.no_grad():
         layer.weight_g.mul_(2)
     out, (h, _) = unit(x, identity=x, relu=True)
     weights = [w.detach() for w in unit.flat_weights()]

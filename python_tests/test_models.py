@@ -223,7 +223,8 @@ def test_options_the_name_sets_are_not_accepted_twice():
 
 FAMILY_NAMES = ["resnet20", "preresnet20", "wrn16_2", "resnext29_2x8", "resnet18",
                 "resnext50_32x4d"]
-ALL_NAMES = [f"{prefix}{body}" for body in FAMILY_NAMES for prefix in ("", "se_", "dia_", "dia_se_")]
+ALL_NAMES = [f"{prefix}{body}" for body in FAMILY_NAMES
+             for prefix in ("", "se_", "dia_", "dia_se_")]
 
 
 @pytest.mark.parametrize("name", ALL_NAMES)
@@ -240,7 +241,7 @@ def test_options_are_validated_for_every_family_and_attention(name):
            ({"norm": "no"}, TypeError, r"norm: expected a bool")]
     if attention in ("dia", "dia_se"):
         bad += [({"dia_stages": (1.0,)}, TypeError, r"dia_stages: expected int stage numbers"),
-                ({"dia_stages": (1, 1)}, ValueError, r"dia_stages: expected stage numbers in 1\.\."),
+                ({"dia_stages": (1, 1)}, ValueError, r"expected stage numbers in 1\.\..*each once"),
                 ({"dia_stages": ()}, ValueError, r"at least one"),
                 ({"dia_stages": (9,)}, ValueError, r"dia_stages: expected stage numbers in 1\.\."),
                 ({"dia_stages": "12"}, TypeError, r"dia_stages: expected a sequence")]
@@ -300,4 +301,5 @@ def test_list_models_names_are_unique_and_grammatical():
         spec = parse_name(name)
         prefix = "" if spec["attention"] == "none" else spec["attention"] + "_"
         assert name.startswith(prefix + spec["family"])
-    assert {"dia_resnet164", "dia_wrn52_4", "dia_resnext101_8x32", "dia_resnext50_32x4d"} <= set(names)
+    paper = {"dia_resnet164", "dia_wrn52_4", "dia_resnext101_8x32", "dia_resnext50_32x4d"}
+    assert paper <= set(names)

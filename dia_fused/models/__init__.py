@@ -42,7 +42,8 @@ _PART_TEXT = {"widen": "widen factor '_{k}'", "group": "cardinality x width '_{c
 # options that a family's name sets (a ResNet: one group of the standard width); passing them
 # too would be a second, conflicting value
 _NAME_OPTIONS = {"resnet": ("depth", "cardinality", "base_width"), "preresnet": ("depth",),
-                 "wrn": ("depth", "widen_factor"), "resnext": ("depth", "cardinality", "base_width")}
+                 "wrn": ("depth", "widen_factor"),
+                 "resnext": ("depth", "cardinality", "base_width")}
 
 # the paper's models (Tables 3-8, Figure 6); any name of the grammar works
 PAPER_MODELS = tuple(f"{prefix}{body}" for prefix in ("", "se_", "dia_", "dia_se_")
