@@ -5,7 +5,7 @@ extra_info has the per-call time in microseconds."""
 import pytest
 import torch
 
-from dia_fused import ops
+from dia_fused import DIALSTM, ops
 from dia_fused.testing import random_step_inputs
 
 pytest.importorskip("triton")
@@ -28,14 +28,21 @@ def stubbed(monkeypatch):
     return inputs, out, pooled
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward", "dia_step_no_grad"])
+@pytest.mark.parametrize("direction", ["forward", "backward", "dia_step_no_grad", "unit_no_grad"])
 def test_triton_host_wrapper_overhead(benchmark, stubbed, direction):
     """forward / backward: the host wrappers alone; dia_step_no_grad: the whole path of an eager
-    inference step, ops.dia_step (checks, backend choice, the op's implementation) included."""
+    inference step, ops.dia_step (checks, backend choice, the op's implementation) included;
+    unit_no_grad: the same step through DIALSTM (its weight reads and zero state added)."""
     inputs, out, pooled = stubbed
     x, h, c, w = inputs.args()
     grad_out = torch.empty_like(out)
-    if direction == "forward":
+    if direction == "unit_no_grad":
+        unit = DIALSTM(x.shape[1], reduction=4, backend="triton").eval()
+
+        def call():
+            with torch.no_grad():
+                unit(x, identity=inputs.identity)
+    elif direction == "forward":
         def call():
             triton_dia_step.forward(x, h, c, w, inputs.identity, True, "sigmoid", None)
     elif direction == "dia_step_no_grad":

@@ -44,6 +44,24 @@ class ReducedLinear(nn.Module):
         return self.seq(v)
 
 
+def linear_weights(layer: nn.Module) -> Tuple[Tensor, Tensor]:
+    """(weight, bias) of a Linear as its own forward would see them. The unit never calls its
+    Linear layers (the backends compute them), so what nn.Module.__call__ would do first is done
+    here: the forward pre-hooks run (torch.nn.utils.prune and the old-style weight_norm and
+    spectral_norm recompute the weight in one; they get no inputs), and the tensors are read as
+    attributes (parametrizations compute them there). Plain parameters without hooks are read
+    from the parameter dict: every step asks, and attribute lookup costs more."""
+    params = layer._parameters
+    if not layer._forward_pre_hooks and "weight" in params and "bias" in params:
+        return params["weight"], params["bias"]
+    for hook_id, hook in tuple(layer._forward_pre_hooks.items()):
+        if hook_id in layer._forward_pre_hooks_with_kwargs:
+            hook(layer, (), {})
+        else:
+            hook(layer, ())
+    return layer.weight, layer.bias
+
+
 def _check_unit_input(x, channels: int, identity, relu) -> bool:
     check_tensor("x", x, dims=4)
     if x.shape[1] != channels:
@@ -97,21 +115,17 @@ class DIALSTM(nn.Module):
                 f"backend={self.backend!r}")
 
     def flat_weights(self) -> Tuple[Tensor, ...]:
-        """The weights in reference.weight_names order (the backends' calling convention).
-
-        Read from the submodules' parameter dicts directly: every step asks, and nn.Module
-        attribute lookup plus container indexing would be a large part of a step's host time."""
+        """The weights in reference.weight_names order (the backends' calling convention), as the
+        cells' Linear layers would use them: see `linear_weights` (parametrizations, pruning)."""
         ih, hh = self._modules["w_ih"]._modules, self._modules["w_hh"]._modules
         out = []
         for cells in (ih, hh):  # cell 0: Linear(C, C/r) -> ReLU -> Linear(C/r, 4C)
             layers = cells["0"]._modules["seq"]._modules
-            for index in ("0", "2"):
-                params = layers[index]._parameters
-                out += (params["weight"], params["bias"])
+            out += linear_weights(layers["0"])
+            out += linear_weights(layers["2"])
         for cell in range(1, self.num_cells):  # cells 1..: Linear(C, 4C)
-            for cells in (ih, hh):
-                params = cells[str(cell)]._parameters
-                out += (params["weight"], params["bias"])
+            out += linear_weights(ih[str(cell)])
+            out += linear_weights(hh[str(cell)])
         return tuple(out)
 
     def initial_state(self, x: Tensor) -> State:
@@ -193,14 +207,30 @@ class DIAStage(nn.Module):
     def forward(self, x: Tensor, return_attention: bool = False):
         state = None
         attention = []
-        for block in self.blocks:
-            branch, identity = block(x)
+        for index, block in enumerate(self.blocks):
+            branch, identity = block_output(block(x), index, block)
             x, state = self.unit(branch, state, identity=identity, relu=self.relu)
             if return_attention:
                 attention.append(_attention_vector(self.unit, branch, state))
         if return_attention:
             return x, torch.stack(attention, dim=1)
         return x
+
+
+def block_output(result, index: int, block: nn.Module) -> Tuple[Tensor, Optional[Tensor]]:
+    """A stage block's (branch, identity), or a TypeError naming the block: a block that returns
+    one tensor would otherwise be unpacked along its batch dimension."""
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        return result
+    if isinstance(result, Tensor):
+        got = f"a Tensor of shape {tuple(result.shape)}"
+    elif isinstance(result, (tuple, list)):
+        got = f"a {type(result).__name__} of {len(result)} items"
+    else:
+        got = type(result).__name__
+    raise TypeError(f"blocks[{index}] ({type(block).__name__}): expected a block that returns "
+                    f"(branch, identity), the residual branch and the shortcut (None without "
+                    f"one), got {got}")
 
 
 def _attention_vector(unit: nn.Module, branch: Tensor, state) -> Tensor:

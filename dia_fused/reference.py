@@ -20,6 +20,7 @@ cell 0 has 8 tensors (the reduced ih and hh paths), every stacked cell l >= 1 ha
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -35,6 +36,14 @@ STACKED_CELL_WEIGHTS = 4  # wih, bih, whh, bhh
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """dtype of the recurrent state (h, c) and of the LSTM math for inputs of `dtype`."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_off(device_type: str):
+    """A context with autocast disabled on `device_type`: entered only where autocast is on, and
+    nothing to disable where the device type has no autocast (meta: shape propagation)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def weight_names(num_cells: int) -> Tuple[str, ...]:
@@ -121,7 +130,7 @@ def dia_lstm_step(
     """One DIA-LSTM step: returns (out, h_new, c_new); out has x's dtype and shape."""
     compute = h.dtype
     # autocast would run the small linears in half precision; the spec keeps them in `compute`
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device.type):
         s = x.mean(dim=(2, 3), dtype=compute)
         h_new, c_new = dia_lstm_cells(s, h, c, weights, activation, dropout_masks)
     out = x.to(compute) * h_new[-1][:, :, None, None]

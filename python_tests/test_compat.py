@@ -254,7 +254,7 @@ class CifarResNeXt(nn.Module):
 OFFICIAL_WIDE_MODELS = {  # name for load_official_state_dict -> the official model
     "dia_wrn16_2": lambda: WideResNet(16, 100, 2, drop_rate=0.3),
     "dia_wrn10_4": lambda: WideResNet(10, 100, 4),
-    "dia_resnext11_2x64": lambda: CifarResNeXt(2, 11, 100),
+    "dia_resnext11_2x32": lambda: CifarResNeXt(2, 11, 100),  # 2 groups of 32 channels
     "dia_resnext20_4x32": lambda: CifarResNeXt(4, 20, 10),
 }
 

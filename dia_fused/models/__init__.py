@@ -1,27 +1,56 @@
 """DIANet model zoo: `create_model(name, num_classes=..., **options)` and `list_models()`.
 
-Names are `[attention_]family{depth}[_{widen}|_{cardinality}x{width}]`, attention one of `se_`,
-`dia_`, `dia_se_` (none: plain), e.g. `resnet164`, `se_resnet164`, `dia_resnet164`, `dia_preresnet164`,
-`dia_wrn52_4`, `dia_resnext101_8x32` (CIFAR; ResNeXt cardinality 8, the official code's widen factor 4),
-`dia_resnet50`, `dia_resnext50_32x4d` (ImageNet: ResNet depths 18/34/50/101/152; add `_cifar` to force
-a CIFAR ResNet of such a depth). Options: attention, reduction, num_cells, cell_activation, backend,
-norm (False: no BatchNorm), skip (False: no skip connections), dia_stages (stages with the unit).
+Names follow one grammar, each part used by its family and nothing else:
+
+    [se_|dia_|dia_se_]resnet{depth}[_cifar]          CIFAR ResNet (basic 6n+2 / bottleneck 9n+2);
+                                                     depths 18/34/50/101/152: ImageNet ResNet,
+                                                     `_cifar` forces the CIFAR one
+    [se_|dia_|dia_se_]preresnet{depth}               CIFAR PreResNet
+    [se_|dia_|dia_se_]wrn{depth}_{k}                 CIFAR Wide ResNet of widen factor k
+    [se_|dia_|dia_se_]resnext{depth}_{card}x{width}[d][_cifar]
+                                                     ResNeXt: `card` groups of `width` channels in
+                                                     the first stage (doubling per stage); depth
+                                                     50: ImageNet, else CIFAR (9n+2, widen factor
+                                                     option 4: 128/256/512 output channels)
+
+The prefix is the attention (none: plain). Numbers have no leading zeros. E.g. `resnet164`,
+`se_resnet164`, `dia_resnet164`, `dia_preresnet164`, `dia_wrn52_4`, `dia_resnext101_8x32`,
+`dia_resnet50`, `dia_resnext50_32x4d`. A name the grammar does not allow is an error that lists
+the closest names. Options: attention (overrides the prefix), reduction (of the attention module:
+DIA-LSTM, DIA-SE or per-block SE), num_cells, cell_activation and backend (DIA-LSTM), dia_stages
+(stages with the shared unit), norm (False: no BatchNorm), skip (False: no skip connections), and
+the family's own (block, dropout, widen_factor, ...); one the model would not use is an error.
 """
 from __future__ import annotations
 
+import difflib
 import re
 
 from .blocks import ATTENTIONS, DIANet, PlainStage
-from .networks import IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn, imagenet_resnet
+from .networks import (IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn,
+                       imagenet_resnet)
 
-_NAME = re.compile(r"^(?:(?P<attention>dia_se|dia|se)_)?(?P<family>preresnet|resnext|resnet|wrn)(?P<depth>\d+)"
-                   r"(?:_(?P<card>\d+)x(?P<width>\d+)d?|_(?P<widen>\d+))?(?P<cifar>_cifar)?$")
+_NUMBER = r"[1-9][0-9]*"
+_NAME = re.compile(rf"(?:(?P<attention>dia_se|dia|se)_)?(?P<family>preresnet|resnext|resnet|wrn)"
+                   rf"(?P<depth>{_NUMBER})(?:_(?P<card>{_NUMBER})x(?P<width>{_NUMBER})d?"
+                   rf"|_(?P<widen>{_NUMBER}))?(?P<cifar>_cifar)?")
+# the parts after the depth each family takes: (required suffix or None, `_cifar` allowed)
+_FAMILY_PARTS = {"resnet": (None, True), "preresnet": (None, False), "wrn": ("widen", False),
+                 "resnext": ("group", True)}
+_PART_TEXT = {"widen": "widen factor '_{k}'", "group": "cardinality x width '_{card}x{width}'",
+              "cifar": "'_cifar' suffix"}
+# options that a family's name sets (a ResNet: one group of the standard width); passing them
+# too would be a second, conflicting value
+_NAME_OPTIONS = {"resnet": ("depth", "cardinality", "base_width"), "preresnet": ("depth",),
+                 "wrn": ("depth", "widen_factor"),
+                 "resnext": ("depth", "cardinality", "base_width")}
 
 # the paper's models (Tables 3-8, Figure 6); any name of the grammar works
 PAPER_MODELS = tuple(f"{prefix}{body}" for prefix in ("", "se_", "dia_", "dia_se_")
-                     for body in ("resnet20", "resnet56", "resnet83", "resnet164", "resnet245", "resnet326",
-                                  "resnet407", "preresnet164", "wrn52_4", "resnext101_8x32", "resnet34",
-                                  "resnet50", "resnet152", "resnext50_32x4d"))
+                     for body in ("resnet20", "resnet56", "resnet83", "resnet164", "resnet245",
+                                  "resnet326", "resnet407", "preresnet164", "wrn52_4",
+                                  "resnext101_8x32", "resnet34", "resnet50", "resnet152",
+                                  "resnext50_32x4d"))
 
 
 def list_models():
@@ -29,20 +58,71 @@ def list_models():
     return list(PAPER_MODELS)
 
 
+def _name_error(name, problem: str, repairs=()) -> ValueError:
+    """ValueError for a name outside the grammar with the closest names (difflib): the paper's
+    models and the name repaired (a part dropped or added, whitespace or capitals removed),
+    which is always among them."""
+    text = name.strip().lower()
+    if text != name and _NAME.fullmatch(text):
+        repairs = (text, *repairs)
+    candidates = list(dict.fromkeys([*repairs, *PAPER_MODELS]))
+    close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.6) if text else []
+    kept = [r for r in dict.fromkeys(repairs) if r not in close]
+    suggestions = close[:3 - len(kept)] + kept
+    hint = f"; did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
+    return ValueError(f"name: {problem}, got {name!r}{hint}")
+
+
+def _repaired(g: dict) -> str:
+    """The name of parts `g` with the parts its family does not use dropped and a missing one
+    added (the paper's: WRN-52-4's widen factor 4, ResNeXt 8x32 on CIFAR, 32x4d on ImageNet)."""
+    family = g["family"]
+    required, cifar_allowed = _FAMILY_PARTS[family]
+    suffix = ""
+    if required == "widen":
+        suffix = f"_{g['widen'] or 4}"
+    elif required == "group":
+        paper = "_32x4d" if g["depth"] == "50" and not g["cifar"] else "_8x32"
+        suffix = f"_{g['card']}x{g['width']}" if g["card"] else paper
+    attention = f"{g['attention']}_" if g["attention"] else ""
+    cifar = g["cifar"] if cifar_allowed and g["cifar"] else ""
+    return f"{attention}{family}{g['depth']}{suffix}{cifar}"
+
+
 def parse_name(name: str) -> dict:
-    match = _NAME.match(name) if isinstance(name, str) else None
+    """The parts of a model name: attention, family, depth, cardinality, width, widen, cifar."""
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str, got {type(name).__name__}")
+    match = _NAME.fullmatch(name)
     if match is None:
-        raise ValueError(f"name: expected [se_|dia_|dia_se_]family{{depth}}[_widen|_CxW], e.g. 'dia_resnet164', "
-                         f"'dia_wrn52_4', 'dia_resnext101_8x32', got {name!r}")
+        raise _name_error(name, "expected [se_|dia_|dia_se_]family{depth}[_widen|_CxW] (numbers "
+                                ">= 1 without leading zeros), e.g. 'dia_resnet164', "
+                                "'dia_wrn52_4', 'dia_resnext101_8x32'")
     g = match.groupdict()
-    return {"attention": g["attention"] or "none", "family": g["family"], "depth": int(g["depth"]),
-            "cardinality": int(g["card"]) if g["card"] else None, "width": int(g["width"]) if g["width"] else None,
+    family = g["family"]
+    required, cifar_allowed = _FAMILY_PARTS[family]
+    given = ["widen"] if g["widen"] else ["group"] if g["card"] else []
+    unused = [part for part in given if part != required]
+    if g["cifar"] and not cifar_allowed:
+        unused.append("cifar")
+    missing = required is not None and required not in given
+    if unused or missing:
+        problem = (f"a {family} name takes no {' and no '.join(_PART_TEXT[p] for p in unused)}"
+                   if unused else f"a {family} name needs its {_PART_TEXT[required]}")
+        raise _name_error(name, problem, [_repaired(g)])
+    return {"attention": g["attention"] or "none", "family": family, "depth": int(g["depth"]),
+            "cardinality": int(g["card"]) if g["card"] else None,
+            "width": int(g["width"]) if g["width"] else None,
             "widen": int(g["widen"]) if g["widen"] else None, "cifar": bool(g["cifar"])}
 
 
 def create_model(name: str, num_classes: int = None, **options) -> DIANet:
     """Builds the network `name`; `options` override the name's attention and the defaults."""
     spec = parse_name(name)
+    fixed = [key for key in _NAME_OPTIONS[spec["family"]] if key in options]
+    if fixed:
+        raise ValueError(f"{fixed[0]}: set by the name {name!r} (change the name instead), got "
+                         f"{fixed[0]}={options[fixed[0]]!r}")
     options.setdefault("attention", spec["attention"])
     family, depth = spec["family"], spec["depth"]
     imagenet = not spec["cifar"] and ((family == "resnet" and depth in IMAGENET_LAYERS)
@@ -56,17 +136,14 @@ def create_model(name: str, num_classes: int = None, **options) -> DIANet:
     if family == "preresnet":
         return cifar_preresnet(depth, num_classes, **options)
     if family == "wrn":
-        if spec["widen"] is None:
-            raise ValueError(f"name: a WRN name needs its widen factor, e.g. 'dia_wrn52_4', got {name!r}")
         return cifar_wrn(depth, spec["widen"], num_classes, **options)
-    if spec["cardinality"] is None:
-        raise ValueError(f"name: a ResNeXt name needs cardinality x width, e.g. 'dia_resnext101_8x32', got {name!r}")
     if imagenet:
-        return imagenet_resnet(depth, num_classes, cardinality=spec["cardinality"], base_width=spec["width"], **options)
-    # CIFAR ResNeXt: the official code fixes the widen factor at 4 (64-channel base width per group of 8x32)
-    options.setdefault("widen_factor", 4)
-    return cifar_resnext(depth, spec["cardinality"], num_classes=num_classes, **options)
+        return imagenet_resnet(depth, num_classes, cardinality=spec["cardinality"],
+                               base_width=spec["width"], **options)
+    return cifar_resnext(depth, spec["cardinality"], num_classes=num_classes,
+                         base_width=spec["width"], **options)
 
 
-__all__ = ["create_model", "list_models", "parse_name", "DIANet", "PlainStage", "ATTENTIONS", "PAPER_MODELS",
-           "cifar_resnet", "cifar_preresnet", "cifar_wrn", "cifar_resnext", "imagenet_resnet"]
+__all__ = ["create_model", "list_models", "parse_name", "DIANet", "PlainStage", "ATTENTIONS",
+           "PAPER_MODELS", "cifar_resnet", "cifar_preresnet", "cifar_wrn", "cifar_resnext",
+           "imagenet_resnet"]

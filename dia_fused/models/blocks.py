@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..modules import DIALSTM, DIASE, DIAStage
+from .._checks import check_positive_int
+from ..modules import DIALSTM, DIASE, DIAStage, block_output, reduced_width
 
 ATTENTIONS = ("none", "se", "dia", "dia_se")
 
@@ -30,8 +31,9 @@ class SE(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction, bias=bias), nn.ReLU(inplace=True),
-                                nn.Linear(channels // reduction, channels, bias=bias), nn.Sigmoid())
+        hidden = reduced_width(channels, reduction)
+        self.fc = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(inplace=True),
+                                nn.Linear(hidden, channels, bias=bias), nn.Sigmoid())
 
     def forward(self, x):
         return x * self.fc(x.mean((2, 3)))[:, :, None, None]
@@ -140,8 +142,8 @@ class PlainStage(nn.Module):
         self.relu = relu
 
     def forward(self, x, return_attention: bool = False):
-        for block in self.blocks:
-            branch, identity = block(x)
+        for index, block in enumerate(self.blocks):
+            branch, identity = block_output(block(x), index, block)
             x = branch if identity is None else branch + identity
             if self.relu:
                 x = torch.relu(x)
@@ -189,6 +191,7 @@ class Head(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, *, preact_norm: bool = False, norm: bool = True):
         super().__init__()
+        check_positive_int("num_classes", num_classes)
         self.norm = nn.Sequential(norm_layer(channels, norm), nn.ReLU(inplace=True)) if preact_norm else None
         self.fc = nn.Linear(channels, num_classes)
 

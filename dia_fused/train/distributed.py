@@ -88,6 +88,9 @@ def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
+    if device.type == "meta":
+        raise ValueError(f"--device {requested}: meta tensors hold no data (shape propagation "
+                         f"only) and a run computes on data; expected cpu or cuda")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {requested}: CUDA is not available in this torch build or "
