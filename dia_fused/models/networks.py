@@ -54,7 +54,15 @@ def _attention_options(attention, num_stages, *, dia_stages, reduction, num_cell
                    cell_activation=cell_activation or "sigmoid", backend=backend,
                    se_reduction=reduction or 16)
     block_se = ((reduction or se[0], se[1]) if attention == "se" else None)
-    return stages, options, block_se
+    # what the options left out resolve to, so that a description passing a default explicitly
+    # can be told equal to one that leaves it out (train.modelspec.resolved_options)
+    resolved = {"attention": attention,
+                "reduction": {"dia": options["reduction"], "dia_se": options["se_reduction"],
+                              "se": block_se and block_se[0]}.get(attention),
+                "num_cells": options["num_cells"] if lstm else None,
+                "cell_activation": options["cell_activation"] if lstm else None,
+                "dia_stages": list(stages) if unit else None}
+    return stages, options, block_se, resolved
 
 
 def _check_stages(dia_stages, num_stages: int) -> tuple:
@@ -73,11 +81,14 @@ def _check_stages(dia_stages, num_stages: int) -> tuple:
     return stages
 
 
-def _build(stem, stage_specs, head, *, attention, dia_stages, relu, unit_options):
-    """stage_specs: [(blocks, channels)] in order; the unit options go to make_stage."""
+def _build(stem, stage_specs, head, *, attention, dia_stages, relu, unit_options, resolved):
+    """stage_specs: [(blocks, channels)] in order; the unit options go to make_stage; `resolved`
+    (the attention options as built) is kept as the model's `attention_options`."""
     stages = [make_stage(blocks, channels, attention=attention, with_unit=(i + 1) in dia_stages, relu=relu,
                          **unit_options) for i, (blocks, channels) in enumerate(stage_specs)]
-    return DIANet(stem, stages, head)
+    net = DIANet(stem, stages, head)
+    net.attention_options = resolved
+    return net
 
 
 def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", attention: str = "dia",
@@ -94,7 +105,7 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", atte
     if (depth - 2) % per or depth < per + 2:
         raise ValueError(f"depth: expected {per}n+2 for {block} blocks, got {depth}")
     n, expansion = (depth - 2) // per, (1 if block == "basic" else 4)
-    stages, unit_options, se = _attention_options(
+    stages, unit_options, se, resolved = _attention_options(
         attention, 3, dia_stages=dia_stages, reduction=reduction, num_cells=num_cells,
         cell_activation=cell_activation, backend=backend, dia_reduction=4, se=SE_RESNET)
     specs, cin = [], 16
@@ -111,7 +122,8 @@ def cifar_resnet(depth: int, num_classes: int = 10, *, block: str = "auto", atte
         specs.append((blocks, cin))
     stem = nn.Sequential(conv(3, 16, 3), norm_layer(16, norm), nn.ReLU(inplace=True))
     return _build(stem, specs, Head(cin, num_classes), attention=attention, dia_stages=stages,
-                  relu=True, unit_options=unit_options)
+                  relu=True, unit_options=unit_options,
+                  resolved=resolved)
 
 
 def cifar_preresnet(depth: int, num_classes: int = 10, *, block: str = "bottleneck",
@@ -132,7 +144,7 @@ def cifar_preresnet(depth: int, num_classes: int = 10, *, block: str = "bottlene
     if (depth - 2) % per or depth < per + 2:
         raise ValueError(f"depth: expected {per}n+2 ({block} PreResNet), got {depth}")
     n = (depth - 2) // per
-    stages, unit_options, se = _attention_options(
+    stages, unit_options, se, resolved = _attention_options(
         attention, 3, dia_stages=dia_stages, reduction=reduction, num_cells=num_cells,
         cell_activation=cell_activation, backend=backend, dia_reduction=4, se=SE_RESNET)
     specs, cin = [], 16
@@ -147,7 +159,8 @@ def cifar_preresnet(depth: int, num_classes: int = 10, *, block: str = "bottlene
             cin = planes * (4 if block == "bottleneck" else 1)
         specs.append((blocks, cin))
     return _build(conv(3, 16, 3), specs, Head(cin, num_classes, preact_norm=True, norm=norm),
-                  attention=attention, dia_stages=stages, relu=False, unit_options=unit_options)
+                  attention=attention, dia_stages=stages, relu=False, unit_options=unit_options,
+                  resolved=resolved)
 
 
 def cifar_wrn(depth: int, widen_factor: int, num_classes: int = 10, *, dropout: float = 0.0,
@@ -164,7 +177,7 @@ def cifar_wrn(depth: int, widen_factor: int, num_classes: int = 10, *, dropout: 
     if (depth - 4) % 6 or depth < 10:
         raise ValueError(f"depth: expected 6n+4 (WRN), got {depth}")
     n = (depth - 4) // 6
-    stages, unit_options, se = _attention_options(
+    stages, unit_options, se, resolved = _attention_options(
         attention, 3, dia_stages=dia_stages, reduction=reduction, num_cells=num_cells,
         cell_activation=cell_activation, backend=backend, dia_reduction=4, se=SE_WIDE)
     specs, cin = [], 16
@@ -177,7 +190,8 @@ def cifar_wrn(depth: int, widen_factor: int, num_classes: int = 10, *, dropout: 
             cin = width
         specs.append((blocks, cin))
     return _build(conv(3, 16, 3), specs, Head(cin, num_classes, preact_norm=True, norm=norm),
-                  attention=attention, dia_stages=stages, relu=False, unit_options=unit_options)
+                  attention=attention, dia_stages=stages, relu=False, unit_options=unit_options,
+                  resolved=resolved)
 
 
 def cifar_resnext(depth: int, cardinality: int, widen_factor: int = 4, num_classes: int = 10, *,
@@ -195,7 +209,7 @@ def cifar_resnext(depth: int, cardinality: int, widen_factor: int = 4, num_class
     if (depth - 2) % 9 or depth < 11:
         raise ValueError(f"depth: expected 9n+2 (ResNeXt), got {depth}")
     n = (depth - 2) // 9
-    stages, unit_options, se = _attention_options(
+    stages, unit_options, se, resolved = _attention_options(
         attention, 3, dia_stages=dia_stages, reduction=reduction, num_cells=num_cells,
         cell_activation=cell_activation, backend=backend, dia_reduction=4, se=SE_WIDE)
     specs, cin = [], 32
@@ -210,7 +224,8 @@ def cifar_resnext(depth: int, cardinality: int, widen_factor: int = 4, num_class
         specs.append((blocks, cin))
     stem = nn.Sequential(conv(3, 32, 3), norm_layer(32, norm), nn.ReLU(inplace=True))
     return _build(stem, specs, Head(cin, num_classes), attention=attention, dia_stages=stages,
-                  relu=True, unit_options=unit_options)
+                  relu=True, unit_options=unit_options,
+                  resolved=resolved)
 
 
 IMAGENET_LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottleneck", (3, 4, 6, 3)),
@@ -235,7 +250,7 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, *, cardinality: int = 1
     if (cardinality > 1 or base_width != 64) and block != "bottleneck":
         raise ValueError(f"cardinality, base_width: ResNeXt needs bottleneck blocks (depth >= "
                          f"50), got depth {depth}")
-    stages, unit_options, se = _attention_options(
+    stages, unit_options, se, resolved = _attention_options(
         attention, 4, dia_stages=dia_stages, reduction=reduction, num_cells=num_cells,
         cell_activation=cell_activation, backend=backend,
         dia_reduction=10 if depth == 152 else 20, se=SE_RESNET)
@@ -257,4 +272,5 @@ def imagenet_resnet(depth: int, num_classes: int = 1000, *, cardinality: int = 1
     stem = nn.Sequential(nn.Conv2d(3, 64, 7, 2, 3, bias=False), norm_layer(64, norm),
                          nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1))
     return _build(stem, specs, Head(cin, num_classes), attention=attention, dia_stages=stages,
-                  relu=True, unit_options=unit_options)
+                  relu=True, unit_options=unit_options,
+                  resolved=resolved)

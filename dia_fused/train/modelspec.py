@@ -13,6 +13,7 @@ import argparse
 import inspect
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
+import torch
 from torch import nn
 
 from ..models import (IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn,
@@ -131,14 +132,20 @@ def resolved_options(spec: Mapping[str, Any]) -> Dict[str, Any]:
         parsed = parse_name(spec["name"])
     except (KeyError, ValueError):
         return options
-    builder, num_stages = _builder(parsed)
+    builder, _ = _builder(parsed)
     resolved = {name: p.default for name, p in inspect.signature(builder).parameters.items()
                 if p.default is not p.empty and name not in ("num_classes", "backend")}
-    resolved["attention"] = parsed["attention"]
     resolved.update(options)
-    stages = resolved.get("dia_stages")
-    resolved["dia_stages"] = sorted(stages) if stages is not None else list(
-        range(1, num_stages + 1))
+    # the attention options the zoo resolves while building (defaults that depend on the
+    # attention and the family): read back from the network, built on the meta device
+    try:
+        with torch.device("meta"):
+            built = build_model(spec).attention_options
+    except (TypeError, ValueError):
+        return resolved
+    resolved.update(built)
+    if resolved["dia_stages"] is not None:
+        resolved["dia_stages"] = sorted(resolved["dia_stages"])
     return resolved
 
 
