@@ -5,9 +5,12 @@
                                             (diaresnet*_cifar*, diapreresnet*_cifar*, ImageNet diaresnet*)
     load_official_state_dict(name, sd)      an official checkpoint into the matching dia_fused model
 
-The residual branches are matched module by module in execution order (recorded with forward
-hooks on a small input), so differences in module names and nesting do not matter; every pair is
-checked for type and shape, and a mismatch raises naming both modules. The shared LSTM of each
+The residual branches are matched module by module in execution order, so differences in module
+names and nesting do not matter: on a small input, a TorchFunctionMode records which module's
+weight (or BN running mean) each torch function receives, mapped back by identity, so modules
+called through `.forward(x)` (the official ResNeXt), which bypasses hooks, are seen too. Every pair
+is checked for type and shape, and a mismatch raises naming both modules. Models inside
+nn.DataParallel / DistributedDataParallel are unwrapped. The shared LSTM of each
 stage maps onto the stage's DIALSTM (official keys are DIALSTM's keys). The converted model keeps
 the source's reduction ratio and is returned in the source's train/eval mode.
 """
@@ -18,18 +21,23 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .models import create_model
 from .models.blocks import DIANet
 from .models.networks import IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn, imagenet_resnet
+from .accelerate import unwrap
 from .modules import DIALSTM
+from .reference import weight_names
 
 MAPPED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 SHORTCUT_NAMES = ("identity_conv",)  # pytorchcv runs the shortcut before the branch; ours after
 
 
 def convert(model: nn.Module, *, backend: str = "auto") -> DIANet:
-    """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA), same weights."""
+    """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA, also inside
+    DataParallel / DistributedDataParallel, also accelerated), same weights."""
+    model = unwrap(model)
     target, units, input_size = _target_for(model, backend)
     _copy_layers(model, target, input_size)
     _copy_units(units, target)
@@ -182,24 +190,48 @@ def _target_for(model: nn.Module, backend: str):
 
 # --- weights --------------------------------------------------------------------------------------
 
+class _CallRecorder(TorchFunctionMode):
+    """Records, in order of first use, the modules whose key tensor (a conv/linear weight, a BN
+    running mean) a torch function receives: `F.conv2d(x, self.weight, ...)` and the like."""
+
+    def __init__(self, owners: Dict[int, Tuple[str, nn.Module]]):
+        super().__init__()
+        self.owners, self.order, self.seen = owners, [], set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            owner = self.owners.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if owner is not None and id(owner[1]) not in self.seen:
+                self.seen.add(id(owner[1]))
+                self.order.append(owner)
+        return func(*args, **kwargs)
+
+
+def _key_tensor(module: nn.Module):
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+        return module.running_mean
+    return module.weight
+
+
 def _execution_order(model: nn.Module, input_size, skip: Tuple[type, ...]) -> List[Tuple[str, nn.Module]]:
     """Conv/BN/Linear modules in the order a forward calls them, outside `skip` modules, with each
-    pytorchcv shortcut moved after the rest of its residual unit."""
+    pytorchcv shortcut moved after the rest of its residual unit. Seen through the tensors the
+    torch functions receive, not through hooks: `module.forward(x)` calls count."""
     excluded = {id(m) for _, outer in model.named_modules() if isinstance(outer, skip) for m in outer.modules()}
-    names = {id(m): n for n, m in model.named_modules()}
-    order: List[Tuple[str, nn.Module]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((names[id(mod)], mod)))
-             for m in model.modules() if isinstance(m, MAPPED_TYPES) and id(m) not in excluded]
+    owners = {id(_key_tensor(m)): (n, m) for n, m in model.named_modules()
+              if isinstance(m, MAPPED_TYPES) and id(m) not in excluded and _key_tensor(m) is not None}
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else "cpu"
     was_training = model.training
+    recorder = _CallRecorder(owners)
     try:
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(input_size))
+        with torch.no_grad(), recorder:
+            model(torch.zeros(input_size, device=device))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return _shortcuts_last(order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
+    return _shortcuts_last(recorder.order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
 
 
 def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:
