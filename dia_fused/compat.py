@@ -49,9 +49,19 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
     """Builds `name` (e.g. 'dia_resnet164') and loads an official DIANet checkpoint's state dict
     (a `module.` prefix from DataParallel is removed; a {'state_dict': ...} checkpoint works too).
     Layers are matched in the checkpoint's order (the official modules' registration order, with
-    each block's shortcut moved after its branch), each checked for shape."""
+    each block's shortcut moved after its branch), each checked for its keys and shapes; a missing
+    or unexpected key raises naming it. BN layers without `num_batches_tracked` (checkpoints of
+    PyTorch < 0.4.1) load, with the count at 0: it only matters for BN with momentum=None.
+
+    A WRN checkpoint does not record the dropout rate of its blocks (the official dia_wrn's
+    `dropRate`): pass `dropout=` (0.0 is the official default); training outputs differ from the
+    source's under any other rate, eval outputs do not depend on it."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
+    if re.search(r"wrn", name) and "dropout" not in options:
+        raise ValueError(f"dropout: {name} is a WRN and a checkpoint does not record its blocks' dropout "
+                         f"rate (the official dia_wrn's dropRate, 0.0 by default): pass dropout= the "
+                         f"source's rate, training outputs differ from the source's under another rate")
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     layers: Dict[str, Dict[str, torch.Tensor]] = {}
     units: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -64,9 +74,11 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
             layers.setdefault(prefix, {})[leaf] = value
     if not units:
         raise ValueError("state_dict: expected an official DIANet checkpoint (keys with '.lstm.'), found none")
+    for stage, state in units.items():
+        _check_lstm_keys(stage, state)
     first = next(iter(units.values()))
     options.setdefault("reduction", first["w_ih.0.seq.0.weight"].shape[1] // first["w_ih.0.seq.0.weight"].shape[0])
-    options.setdefault("num_cells", 1 + sum(1 for k in first if re.fullmatch(r"w_ih\.\d+\.weight", k)))
+    options.setdefault("num_cells", _num_cells(first))
     if num_classes is None:
         num_classes = list(layers.values())[-1]["weight"].shape[0]
     target = create_model(name, num_classes=num_classes, **options)
@@ -77,17 +89,44 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
         raise ValueError(f"state_dict: {len(source_layers)} layers in the checkpoint, {len(target_layers)} in "
                          f"{name}: not the same architecture")
     for (sname, sstate), (dname, dmod) in zip(source_layers, target_layers):
-        expected = {k: v.shape for k, v in dmod.state_dict().items()}
-        if {k: v.shape for k, v in sstate.items()} != expected:
+        expected = dmod.state_dict()
+        missing = sorted(set(expected) - set(sstate) - {"num_batches_tracked"})
+        unexpected = sorted(set(sstate) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: layer {sname} does not match {name} layer {dname} "
+                             f"({type(dmod).__name__}): missing keys {[f'{sname}.{k}' for k in missing]}, "
+                             f"unexpected keys {[f'{sname}.{k}' for k in unexpected]}")
+        if any(sstate[k].shape != v.shape for k, v in expected.items() if k in sstate):
             raise ValueError(f"state_dict: layer {sname} {[tuple(v.shape) for v in sstate.values()]} does not "
-                             f"match {name} layer {dname} {[tuple(v) for v in expected.values()]}")
-        dmod.load_state_dict(sstate)
+                             f"match {name} layer {dname} {[tuple(v.shape) for v in expected.values()]}")
+        dmod.load_state_dict(sstate, strict=False)  # keys checked above; num_batches_tracked may lack
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
         raise ValueError(f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}")
-    for unit, state in zip(dia_units, units.values()):
+    for unit, (stage, state) in zip(dia_units, units.items()):
+        shapes = {k: tuple(v.shape) for k, v in unit.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if set(state) != set(shapes) or any(tuple(state[k].shape) != shape for k, shape in shapes.items()):
+            raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm does not match {name}'s unit "
+                             f"{shapes}: got {got}")
         unit.load_state_dict(state)
     return target
+
+
+def _num_cells(state: Mapping[str, torch.Tensor]) -> int:
+    """Cells of an official LSTMCell state: cell 0 (small_cell) plus every stacked w_ih/w_hh cell."""
+    stacked = {int(m.group(1)) for k in state for m in [re.fullmatch(r"w_[ih]h\.(\d+)\.(?:weight|bias)", k)] if m}
+    return 1 + len(stacked)
+
+
+def _check_lstm_keys(stage: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Raises naming the missing and unexpected keys of one stage's official LSTMCell."""
+    expected = set(weight_names(_num_cells(state)))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: missing keys "
+                         f"{[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
+                         f"{[f'{stage}.lstm.{k}' for k in unexpected]}")
 
 
 def _block_prefix(name: str) -> str:
