@@ -56,7 +56,8 @@ def pytorchcv_installed() -> bool:
 
 def default_variants(device) -> list:
     return [key for key in VARIANTS
-            if (key not in EXPLICIT_FUSED or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
+            if (key not in EXPLICIT_FUSED
+                or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
                 and torch.device(device).type == "cuda")
             and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())]
 
@@ -69,8 +70,8 @@ def pytorchcv_model(name: str) -> nn.Module:
     module = family + ("_cifar" if name.endswith(("_cifar10", "_cifar100", "_svhn")) else "")
     factory = getattr(importlib.import_module(f"pytorchcv.models.{module}"), name, None)
     if not name.startswith("dia") or factory is None:
-        raise ValueError(f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, diapreresnet*), "
-                         f"got {name!r}")
+        raise ValueError(f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
+                         f"diapreresnet*), got {name!r}")
     return factory()
 
 
@@ -79,7 +80,7 @@ def build_model(key, args):
     if prefix != PYTORCHCV:
         return create_model(f"{prefix}{args.depth}", num_classes=100, **options)
     model = pytorchcv_model(args.pytorchcv_model)
-    if "accelerate" in options:  # in place: the same model object, the optimizer made after as before
+    if "accelerate" in options:  # in place: the same model object
         dia_fused.accelerate(model, backend=options["accelerate"])
         if not dia_fused.fused_stages(model):
             raise RuntimeError(f"{args.pytorchcv_model}: accelerate fused no stage")
@@ -164,7 +165,8 @@ def run(args) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "dia_fused": dia_fused.__version__,
         "depth": args.depth, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "channels_last": args.channels_last,
-        "pytorchcv_model": args.pytorchcv_model if any(VARIANTS[k][0] == PYTORCHCV for k in args.variants) else None,
+        "pytorchcv_model": (args.pytorchcv_model
+                            if any(VARIANTS[k][0] == PYTORCHCV for k in args.variants) else None),
     }
     try:
         import triton
@@ -183,8 +185,9 @@ def run(args) -> dict:
                   file=sys.stderr, flush=True)
         if {"pytorchcv_dia", "pytorchcv_dia_accelerated"} <= set(args.variants):
             for phase in ("train", "infer"):
-                result[f"{label}pytorchcv_dia_accelerated_{phase}_speedup"] = (
-                    result[f"{label}pytorchcv_dia_{phase}_ms"] / result[f"{label}pytorchcv_dia_accelerated_{phase}_ms"])
+                before = result[f"{label}pytorchcv_dia_{phase}_ms"]
+                after = result[f"{label}pytorchcv_dia_accelerated_{phase}_ms"]
+                result[f"{label}pytorchcv_dia_accelerated_{phase}_speedup"] = before / after
         for key in args.variants:
             if key != "plain" and "plain" in args.variants:
                 for phase in ("train", "infer"):

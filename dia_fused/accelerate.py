@@ -34,6 +34,7 @@ kernel fewer per step in training), values unchanged, later random numbers shift
 Numerics: the fused step keeps the LSTM math in fp32 (fp64 for fp64 models), also under autocast,
 where the source would run its LSTM Linears in half precision.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,12 +58,18 @@ OFFICIAL = {
     "CifarResNeXt": (("stage_1", "stage_2", "stage_3"), "ResNeXtBottleneck", True),
 }
 # pytorchcv top-level class -> its residual unit class
-PYTORCHCV = {"CIFARDIAResNet": "DIAResUnit", "DIAResNet": "DIAResUnit",
-             "CIFARDIAPreResNet": "DIAPreResUnit", "DIAPreResNet": "DIAPreResUnit"}
-SUPPORTED = ("official DIANet CIFAR models (gbup-group/DIANet models/cifar: ResNet and PreResNet with "
-             "Bottleneck blocks, WideResNet, CifarResNeXt) or pytorchcv DIA models (CIFARDIAResNet, "
-             "CIFARDIAPreResNet, DIAResNet, DIAPreResNet: diaresnet*, diapreresnet*), also inside "
-             "nn.DataParallel or DistributedDataParallel")
+PYTORCHCV = {
+    "CIFARDIAResNet": "DIAResUnit",
+    "DIAResNet": "DIAResUnit",
+    "CIFARDIAPreResNet": "DIAPreResUnit",
+    "DIAPreResNet": "DIAPreResUnit",
+}
+SUPPORTED = (
+    "official DIANet CIFAR models (gbup-group/DIANet models/cifar: ResNet and PreResNet with "
+    "Bottleneck blocks, WideResNet, CifarResNeXt) or pytorchcv DIA models (CIFARDIAResNet, "
+    "CIFARDIAPreResNet, DIAResNet, DIAPreResNet: diaresnet*, diapreresnet*), also inside "
+    "nn.DataParallel or DistributedDataParallel"
+)
 WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 
 
@@ -70,6 +77,7 @@ WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 class _Config:
     """What a fused module needs besides its own submodules (plain data: DataParallel replicas
     share it)."""
+
     stage: str  # name of the stage in the model, for fused_stages and errors
     weight_paths: Tuple[Tuple[str, ...], ...]  # paths in the LSTM, reference.weight_names order
     num_cells: int
@@ -86,7 +94,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def accelerate(model: nn.Module, backend: str = "auto", *, keep_rng_stream: bool = True) -> nn.Module:
+def accelerate(
+    model: nn.Module, backend: str = "auto", *, keep_rng_stream: bool = True
+) -> nn.Module:
     """Runs every DIA stage of `model` with the fused step, in place; returns `model`.
 
     Idempotent (a second call only updates `backend` / `keep_rng_stream`). Raises TypeError for
@@ -126,22 +136,29 @@ def fused_stages(model: nn.Module) -> List[str]:
 
 # --- matching the source's structure --------------------------------------------------------------
 
+
 def _plan(model: nn.Module, backend: str, keep_rng_stream: bool):
     """[(module to fuse, mixin, config)] for every DIA stage of `model`, or raises."""
     kind = type(model).__name__
-    if kind in OFFICIAL and any(_is_official_stage(getattr(model, a, None)) for a in OFFICIAL[kind][0]):
+    if kind in OFFICIAL and any(
+        _is_official_stage(getattr(model, a, None)) for a in OFFICIAL[kind][0]
+    ):
         plan = _plan_official(model, kind, backend, keep_rng_stream)
     elif kind in PYTORCHCV:
         plan = _plan_pytorchcv(model, kind, backend, keep_rng_stream)
     else:
-        raise TypeError(f"model: expected one of the {SUPPORTED}; got {type(model).__module__}."
-                        f"{type(model).__qualname__}" + (" without DIA attention stages" if kind in OFFICIAL
-                                                         else ""))
+        raise TypeError(
+            f"model: expected one of the {SUPPORTED}; got {type(model).__module__}."
+            f"{type(model).__qualname__}"
+            + (" without DIA attention stages" if kind in OFFICIAL else "")
+        )
     covered = {id(m) for m in _covered_lstms(plan)}
     for name, module in model.named_modules():
         if type(module).__name__ in ("LSTMCell", "DIALSTMCell") and id(module) not in covered:
-            raise ValueError(f"model: the DIA LSTM {name} belongs to no stage that accelerate matched "
-                             f"(a stage of an unexpected structure); nothing was changed")
+            raise ValueError(
+                f"model: the DIA LSTM {name} belongs to no stage that accelerate matched "
+                f"(a stage of an unexpected structure); nothing was changed"
+            )
     return plan
 
 
@@ -151,7 +168,11 @@ def _covered_lstms(plan):
 
 
 def _is_official_stage(module) -> bool:
-    return isinstance(module, nn.Module) and type(module).__name__ == "Attention" and hasattr(module, "lstm")
+    return (
+        isinstance(module, nn.Module)
+        and type(module).__name__ == "Attention"
+        and hasattr(module, "lstm")
+    )
 
 
 def _plan_official(model, kind, backend, keep_rng_stream):
@@ -160,21 +181,38 @@ def _plan_official(model, kind, backend, keep_rng_stream):
     for attr in attrs:
         stage = getattr(model, attr, None)
         if not _is_official_stage(stage):
-            raise ValueError(f"model.{attr}: expected the official DIA `Attention` stage of {kind}, "
-                             f"got {type(stage).__name__}")
+            raise ValueError(
+                f"model.{attr}: expected the official DIA `Attention` stage of {kind}, "
+                f"got {type(stage).__name__}"
+            )
         blocks = getattr(stage, "ModuleList", None)
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)) or len(blocks) == 0:
-            raise ValueError(f"model.{attr}.ModuleList: expected a non-empty ModuleList or Sequential "
-                             f"of residual blocks, got {type(blocks).__name__}")
+            raise ValueError(
+                f"model.{attr}.ModuleList: expected a non-empty ModuleList or Sequential "
+                f"of residual blocks, got {type(blocks).__name__}"
+            )
         for index, block in enumerate(blocks):
             if type(block).__name__ != block_class:
-                extra = (" (the official ResNet with BasicBlock returns (out, pooled) instead of "
-                         "(branch, residual) and is no DIANet)") if kind == "ResNet" else ""
-                raise ValueError(f"model.{attr}.ModuleList.{index}: expected a {block_class} block in "
-                                 f"an official {kind}, got {type(block).__name__}{extra}")
+                extra = (
+                    (
+                        " (the official ResNet with BasicBlock returns (out, pooled) instead of "
+                        "(branch, residual) and is no DIANet)"
+                    )
+                    if kind == "ResNet"
+                    else ""
+                )
+                raise ValueError(
+                    f"model.{attr}.ModuleList.{index}: expected a {block_class} block in "
+                    f"an official {kind}, got {type(block).__name__}{extra}"
+                )
         paths, num_cells, channels = _official_lstm(stage.lstm, f"model.{attr}.lstm")
-        plan.append((stage, _FusedAttention, _Config(attr, paths, num_cells, channels, relu, backend,
-                                                     keep_rng_stream)))
+        plan.append(
+            (
+                stage,
+                _FusedAttention,
+                _Config(attr, paths, num_cells, channels, relu, backend, keep_rng_stream),
+            )
+        )
     return plan
 
 
@@ -187,42 +225,68 @@ def _plan_pytorchcv(model, kind, backend, keep_rng_stream):
             continue
         attention = getattr(module, "attention", None)
         if type(attention).__name__ != "DIAAttention" or not hasattr(attention, "lstm"):
-            raise ValueError(f"model.{name}.attention: expected a pytorchcv DIAAttention, got "
-                             f"{type(attention).__name__}")
+            raise ValueError(
+                f"model.{name}.attention: expected a pytorchcv DIAAttention, got "
+                f"{type(attention).__name__}"
+            )
         for attr in ("body", "resize_identity"):
             if not hasattr(module, attr):
                 raise ValueError(f"model.{name}: a pytorchcv {unit_class} without `{attr}`")
-        if module.resize_identity and not isinstance(getattr(module, "identity_conv", None), nn.Module):
+        if module.resize_identity and not isinstance(
+            getattr(module, "identity_conv", None), nn.Module
+        ):
             raise ValueError(f"model.{name}: resize_identity is set but identity_conv is missing")
         lstm = attention.lstm
         if id(lstm) not in stages:
-            stages[id(lstm)] = (name.rpartition(".")[0] or name,
-                                *_pytorchcv_lstm(lstm, f"model.{name}.attention.lstm"))
+            stages[id(lstm)] = (
+                name.rpartition(".")[0] or name,
+                *_pytorchcv_lstm(lstm, f"model.{name}.attention.lstm"),
+            )
         stage, paths, num_cells, channels = stages[id(lstm)]
         relu = unit_class == "DIAResUnit"  # DIAPreResUnit: no activation after the residual add
-        plan.append((module, mixin, _Config(stage, paths, num_cells, channels, relu, backend,
-                                            keep_rng_stream)))
+        plan.append(
+            (
+                module,
+                mixin,
+                _Config(stage, paths, num_cells, channels, relu, backend, keep_rng_stream),
+            )
+        )
     if not plan:
         raise ValueError(f"model: a pytorchcv {kind} without {unit_class} units")
     return plan
 
 
 def _linear(module, name: str, in_features: int, out_features: int) -> None:
-    if not isinstance(module, nn.Linear) or module.bias is None or \
-            (module.in_features, module.out_features) != (in_features, out_features):
-        got = (f"Linear({module.in_features}, {module.out_features}, bias={module.bias is not None})"
-               if isinstance(module, nn.Linear) else type(module).__name__)
-        raise ValueError(f"{name}: expected Linear({in_features}, {out_features}) with bias, got {got}")
+    if (
+        not isinstance(module, nn.Linear)
+        or module.bias is None
+        or (module.in_features, module.out_features) != (in_features, out_features)
+    ):
+        got = (
+            f"Linear({module.in_features}, {module.out_features}, bias={module.bias is not None})"
+            if isinstance(module, nn.Linear)
+            else type(module).__name__
+        )
+        raise ValueError(
+            f"{name}: expected Linear({in_features}, {out_features}) with bias, got {got}"
+        )
 
 
 def _official_lstm(lstm, name):
-    """(weight paths, num_cells, channels) of an official LSTMCell (keys w_ih.0.seq.0.weight ...)."""
+    """(weight paths, num_cells, channels) of an official LSTMCell (w_ih.0.seq.0.weight ...)."""
     w_ih, w_hh = getattr(lstm, "w_ih", None), getattr(lstm, "w_hh", None)
     num_cells = getattr(lstm, "nlayers", None)
-    if not (isinstance(w_ih, nn.ModuleList) and isinstance(w_hh, nn.ModuleList) and isinstance(num_cells, int)
-            and len(w_ih) == len(w_hh) == num_cells >= 1 and isinstance(getattr(lstm, "dropout", None), nn.Dropout)):
-        raise ValueError(f"{name}: expected the official LSTMCell (w_ih, w_hh: ModuleLists of nlayers cells, "
-                         f"dropout: nn.Dropout), got {type(lstm).__name__}")
+    if not (
+        isinstance(w_ih, nn.ModuleList)
+        and isinstance(w_hh, nn.ModuleList)
+        and isinstance(num_cells, int)
+        and len(w_ih) == len(w_hh) == num_cells >= 1
+        and isinstance(getattr(lstm, "dropout", None), nn.Dropout)
+    ):
+        raise ValueError(
+            f"{name}: expected the official LSTMCell (w_ih, w_hh: ModuleLists of nlayers cells, "
+            f"dropout: nn.Dropout), got {type(lstm).__name__}"
+        )
     cell0 = []
     for path in ("w_ih", "w_hh"):
         seq = getattr(getattr(lstm, path)[0], "seq", None)
@@ -233,8 +297,12 @@ def _official_lstm(lstm, name):
     for path, seq in zip(("w_ih", "w_hh"), cell0):
         _linear(seq[0], f"{name}.{path}.0.seq.0", channels, hidden)
         _linear(seq[2], f"{name}.{path}.0.seq.2", hidden, 4 * channels)
-    paths = [(path, "0", "seq", index, leaf) for path in ("w_ih", "w_hh") for index in ("0", "2")
-             for leaf in ("weight", "bias")]
+    paths = [
+        (path, "0", "seq", index, leaf)
+        for path in ("w_ih", "w_hh")
+        for index in ("0", "2")
+        for leaf in ("weight", "bias")
+    ]
     for cell in range(1, num_cells):
         for path in ("w_ih", "w_hh"):
             _linear(getattr(lstm, path)[cell], f"{name}.{path}.{cell}", channels, 4 * channels)
@@ -243,13 +311,20 @@ def _official_lstm(lstm, name):
 
 
 def _pytorchcv_lstm(lstm, name):
-    """(weight paths, num_cells, channels) of a pytorchcv DIALSTMCell (x_amps.amp1.fc1.weight ...)."""
+    """(weight paths, num_cells, channels) of pytorchcv's DIALSTMCell (x_amps.amp1.fc1...)."""
     x_amps, h_amps = getattr(lstm, "x_amps", None), getattr(lstm, "h_amps", None)
     num_cells = getattr(lstm, "num_layers", None)
-    if not (isinstance(x_amps, nn.Sequential) and isinstance(h_amps, nn.Sequential) and isinstance(num_cells, int)
-            and len(x_amps) == len(h_amps) == num_cells >= 1 and isinstance(getattr(lstm, "dropout", None), nn.Dropout)):
-        raise ValueError(f"{name}: expected pytorchcv's DIALSTMCell (x_amps, h_amps: Sequentials of num_layers "
-                         f"amplifiers, dropout: nn.Dropout), got {type(lstm).__name__}")
+    if not (
+        isinstance(x_amps, nn.Sequential)
+        and isinstance(h_amps, nn.Sequential)
+        and isinstance(num_cells, int)
+        and len(x_amps) == len(h_amps) == num_cells >= 1
+        and isinstance(getattr(lstm, "dropout", None), nn.Dropout)
+    ):
+        raise ValueError(
+            f"{name}: expected pytorchcv's DIALSTMCell (x_amps, h_amps: Sequentials of num_layers "
+            f"amplifiers, dropout: nn.Dropout), got {type(lstm).__name__}"
+        )
     first = x_amps.amp1 if hasattr(x_amps, "amp1") else None
     if first is None or not isinstance(getattr(first, "fc1", None), nn.Linear):
         raise ValueError(f"{name}.x_amps.amp1: expected FirstLSTMAmp (fc1, activ, fc2)")
@@ -264,13 +339,18 @@ def _pytorchcv_lstm(lstm, name):
         paths += [(path, "amp1", fc, leaf) for fc in ("fc1", "fc2") for leaf in ("weight", "bias")]
     for cell in range(1, num_cells):
         for path in ("x_amps", "h_amps"):
-            _linear(getattr(getattr(lstm, path), f"amp{cell + 1}", None), f"{name}.{path}.amp{cell + 1}",
-                    channels, 4 * channels)
+            _linear(
+                getattr(getattr(lstm, path), f"amp{cell + 1}", None),
+                f"{name}.{path}.amp{cell + 1}",
+                channels,
+                4 * channels,
+            )
             paths += [(path, f"amp{cell + 1}", "weight"), (path, f"amp{cell + 1}", "bias")]
     return tuple(paths), num_cells, channels
 
 
 # --- the fused forwards ---------------------------------------------------------------------------
+
 
 def _weights(lstm: nn.Module, paths) -> List[Tensor]:
     """The LSTM's current parameters in weight order: submodules through `_modules` (attribute
@@ -296,21 +376,24 @@ def _dropout_masks(dropout: nn.Dropout, config: _Config, x: Tensor) -> Optional[
         return None
     ones = torch.ones((x.shape[0], config.channels), dtype=state_dtype(x.dtype), device=x.device)
     masks = [F.dropout(ones, dropout.p, True) for _ in range(draws)]
-    return torch.stack(masks[:config.num_cells - 1]) if config.num_cells > 1 else None
+    return torch.stack(masks[: config.num_cells - 1]) if config.num_cells > 1 else None
 
 
 def _step(lstm: nn.Module, config: _Config, weights, branch: Tensor, identity: Tensor, state):
     """One fused DIA step: (out, (h, c))."""
     if not isinstance(branch, Tensor) or branch.dim() != 4:
-        raise TypeError(f"{config.stage}: a residual block returned {type(branch).__name__} as its branch, "
-                        f"expected a 4-D tensor")
+        raise TypeError(
+            f"{config.stage}: a residual block returned {type(branch).__name__} as its branch, "
+            f"expected a 4-D tensor"
+        )
     if state is None:
         shape = (config.num_cells, branch.shape[0], config.channels)
         h = torch.zeros(shape, dtype=state_dtype(branch.dtype), device=branch.device)
         state = (h, torch.zeros_like(h))
     masks = _dropout_masks(lstm._modules["dropout"], config, branch)
-    out, h, c = ops.dia_step(branch, state[0], state[1], weights, identity, config.relu, "sigmoid", masks,
-                             config.backend)
+    out, h, c = ops.dia_step(
+        branch, state[0], state[1], weights, identity, config.relu, "sigmoid", masks, config.backend
+    )
     return out, (h, c)
 
 
@@ -325,8 +408,10 @@ class _FusedAttention:
         for layer in self.ModuleList:
             out = layer(x)
             if not isinstance(out, tuple) or len(out) != 2:
-                raise TypeError(f"{config.stage}: expected each block to return (branch, residual), got "
-                                f"{type(out).__name__}")
+                raise TypeError(
+                    f"{config.stage}: expected each block to return (branch, residual), got "
+                    f"{type(out).__name__}"
+                )
             x, state = _step(lstm, config, weights, out[0], out[1], state)
         return x
 
@@ -336,8 +421,10 @@ def _pytorchcv_state(hc):
     if hc is None:
         return None
     h, c = hc
-    return (h if isinstance(h, Tensor) else torch.stack(list(h)),
-            c if isinstance(c, Tensor) else torch.stack(list(c)))
+    return (
+        h if isinstance(h, Tensor) else torch.stack(list(h)),
+        c if isinstance(c, Tensor) else torch.stack(list(c)),
+    )
 
 
 class _FusedResUnit:
@@ -348,8 +435,11 @@ class _FusedResUnit:
         identity = self.identity_conv(x) if self.resize_identity else x
         x = self.body(x)
         lstm = self.attention.lstm
-        # the state goes on as (h, c) tensors of (cells, N, C): h[i], h[-1] index as pytorchcv's lists
-        return _step(lstm, config, _weights(lstm, config.weight_paths), x, identity, _pytorchcv_state(hc))
+        # the state goes on as (h, c) tensors of (cells, N, C): h[i], h[-1] index like pytorchcv's
+        # lists
+        return _step(
+            lstm, config, _weights(lstm, config.weight_paths), x, identity, _pytorchcv_state(hc)
+        )
 
 
 class _FusedPreResUnit:
@@ -362,7 +452,9 @@ class _FusedPreResUnit:
         if self.resize_identity:
             identity = self.identity_conv(x_pre_activ)
         lstm = self.attention.lstm
-        return _step(lstm, config, _weights(lstm, config.weight_paths), x, identity, _pytorchcv_state(hc))
+        return _step(
+            lstm, config, _weights(lstm, config.weight_paths), x, identity, _pytorchcv_state(hc)
+        )
 
 
 MIXINS = {m.__name__: m for m in (_FusedAttention, _FusedResUnit, _FusedPreResUnit)}
@@ -373,10 +465,17 @@ def _fused_class(original: type, mixin: type) -> type:
     """The subclass of `original` with `mixin`'s forward, same name (one per pair)."""
     key = (original, mixin)
     if key not in _CLASSES:
-        _CLASSES[key] = type(original.__name__, (mixin, original), {
-            "__module__": original.__module__, "__qualname__": original.__qualname__,
-            "__doc__": original.__doc__, "_dia_fused_original": original,
-            "__reduce_ex__": _reduce_fused})
+        _CLASSES[key] = type(
+            original.__name__,
+            (mixin, original),
+            {
+                "__module__": original.__module__,
+                "__qualname__": original.__qualname__,
+                "__doc__": original.__doc__,
+                "_dia_fused_original": original,
+                "__reduce_ex__": _reduce_fused,
+            },
+        )
     return _CLASSES[key]
 
 

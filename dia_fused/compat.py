@@ -59,9 +59,10 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
     if re.search(r"wrn", name) and "dropout" not in options:
-        raise ValueError(f"dropout: {name} is a WRN and a checkpoint does not record its blocks' dropout "
-                         f"rate (the official dia_wrn's dropRate, 0.0 by default): pass dropout= the "
-                         f"source's rate, training outputs differ from the source's under another rate")
+        raise ValueError(f"dropout: {name} is a WRN and a checkpoint does not record its "
+                         f"blocks' dropout rate (the official dia_wrn's dropRate, 0.0 by "
+                         f"default): pass dropout= the source's rate; training outputs differ "
+                         f"from the source's under another rate")
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     layers: Dict[str, Dict[str, torch.Tensor]] = {}
     units: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -94,19 +95,23 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
         unexpected = sorted(set(sstate) - set(expected))
         if missing or unexpected:
             raise ValueError(f"state_dict: layer {sname} does not match {name} layer {dname} "
-                             f"({type(dmod).__name__}): missing keys {[f'{sname}.{k}' for k in missing]}, "
-                             f"unexpected keys {[f'{sname}.{k}' for k in unexpected]}")
+                             f"({type(dmod).__name__}): missing keys "
+                             f"{[f'{sname}.{k}' for k in missing]}, unexpected keys "
+                             f"{[f'{sname}.{k}' for k in unexpected]}")
         if any(sstate[k].shape != v.shape for k, v in expected.items() if k in sstate):
-            raise ValueError(f"state_dict: layer {sname} {[tuple(v.shape) for v in sstate.values()]} does not "
-                             f"match {name} layer {dname} {[tuple(v.shape) for v in expected.values()]}")
-        dmod.load_state_dict(sstate, strict=False)  # keys checked above; num_batches_tracked may lack
+            raise ValueError(f"state_dict: layer {sname} "
+                             f"{[tuple(v.shape) for v in sstate.values()]} "
+                             f"does not match {name} layer {dname} "
+                             f"{[tuple(v.shape) for v in expected.values()]}")
+        dmod.load_state_dict(sstate, strict=False)  # keys checked: num_batches_tracked may lack
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
         raise ValueError(f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}")
     for unit, (stage, state) in zip(dia_units, units.items()):
         shapes = {k: tuple(v.shape) for k, v in unit.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
-        if set(state) != set(shapes) or any(tuple(state[k].shape) != shape for k, shape in shapes.items()):
+        if set(state) != set(shapes) or any(tuple(state[k].shape) != shape
+                                            for k, shape in shapes.items()):
             raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm does not match {name}'s unit "
                              f"{shapes}: got {got}")
         unit.load_state_dict(state)
@@ -114,8 +119,9 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
 
 
 def _num_cells(state: Mapping[str, torch.Tensor]) -> int:
-    """Cells of an official LSTMCell state: cell 0 (small_cell) plus every stacked w_ih/w_hh cell."""
-    stacked = {int(m.group(1)) for k in state for m in [re.fullmatch(r"w_[ih]h\.(\d+)\.(?:weight|bias)", k)] if m}
+    """Cells of an official LSTMCell state: cell 0 (small_cell) and every stacked cell."""
+    matches = (re.fullmatch(r"w_[ih]h\.(\d+)\.(?:weight|bias)", k) for k in state)
+    stacked = {int(m.group(1)) for m in matches if m}
     return 1 + len(stacked)
 
 
@@ -124,8 +130,8 @@ def _check_lstm_keys(stage: str, state: Mapping[str, torch.Tensor]) -> None:
     expected = set(weight_names(_num_cells(state)))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: missing keys "
-                         f"{[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
+        raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: "
+                         f"missing keys {[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
                          f"{[f'{stage}.lstm.{k}' for k in unexpected]}")
 
 
@@ -259,7 +265,8 @@ def _execution_order(model: nn.Module, input_size, skip: Tuple[type, ...]) -> Li
     torch functions receive, not through hooks: `module.forward(x)` calls count."""
     excluded = {id(m) for _, outer in model.named_modules() if isinstance(outer, skip) for m in outer.modules()}
     owners = {id(_key_tensor(m)): (n, m) for n, m in model.named_modules()
-              if isinstance(m, MAPPED_TYPES) and id(m) not in excluded and _key_tensor(m) is not None}
+              if isinstance(m, MAPPED_TYPES) and id(m) not in excluded
+              and _key_tensor(m) is not None}
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else "cpu"
     was_training = model.training

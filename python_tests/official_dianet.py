@@ -1,15 +1,18 @@
-"""The official DIANet CIFAR models (gbup-group/DIANet models/cifar: dia_resnet.py, dia_preresnet.py,
-dia_wrn.py, dia_resnext.py), re-created from reading them, for tests of accelerate and convert.
+"""The official DIANet CIFAR models (gbup-group/DIANet models/cifar: dia_resnet.py,
+dia_preresnet.py, dia_wrn.py, dia_resnext.py), re-created from reading them, for the tests of
+accelerate and convert.
 
 Kept as in the official files where it matters to code that matches or patches them: class names,
 module names and registration order (it decides the state_dict's key order), the calling
 conventions (ResNeXt calls its submodules through `.forward(x)`, bypassing `__call__` and hooks;
 the Attention stages build their state with `torch.zeros(...).cuda()`: tests make `.cuda()` a no-op
-on CPU), in-place ops (`x += org`, ReLU(inplace=True)), the LSTMCell's dropout on every cell's output
-and the hard-coded LSTM widths of each file (so WRN works with widen factor 4 only, as there).
+on CPU), in-place ops (`x += org`, ReLU(inplace=True)), the LSTMCell's dropout on every cell's
+output and the hard-coded LSTM widths of each file (so WRN works with widen factor 4 only, as
+there).
 Different: the weight initialisation (tests randomise weights) and the window of the final average
 pool, `pool` (8 in the official files, for 32x32 images; tests use smaller images).
 """
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -18,8 +21,11 @@ import torch.nn.functional as F
 class small_cell(nn.Module):  # noqa: N801 (the official name; it appears in error messages)
     def __init__(self, input_size, hidden_size):
         super().__init__()
-        self.seq = nn.Sequential(nn.Linear(input_size, input_size // 4), nn.ReLU(inplace=True),
-                                 nn.Linear(input_size // 4, 4 * hidden_size))
+        self.seq = nn.Sequential(
+            nn.Linear(input_size, input_size // 4),
+            nn.ReLU(inplace=True),
+            nn.Linear(input_size // 4, 4 * hidden_size),
+        )
 
     def forward(self, x):
         return self.seq(x)
@@ -65,7 +71,7 @@ class Attention(nn.Module):
     whether it applies its ReLU after the residual add (dia_resnet, dia_resnext), `nlayers` the
     LSTM cells (1 in every official file)."""
 
-    def __init__(self, ModuleList, block_idx, sizes=(64, 128, 256), relu=True, nlayers=1):  # noqa: N803
+    def __init__(self, ModuleList, block_idx, sizes=(64, 128, 256), relu=True, nlayers=1):  # noqa
         super().__init__()
         self.ModuleList = ModuleList
         size = sizes[block_idx - 1]
@@ -92,7 +98,8 @@ class Attention(nn.Module):
         return x
 
 
-# --- dia_resnet.py ---------------------------------------------------------------------------------
+# --- dia_resnet.py --------------------------------------------------------------------------------
+
 
 class Bottleneck(nn.Module):
     expansion = 4
@@ -122,6 +129,7 @@ class Bottleneck(nn.Module):
 
 class BasicBlock(nn.Module):
     """dia_resnet.py BasicBlock: returns (relu(out + residual), pooled), not (branch, residual)."""
+
     expansion = 1
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -143,9 +151,9 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    def __init__(self, depth, num_classes=1000, block_name='BasicBlock', pool=8):
+    def __init__(self, depth, num_classes=1000, block_name="BasicBlock", pool=8):
         super().__init__()
-        if block_name.lower() == 'basicblock':
+        if block_name.lower() == "basicblock":
             n, block = (depth - 2) // 6, BasicBlock
         else:
             n, block = (depth - 2) // 9, Bottleneck
@@ -164,8 +172,15 @@ class ResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False),
-                nn.BatchNorm2d(planes * block.expansion))
+                nn.Conv2d(
+                    self.inplanes,
+                    planes * block.expansion,
+                    kernel_size=1,
+                    stride=stride,
+                    bias=False,
+                ),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
         layers = nn.ModuleList([])
         layers.append(block(self.inplanes, planes, stride, downsample))
         self.inplanes = planes * block.expansion
@@ -181,10 +196,12 @@ class ResNet(nn.Module):
         return self.fc(x)
 
 
-# --- dia_preresnet.py ------------------------------------------------------------------------------
+# --- dia_preresnet.py -----------------------------------------------------------------------------
+
 
 class PreBottleneck(nn.Module):
     """dia_preresnet.py Bottleneck (renamed below: both files name it Bottleneck)."""
+
     expansion = 4
 
     def __init__(self, inplanes, planes, stride=1, downsample=None):
@@ -215,7 +232,7 @@ PreBottleneck.__name__ = "Bottleneck"  # the official name; the qualified name s
 
 
 class PreResNet(nn.Module):
-    def __init__(self, depth, num_classes=1000, block_name='Bottleneck', pool=8):
+    def __init__(self, depth, num_classes=1000, block_name="Bottleneck", pool=8):
         super().__init__()
         n, block = (depth - 2) // 9, PreBottleneck
         self.inplanes = 16
@@ -232,7 +249,14 @@ class PreResNet(nn.Module):
         downsample = None
         if stride != 1 or self.inplanes != planes * block.expansion:
             downsample = nn.Sequential(
-                nn.Conv2d(self.inplanes, planes * block.expansion, kernel_size=1, stride=stride, bias=False))
+                nn.Conv2d(
+                    self.inplanes,
+                    planes * block.expansion,
+                    kernel_size=1,
+                    stride=stride,
+                    bias=False,
+                )
+            )
         layers = nn.ModuleList([])
         layers.append(block(self.inplanes, planes, stride, downsample))
         self.inplanes = planes * block.expansion
@@ -249,7 +273,8 @@ class PreResNet(nn.Module):
         return self.fc(x)
 
 
-# --- dia_wrn.py ------------------------------------------------------------------------------------
+# --- dia_wrn.py -----------------------------------------------------------------------------------
+
 
 class WideBasicBlock(nn.Module):
     """dia_wrn.py BasicBlock (renamed below)."""
@@ -258,14 +283,23 @@ class WideBasicBlock(nn.Module):
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(
+            in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False
+        )
         self.bn2 = nn.BatchNorm2d(out_planes)
         self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv2 = nn.Conv2d(
+            out_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False
+        )
         self.droprate = dropRate
-        self.equalInOut = (in_planes == out_planes)
-        self.convShortcut = (not self.equalInOut) and nn.Conv2d(
-            in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False) or None
+        self.equalInOut = in_planes == out_planes
+        self.convShortcut = (
+            (not self.equalInOut)
+            and nn.Conv2d(
+                in_planes, out_planes, kernel_size=1, stride=stride, padding=0, bias=False
+            )
+            or None
+        )
         self.bn_additional = nn.BatchNorm2d(out_planes)
 
     def forward(self, x):
@@ -293,12 +327,15 @@ class WideResNet(nn.Module):
         n = (depth - 4) // 6
         block = WideBasicBlock
         self.conv1 = nn.Conv2d(3, n_channels[0], kernel_size=3, stride=1, padding=1, bias=False)
-        self.block1 = Attention(self._make_layer(block, n_channels[0], n_channels[1], n, 1, dropRate), 1,
-                                relu=False)
-        self.block2 = Attention(self._make_layer(block, n_channels[1], n_channels[2], n, 2, dropRate), 2,
-                                relu=False)
-        self.block3 = Attention(self._make_layer(block, n_channels[2], n_channels[3], n, 2, dropRate), 3,
-                                relu=False)
+        self.block1 = Attention(
+            self._make_layer(block, n_channels[0], n_channels[1], n, 1, dropRate), 1, relu=False
+        )
+        self.block2 = Attention(
+            self._make_layer(block, n_channels[1], n_channels[2], n, 2, dropRate), 2, relu=False
+        )
+        self.block3 = Attention(
+            self._make_layer(block, n_channels[2], n_channels[3], n, 2, dropRate), 3, relu=False
+        )
         self.bn1 = nn.BatchNorm2d(n_channels[3])
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(n_channels[3], num_classes)
@@ -308,7 +345,11 @@ class WideResNet(nn.Module):
     def _make_layer(self, block, in_planes, out_planes, nb_layers, stride, dropRate):  # noqa: N803
         layers = nn.ModuleList([])
         for i in range(nb_layers):
-            layers.append(block(i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, dropRate))
+            layers.append(
+                block(
+                    i == 0 and in_planes or out_planes, out_planes, i == 0 and stride or 1, dropRate
+                )
+            )
         return layers
 
     def forward(self, x):
@@ -320,7 +361,8 @@ class WideResNet(nn.Module):
         return self.fc(out)
 
 
-# --- dia_resnext.py --------------------------------------------------------------------------------
+# --- dia_resnext.py -------------------------------------------------------------------------------
+
 
 class ResNeXtAttention(Attention):
     """dia_resnext.py Attention: it also pools every block's output (unused)."""
@@ -350,15 +392,23 @@ class ResNeXtBottleneck(nn.Module):
         D = cardinality * out_channels // widen_factor  # noqa: N806
         self.conv_reduce = nn.Conv2d(in_channels, D, kernel_size=1, stride=1, padding=0, bias=False)
         self.bn_reduce = nn.BatchNorm2d(D)
-        self.conv_conv = nn.Conv2d(D, D, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False)
+        self.conv_conv = nn.Conv2d(
+            D, D, kernel_size=3, stride=stride, padding=1, groups=cardinality, bias=False
+        )
         self.bn = nn.BatchNorm2d(D)
-        self.conv_expand = nn.Conv2d(D, out_channels, kernel_size=1, stride=1, padding=0, bias=False)
+        self.conv_expand = nn.Conv2d(
+            D, out_channels, kernel_size=1, stride=1, padding=0, bias=False
+        )
         self.bn_expand = nn.BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if in_channels != out_channels:
-            self.shortcut.add_module('shortcut_conv', nn.Conv2d(in_channels, out_channels, kernel_size=1,
-                                                                stride=stride, padding=0, bias=False))
-            self.shortcut.add_module('shortcut_bn', nn.BatchNorm2d(out_channels))
+            self.shortcut.add_module(
+                "shortcut_conv",
+                nn.Conv2d(
+                    in_channels, out_channels, kernel_size=1, stride=stride, padding=0, bias=False
+                ),
+            )
+            self.shortcut.add_module("shortcut_bn", nn.BatchNorm2d(out_channels))
 
     def forward(self, x):  # every submodule through .forward: no hooks run
         bottleneck = self.conv_reduce.forward(x)
@@ -372,7 +422,7 @@ class ResNeXtBottleneck(nn.Module):
 
 
 class CifarResNeXt(nn.Module):
-    def __init__(self, cardinality, depth, num_classes, widen_factor=4, dropRate=0, pool=8):  # noqa: N803
+    def __init__(self, cardinality, depth, num_classes, widen_factor=4, dropRate=0, pool=8):  # noqa
         super().__init__()
         self.cardinality = cardinality
         self.depth = depth
@@ -385,19 +435,32 @@ class CifarResNeXt(nn.Module):
         self.conv_1_3x3 = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
         self.bn_1 = nn.BatchNorm2d(32)
         sizes = (128, 256, 512)
-        self.stage_1 = ResNeXtAttention(self.block('stage_1', self.stages[0], self.stages[1], 1), 1, sizes)
-        self.stage_2 = ResNeXtAttention(self.block('stage_2', self.stages[1], self.stages[2], 2), 2, sizes)
-        self.stage_3 = ResNeXtAttention(self.block('stage_3', self.stages[2], self.stages[3], 2), 3, sizes)
+        self.stage_1 = ResNeXtAttention(
+            self.block("stage_1", self.stages[0], self.stages[1], 1), 1, sizes
+        )
+        self.stage_2 = ResNeXtAttention(
+            self.block("stage_2", self.stages[1], self.stages[2], 2), 2, sizes
+        )
+        self.stage_3 = ResNeXtAttention(
+            self.block("stage_3", self.stages[2], self.stages[3], 2), 3, sizes
+        )
         self.classifier = nn.Linear(512, num_classes)
 
     def block(self, name, in_channels, out_channels, pool_stride=2):
         block = nn.ModuleList([])
         for bottleneck in range(self.block_depth):
             if bottleneck == 0:
-                block.append(ResNeXtBottleneck(in_channels, out_channels, pool_stride, self.cardinality,
-                                               self.widen_factor))
+                block.append(
+                    ResNeXtBottleneck(
+                        in_channels, out_channels, pool_stride, self.cardinality, self.widen_factor
+                    )
+                )
             else:
-                block.append(ResNeXtBottleneck(out_channels, out_channels, 1, self.cardinality, self.widen_factor))
+                block.append(
+                    ResNeXtBottleneck(
+                        out_channels, out_channels, 1, self.cardinality, self.widen_factor
+                    )
+                )
         return block
 
     def forward(self, x):

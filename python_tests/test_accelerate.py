@@ -2,6 +2,7 @@
 their calling conventions) and on pytorchcv 0.0.74's DIA models as they ship: the same Parameter
 objects and state_dict, outputs, every gradient and an SGD step equal to the un-accelerated model's
 within the tolerance rule (float64 copy of the source as the reference), in train and eval mode."""
+
 import copy
 import pickle
 
@@ -26,29 +27,56 @@ def cuda_calls_harmless(monkeypatch):
 
 
 def pytorchcv_model(name):
-    module = {"diaresnet20_cifar10": "diaresnet_cifar", "diaresnet164bn_cifar100": "diaresnet_cifar",
-              "diapreresnet20_cifar10": "diapreresnet_cifar", "diaresnet50": "diaresnet",
-              "diapreresnet18": "diapreresnet"}[name]
+    module = {
+        "diaresnet20_cifar10": "diaresnet_cifar",
+        "diaresnet164bn_cifar100": "diaresnet_cifar",
+        "diapreresnet20_cifar10": "diapreresnet_cifar",
+        "diaresnet50": "diaresnet",
+        "diapreresnet18": "diapreresnet",
+    }[name]
     model = getattr(__import__(f"pytorchcv.models.{module}", fromlist=[name]), name)()
-    model.features.final_pool = nn.AdaptiveAvgPool2d(1)  # its fixed window needs 32x32 / 224x224 images
+    model.features.final_pool = nn.AdaptiveAvgPool2d(
+        1
+    )  # its fixed window needs 32x32 / 224x224 images
     return official.randomise(model)
 
 
 # name -> (factory, input size, number of DIA stages)
-MODELS = {f"official_{name}": (lambda make=make: official.randomise(make(pool=2)), 8, 3)
-          for name, make in official.OFFICIAL_MODELS.items()}
-MODELS.update({
-    "pytorchcv_diaresnet20_cifar10": (lambda: pytorchcv_model("diaresnet20_cifar10"), 8, 3),
-    "pytorchcv_diaresnet164bn_cifar100": (lambda: pytorchcv_model("diaresnet164bn_cifar100"), 8, 3),
-    "pytorchcv_diapreresnet20_cifar10": (lambda: pytorchcv_model("diapreresnet20_cifar10"), 8, 3),
-    "pytorchcv_diaresnet50": (lambda: pytorchcv_model("diaresnet50"), 64, 4),
-    "pytorchcv_diapreresnet18": (lambda: pytorchcv_model("diapreresnet18"), 16, 4),
-})
+MODELS = {
+    f"official_{name}": (lambda make=make: official.randomise(make(pool=2)), 8, 3)
+    for name, make in official.OFFICIAL_MODELS.items()
+}
+MODELS.update(
+    {
+        "pytorchcv_diaresnet20_cifar10": (lambda: pytorchcv_model("diaresnet20_cifar10"), 8, 3),
+        "pytorchcv_diaresnet164bn_cifar100": (
+            lambda: pytorchcv_model("diaresnet164bn_cifar100"),
+            8,
+            3,
+        ),
+        "pytorchcv_diapreresnet20_cifar10": (
+            lambda: pytorchcv_model("diapreresnet20_cifar10"),
+            8,
+            3,
+        ),
+        "pytorchcv_diaresnet50": (lambda: pytorchcv_model("diaresnet50"), 64, 4),
+        "pytorchcv_diapreresnet18": (lambda: pytorchcv_model("diapreresnet18"), 32, 4),
+    }
+)
 # the paper's depths (the models of issue 13) take 20 s to minutes on a 2-core CPU; the tiny
 # models of each official family and pytorchcv's 20-layer models run in every quick run
-SLOW = {"official_resnet56", "official_resnet164", "official_preresnet56", "official_preresnet164",
-        "official_wrn16_4", "official_wrn52_4", "official_resnext29_8x32",
-        "pytorchcv_diaresnet164bn_cifar100", "pytorchcv_diaresnet50"}
+SLOW = {
+    "official_resnet56",
+    "official_resnet164",
+    "official_preresnet56",
+    "official_preresnet164",
+    "official_wrn16_4",
+    "official_wrn52_4",
+    "official_resnext29_8x32",
+    "pytorchcv_diaresnet164bn_cifar100",
+    "pytorchcv_diaresnet50",
+    "pytorchcv_diapreresnet18",
+}
 
 
 def forward_backward(model, x, seed, dtype=torch.float32):
@@ -62,8 +90,9 @@ def forward_backward(model, x, seed, dtype=torch.float32):
         out = model(x.to(dtype))
     finally:
         torch.set_default_dtype(previous)
-    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed),
-                            dtype=torch.float64).to(dtype)
+    cotangent = torch.randn(
+        out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+    ).to(dtype)
     (out * cotangent).sum().backward()
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
@@ -78,7 +107,9 @@ def assert_same_as_source(accelerated, ref32, ref64, x, seed):
     assert set(got_grads) == set(ref_grads)
     for name, grad in got_grads.items():
         assert grad is not None, f"{name}: no gradient"
-        assert_within_tolerance(f"grad {name}", grad, same_grads[name], ref_grads[name], torch.float32)
+        assert_within_tolerance(
+            f"grad {name}", grad, same_grads[name], ref_grads[name], torch.float32
+        )
 
 
 def check_accelerate(make, size, stages, backend="reference", batch=2):
@@ -88,11 +119,16 @@ def check_accelerate(make, size, stages, backend="reference", batch=2):
     params = list(model.parameters())
     state = model.state_dict()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4) for m in (ref32, ref64)]
+    optimizers = [
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        for m in (ref32, ref64)
+    ]
 
     assert dia_fused.accelerate(model, backend=backend) is model
     assert type(model) is type(ref32) and len(fused_stages(model)) == stages
-    assert all(a is b for a, b in zip(model.parameters(), params)) and len(list(model.parameters())) == len(params)
+    assert all(a is b for a, b in zip(model.parameters(), params)) and len(
+        list(model.parameters())
+    ) == len(params)
     after = model.state_dict()
     assert list(after) == list(state)
     assert all(after[k].data_ptr() == v.data_ptr() for k, v in state.items())
@@ -105,14 +141,18 @@ def check_accelerate(make, size, stages, backend="reference", batch=2):
         if mode == "train":  # the gradients of this train step: one SGD step each
             for opt in [optimizer, *optimizers]:
                 opt.step()
-            for (name, p), p32, p64 in zip(model.named_parameters(), ref32.parameters(), ref64.parameters()):
+            for (name, p), p32, p64 in zip(
+                model.named_parameters(), ref32.parameters(), ref64.parameters()
+            ):
                 assert_within_tolerance(f"{name} after SGD", p, p32, p64, torch.float32)
             for (name, b), b32 in zip(model.named_buffers(), ref32.buffers()):
                 torch.testing.assert_close(b, b32, msg=f"buffer {name}")
     return model
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in MODELS]
+)
 def test_accelerate_keeps_parameters_outputs_and_gradients(name):
     make, size, stages = MODELS[name]
     check_accelerate(make, size, stages)
@@ -213,19 +253,25 @@ def test_pytorchcv_units_accept_the_state_format_of_pytorchcv():
 
 
 def test_errors_name_what_is_supported_and_what_did_not_match():
-    with pytest.raises(TypeError, match="model: expected one of the official DIANet CIFAR models .*pytorchcv"):
+    with pytest.raises(
+        TypeError, match="model: expected one of the official DIANet CIFAR models .*pytorchcv"
+    ):
         dia_fused.accelerate(nn.Sequential(nn.Conv2d(3, 3, 1)))
     torchvision_like = type("ResNet", (nn.Module,), {})()
     torchvision_like.layer1 = nn.Sequential()
     with pytest.raises(TypeError, match="without DIA attention stages"):
         dia_fused.accelerate(torchvision_like)
     basic = official.ResNet(8, 10, "BasicBlock", pool=2)
-    with pytest.raises(ValueError, match=r"model.layer1.ModuleList.0: expected a Bottleneck .* BasicBlock"):
+    with pytest.raises(
+        ValueError, match=r"model.layer1.ModuleList.0: expected a Bottleneck .* BasicBlock"
+    ):
         dia_fused.accelerate(basic)
     assert fused_stages(basic) == []  # nothing changed
     broken = official.ResNet(11, 10, "Bottleneck", pool=2)
     broken.layer2.lstm.w_hh[0].seq[2] = nn.Linear(32, 100)
-    with pytest.raises(ValueError, match=r"model.layer2.lstm.w_hh.0.seq.2: expected Linear\(32, 512\)"):
+    with pytest.raises(
+        ValueError, match=r"model.layer2.lstm.w_hh.0.seq.2: expected Linear\(32, 512\)"
+    ):
         dia_fused.accelerate(broken)
     assert fused_stages(broken) == []  # no partial acceleration: layer1 was valid, yet unchanged
     with pytest.raises(ValueError, match="backend: expected one of"):
@@ -234,8 +280,10 @@ def test_errors_name_what_is_supported_and_what_did_not_match():
 
 def test_readme_example_official_and_pytorchcv():
     """The README's "Using dia_fused under your existing code", run on small images."""
-    for model in (official.ResNet(11, 100, "Bottleneck", pool=2),
-                  pytorchcv_model("diaresnet20_cifar10")):
+    for model in (
+        official.ResNet(11, 100, "Bottleneck", pool=2),
+        pytorchcv_model("diaresnet20_cifar10"),
+    ):
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
         model = dia_fused.accelerate(model)
         assert len(fused_stages(model)) == 3
@@ -244,5 +292,9 @@ def test_readme_example_official_and_pytorchcv():
         lstm = {n: p for n, p in model.named_parameters() if ".lstm." in n}
         before = {n: p.detach().clone() for n, p in lstm.items()}
         optimizer.step()  # made before accelerate, it trains the LSTM weights the fused step uses
-        moved = [n for n, p in lstm.items() if p.grad.any()]  # w_hh.0.seq.0.weight: zero with h0 = 0
-        assert len(moved) >= len(lstm) - 3 and all(not torch.equal(before[n], lstm[n]) for n in moved)
+        moved = [
+            n for n, p in lstm.items() if p.grad.any()
+        ]  # w_hh.0.seq.0.weight: zero with h0 = 0
+        assert len(moved) >= len(lstm) - 3 and all(
+            not torch.equal(before[n], lstm[n]) for n in moved
+        )

@@ -304,7 +304,7 @@ def test_conversion_errors_name_the_problem():
         load_official_state_dict("dia_resnet20", source.state_dict())
 
 
-# --- the official files' own calling conventions (official_dianet.py), wrapped models, checkpoints --
+# --- the official files' calling conventions (official_dianet.py), wrapped models, checkpoints ---
 
 @pytest.fixture
 def cuda_calls_harmless(monkeypatch):
@@ -312,12 +312,15 @@ def cuda_calls_harmless(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
 
-@pytest.mark.parametrize("cardinality, depth", [(2, 11), pytest.param(8, 29, marks=pytest.mark.slow)])
-def test_convert_official_resnext_that_calls_forward_directly(cuda_calls_harmless, cardinality, depth):
+@pytest.mark.parametrize("cardinality, depth",
+                         [(2, 11), pytest.param(8, 29, marks=pytest.mark.slow)])
+def test_convert_official_resnext_that_calls_forward_directly(cuda_calls_harmless, cardinality,
+                                                              depth):
     """The official ResNeXt runs its submodules as `module.forward(x)`: no hooks fire, yet every
     layer is matched (before: "7 conv/norm/linear layers run in the source, 63 in ...")."""
     torch.manual_seed(0)
-    source = official_dianet.randomise(official_dianet.CifarResNeXt(cardinality, depth, 10, 4)).eval()
+    source = official_dianet.CifarResNeXt(cardinality, depth, 10, 4)
+    source = official_dianet.randomise(source).eval()
     assert_same_outputs(source, convert(source, backend="reference"), torch.randn(2, 3, 32, 32))
 
 
@@ -346,10 +349,12 @@ def test_checkpoint_without_num_batches_tracked_loads():
     source, checkpoint = official_checkpoint()
     old = {k: v for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")}
     assert len(old) < len(checkpoint)
-    assert_same_outputs(source, load_official_state_dict("dia_resnet11", old), torch.randn(2, 3, 32, 32))
+    loaded = load_official_state_dict("dia_resnet11", old)
+    assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("key", ["layer2.lstm.w_hh.0.seq.2.bias", "layer1.lstm.w_ih.0.seq.0.weight"])
+@pytest.mark.parametrize("key", ["layer2.lstm.w_hh.0.seq.2.bias",
+                                 "layer1.lstm.w_ih.0.seq.0.weight"])
 def test_checkpoint_with_a_missing_lstm_key_names_it(key):
     """Before: a bare KeyError ('w_ih.0.seq.0.weight') or torch's RuntimeError without the stage."""
     _, checkpoint = official_checkpoint()
