@@ -173,6 +173,32 @@ def test_dataparallel_and_ddp_wrapped_models_are_accelerated_inside():
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), reference(x), rtol=1e-5, atol=1e-5)
     assert list(wrapped.state_dict()) == [f"module.{k}" for k in reference.state_dict()]
+    # a DataParallel replica (what replicate() makes per GPU) keeps the fused class and options
+    replica = source.layer2._replicate_for_data_parallel()
+    assert type(replica) is type(source.layer2) and replica._dia_fused == source.layer2._dia_fused
+
+
+def test_distributed_data_parallel_model_trains_like_the_source(tmp_path):
+    import torch.distributed as dist
+
+    store = f"file://{tmp_path / 'store'}"
+    dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        source = official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2))
+        reference = copy.deepcopy(source)
+        ddp = nn.parallel.DistributedDataParallel(source)
+        assert dia_fused.accelerate(ddp, backend="reference") is ddp
+        assert fused_stages(ddp) == ["layer1", "layer2", "layer3"]
+        x = torch.randn(2, 3, 8, 8)
+        torch.manual_seed(1)
+        ddp(x).square().sum().backward()
+        torch.manual_seed(1)
+        reference(x).square().sum().backward()
+        for (name, p), q in zip(source.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_idempotent_restore_deepcopy_and_pickle():
