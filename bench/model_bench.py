@@ -5,6 +5,10 @@ backward, update) and inference, fp32 and bf16 autocast, median over timed steps
     python bench/model_bench.py --json bench/results/model_bench_h100.json
     python bench/model_bench.py --depth 20 --batch 4 --steps 3 --warmup 1   # quick CPU check
 
+With pytorchcv installed, also its DIA model of the same depth (--pytorchcv-model, default
+diaresnet{depth}bn_cifar100) as shipped and after `dia_fused.accelerate` (in place, backend auto):
+pytorchcv_dia / pytorchcv_dia_accelerated, and pytorchcv_dia_accelerated_{train,infer}_speedup.
+
 Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train,infer}_ms for fp32
 (dia_fused = backend "auto"; dia_triton / dia_cuda where that backend runs), the same with a `bf16_`
 prefix for autocast, ratios to plain, auto's backend per DIA unit ({,bf16_}dia_fused_{train,infer}_backends),
@@ -27,6 +31,7 @@ import dia_fused
 from dia_fused import DIALSTM
 from dia_fused.models import create_model
 
+PYTORCHCV = "pytorchcv"  # a pytorchcv model (--pytorchcv-model) instead of a dia_fused name
 VARIANTS = {  # key -> (model name prefix, options, compiled)
     "plain": ("resnet", {}, False),
     "se": ("se_resnet", {}, False),
@@ -35,14 +40,51 @@ VARIANTS = {  # key -> (model name prefix, options, compiled)
     "dia_cuda": ("dia_resnet", {"backend": "cuda"}, False),
     "dia_reference": ("dia_resnet", {"backend": "reference"}, False),
     "dia_compiled": ("dia_resnet", {"backend": "reference"}, True),
+    "pytorchcv_dia": (PYTORCHCV, {}, False),
+    "pytorchcv_dia_accelerated": (PYTORCHCV, {"accelerate": "auto"}, False),
 }
 EXPLICIT_FUSED = {"dia_triton": "triton", "dia_cuda": "cuda"}  # run by default where available
 
 
+def pytorchcv_installed() -> bool:
+    try:
+        import pytorchcv  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def default_variants(device) -> list:
     return [key for key in VARIANTS
-            if key not in EXPLICIT_FUSED or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
-            and torch.device(device).type == "cuda"]
+            if (key not in EXPLICIT_FUSED
+                or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
+                and torch.device(device).type == "cuda")
+            and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())]
+
+
+def pytorchcv_model(name: str) -> nn.Module:
+    """A pytorchcv DIA model by name, from its own module (pytorchcv's model_provider imports
+    every family, some of which need packages that are not installed)."""
+    import importlib
+    family = "diapreresnet" if name.startswith("diapreresnet") else "diaresnet"
+    module = family + ("_cifar" if name.endswith(("_cifar10", "_cifar100", "_svhn")) else "")
+    factory = getattr(importlib.import_module(f"pytorchcv.models.{module}"), name, None)
+    if not name.startswith("dia") or factory is None:
+        raise ValueError(f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
+                         f"diapreresnet*), got {name!r}")
+    return factory()
+
+
+def build_model(key, args):
+    prefix, options, _ = VARIANTS[key]
+    if prefix != PYTORCHCV:
+        return create_model(f"{prefix}{args.depth}", num_classes=100, **options)
+    model = pytorchcv_model(args.pytorchcv_model)
+    if "accelerate" in options:  # in place: the same model object
+        dia_fused.accelerate(model, backend=options["accelerate"])
+        if not dia_fused.fused_stages(model):
+            raise RuntimeError(f"{args.pytorchcv_model}: accelerate fused no stage")
+    return model
 
 
 def synchronize(device):
@@ -65,9 +107,9 @@ def time_steps(step, device, warmup: int, steps: int) -> float:
 
 
 def bench_variant(key, args, device, amp_dtype):
-    prefix, options, compiled = VARIANTS[key]
+    compiled = VARIANTS[key][2]
     torch.manual_seed(0)
-    model = create_model(f"{prefix}{args.depth}", num_classes=100, **options).to(device)
+    model = build_model(key, args).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     runner = torch.compile(model) if compiled else model
@@ -75,7 +117,7 @@ def bench_variant(key, args, device, amp_dtype):
     x = torch.randn(args.batch, 3, 32, 32, device=device)
     if args.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 100, (args.batch,), device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)  # valid for 10 and 100 classes
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
 
     def train_step():
@@ -123,6 +165,8 @@ def run(args) -> dict:
         "torch": torch.__version__, "cuda": torch.version.cuda, "dia_fused": dia_fused.__version__,
         "depth": args.depth, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
         "channels_last": args.channels_last,
+        "pytorchcv_model": (args.pytorchcv_model
+                            if any(VARIANTS[k][0] == PYTORCHCV for k in args.variants) else None),
     }
     try:
         import triton
@@ -139,6 +183,11 @@ def run(args) -> dict:
                 result.update({f"{label}dia_fused_{phase}_backends": b for phase, b in backends.items()})
             print(f"{label or 'fp32_'}{key:<14} train {train_ms:9.2f} ms   infer {infer_ms:9.2f} ms",
                   file=sys.stderr, flush=True)
+        if {"pytorchcv_dia", "pytorchcv_dia_accelerated"} <= set(args.variants):
+            for phase in ("train", "infer"):
+                before = result[f"{label}pytorchcv_dia_{phase}_ms"]
+                after = result[f"{label}pytorchcv_dia_accelerated_{phase}_ms"]
+                result[f"{label}pytorchcv_dia_accelerated_{phase}_speedup"] = before / after
         for key in args.variants:
             if key != "plain" and "plain" in args.variants:
                 for phase in ("train", "infer"):
@@ -159,7 +208,12 @@ def parse_args(argv=None):
                         help="default: all, dia_triton / dia_cuda where that backend runs on the device")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs")
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--pytorchcv-model", default=None,
+                        help="the pytorchcv DIA model of the pytorchcv_dia variants (default: "
+                             "diaresnet{depth}bn_cifar100)")
     args = parser.parse_args(argv)
+    if args.pytorchcv_model is None:
+        args.pytorchcv_model = f"diaresnet{args.depth}bn_cifar100"
     for name in ("batch", "steps", "depth"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")

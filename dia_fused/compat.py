@@ -5,9 +5,12 @@
                                             (diaresnet*_cifar*, diapreresnet*_cifar*, ImageNet diaresnet*)
     load_official_state_dict(name, sd)      an official checkpoint into the matching dia_fused model
 
-The residual branches are matched module by module in execution order (recorded with forward
-hooks on a small input), so differences in module names and nesting do not matter; every pair is
-checked for type and shape, and a mismatch raises naming both modules. The shared LSTM of each
+The residual branches are matched module by module in execution order, so differences in module
+names and nesting do not matter: on a small input, a TorchFunctionMode records which module's
+weight (or BN running mean) each torch function receives, mapped back by identity, so modules
+called through `.forward(x)` (the official ResNeXt), which bypasses hooks, are seen too. Every pair
+is checked for type and shape, and a mismatch raises naming both modules. Models inside
+nn.DataParallel / DistributedDataParallel are unwrapped. The shared LSTM of each
 stage maps onto the stage's DIALSTM (official keys are DIALSTM's keys). The converted model keeps
 the source's reduction ratio and is returned in the source's train/eval mode.
 """
@@ -18,18 +21,23 @@ from typing import Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .models import create_model
 from .models.blocks import DIANet
 from .models.networks import IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn, imagenet_resnet
+from .accelerate import unwrap
 from .modules import DIALSTM
+from .reference import weight_names
 
 MAPPED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 SHORTCUT_NAMES = ("identity_conv",)  # pytorchcv runs the shortcut before the branch; ours after
 
 
 def convert(model: nn.Module, *, backend: str = "auto") -> DIANet:
-    """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA), same weights."""
+    """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA, also inside
+    DataParallel / DistributedDataParallel, also accelerated), same weights."""
+    model = unwrap(model)
     target, units, input_size = _target_for(model, backend)
     _copy_layers(model, target, input_size)
     _copy_units(units, target)
@@ -41,9 +49,20 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
     """Builds `name` (e.g. 'dia_resnet164') and loads an official DIANet checkpoint's state dict
     (a `module.` prefix from DataParallel is removed; a {'state_dict': ...} checkpoint works too).
     Layers are matched in the checkpoint's order (the official modules' registration order, with
-    each block's shortcut moved after its branch), each checked for shape."""
+    each block's shortcut moved after its branch), each checked for its keys and shapes; a missing
+    or unexpected key raises naming it. BN layers without `num_batches_tracked` (checkpoints of
+    PyTorch < 0.4.1) load, with the count at 0: it only matters for BN with momentum=None.
+
+    A WRN checkpoint does not record the dropout rate of its blocks (the official dia_wrn's
+    `dropRate`): pass `dropout=` (0.0 is the official default); training outputs differ from the
+    source's under any other rate, eval outputs do not depend on it."""
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
+    if re.search(r"wrn", name) and "dropout" not in options:
+        raise ValueError(f"dropout: {name} is a WRN and a checkpoint does not record its "
+                         f"blocks' dropout rate (the official dia_wrn's dropRate, 0.0 by "
+                         f"default): pass dropout= the source's rate; training outputs differ "
+                         f"from the source's under another rate")
     state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
     layers: Dict[str, Dict[str, torch.Tensor]] = {}
     units: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -56,9 +75,11 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
             layers.setdefault(prefix, {})[leaf] = value
     if not units:
         raise ValueError("state_dict: expected an official DIANet checkpoint (keys with '.lstm.'), found none")
+    for stage, state in units.items():
+        _check_lstm_keys(stage, state)
     first = next(iter(units.values()))
     options.setdefault("reduction", first["w_ih.0.seq.0.weight"].shape[1] // first["w_ih.0.seq.0.weight"].shape[0])
-    options.setdefault("num_cells", 1 + sum(1 for k in first if re.fullmatch(r"w_ih\.\d+\.weight", k)))
+    options.setdefault("num_cells", _num_cells(first))
     if num_classes is None:
         num_classes = list(layers.values())[-1]["weight"].shape[0]
     target = create_model(name, num_classes=num_classes, **options)
@@ -69,17 +90,49 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
         raise ValueError(f"state_dict: {len(source_layers)} layers in the checkpoint, {len(target_layers)} in "
                          f"{name}: not the same architecture")
     for (sname, sstate), (dname, dmod) in zip(source_layers, target_layers):
-        expected = {k: v.shape for k, v in dmod.state_dict().items()}
-        if {k: v.shape for k, v in sstate.items()} != expected:
-            raise ValueError(f"state_dict: layer {sname} {[tuple(v.shape) for v in sstate.values()]} does not "
-                             f"match {name} layer {dname} {[tuple(v) for v in expected.values()]}")
-        dmod.load_state_dict(sstate)
+        expected = dmod.state_dict()
+        missing = sorted(set(expected) - set(sstate) - {"num_batches_tracked"})
+        unexpected = sorted(set(sstate) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"state_dict: layer {sname} does not match {name} layer {dname} "
+                             f"({type(dmod).__name__}): missing keys "
+                             f"{[f'{sname}.{k}' for k in missing]}, unexpected keys "
+                             f"{[f'{sname}.{k}' for k in unexpected]}")
+        if any(sstate[k].shape != v.shape for k, v in expected.items() if k in sstate):
+            raise ValueError(f"state_dict: layer {sname} "
+                             f"{[tuple(v.shape) for v in sstate.values()]} "
+                             f"does not match {name} layer {dname} "
+                             f"{[tuple(v.shape) for v in expected.values()]}")
+        dmod.load_state_dict(sstate, strict=False)  # keys checked: num_batches_tracked may lack
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
         raise ValueError(f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}")
-    for unit, state in zip(dia_units, units.values()):
+    for unit, (stage, state) in zip(dia_units, units.items()):
+        shapes = {k: tuple(v.shape) for k, v in unit.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state.items()}
+        if set(state) != set(shapes) or any(tuple(state[k].shape) != shape
+                                            for k, shape in shapes.items()):
+            raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm does not match {name}'s unit "
+                             f"{shapes}: got {got}")
         unit.load_state_dict(state)
     return target
+
+
+def _num_cells(state: Mapping[str, torch.Tensor]) -> int:
+    """Cells of an official LSTMCell state: cell 0 (small_cell) and every stacked cell."""
+    matches = (re.fullmatch(r"w_[ih]h\.(\d+)\.(?:weight|bias)", k) for k in state)
+    stacked = {int(m.group(1)) for m in matches if m}
+    return 1 + len(stacked)
+
+
+def _check_lstm_keys(stage: str, state: Mapping[str, torch.Tensor]) -> None:
+    """Raises naming the missing and unexpected keys of one stage's official LSTMCell."""
+    expected = set(weight_names(_num_cells(state)))
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: "
+                         f"missing keys {[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
+                         f"{[f'{stage}.lstm.{k}' for k in unexpected]}")
 
 
 def _block_prefix(name: str) -> str:
@@ -182,24 +235,49 @@ def _target_for(model: nn.Module, backend: str):
 
 # --- weights --------------------------------------------------------------------------------------
 
+class _CallRecorder(TorchFunctionMode):
+    """Records, in order of first use, the modules whose key tensor (a conv/linear weight, a BN
+    running mean) a torch function receives: `F.conv2d(x, self.weight, ...)` and the like."""
+
+    def __init__(self, owners: Dict[int, Tuple[str, nn.Module]]):
+        super().__init__()
+        self.owners, self.order, self.seen = owners, [], set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for value in (*args, *kwargs.values()):
+            owner = self.owners.get(id(value)) if isinstance(value, torch.Tensor) else None
+            if owner is not None and id(owner[1]) not in self.seen:
+                self.seen.add(id(owner[1]))
+                self.order.append(owner)
+        return func(*args, **kwargs)
+
+
+def _key_tensor(module: nn.Module):
+    if isinstance(module, nn.BatchNorm2d) and module.running_mean is not None:
+        return module.running_mean
+    return module.weight
+
+
 def _execution_order(model: nn.Module, input_size, skip: Tuple[type, ...]) -> List[Tuple[str, nn.Module]]:
     """Conv/BN/Linear modules in the order a forward calls them, outside `skip` modules, with each
-    pytorchcv shortcut moved after the rest of its residual unit."""
+    pytorchcv shortcut moved after the rest of its residual unit. Seen through the tensors the
+    torch functions receive, not through hooks: `module.forward(x)` calls count."""
     excluded = {id(m) for _, outer in model.named_modules() if isinstance(outer, skip) for m in outer.modules()}
-    names = {id(m): n for n, m in model.named_modules()}
-    order: List[Tuple[str, nn.Module]] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: order.append((names[id(mod)], mod)))
-             for m in model.modules() if isinstance(m, MAPPED_TYPES) and id(m) not in excluded]
+    owners = {id(_key_tensor(m)): (n, m) for n, m in model.named_modules()
+              if isinstance(m, MAPPED_TYPES) and id(m) not in excluded
+              and _key_tensor(m) is not None}
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else "cpu"
     was_training = model.training
+    recorder = _CallRecorder(owners)
     try:
         model.eval()
-        with torch.no_grad():
-            model(torch.zeros(input_size))
+        with torch.no_grad(), recorder:
+            model(torch.zeros(input_size, device=device))
     finally:
-        for h in hooks:
-            h.remove()
         model.train(was_training)
-    return _shortcuts_last(order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
+    return _shortcuts_last(recorder.order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
 
 
 def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:

@@ -2,10 +2,15 @@
 DIANet CIFAR models (dia_resnet, dia_preresnet, dia_wrn, dia_resnext: their module structure and
 registration order re-created here from gbup-group/DIANet models/cifar), outputs
 compared in eval mode within 1e-5 (relative to the logits' magnitude)."""
+import copy
+import re
+
 import pytest
 import torch
 from torch import nn
 
+import dia_fused
+import official_dianet
 from dia_fused.compat import convert, load_official_state_dict
 from dia_fused.modules import DIALSTM
 from test_reference import OfficialLSTMCell
@@ -268,7 +273,8 @@ def test_official_wrn_and_resnext_convert_and_load_with_the_same_outputs(name):
     assert [type(s.unit) for s in converted.stages] == [DIALSTM] * 3
     assert_same_outputs(source, converted, x)
     checkpoint = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}
-    assert_same_outputs(source, load_official_state_dict(name, checkpoint), x)
+    options = {"dropout": source.block1.ModuleList[0].droprate} if "wrn" in name else {}
+    assert_same_outputs(source, load_official_state_dict(name, checkpoint, **options), x)
 
 
 @pytest.mark.parametrize("pre", [False, True], ids=["dia_resnet", "dia_preresnet"])
@@ -296,3 +302,82 @@ def test_conversion_errors_name_the_problem():
     source = official(11, 10, False)
     with pytest.raises(ValueError, match="state_dict: .* layers in the checkpoint"):
         load_official_state_dict("dia_resnet20", source.state_dict())
+
+
+# --- the official files' calling conventions (official_dianet.py), wrapped models, checkpoints ---
+
+@pytest.fixture
+def cuda_calls_harmless(monkeypatch):
+    """The official Attention stages call `.cuda()` on their zero state: a no-op on the CPU."""
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
+
+
+@pytest.mark.parametrize("cardinality, depth",
+                         [(2, 11), pytest.param(8, 29, marks=pytest.mark.slow)])
+def test_convert_official_resnext_that_calls_forward_directly(cuda_calls_harmless, cardinality,
+                                                              depth):
+    """The official ResNeXt runs its submodules as `module.forward(x)`: no hooks fire, yet every
+    layer is matched (before: "7 conv/norm/linear layers run in the source, 63 in ...")."""
+    torch.manual_seed(0)
+    source = official_dianet.CifarResNeXt(cardinality, depth, 10, 4)
+    source = official_dianet.randomise(source).eval()
+    assert_same_outputs(source, convert(source, backend="reference"), torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: official_dianet.ResNet(11, 10, "Bottleneck"),
+    lambda: official_dianet.WideResNet(10, 10, 4, dropRate=0.3),
+    lambda: __import__("pytorchcv.models.diaresnet_cifar", fromlist=["x"]).diaresnet20_cifar10(),
+], ids=["official_resnet11", "official_wrn10_4", "pytorchcv_diaresnet20_cifar10"])
+def test_convert_dataparallel_wrapped_and_accelerated_models(cuda_calls_harmless, make):
+    torch.manual_seed(0)
+    source = official_dianet.randomise(make()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert_same_outputs(source, convert(nn.DataParallel(source), backend="reference"), x)
+    accelerated = dia_fused.accelerate(nn.DataParallel(copy.deepcopy(source)), backend="reference")
+    assert_same_outputs(source, convert(accelerated, backend="reference"), x)
+
+
+def official_checkpoint(pre=False):
+    torch.manual_seed(1)
+    source = official(11, 10, pre).eval()
+    return source, {f"module.{k}": v for k, v in source.state_dict().items()}
+
+
+def test_checkpoint_without_num_batches_tracked_loads():
+    """Checkpoints of PyTorch < 0.4.1 have no num_batches_tracked (before: a shape mismatch)."""
+    source, checkpoint = official_checkpoint()
+    old = {k: v for k, v in checkpoint.items() if not k.endswith("num_batches_tracked")}
+    assert len(old) < len(checkpoint)
+    loaded = load_official_state_dict("dia_resnet11", old)
+    assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
+
+
+@pytest.mark.parametrize("key", ["layer2.lstm.w_hh.0.seq.2.bias",
+                                 "layer1.lstm.w_ih.0.seq.0.weight"])
+def test_checkpoint_with_a_missing_lstm_key_names_it(key):
+    """Before: a bare KeyError ('w_ih.0.seq.0.weight') or torch's RuntimeError without the stage."""
+    _, checkpoint = official_checkpoint()
+    del checkpoint[f"module.{key}"]
+    with pytest.raises(ValueError, match=rf"missing keys \['{re.escape(key)}'\]"):
+        load_official_state_dict("dia_resnet11", checkpoint)
+
+
+def test_checkpoint_with_a_missing_or_extra_layer_key_names_it():
+    _, checkpoint = official_checkpoint()
+    del checkpoint["module.layer1.ModuleList.0.bn2.running_var"]
+    with pytest.raises(ValueError, match=r"missing keys \['layer1.ModuleList.0.bn2.running_var'\]"):
+        load_official_state_dict("dia_resnet11", checkpoint)
+    _, checkpoint = official_checkpoint()
+    checkpoint["module.layer1.ModuleList.0.conv1.bias"] = torch.zeros(16)
+    with pytest.raises(ValueError, match=r"unexpected keys \['layer1.ModuleList.0.conv1.bias'\]"):
+        load_official_state_dict("dia_resnet11", checkpoint)
+
+
+def test_wrn_checkpoint_needs_its_dropout_rate(cuda_calls_harmless):
+    source = official_dianet.WideResNet(10, 10, 4, dropRate=0.3)
+    with pytest.raises(ValueError, match="dropout: .* does not record .* training outputs differ"):
+        load_official_state_dict("dia_wrn10_4", source.state_dict())
+    randomised = official_dianet.randomise(source).eval()
+    loaded = load_official_state_dict("dia_wrn10_4", randomised.state_dict(), dropout=0.3)
+    assert_same_outputs(randomised, loaded, torch.randn(2, 3, 32, 32))
