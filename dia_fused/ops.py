@@ -145,6 +145,11 @@ def resolve_backend(requested: str, device, step: Optional[Tuple[int, int, str, 
     `auto`, `step` = (channels, H*W, dtype name, training) selects by the measured table."""
     requested = _requested(requested)
     check_choice("backend", requested, BACKEND_CHOICES)
+    # an exported or traced graph must run where dia_fused's ops do not exist (ONNX runtimes):
+    # the step decomposes into the reference math (is_exporting: torch >= 2.6)
+    if (getattr(torch.compiler, "is_exporting", lambda: False)() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export()):
+        return "reference"
     device = torch.device(device)
     if requested == "auto":
         for name in auto_order(device, step):
