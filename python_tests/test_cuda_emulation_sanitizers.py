@@ -34,6 +34,7 @@ def sanitizer_runtime(name: str):
     return path if os.path.isabs(path) and os.path.isfile(path) else None
 
 
+@pytest.mark.slow  # a sanitized pytest run each
 @pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                     reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
 @pytest.mark.parametrize("sanitizer,runtime,options", [
