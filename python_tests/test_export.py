@@ -78,6 +78,7 @@ def test_jit_trace_decomposes_into_reference(exported_case):
     assert_within_tolerance("torch.jit.trace logits", got, same, ref64)
 
 
+@pytest.mark.slow  # the ONNX translation and optimisation passes
 @pytest.mark.skipif(bool(_MISSING_ONNX), reason=f"ONNX export test needs {' '.join(_MISSING_ONNX)}"
                     f" (pip install onnx onnxscript onnxruntime, or the test extra)")
 def test_onnx_export_runs_in_onnxruntime(exported_case, tmp_path):
