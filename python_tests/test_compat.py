@@ -44,8 +44,8 @@ def assert_same_outputs(source, converted, x):
     ("diaresnet_cifar", "diaresnet164bn_cifar100", 32),
     ("diapreresnet_cifar", "diapreresnet20_cifar10", 32),
     ("diapreresnet_cifar", "diapreresnet164bn_cifar100", 32),
-    ("diaresnet", "diaresnet50", 224),
-    ("diaresnet", "diaresnet18", 224),
+    pytest.param("diaresnet", "diaresnet50", 224, marks=pytest.mark.slow),  # ImageNet-sized
+    pytest.param("diaresnet", "diaresnet18", 224, marks=pytest.mark.slow),
 ])
 @needs_pytorchcv
 def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
@@ -56,6 +56,7 @@ def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
     assert_same_outputs(source, converted, torch.randn(2, 3, size, size))
 
 
+@pytest.mark.slow  # a ResNet-50 at 224x224
 @needs_pytorchcv
 def test_pytorchcv_imagenet_ratio_is_kept():
     from pytorchcv.models.diaresnet import diaresnet50
