@@ -2,6 +2,8 @@
 that the script the GPU numbers come from is exercised in CI."""
 import json
 
+import pytest
+
 import model_bench
 
 
