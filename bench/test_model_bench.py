@@ -3,9 +3,12 @@ pytorchcv's diaresnet20_cifar10 before and after accelerate), so that the script
 come from is exercised in CI."""
 import json
 
+import pytest
+
 import model_bench
 
 
+@pytest.mark.slow  # three ResNet variants trained and timed on CPU
 def test_model_bench_writes_every_key(tmp_path, capsys):
     out = tmp_path / "model_bench.json"
     assert model_bench.main(["--json", str(out), "--depth", "11", "--batch", "2", "--steps", "2",

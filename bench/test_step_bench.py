@@ -83,7 +83,10 @@ def cases():
             for dtype in DTYPES:
                 if impl == "compiled_reference" and not ON_GPU and (shape != SHAPES[-1] or dtype != torch.float32):
                     continue  # CPU: one compiled shape (inductor compiles take tens of seconds here)
-                yield pytest.param(impl, shape, dtype, id=f"{impl}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}")
+                # on CPU the inductor compile is slow (the GPU phases run these whole)
+                marks = [pytest.mark.slow] if impl == "compiled_reference" and not ON_GPU else []
+                yield pytest.param(impl, shape, dtype, marks=marks,
+                                   id=f"{impl}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}")
 
 
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])

@@ -18,7 +18,10 @@ def test_summary_from_model_bench_and_step_bench(tmp_path):
                              "--variants", "plain", "dia_fused", "dia_reference"]) == 0
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_step_bench.py"),
                           "-k", "reference-8x256x8x8-float32 and not compiled", f"--benchmark-json={tmp_path / 'step_bench.json'}"],
-                         capture_output=True, text=True, cwd=HERE, timeout=600)
+                         capture_output=True, text=True, cwd=HERE, timeout=600,
+                         # the checkout's dia_fused, also where the package is not pip-installed
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep
+                                  + os.environ.get("PYTHONPATH", "")))
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     (tmp_path / "env.txt").write_text("gpu: none (CPU test)\n")
     text = summarize.summarize(str(tmp_path))

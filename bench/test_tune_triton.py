@@ -12,12 +12,17 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@pytest.mark.slow  # the tuning harness's candidates under the interpreter
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is bench/tune_triton.py itself")
 def test_tuning_harness_smoke(tmp_path):
     pytest.importorskip("triton")  # the harness runs its candidates under TRITON_INTERPRET=1 itself
     out = tmp_path / "tune.json"
     run = subprocess.run([sys.executable, os.path.join(HERE, "tune_triton.py"), "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, env=dict(os.environ, TRITON_INTERPRET="1"), timeout=600)
+                         capture_output=True, text=True, timeout=600,
+                         # the checkout's dia_fused, also where the package is not pip-installed
+                         env=dict(os.environ, TRITON_INTERPRET="1",
+                                  PYTHONPATH=os.path.dirname(HERE) + os.pathsep
+                                  + os.environ.get("PYTHONPATH", "")))
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {(r["config"], r["map_config"]) for r in records} == {("defaults", "defaults"), ("forward_groups=1", "defaults"),

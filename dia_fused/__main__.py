@@ -38,11 +38,7 @@ def versions() -> dict:
     return info
 
 
-def step_timer(name: str, inputs, backward: bool):
-    # imported here: torch.utils.benchmark imports torch.utils.cpp_extension, which warns on a
-    # CUDA build of torch without a GPU; the listing (--no-check) needs neither
-    from torch.utils import benchmark
-
+def step_timer(name: str, inputs, backward: bool) -> "torch.utils.benchmark.Timer":
     x, h, c, weights = inputs.args()
 
     def run():
@@ -50,6 +46,10 @@ def step_timer(name: str, inputs, backward: bool):
         if backward:
             torch.autograd.backward((out, h1, c1), (out, h1, c1))
 
+    # imported here, not at the top: torch.utils.benchmark imports torch.utils.cpp_extension, whose
+    # import warns on a CUDA build of torch without a GPU ("No CUDA runtime is found"); --no-check
+    # times nothing
+    from torch.utils import benchmark
     return benchmark.Timer("run()", globals={"run": run})
 
 

@@ -194,9 +194,10 @@ def dia_step(
                          f"{tuple(x.shape)}")
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
-    # Export routing: an exported program holds the reference math (any backend asked for), so
-    # that it runs wherever it is loaded, without this package's kernels (docs/design.md §3).
-    if torch.compiler.is_exporting():
+    # Export routing: an exported or traced graph holds the reference math (any backend asked
+    # for), so that it runs wherever it is loaded, ONNX runtimes included, without this package's
+    # kernels (docs/design.md §3).
+    if _exporting():
         return reference.dia_lstm_step(x, h, c, weights, identity=identity, relu=relu,
                                        activation=activation, dropout_masks=dropout_masks)
     if isinstance(backend, str) and backend == "auto":
@@ -223,6 +224,13 @@ def dia_step(
     return out, h_new, c_new
 
 
+def _exporting() -> bool:
+    """torch.export / dynamo ONNX export (is_exporting, torch >= 2.6), torch.jit.trace, or the
+    TorchScript-based ONNX export."""
+    return (_is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
 
 

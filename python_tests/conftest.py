@@ -27,3 +27,17 @@ def emu(emulated_extension, monkeypatch):
     monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
     emulated_extension.launches.clear()
     return emulated_extension
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Tests skipped for a package that is not installed are named at the end with the install
+    command, not only counted as "s" (the compat tests need pytorchcv, the export test onnx)."""
+    missing = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if "pip install" in reason:
+            reason = reason.removeprefix("Skipped: ")
+            missing[reason] = missing.get(reason, 0) + 1
+    for reason, count in missing.items():
+        terminalreporter.write_line(f"SKIPPED {count} test(s), a package is missing: {reason}",
+                                    yellow=True, bold=True)

@@ -38,6 +38,7 @@ def test_gini_importance_finds_the_true_predecessor():
         gini.gini_importance(attention[:, :1])
 
 
+@pytest.mark.slow  # trains a small model, then renders the heatmaps
 def test_gini_cli_renders_figure_5(tmp_path):
     ckpt_dir = tmp_path / "run"
     train_main(["-d", "synthetic", "--synthetic-size", "100", "--synthetic-classes", "10",

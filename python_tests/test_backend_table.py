@@ -159,6 +159,7 @@ def test_make_auto_table_names_what_is_missing(tmp_path, capsys):
     assert "no GPU step benchmarks" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # torch.compile, several recompiles
 def test_the_step_key_compiles_with_dynamic_shapes(table):
     """Under torch.compile(dynamic=True) the key's C and H*W are specialised into ints (a symbolic
     int cannot reach resolve_backend, an assume_constant_result function): no graph break, and

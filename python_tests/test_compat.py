@@ -3,6 +3,7 @@ DIANet CIFAR models (dia_resnet, dia_preresnet, dia_wrn, dia_resnext: their modu
 registration order re-created here from gbup-group/DIANet models/cifar), outputs
 compared in eval mode within 1e-5 (relative to the logits' magnitude)."""
 import copy
+import importlib.util
 import re
 
 import pytest
@@ -15,7 +16,10 @@ from dia_fused.compat import convert, load_official_state_dict
 from dia_fused.modules import DIALSTM
 from test_reference import OfficialLSTMCell
 
-pytorchcv = pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv==0.0.74")
+# only the pytorchcv conversions need it; the official-model tests run without
+needs_pytorchcv = pytest.mark.skipif(
+    importlib.util.find_spec("pytorchcv") is None,
+    reason="pytorchcv is not installed: pip install --no-deps pytorchcv==0.0.74")
 
 
 def randomise_norms(model):
@@ -44,9 +48,10 @@ def assert_same_outputs(source, converted, x):
     ("diaresnet_cifar", "diaresnet164bn_cifar100", 32),
     ("diapreresnet_cifar", "diapreresnet20_cifar10", 32),
     ("diapreresnet_cifar", "diapreresnet164bn_cifar100", 32),
-    ("diaresnet", "diaresnet50", 224),
-    ("diaresnet", "diaresnet18", 224),
+    pytest.param("diaresnet", "diaresnet50", 224, marks=pytest.mark.slow),  # ImageNet-sized
+    pytest.param("diaresnet", "diaresnet18", 224, marks=pytest.mark.slow),
 ])
+@needs_pytorchcv
 def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
     factory = getattr(__import__(f"pytorchcv.models.{module}", fromlist=[name]), name)
     torch.manual_seed(0)
@@ -55,6 +60,8 @@ def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
     assert_same_outputs(source, converted, torch.randn(2, 3, size, size))
 
 
+@pytest.mark.slow  # a ResNet-50 at 224x224
+@needs_pytorchcv
 def test_pytorchcv_imagenet_ratio_is_kept():
     from pytorchcv.models.diaresnet import diaresnet50
     converted = convert(diaresnet50())

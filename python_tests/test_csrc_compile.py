@@ -61,6 +61,7 @@ def compile_command(source: str, obj: str):
     return cmd
 
 
+@pytest.mark.slow  # nvcc over every source, two arches
 @needs_nvcc
 def test_every_csrc_source_compiles_for_sm80_and_sm90(tmp_path):
     assert CSRC is not None, "csrc/ sources not found beside or inside the package"

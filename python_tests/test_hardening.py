@@ -21,6 +21,7 @@ CPU_BACKENDS = available_backends("cpu")
 FUSED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
 
 
+@pytest.mark.slow  # hypothesis sweep (interpreter for triton)
 @pytest.mark.skipif(not FUSED_CPU_BACKENDS, reason="no fused backend runs on CPU here "
                     "(the triton backend needs TRITON_INTERPRET=1 and the triton package)")
 @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
@@ -38,6 +39,7 @@ def test_property_backend_matches_reference(backend, n, channels, height, width,
     compare_backend(backend_step(backend), inputs, dtype, relu=relu, activation=activation)
 
 
+@pytest.mark.slow  # interpreter sweep
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the triton backend needs TRITON_INTERPRET=1 on CPU")
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(n=st.integers(1, 40), channels=st.integers(8, 80), hw=st.integers(1, 3), reduction=st.integers(1, 6),
@@ -146,6 +148,7 @@ def test_pickle_and_deepcopy_keep_weights_and_configuration():
             assert torch.equal(clone(x), model(x))
 
 
+@pytest.mark.slow  # DDP: two processes
 @pytest.mark.parametrize("backend", CPU_BACKENDS)  # triton: the fused custom ops' flat weight grads
 def test_ddp_two_gloo_processes_give_single_process_gradients(backend, tmp_path):
     ddp_check.assert_ddp_matches_single_process(backend, "cpu", tmp_path)
@@ -163,6 +166,7 @@ def test_empty_batch_returns_empty_outputs_and_zero_weight_gradients(backend):
         assert p.grad is not None and torch.equal(p.grad, torch.zeros_like(p)), name
 
 
+@pytest.mark.slow  # torch.compile of a model
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compile_fullgraph_of_a_dia_resnet_has_no_graph_breaks(backend):
     from dia_fused.models import create_model

@@ -125,6 +125,7 @@ def test_channels_last_and_bf16_autocast_on_cpu():
     torch.testing.assert_close(out.float(), expected, atol=0.1, rtol=0.05)
 
 
+@pytest.mark.slow  # a DIA-ResNet-164 step per backend, the interpreter's minutes
 @pytest.mark.parametrize("backend", available_backends("cpu"))
 def test_dia_resnet164_forward_backward_on_cpu(backend):
     torch.manual_seed(0)

@@ -104,6 +104,7 @@ def test_reference_matches_official_formulas_in_float64_with_dropout_masks():
     torch.testing.assert_close(out, x * hy[-1][:, :, None, None], atol=1e-12, rtol=0)
 
 
+@pytest.mark.slow  # float64 gradcheck of three chained steps
 @pytest.mark.parametrize("activation", reference.CELL_ACTIVATIONS)
 @pytest.mark.parametrize("num_cells", [1, 2])
 def test_gradcheck_three_chained_steps(activation, num_cells):

@@ -265,6 +265,7 @@ def test_synthetic_dataset_smoke(tmp_path):
     assert result["history"][0]["epoch"] == 1
 
 
+@pytest.mark.slow  # kill-and-resume: three training processes
 def test_killed_run_resumes_to_the_uninterrupted_state(cifar_dir, tmp_path):
     """SIGKILL after the first checkpoint, resume, compare with an uninterrupted run. Two stacked
     cells: the dropout between them draws from the global RNG, whose state must be restored."""
@@ -322,6 +323,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # DDP: two torchrun processes
 def test_ddp_two_gloo_processes_match_one_process(cifar_dir, tmp_path):
     # BatchNorm statistics are per process under DDP, so compare without BatchNorm
     extra = ("--no-norm", "--lr", "0.01")

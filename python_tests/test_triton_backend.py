@@ -103,6 +103,7 @@ def test_torch_compile_fullgraph():
         assert max_abs_error(g, e) < 1e-6
 
 
+@pytest.mark.slow  # interpreter, many tiles
 def test_multi_tile_batch_and_reduced_width_over_one_tile():
     # 33 samples = 3 LSTM programs (16 each); C/r = 80 > the 64-wide reduced-width tile
     inputs = random_step_inputs(33, 160, 1, 2, reduction=2, device=DEVICE, seed=5)
@@ -187,6 +188,7 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
     assert all(w.grad is not None and w.grad.shape == w.shape for w in inputs.weights)
 
 
+@pytest.mark.slow  # interpreter sweep
 @pytest.mark.parametrize("config", ["block_n=32,forward_groups=1", "block_c=16,block_r=16,forward_groups=3",
                                     "block_k=16,num_warps=4,forward_groups=8",
                                     "split_min=0", "split_min=0,block_c=16,block_r=16,block_n=32"])
@@ -208,6 +210,7 @@ def test_bad_lstm_configuration_is_named(text, words):
     assert words in str(info.value)
 
 
+@pytest.mark.slow  # interpreter sweep
 @pytest.mark.parametrize("config", ["tile=256,num_warps=2", "hw_block=16,c_block=8", "tile=16,c_block=16,num_warps=1"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_map_tile_configurations_give_the_same_results(monkeypatch, config, channels_last):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.slow  # Triton's compiler and ptxas over every specialisation, two arches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,6 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def records():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    # the script imports dia_fused: the checkout's, also where the package is not pip-installed
+    env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
     run = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--arch", "80"],
                          capture_output=True, text=True, env=env, timeout=900)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]

@@ -32,7 +32,7 @@ from ..ops import resolve_backend
 from . import checkpoint as ckpt_io
 from . import distributed, interrupt, runfolder
 from .data import DATASETS, BatchStream, load_datasets
-from .loop import evaluate, learning_rate, set_learning_rate, train_epoch
+from .loop import PROGRESS_EVERY, evaluate, learning_rate, set_learning_rate, train_epoch
 from .modelspec import (ARCH_HELP, BACKEND_CHOICES, ATTENTION_CHOICES, CELL_ACTIVATIONS,
                         build_model, model_spec, spec_mismatch)
 from .presets import PRESETS
@@ -44,30 +44,44 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Defaults in the help, examples (the module docstring) kept as written."""
 
+    def _get_help_string(self, action):
+        # a help text that explains its default itself, and a default of nothing (None, False,
+        # ""), get no "(default: ...)" appended
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == "":
+            return text
+        return super()._get_help_string(action)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dia_fused.train", description="DIANet CIFAR-10/100 training (dia_fused)",
         epilog=__doc__.split("\n", 2)[2], formatter_class=_HelpFormatter)
     # --- the official cifar.py options (same names, same defaults) ---
-    p.add_argument("-d", "--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("-d", "--dataset", default="cifar10", choices=DATASETS,
+                   help="synthetic: generated CIFAR-shaped data (smoke tests, throughput)")
     p.add_argument("-j", "--workers", default=4, type=int, metavar="N",
                    help="accepted for compatibility; the data lives in memory on the training "
                         "device, there are no loader processes")
-    p.add_argument("--epochs", default=300, type=int, metavar="N")
+    p.add_argument("--epochs", default=300, type=int, metavar="N",
+                   help="number of total epochs to run")
     p.add_argument("--start-epoch", default=0, type=int, metavar="N",
                    help="manual epoch number of a fresh run (a --resume takes the checkpoint's)")
     p.add_argument("--train-batch", default=128, type=int, metavar="N",
                    help="global train batch (split over the torchrun processes)")
-    p.add_argument("--test-batch", default=100, type=int, metavar="N")
-    p.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR")
+    p.add_argument("--test-batch", default=100, type=int, metavar="N",
+                   help="global test batch (split over the torchrun processes)")
+    p.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR",
+                   help="initial learning rate")
     p.add_argument("--drop", "--dropout", default=0.0, type=float, metavar="Dropout",
                    help="dropout ratio (WRN)")
     p.add_argument("--schedule", type=int, nargs="+", default=[150, 225],
                    help="decrease the learning rate at these epochs")
     p.add_argument("--gamma", type=float, default=0.1, help="LR is multiplied by gamma on schedule")
-    p.add_argument("--momentum", default=0.9, type=float, metavar="M")
-    p.add_argument("--weight-decay", "--wd", default=5e-4, type=float, metavar="W")
+    p.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
+    p.add_argument("--weight-decay", "--wd", default=5e-4, type=float, metavar="W",
+                   help="weight decay")
     p.add_argument("-c", "--checkpoint", default=None, metavar="PATH",
                    help="folder for checkpoints and logs (default: 'checkpoint', or the folder of "
                         "--resume)")
@@ -119,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--dataset synthetic: train images (test: a fifth)")
     p.add_argument("--synthetic-classes", type=int, default=100,
                    help="--dataset synthetic: number of classes")
+    p.add_argument("-p", "--print-freq", type=int, default=PROGRESS_EVERY, metavar="N",
+                   help="progress every N steps: a line with images/s, loss and ETA when the "
+                        "output is not a terminal (else on tqdm's bar)")
     return p
 
 
@@ -132,7 +149,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
-    positive = ("epochs", "train_batch", "test_batch", "synthetic_size", "synthetic_classes")
+    positive = ("epochs", "train_batch", "test_batch", "synthetic_size", "synthetic_classes",
+                "print_freq")
     for name in positive + (("max_steps",) if args.max_steps is not None else ()):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
@@ -286,7 +304,8 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     if args.evaluate:
         if resumed is None:
             say("==> -e without --resume: evaluating freshly initialised weights")
-        result = evaluate(model, test_stream, criterion, ctx, amp_dtype=amp_dtype, desc="Test")
+        result = evaluate(model, test_stream, criterion, ctx, amp_dtype=amp_dtype, desc="Test",
+                          print_freq=args.print_freq)
         say(f" Test Loss:  {result.loss:.8f}, Test Acc:  {result.acc:.2f}")
         return {"test_loss": result.loss, "test_acc": result.acc, "seed": seed}
 
@@ -322,9 +341,10 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         say(f"\nEpoch: [{epoch + 1} | {args.epochs}] LR: {lr:f}")
         begin = time.perf_counter()
         train = train_epoch(model, train_stream, epoch, optimizer, criterion, ctx,
-                            amp_dtype=amp_dtype, scaler=scaler, desc=f"Train {epoch + 1}")
+                            amp_dtype=amp_dtype, scaler=scaler, desc=f"Train {epoch + 1}",
+                            print_freq=args.print_freq)
         test = evaluate(bare_model, test_stream, criterion, ctx, amp_dtype=amp_dtype,
-                        desc=f"Test {epoch + 1}")
+                        desc=f"Test {epoch + 1}", print_freq=args.print_freq)
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": train.loss, "train_acc": train.acc,
                "test_loss": test.loss, "test_acc": test.acc,
                "epoch_time_s": time.perf_counter() - begin,

@@ -1,11 +1,13 @@
 """One training epoch, one evaluation pass, and the step learning-rate schedule.
 
 Loss and accuracy are accumulated on the device and read once per epoch (plus every
-`PROGRESS_EVERY` steps for the progress bar), so the loop does not synchronise with the host
-after every step.
+`print_freq` steps for the progress report), so the loop does not synchronise with the host
+after every step. The report is tqdm's bar on a terminal; otherwise (a log file, a scheduler's
+job, nohup) a line every `print_freq` steps with images/s, loss, accuracy and ETA.
 """
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -17,7 +19,7 @@ from tqdm import tqdm
 from . import distributed
 from .data import BatchStream
 
-PROGRESS_EVERY = 25
+PROGRESS_EVERY = 25  # default print_freq
 
 
 def learning_rate(epoch: int, base_lr: float, schedule: Sequence[int], gamma: float) -> float:
@@ -69,10 +71,42 @@ def _result(ctx: distributed.Context, totals: torch.Tensor, seconds: float) -> E
     return EpochResult(loss_sum / count, 100.0 * correct / count, int(count), seconds)
 
 
-def _progress_bar(stream: BatchStream, ctx: distributed.Context, desc: str) -> tqdm:
-    """One bar per epoch on the main process (tqdm decides for a non-terminal output)."""
-    return tqdm(total=len(stream), desc=desc, disable=None if ctx.is_main else True, leave=False,
-                dynamic_ncols=True)
+class _Progress:
+    """The progress report of one pass on the main process: tqdm's bar on a terminal (tqdm decides),
+    else a printed line every `print_freq` steps. `totals` is this process's [loss sum, correct,
+    samples] (see _add_batch); images/s counts all processes."""
+
+    def __init__(self, stream: BatchStream, ctx: distributed.Context, desc: str, print_freq: int):
+        self.total, self.desc, self.print_freq = len(stream), desc, print_freq
+        self.world_size = ctx.world_size
+        self.bar = tqdm(total=self.total, desc=desc, disable=None if ctx.is_main else True,
+                        leave=False, dynamic_ncols=True)
+        self.lines = ctx.is_main and self.bar.disable
+        self.reporting = self.lines or not self.bar.disable
+        self.last_time = time.perf_counter()
+        self.last_step = 0
+
+    def update(self, step: int, totals: torch.Tensor) -> None:
+        """After step `step` (1-based) of the pass."""
+        self.bar.update(1)
+        if not self.reporting or step % self.print_freq:
+            return
+        loss_sum, correct, count = totals.tolist()  # waits for the device: every print_freq steps
+        count = max(count, 1.0)
+        loss, top1 = loss_sum / count, 100 * correct / count
+        if not self.lines:
+            self.bar.set_postfix(loss=f"{loss:.4f}", top1=f"{top1:.2f}")
+            return
+        now = time.perf_counter()
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)  # steps/s since last line
+        images_per_s = rate * count / step * self.world_size
+        eta = datetime.timedelta(seconds=round((self.total - step) / rate))
+        print(f"{self.desc}: [{step}/{self.total}] {images_per_s:.1f} images/s | "
+              f"loss {loss:.4f} top1 {top1:.2f} | ETA {eta}", flush=True)
+        self.last_step, self.last_time = step, now
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _add_batch(totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
@@ -87,12 +121,13 @@ def _add_batch(totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tens
 def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: torch.optim.Optimizer,
                 criterion: nn.Module, ctx: distributed.Context, *,
                 amp_dtype: Optional[torch.dtype] = None,
-                scaler: Optional[torch.amp.GradScaler] = None, desc: str = "") -> EpochResult:
+                scaler: Optional[torch.amp.GradScaler] = None, desc: str = "",
+                print_freq: int = PROGRESS_EVERY) -> EpochResult:
     """One pass over `stream.epoch(epoch)`; returns the mean loss/accuracy over all processes."""
     model.train()
     device = ctx.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # this process's, see _add_batch
-    bar = _progress_bar(stream, ctx, desc)
+    progress = _Progress(stream, ctx, desc, print_freq)
     _sync(device)
     start = time.perf_counter()
     steady_start, steady_images = None, 0
@@ -116,13 +151,10 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
             optimizer.step()
         with torch.no_grad():
             _add_batch(totals, loss, logits, targets)
-        bar.update(1)
-        if not bar.disable and (step + 1) % PROGRESS_EVERY == 0:
-            loss_sum, correct, count = totals.tolist()  # host sync, only for the bar
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", top1=f"{100 * correct / count:.2f}")
+        progress.update(step + 1, totals)
     _sync(device)
     end = time.perf_counter()
-    bar.close()
+    progress.close()
     result = _result(ctx, totals, end - start)
     if steady_start is not None:  # equal shards: every process ran as many steady images
         result.steady_images, result.steady_seconds = steady_images * ctx.world_size, end - steady_start
@@ -132,22 +164,22 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
 @torch.no_grad()
 def evaluate(model: nn.Module, stream: BatchStream, criterion: nn.Module,
              ctx: distributed.Context, *, amp_dtype: Optional[torch.dtype] = None,
-             desc: str = "") -> EpochResult:
+             desc: str = "", print_freq: int = PROGRESS_EVERY) -> EpochResult:
     """Loss and top-1 accuracy over the (sharded) split, reduced over all processes. `model` must
     be the bare module, not the DDP wrapper (evaluation runs no collective per step)."""
     model.eval()
     device = ctx.device
     totals = torch.zeros(3, dtype=torch.float64, device=device)
-    bar = _progress_bar(stream, ctx, desc)
+    progress = _Progress(stream, ctx, desc, print_freq)
     _sync(device)
     start = time.perf_counter()
-    for inputs, targets in stream.epoch(0):
+    for step, (inputs, targets) in enumerate(stream.epoch(0)):
         if targets.shape[0]:
             with _autocast(device, amp_dtype):
                 logits = model(inputs)
             _add_batch(totals, criterion(logits.float(), targets), logits, targets)
-        bar.update(1)
+        progress.update(step + 1, totals)
     _sync(device)
     seconds = time.perf_counter() - start
-    bar.close()
+    progress.close()
     return _result(ctx, totals, seconds)
