@@ -51,10 +51,24 @@ def test_sources_are_found_and_complete():
     assert csrc is not None
     for name in cuda_build.SOURCES + cuda_build.HEADERS:
         assert os.path.isfile(os.path.join(csrc, name))
+    # CMakeLists.txt takes the list from cuda_build.py --cmake (run as CMake runs it) and keeps
+    # no copy of its own
+    run = subprocess.run([sys.executable, cuda_build.__file__, "--cmake"], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0][4:]: line[:-1].split()[1:] for line in run.stdout.splitlines()
+             if line.startswith("set(")}
+    assert lines["DIA_FUSED_SOURCES"] == [f"csrc/{name}" for name in cuda_build.SOURCES]
+    assert lines["DIA_FUSED_CUDA_ARCHITECTURES"] == ["80-real", "90"]
+    for name in lines["DIA_FUSED_SOURCES"] + lines["DIA_FUSED_HEADERS"]:
+        assert os.path.isfile(os.path.join(ROOT, name))
     with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
         cmake = f.read()
-    for name in cuda_build.SOURCES:  # CMakeLists.txt lists the same sources
-        assert f"csrc/{name}" in cmake
+    assert "/dia_fused/kernels/cuda_build.py" in cmake
+    assert '"${DIA_FUSED_BUILD_SETTINGS}" --cmake' in cmake
+    assert "add_library(dia_fused_objects OBJECT ${DIA_FUSED_SOURCES})" in cmake
+    for name in cuda_build.SOURCES + ("80-real",):
+        assert name not in cmake, f"CMakeLists.txt copies {name!r} from cuda_build.py"
 
 
 def test_arch_list_env_defers_to_torch(monkeypatch):
