@@ -27,3 +27,12 @@ def emu(emulated_extension, monkeypatch):
     monkeypatch.setattr(cuda_dia_step, "_sm_count", lambda device: 132)
     emulated_extension.launches.clear()
     return emulated_extension
+
+
+@pytest.fixture
+def cuda_on_cpu(emu, monkeypatch):
+    """The cuda backend through ops.dia_step (the product's wiring), available for CPU tensors and
+    running the emulated kernels."""
+    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
+    monkeypatch.delenv("DIA_FUSED_BACKEND", raising=False)
+    return emu

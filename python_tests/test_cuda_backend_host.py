@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dia_fused import reference
+from dia_fused import reference, settings
 from dia_fused.kernels import cuda_build, cuda_dia_step
 from dia_fused.testing import random_step_inputs
 
@@ -123,12 +123,28 @@ def test_stacked_backward_without_state_grads():
     torch.testing.assert_close(got, expected)
 
 
-def test_path_names_are_checked():
+def test_path_names_are_checked(monkeypatch):
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="path: expected one of"):
-        cuda_dia_step._fused_path("fast", x, 1, 2)
+        cuda_dia_step.KernelSettings(path="fast")
     with pytest.raises(ValueError, match="path='fused' needs num_cells == 1"):
         cuda_dia_step._fused_path("fused", x, 2, 2)
+    with pytest.raises(TypeError, match="settings: expected a KernelSettings, got str"):
+        with cuda_dia_step.use_settings("fused"):
+            pass
+
+
+def test_path_default_comes_from_the_environment_at_each_call(monkeypatch):
+    monkeypatch.delenv(settings.ENV_CUDA_PATH, raising=False)
+    assert cuda_dia_step.current_settings().path == "auto"
+    monkeypatch.setenv(settings.ENV_CUDA_PATH, "split")
+    assert cuda_dia_step.current_settings().path == "split"
+    with cuda_dia_step.use_settings(cuda_dia_step.KernelSettings(path="fused")):
+        assert cuda_dia_step.current_settings().path == "fused"
+    assert cuda_dia_step.current_settings().path == "split"
+    monkeypatch.setenv(settings.ENV_CUDA_PATH, "fast")
+    with pytest.raises(ValueError, match="DIA_FUSED_CUDA_PATH: expected one of"):
+        cuda_dia_step.current_settings()
 
 
 def test_the_constants_header_is_generated_from_cuda_build():

@@ -15,14 +15,6 @@ pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
 
 
-@pytest.fixture
-def cuda_on_cpu(emu, monkeypatch):
-    """The cuda backend, available for CPU tensors, running the emulated kernels."""
-    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
-    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
-    return emu
-
-
 ops_step = backend_step("cuda")
 
 
