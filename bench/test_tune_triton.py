@@ -24,9 +24,10 @@ def _repo_env(**extra):
 def test_tuning_harness_smoke(tmp_path):
     pytest.importorskip("triton")  # the harness runs its candidates under TRITON_INTERPRET=1 itself
     out = tmp_path / "tune.json"
-    run = subprocess.run([sys.executable, os.path.join(HERE, "tune_triton.py"), "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, env=_repo_env(TRITON_INTERPRET="1"), cwd=ROOT,
-                         timeout=600)
+    script = os.path.join(HERE, "tune_triton.py")
+    run = subprocess.run([sys.executable, script, "--smoke", "--json", str(out)],
+                         capture_output=True, text=True, env=_repo_env(TRITON_INTERPRET="1"),
+                         cwd=ROOT, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads(out.read_text())
     assert {(r["config"], r["map_config"]) for r in records} == {("defaults", "defaults"), ("forward_groups=1", "defaults"),

@@ -14,8 +14,8 @@ import torch
 
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend, random_step_inputs,
-                               step_outputs_and_grads)
+from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend,
+                               random_step_inputs, step_outputs_and_grads)
 
 pytestmark = [
     pytest.mark.gpu,

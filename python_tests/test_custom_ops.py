@@ -8,7 +8,6 @@ import torch
 import cuda_emulation
 import layout_cases
 from dia_fused import DIALSTM, ops
-from dia_fused.kernels import cuda_dia_step
 from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
 pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
