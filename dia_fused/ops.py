@@ -212,11 +212,11 @@ def dia_step(
                                        activation=activation, dropout_masks=dropout_masks)
     weights = list(weights)
     relu = bool(relu)
-    if _functorch_transforming():
-        out, h_new, c_new, _ = _FunctorchStep.apply(name, relu, activation, x, h, c, identity,
-                                                    dropout_masks, *weights)
-    elif _eager(x, h, c, identity, dropout_masks, weights):
-        if _needs_grad((x, h, c, identity, dropout_masks, *weights)):
+    if _eager(x, h, c, identity, dropout_masks, weights):
+        if _functorch_transforming():
+            out, h_new, c_new, _ = _FunctorchStep.apply(name, relu, activation, x, h, c,
+                                                        identity, dropout_masks, *weights)
+        elif _needs_grad((x, h, c, identity, dropout_masks, *weights)):
             out, h_new, c_new, _ = _EagerStep.apply(name, relu, activation, x, h, c, identity,
                                                     dropout_masks, *weights)
         else:  # nothing to record: _EagerStep's forward without the autograd node
@@ -235,11 +235,11 @@ def _functorch_transforming() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is active: its tensors look like
     plain ones, but neither _EagerStep nor the custom op's autograd (both set the context in
     forward, the only style that is cheap per call) may run under it, so the step takes
-    _FunctorchStep. Torch has no public query for it; this is the one function
-    torch.autograd.Function.apply itself calls on every call for the same decision (a C read of
-    thread-local state), not under torch.compile, which traces transforms its own way."""
-    return torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
-
+    _FunctorchStep. Torch has no public query for it: this private one is the check that
+    torch.autograd.Function.apply itself makes on every call for the same decision (one C read
+    of thread-local state, cheaper than restructuring _EagerStep). Asked only on the eager route
+    (_eager: never under torch.compile)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _eager(x, h, c, identity, dropout_masks, weights) -> bool:
