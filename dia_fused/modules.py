@@ -85,7 +85,8 @@ class DIALSTM(nn.Module):
         num_cells: stacked cells (cells >= 1 are plain Linear(C, 4C), dropout between cells).
         dropout: dropout probability between stacked cells (training only).
         cell_activation: act of h = sigmoid(o) * act(c): "sigmoid" (paper), "tanh", "relu".
-        backend: "auto" | "reference" | "triton" | "cuda"; DIA_FUSED_BACKEND overrides.
+        backend: "auto" | "reference" | "triton" | "cuda". DIA_FUSED_BACKEND, when set, says what
+            "auto" stands for; a backend named here wins over it.
 
     The state_dict has exactly the keys of the official implementation's `LSTMCell`.
     """
@@ -135,8 +136,9 @@ class DIALSTM(nn.Module):
         return zeros, zeros.clone()
 
     def resolved_backend(self, x_or_device) -> str:
-        """The backend a forward runs with (after `auto` and DIA_FUSED_BACKEND): for an input x
-        exactly; for a device, auto's choice without a step shape (cuda > triton > reference)."""
+        """The backend a forward runs with (`auto` resolved, DIA_FUSED_BACKEND standing for it when
+        set): for an input x exactly; for a device, auto's choice without a step shape (cuda >
+        triton > reference)."""
         if isinstance(x_or_device, Tensor):
             return ops.resolve_backend(self.backend, x_or_device.device,
                                        ops.step_key(x_or_device, self.flat_weights()))

@@ -15,6 +15,8 @@ Both fused backends run through one torch.library custom op, `dia_fused::step_fo
 modes and tensor subclasses see whole. Eager steps on plain tensors take `_EagerStep`, an
 autograd.Function over the same host wrappers with the same autograd formula, without the
 dispatcher round trips that are most of a step's host time (bench/test_host_overhead.py).
+Under torch.func transforms (grad, vmap, jacrev, ...) steps take `_FunctorchStep`: the same
+formula in the form functorch requires, through the custom ops (with vmap rules).
 """
 from __future__ import annotations
 
@@ -212,7 +214,10 @@ def dia_step(
     weights = list(weights)
     relu = bool(relu)
     if _eager(x, h, c, identity, dropout_masks, weights):
-        if _needs_grad((x, h, c, identity, dropout_masks, *weights)):
+        if _functorch_transforming():
+            out, h_new, c_new, _ = _FunctorchStep.apply(name, relu, activation, x, h, c,
+                                                        identity, dropout_masks, *weights)
+        elif _needs_grad((x, h, c, identity, dropout_masks, *weights)):
             out, h_new, c_new, _ = _EagerStep.apply(name, relu, activation, x, h, c, identity,
                                                     dropout_masks, *weights)
         else:  # nothing to record: _EagerStep's forward without the autograd node
@@ -232,6 +237,17 @@ def _exporting() -> bool:
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def _functorch_transforming() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is active: its tensors look like
+    plain ones, but neither _EagerStep nor the custom op's autograd (both set the context in
+    forward, the only style that is cheap per call) may run under it, so the step takes
+    _FunctorchStep. Torch has no public query for it: this private one is the check that
+    torch.autograd.Function.apply itself makes on every call for the same decision (one C read
+    of thread-local state, cheaper than restructuring _EagerStep). Asked only on the eager route
+    (_eager: never under torch.compile)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _eager(x, h, c, identity, dropout_masks, weights) -> bool:
@@ -409,8 +425,8 @@ class _EagerStep(torch.autograd.Function):
     """The custom op's host wrappers and autograd formula without the dispatcher, for eager steps
     on plain tensors (see _eager). Returns (out, h_new, c_new, pooled) like the op. Written with
     ctx in forward: a setup_context staticmethod would make every apply bind the arguments with
-    inspect.signature, which costs more than the rest of the eager route; the price is that
-    torch.func transforms reject it with torch's own message (run them on backend="reference")."""
+    inspect.signature, which costs more than the rest of the eager route; torch.func transforms,
+    which need setup_context, take _FunctorchStep instead (see _functorch_transforming)."""
 
     @staticmethod
     def forward(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, *weights):
@@ -427,3 +443,91 @@ class _EagerStep(torch.autograd.Function):
         grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
             ctx, grad_out, grad_h_new, grad_c_new, _host_backward)
         return (None, None, None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)
+
+
+class _FunctorchStep(torch.autograd.Function):
+    """The step under torch.func transforms: the same autograd formula as the custom op, written
+    with setup_context (which functorch requires) and with its forward and backward through the
+    custom ops, whose vmap rules (_vmap_by_loop) run a batched step one slice at a time. Too slow
+    for every step (apply binds the arguments with inspect.signature), right for transforms."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(backend, relu, activation, x, h, c, identity, dropout_masks, *weights):
+        return step_forward(x, h, c, list(weights), identity, relu, activation, dropout_masks,
+                            backend)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, relu, activation, x, h, c, identity, dropout_masks, *weights = inputs
+        ctx.mark_non_differentiable(output[3])
+        _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights,
+              output[0], output[3])
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise RuntimeError("the fused backends (triton, cuda) have no forward-mode AD "
+                           "(torch.func.jvp, jacfwd, hessian): use backend='reference'")
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+        # once_differentiable does not reach through functorch levels (a second grad would
+        # silently be zero): the gradients are computed as constants, then tied to everything
+        # they depend on through _NoDoubleBackward, which raises if differentiated
+        with torch.no_grad():
+            grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
+                ctx, grad_out, grad_h_new, grad_c_new, step_backward)
+        grads = [grad_x, grad_h, grad_c, grad_identity, *grad_weights]
+        given = [g for g in grads if g is not None]
+        sources = [t for t in (grad_out, grad_h_new, grad_c_new, *ctx.saved_tensors)
+                   if t is not None]
+        tied = iter(_NoDoubleBackward.apply(len(given), *given, *sources))
+        grad_x, grad_h, grad_c, grad_identity, *grad_weights = [
+            None if g is None else next(tied) for g in grads]
+        return (None, None, None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """apply(n, *grads, *sources) -> grads (views): the step's gradients, connected to the tensors
+    they were computed from so that differentiating them again raises instead of giving zeros."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(count, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("the fused backends (triton, cuda) have no double backward: "
+                           "differentiate the step twice with backend='reference'")
+
+
+def _slice(arg, dim: Optional[int], index: int):
+    """Sample `index` of a vmapped argument (in_dim `dim`; a list has one in_dim per entry)."""
+    if isinstance(arg, (list, tuple)):
+        return [a if d is None else a.select(d, index) for a, d in zip(arg, dim)]
+    return arg if dim is None else arg.select(dim, index)
+
+
+def _vmap_by_loop(op):
+    """A vmap rule for `op`: the op once per sample of the vmapped dimension, results stacked
+    along dim 0. The kernels have no batch dimension of their own to fold it into."""
+    def rule(info, in_dims, *args):
+        results = [op(*(_slice(a, d, i) for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]
+        stacked = [torch.stack(parts) for parts in zip(*results)]
+        out_dims = [0] * len(stacked)
+        if isinstance(results[0], tuple):
+            return tuple(stacked), tuple(out_dims)
+        return stacked, out_dims
+    return rule
+
+
+torch.library.register_vmap("dia_fused::step_forward", _vmap_by_loop(step_forward))
+torch.library.register_vmap("dia_fused::step_backward", _vmap_by_loop(step_backward))

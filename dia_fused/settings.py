@@ -12,6 +12,7 @@ Variables (docs/design.md §3, §5):
   DIA_FUSED_TRITON_LSTM           default LSTM launch configuration, "block_n=32,num_warps=4"
   DIA_FUSED_TRITON_MAP            default feature-map tiles, "tile=8192,num_warps=8"
   DIA_FUSED_TRITON_DOT_PRECISION  default tl.dot precision: ieee, tf32x3 or tf32
+  DIA_FUSED_CUDA_PATH             default kernels of the cuda backend: auto, fused or split
   TRITON_INTERPRET                read by Triton itself when the kernels are defined; shown here
   TORCH_CUDA_ARCH_LIST            the arches of the CUDA extension (read by torch's builder too)
   DIA_FUSED_VERBOSE_BUILD         1: print the compiler output of the build on first use
@@ -29,18 +30,34 @@ ENV_AUTO_TABLE = "DIA_FUSED_AUTO_TABLE"
 ENV_TRITON_LSTM = "DIA_FUSED_TRITON_LSTM"
 ENV_TRITON_MAP = "DIA_FUSED_TRITON_MAP"
 ENV_TRITON_DOT_PRECISION = "DIA_FUSED_TRITON_DOT_PRECISION"
+ENV_CUDA_PATH = "DIA_FUSED_CUDA_PATH"
 ENV_TRITON_INTERPRET = "TRITON_INTERPRET"
 ENV_ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
 ENV_VERBOSE_BUILD = "DIA_FUSED_VERBOSE_BUILD"
 
 # what `python -m dia_fused` lists, in this order
 ALL = (ENV_BACKEND, ENV_AUTO_TABLE, ENV_TRITON_LSTM, ENV_TRITON_MAP, ENV_TRITON_DOT_PRECISION,
-       ENV_TRITON_INTERPRET, ENV_ARCH_LIST, ENV_VERBOSE_BUILD)
+       ENV_CUDA_PATH, ENV_TRITON_INTERPRET, ENV_ARCH_LIST, ENV_VERBOSE_BUILD)
+
+_encoded_names: Dict[str, object] = {}
 
 
 def raw(name: str) -> Optional[str]:
-    """The variable's text, None when unset or empty (empty means unset everywhere)."""
-    return os.environ.get(name) or None
+    """The variable's text, None when unset or empty (empty means unset everywhere).
+
+    Read on every step, so without os.environ.get where CPython allows: for an unset variable
+    (the usual case) get() raises and catches a KeyError inside, which costs more than the rest
+    of a step's settings lookup. os.environ's own backing dict, which get() reads and every
+    os.environ write updates, answers the same without it."""
+    environ = os.environ
+    data = getattr(environ, "_data", None)  # absent where os.environ was replaced by a dict
+    if data is None:
+        return environ.get(name) or None
+    key = _encoded_names.get(name)
+    if key is None:
+        key = _encoded_names[name] = environ.encodekey(name)
+    value = data.get(key)
+    return environ.decodevalue(value) or None if value is not None else None
 
 
 def backend_for_auto() -> str:

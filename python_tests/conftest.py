@@ -29,6 +29,15 @@ def emu(emulated_extension, monkeypatch):
     return emulated_extension
 
 
+@pytest.fixture
+def cuda_on_cpu(emu, monkeypatch):
+    """The cuda backend through ops.dia_step (the product's wiring), available for CPU tensors and
+    running the emulated kernels."""
+    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
+    monkeypatch.delenv("DIA_FUSED_BACKEND", raising=False)
+    return emu
+
+
 def pytest_terminal_summary(terminalreporter):
     """Tests skipped for a package that is not installed are named at the end with the install
     command, not only counted as "s" (the compat tests need pytorchcv, the export test onnx)."""

@@ -90,5 +90,8 @@ def test_arch_flags_default_to_sm80_and_sm90():
     assert flags == ["-gencode=arch=compute_80,code=[sm_80]",
                      "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
     assert cuda_build.arch_flags("9.0a") == ["-gencode=arch=compute_90a,code=[sm_90a]"]
+    # the same arches as CMake spells them (CMakeLists.txt reads them through --cmake)
+    assert cuda_build.cmake_architectures() == ["80-real", "90"]
+    assert cuda_build.cmake_architectures("9.0a;10.0+PTX") == ["90a-real", "100"]
     with pytest.raises(ValueError, match="sm_90"):
         cuda_build.arch_flags("sm_90")

@@ -14,9 +14,8 @@ import torch
 
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import capture_cuda_graph, compare_backend, random_step_inputs, step_outputs_and_grads
-
-from cuda_step_autograd import cuda_step
+from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend,
+                               random_step_inputs, step_outputs_and_grads)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,8 +32,17 @@ def backend_ready():
     assert reason is None, f"the cuda backend must be available on a GPU machine: {reason}"
 
 
+ops_step = backend_step("cuda")
+
+
+def forced(path):
+    """Steps (forward and backward) inside run the cuda kernels of `path`."""
+    return cuda_dia_step.use_settings(cuda_dia_step.KernelSettings(path=path))
+
+
 def check(inputs, dtype, path, relu=True, activation="sigmoid"):
-    errors = compare_backend(cuda_step(path), inputs, dtype, relu=relu, activation=activation)
+    with forced(path):
+        errors = compare_backend(ops_step, inputs, dtype, relu=relu, activation=activation)
     assert errors
 
 
@@ -115,8 +123,9 @@ def test_mixed_layouts():
 @pytest.mark.parametrize("path", ["fused", "split"])
 def test_deterministic(path):
     inputs = random_step_inputs(128, 128, 16, 16, reduction=4, device="cuda").to(torch.float32)
-    first = step_outputs_and_grads(cuda_step(path), inputs.to(torch.float32), relu=True)
-    second = step_outputs_and_grads(cuda_step(path), inputs.to(torch.float32), relu=True)
+    with forced(path):
+        first = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
+        second = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
     for key in first:
         assert torch.equal(first[key], second[key]), key
 
@@ -129,11 +138,13 @@ def test_cuda_graph_capture(path):
     identity = inputs.identity
     static_x, static_grad = x.clone(), torch.randn_like(x)
 
+    settings = cuda_dia_step.KernelSettings(path=path)
+
     def run():
         out, h_new, c_new, pooled = cuda_dia_step.forward(static_x, h, c, w, identity, True,
-                                                          "sigmoid", None, path=path)
+                                                          "sigmoid", None, settings)
         grads = cuda_dia_step.backward(static_grad, None, None, static_x, out, pooled, h, c, w,
-                                       True, True, "sigmoid", None, path=path)
+                                       True, True, "sigmoid", None, settings)
         return out, h_new, grads[0]
 
     graph, captured = capture_cuda_graph(run, warmup=1)

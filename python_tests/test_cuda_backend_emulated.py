@@ -14,10 +14,9 @@ import torch
 
 from dia_fused import reference
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import compare_backend, random_step_inputs
+from dia_fused.testing import backend_step, compare_backend, random_step_inputs
 
 import cuda_emulation
-from cuda_step_autograd import cuda_step
 
 pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
@@ -33,8 +32,17 @@ SHAPES = [
 ]
 
 
+ops_step = backend_step("cuda")
+
+
+def forced(path):
+    """Steps (forward and backward) inside run the cuda kernels of `path`."""
+    return cuda_dia_step.use_settings(cuda_dia_step.KernelSettings(path=path))
+
+
 def run(emu, inputs, dtype, path, **kwargs):
-    errors = compare_backend(cuda_step(path), inputs, dtype, **kwargs)
+    with forced(path):
+        errors = compare_backend(ops_step, inputs, dtype, **kwargs)
     assert errors, "nothing was compared"
     return errors
 
@@ -42,11 +50,11 @@ def run(emu, inputs, dtype, path, **kwargs):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("n,c,h,w,r", SHAPES)
-def test_fp32_shapes_layouts_paths(emu, n, c, h, w, r, path, channels_last):
+def test_fp32_shapes_layouts_paths(cuda_on_cpu, n, c, h, w, r, path, channels_last):
     inputs = random_step_inputs(n, c, h, w, reduction=r, channels_last=channels_last, seed=n + c)
-    run(emu, inputs, torch.float32, path, relu=True)
+    run(cuda_on_cpu, inputs, torch.float32, path, relu=True)
     expected = "forward_fused" if path == "fused" else "pool"
-    assert emu.launches[0] == expected
+    assert cuda_on_cpu.launches[0] == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -56,82 +64,84 @@ def test_fp32_shapes_layouts_paths(emu, n, c, h, w, r, path, channels_last):
     pytest.param(2, 16, 4, 4, 4, id="vec8-planes"),  # HW=16: 8 halves per access along H*W
     pytest.param(3, 24, 3, 3, 4, id="vec8-rows"),  # C=24: 8 halves per access along C only
 ])
-def test_half_dtypes(emu, n, c, h, w, r, path, channels_last, dtype):
+def test_half_dtypes(cuda_on_cpu, n, c, h, w, r, path, channels_last, dtype):
     inputs = random_step_inputs(n, c, h, w, reduction=r, channels_last=channels_last, seed=7)
-    run(emu, inputs, dtype, path, relu=True)
+    run(cuda_on_cpu, inputs, dtype, path, relu=True)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
-def test_cell_activations(emu, activation, path):
+def test_cell_activations(cuda_on_cpu, activation, path):
     inputs = random_step_inputs(4, 12, 3, 2, reduction=3, seed=11)
-    run(emu, inputs, torch.float32, path, relu=True, activation=activation)
+    run(cuda_on_cpu, inputs, torch.float32, path, relu=True, activation=activation)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("identity,relu", [(False, False), (True, False), (False, True)])
-def test_identity_and_relu_options(emu, identity, relu, path):
+def test_identity_and_relu_options(cuda_on_cpu, identity, relu, path):
     inputs = random_step_inputs(3, 10, 3, 3, reduction=2, identity=identity, seed=5)
-    run(emu, inputs, torch.float32, path, relu=relu)
+    run(cuda_on_cpu, inputs, torch.float32, path, relu=relu)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_mixed_layouts_identity_contiguous_x_channels_last(emu, path):
+def test_mixed_layouts_identity_contiguous_x_channels_last(cuda_on_cpu, path):
     inputs = random_step_inputs(2, 16, 4, 4, reduction=4, seed=3)
     inputs.x = inputs.x.contiguous(memory_format=torch.channels_last)
-    run(emu, inputs, torch.float32, path, relu=True)
+    run(cuda_on_cpu, inputs, torch.float32, path, relu=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_large_channels_split_only(emu, channels_last):
+def test_large_channels_split_only(cuda_on_cpu, channels_last):
     """C=260 > FUSED_MAX_CHANNELS: auto takes the split path, whose C tiles then run (channels_last:
     two row tiles of 256 channels per sample, which the apply passes walk mirrored)."""
     inputs = random_step_inputs(3, 260, 1, 2, reduction=20, seed=9, channels_last=channels_last)
-    run(emu, inputs, torch.float32, "auto", relu=True)
-    assert emu.launches[0] == "pool"
+    run(cuda_on_cpu, inputs, torch.float32, "auto", relu=True)
+    assert cuda_on_cpu.launches[0] == "pool"
     with pytest.raises(ValueError, match="path='fused' needs"):
-        cuda_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None, path="fused")
+        cuda_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None,
+                              cuda_dia_step.KernelSettings(path="fused"))
 
 
-def test_fused_limit_channels(emu):
+def test_fused_limit_channels(cuda_on_cpu):
     """C = FUSED_MAX_CHANNELS = 256 with R = 128: the largest one-block-per-sample case."""
     inputs = random_step_inputs(2, 256, 2, 1, reduction=2, channels_last=True, seed=2)
-    run(emu, inputs, torch.float32, "fused", relu=True)
+    run(cuda_on_cpu, inputs, torch.float32, "fused", relu=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_cells,dropout_p", [(2, 0.0), (3, 0.5)])
-def test_stacked_cells(emu, num_cells, dropout_p, dtype):
+def test_stacked_cells(cuda_on_cpu, num_cells, dropout_p, dtype):
     inputs = random_step_inputs(3, 12, 2, 3, reduction=4, num_cells=num_cells,
                                 dropout_p=dropout_p, seed=num_cells, channels_last=True)
     assert (inputs.dropout_masks is not None) == (dropout_p > 0)
-    run(emu, inputs, dtype, "auto", relu=True)
-    assert emu.launches[:3] == ["pool", "cell0_forward", "scale_residual"]
+    run(cuda_on_cpu, inputs, dtype, "auto", relu=True)
+    assert cuda_on_cpu.launches[:3] == ["pool", "cell0_forward", "scale_residual"]
 
 
-def test_auto_path_by_shape(emu):
+def test_auto_path_by_shape(cuda_on_cpu):
     small = random_step_inputs(2, 16, 4, 4, seed=1)  # C*HW = 256: one block per sample pays
     cuda_dia_step.forward(*small.args(), None, False, "sigmoid", None)
-    assert emu.launches == ["forward_fused"]
-    emu.launches.clear()
+    assert cuda_on_cpu.launches == ["forward_fused"]
+    cuda_on_cpu.launches.clear()
     big = random_step_inputs(2, 16, 40, 30, seed=1)  # 2 samples of 19200 elements: split
     cuda_dia_step.forward(*big.args(), None, False, "sigmoid", None)
-    assert emu.launches == ["pool", "cell0_forward", "scale_residual"]
+    assert cuda_on_cpu.launches == ["pool", "cell0_forward", "scale_residual"]
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_backward_with_broadcast_and_noncollapsible_grad_out(emu, path):
+def test_backward_with_broadcast_and_noncollapsible_grad_out(cuda_on_cpu, path):
     """grad_out as autograd may hand it over: an expanded scalar (all strides 0), and a map whose
     H and W do not collapse; both must give the gradients of the same dense grad_out (up to the
     summation order: the dense one takes the vectorized walk, the broadcast one cannot)."""
     inputs = random_step_inputs(2, 8, 4, 4, reduction=2, seed=4)
     x, h, c, w = inputs.args()
+    settings = cuda_dia_step.KernelSettings(path=path)
     out, _, _, pooled = cuda_dia_step.forward(x, h, c, w, inputs.identity, True, "sigmoid", None,
-                                              path=path)
+                                              settings)
 
     def grads(grad_out):
         return cuda_dia_step.backward(grad_out, None, None, x, out, pooled, h, c, w, True, True,
-                                      "sigmoid", None, path=path)
+                                      "sigmoid", None, settings)
 
     dense = grads(torch.full_like(out, 0.5))
     broadcast = grads(torch.tensor(0.5).expand(out.shape))
@@ -143,24 +153,25 @@ def test_backward_with_broadcast_and_noncollapsible_grad_out(emu, path):
             torch.testing.assert_close(a, b)
 
 
-def test_none_state_gradients_are_zero(emu):
+def test_none_state_gradients_are_zero(cuda_on_cpu):
     """backward with grad_h_new = grad_c_new = None equals backward with zero tensors."""
     inputs = random_step_inputs(3, 10, 2, 2, reduction=2, seed=8)
     x, h, c, w = inputs.args()
     for path in ("fused", "split"):
+        settings = cuda_dia_step.KernelSettings(path=path)
         out, h_new, c_new, pooled = cuda_dia_step.forward(x, h, c, w, None, False, "sigmoid", None,
-                                                          path=path)
+                                                          settings)
         grad_out = torch.randn_like(out)
-        args = (x, out, pooled, h, c, w, False, False, "sigmoid", None)
-        none = cuda_dia_step.backward(grad_out, None, None, *args, path=path)
+        args = (x, out, pooled, h, c, w, False, False, "sigmoid", None, settings)
+        none = cuda_dia_step.backward(grad_out, None, None, *args)
         zero = cuda_dia_step.backward(grad_out, torch.zeros_like(h_new), torch.zeros_like(c_new),
-                                      *args, path=path)
+                                      *args)
         assert none[1] is None and zero[1] is None
         for a, b in zip([*none[:1], *none[2:4], *none[4]], [*zero[:1], *zero[2:4], *zero[4]]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_deterministic(emu):
+def test_deterministic(cuda_on_cpu):
     inputs = random_step_inputs(33, 12, 2, 2, reduction=4, seed=12)
     first = compare_backend_outputs(inputs)
     second = compare_backend_outputs(inputs)
@@ -170,26 +181,30 @@ def test_deterministic(emu):
 
 def compare_backend_outputs(inputs):
     from dia_fused.testing import step_outputs_and_grads
-    result = step_outputs_and_grads(cuda_step("split"), inputs.to(torch.float32), relu=True)
+    with forced("split"):
+        result = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
     return [v for v in result.values() if v is not None]
 
 
-def test_paths_agree_with_each_other(emu):
+def test_paths_agree_with_each_other(cuda_on_cpu):
     """fused and split take different summation orders; both within tolerance is tested above,
     here they must also agree closely with each other."""
     from dia_fused.testing import step_outputs_and_grads
     inputs = random_step_inputs(4, 32, 4, 4, reduction=4, seed=13)
-    fused = step_outputs_and_grads(cuda_step("fused"), inputs.to(torch.float32), relu=True)
-    split = step_outputs_and_grads(cuda_step("split"), inputs.to(torch.float32), relu=True)
+    with forced("fused"):
+        fused = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
+    with forced("split"):
+        split = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
     for key in fused:
         torch.testing.assert_close(fused[key], split[key], rtol=1e-5, atol=1e-5, msg=key)
 
 
-def test_weights_in_half_precision_get_grads_in_their_dtype(emu):
+def test_weights_in_half_precision_get_grads_in_their_dtype(cuda_on_cpu):
     inputs = random_step_inputs(2, 8, 2, 2, reduction=2, seed=6)
     weights16 = [w.to(torch.float16).requires_grad_() for w in inputs.weights]
-    out, h, c = cuda_step("fused")(inputs.x, inputs.h, inputs.c, weights16, relu=False)
-    (out.sum() + h.sum()).backward()
+    with forced("fused"):
+        out, h, c = ops_step(inputs.x, inputs.h, inputs.c, weights16, relu=False)
+        (out.sum() + h.sum()).backward()
     assert all(w.grad is not None and w.grad.dtype == torch.float16 for w in weights16)
     ref_out, _, _ = reference.dia_lstm_step(inputs.x, inputs.h, inputs.c, weights16)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)

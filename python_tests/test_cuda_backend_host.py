@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from dia_fused import reference
+from dia_fused import reference, settings
 from dia_fused.kernels import cuda_build, cuda_dia_step
 from dia_fused.testing import random_step_inputs
 
@@ -51,10 +51,24 @@ def test_sources_are_found_and_complete():
     assert csrc is not None
     for name in cuda_build.SOURCES + cuda_build.HEADERS:
         assert os.path.isfile(os.path.join(csrc, name))
+    # CMakeLists.txt takes the list from cuda_build.py --cmake (run as CMake runs it) and keeps
+    # no copy of its own
+    run = subprocess.run([sys.executable, cuda_build.__file__, "--cmake"], capture_output=True,
+                         text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    lines = {line.split()[0][4:]: line[:-1].split()[1:] for line in run.stdout.splitlines()
+             if line.startswith("set(")}
+    assert lines["DIA_FUSED_SOURCES"] == [f"csrc/{name}" for name in cuda_build.SOURCES]
+    assert lines["DIA_FUSED_CUDA_ARCHITECTURES"] == ["80-real", "90"]
+    for name in lines["DIA_FUSED_SOURCES"] + lines["DIA_FUSED_HEADERS"]:
+        assert os.path.isfile(os.path.join(ROOT, name))
     with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
         cmake = f.read()
-    for name in cuda_build.SOURCES:  # CMakeLists.txt lists the same sources
-        assert f"csrc/{name}" in cmake
+    assert "/dia_fused/kernels/cuda_build.py" in cmake
+    assert '"${DIA_FUSED_BUILD_SETTINGS}" --cmake' in cmake
+    assert "add_library(dia_fused_objects OBJECT ${DIA_FUSED_SOURCES})" in cmake
+    for name in cuda_build.SOURCES + ("80-real",):
+        assert name not in cmake, f"CMakeLists.txt copies {name!r} from cuda_build.py"
 
 
 def test_arch_list_env_defers_to_torch(monkeypatch):
@@ -109,12 +123,28 @@ def test_stacked_backward_without_state_grads():
     torch.testing.assert_close(got, expected)
 
 
-def test_path_names_are_checked():
+def test_path_names_are_checked(monkeypatch):
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match="path: expected one of"):
-        cuda_dia_step._fused_path("fast", x, 1, 2)
+        cuda_dia_step.KernelSettings(path="fast")
     with pytest.raises(ValueError, match="path='fused' needs num_cells == 1"):
         cuda_dia_step._fused_path("fused", x, 2, 2)
+    with pytest.raises(TypeError, match="settings: expected a KernelSettings, got str"):
+        with cuda_dia_step.use_settings("fused"):
+            pass
+
+
+def test_path_default_comes_from_the_environment_at_each_call(monkeypatch):
+    monkeypatch.delenv(settings.ENV_CUDA_PATH, raising=False)
+    assert cuda_dia_step.current_settings().path == "auto"
+    monkeypatch.setenv(settings.ENV_CUDA_PATH, "split")
+    assert cuda_dia_step.current_settings().path == "split"
+    with cuda_dia_step.use_settings(cuda_dia_step.KernelSettings(path="fused")):
+        assert cuda_dia_step.current_settings().path == "fused"
+    assert cuda_dia_step.current_settings().path == "split"
+    monkeypatch.setenv(settings.ENV_CUDA_PATH, "fast")
+    with pytest.raises(ValueError, match="DIA_FUSED_CUDA_PATH: expected one of"):
+        cuda_dia_step.current_settings()
 
 
 def test_the_constants_header_is_generated_from_cuda_build():

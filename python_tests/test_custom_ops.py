@@ -8,19 +8,10 @@ import torch
 import cuda_emulation
 import layout_cases
 from dia_fused import DIALSTM, ops
-from dia_fused.kernels import cuda_dia_step
 from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
 pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
                                 reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
-
-
-@pytest.fixture
-def cuda_on_cpu(emu, monkeypatch):
-    """The cuda backend, available for CPU tensors, running the emulated kernels."""
-    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
-    monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
-    return emu
 
 
 ops_step = backend_step("cuda")

@@ -1,4 +1,6 @@
 """Bad input gets a ValueError/TypeError naming the argument, with expected and actual."""
+import os
+
 import pytest
 import torch
 
@@ -105,3 +107,20 @@ def test_environment_variable_sets_what_auto_means_and_an_explicit_name_wins(mon
 def test_auto_never_picks_the_triton_interpreter_on_cpu(monkeypatch):
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
     assert ops.resolve_backend("auto", "cpu") == "reference"
+
+
+def test_settings_read_the_environment_as_os_environ_does(monkeypatch):
+    """settings.raw reads os.environ's backing dict (see its docstring): the same answers as
+    os.environ.get, unset and empty alike, a change seen at the next read, and a plain dict in
+    place of os.environ (as some test harnesses install) read through get()."""
+    from dia_fused import settings
+    name = "DIA_FUSED_TEST_VARIABLE"
+    monkeypatch.delenv(name, raising=False)
+    assert settings.raw(name) is None
+    for value, expected in (("block_n=32", "block_n=32"), ("", None), ("é,x", "é,x")):
+        monkeypatch.setenv(name, value)
+        assert settings.raw(name) == expected == (os.environ.get(name) or None)
+    monkeypatch.delenv(name)
+    assert settings.raw(name) is None
+    monkeypatch.setattr(os, "environ", {name: "tile=256"})
+    assert settings.raw(name) == "tile=256"

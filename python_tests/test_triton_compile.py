@@ -13,16 +13,18 @@ triton = pytest.importorskip("triton")
 pytestmark = pytest.mark.slow  # Triton's compiler and ptxas over every specialisation, two arches
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 @pytest.fixture(scope="module")
 def records():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    # the script imports dia_fused: the checkout's, also where the package is not pip-installed
-    env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
+    # the script's sys.path holds python_tests/, not the repository root: this checkout's dia_fused
+    paths = [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     run = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--arch", "80"],
-                         capture_output=True, text=True, env=env, timeout=900)
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if not lines and "nvidia" in run.stderr and "backend" in run.stderr.lower():
         pytest.skip(f"this triton has no NVIDIA backend: {run.stderr[-300:]}")

@@ -10,7 +10,7 @@ torch.utils.cpp_extension is imported only for a build (importing it on a CUDA b
 without a GPU prints a warning). A failed build is remembered for the process, with its reason;
 `reset_build()` forgets it so that the next CUDA use tries again (after installing ninja, say).
 
-Paths (chosen per call by shape, see `_fused_path`):
+Paths (chosen per call by shape, see `_fused_path`, unless the kernel settings force one):
   fused: one cell and C <= FUSED_MAX_CHANNELS: the forward is 1 kernel (one block per sample:
          pool -> cell 0 -> scale), the backward 2 (one block per sample, then the weight grads).
   split: pool, cell-0 reduced linears, expansion + pointwise, scale (4 kernels); backward 7.
@@ -19,16 +19,18 @@ Paths (chosen per call by shape, see `_fused_path`):
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import reference, settings
-from . import SUPPORTED_DTYPES, cuda_build, layouts
+from .. import reference
+from .. import settings as env
+from . import SUPPORTED_DTYPES, SettingsOverride, cuda_build, layouts
 from .cuda_build import ACTIVATION_CODES, FUSED_MAX_CHANNELS, FUSED_THREADS
 
 Tensor = torch.Tensor
@@ -42,6 +44,41 @@ INSTALL_HINT = ("install a CUDA build of torch and a CUDA toolkit, then run "
                 "`pip install --no-build-isolation .` in the dia_fused source tree (builds the "
                 "extension ahead of time), or keep a CUDA toolkit and ninja around for the "
                 "build on first use")
+
+
+
+@dataclass(frozen=True)
+class KernelSettings:
+    """What a step's launches depend on besides the tensors. `path`: "auto" chooses the kernels by
+    shape (_fused_path); "fused" and "split" force them (tests, benchmarks), and a forced fused
+    path raises for a step it cannot take. Default: DIA_FUSED_CUDA_PATH, else "auto"."""
+    path: str = "auto"
+
+    def __post_init__(self):
+        if self.path not in PATHS:
+            raise ValueError(f"path: expected one of {PATHS}, got {self.path!r}")
+
+
+_override = SettingsOverride(KernelSettings)
+
+
+def current_settings() -> KernelSettings:
+    """The settings a call without `settings=` runs with: those of the innermost use_settings(),
+    else the defaults with DIA_FUSED_CUDA_PATH applied (ValueError naming it when malformed)."""
+    override = _override.value
+    return override if override is not None else _from_environment(env.raw(env.ENV_CUDA_PATH))
+
+
+def use_settings(settings: KernelSettings) -> ContextManager[KernelSettings]:
+    """Steps inside run with `settings` (for callers that reach the kernels through ops.dia_step,
+    such as the tests, where no `settings=` argument can travel); see SettingsOverride."""
+    return _override.use(settings)
+
+
+@functools.lru_cache(maxsize=8)  # keyed on the variable's text: a new value is parsed once
+def _from_environment(path: Optional[str]) -> KernelSettings:
+    return KernelSettings(path=env.parse_choice(env.ENV_CUDA_PATH, path, PATHS, "auto"))
+
 
 _lock = threading.Lock()
 _extension = None
@@ -98,8 +135,8 @@ def _load():
                     extra_cflags=list(cuda_build.CXX_FLAGS),
                     extra_include_paths=[src],
                     extra_cuda_cflags=cuda_build.NVCC_FLAGS
-                    + cuda_build.default_arch_flags(settings.cuda_arch_list()),
-                    verbose=settings.verbose_build())
+                    + cuda_build.default_arch_flags(env.cuda_arch_list()),
+                    verbose=env.verbose_build())
             except Exception as err:  # compiler errors: keep the message as the reason
                 _load_error = (f"building the CUDA extension on first use failed{aot_note}: "
                                f"{type(err).__name__}: {err}")
@@ -133,11 +170,15 @@ def unavailable_reason(device) -> Optional[str]:
     if not torch.cuda.is_available():
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
     major, minor = torch.cuda.get_device_capability(device)
-    if major < 8 and not settings.cuda_arch_list():
+    if major < 8 and not env.cuda_arch_list():
         return (f"the GPU has compute capability {major}.{minor}; the cuda backend is built for "
                 f"sm_80 and sm_90 by default: set TORCH_CUDA_ARCH_LIST={major}.{minor} and rebuild")
     if _load() is None:
         return _load_error
+    try:
+        current_settings()
+    except ValueError as err:
+        return f"its launch settings are malformed: {err}"
     return None
 
 
@@ -276,9 +317,7 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _fused_path(path: str, x: Tensor, num_cells: int, hidden: int) -> bool:
-    """Whether this call takes the one-block-per-sample kernels."""
-    if path not in PATHS:
-        raise ValueError(f"path: expected one of {PATHS}, got {path!r}")
+    """Whether this call takes the one-block-per-sample kernels (`path` of KernelSettings)."""
     n, channels, hw = x.shape[0], x.shape[1], x.shape[2] * x.shape[3]
     fits = num_cells == 1 and channels <= FUSED_MAX_CHANNELS and 2 * hidden <= FUSED_THREADS
     if path == "fused":
@@ -294,10 +333,11 @@ def _fused_path(path: str, x: Tensor, num_cells: int, hidden: int) -> bool:
 
 
 def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity: Optional[Tensor],
-            relu: bool, activation: str, dropout_masks: Optional[Tensor], *, path: str = "auto"
-            ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            relu: bool, activation: str, dropout_masks: Optional[Tensor],
+            settings: Optional[KernelSettings] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
-    `path` forces the fused or split kernels (tests); the contract's callers leave it."""
+    `settings` default: current_settings()."""
+    path = (settings or current_settings()).path
     ext = _extension_for(x)
     # maps the kernels cannot walk as (N, C, H*W) with out laid like x: a view or one copy
     x = layouts.canonical(x)
@@ -324,11 +364,13 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
 def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optional[Tensor],
              x: Tensor, out: Tensor, pooled: Tensor, h: Tensor, c: Tensor,
              weights: Sequence[Tensor], identity_given: bool, relu: bool, activation: str,
-             dropout_masks: Optional[Tensor], *, path: str = "auto"
+             dropout_masks: Optional[Tensor], settings: Optional[KernelSettings] = None
              ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
     """(grad_x, grad_identity or None, grad_h, grad_c, fp32 grad_weights in weight order: the
     caller casts each to its weight's dtype, once).
-    grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c)."""
+    grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c).
+    `settings` default: current_settings()."""
+    path = (settings or current_settings()).path
     ext = _extension_for(x)
     x = layouts.canonical(x)  # as the forward saw it
     grad_out = _grad_out_for_kernels(grad_out, x)

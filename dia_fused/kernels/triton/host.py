@@ -34,18 +34,15 @@ Runs on CUDA tensors, and on CPU tensors when the kernels were defined under TRI
 """
 from __future__ import annotations
 
-from __future__ import annotations
-
-import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Tuple
+from typing import ContextManager, Optional, Sequence, Tuple
 
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
 from ... import reference
-from .. import SUPPORTED_DTYPES, layouts
+from .. import SUPPORTED_DTYPES, SettingsOverride, layouts
 from ..cuda_build import ACTIVATION_CODES
 from . import config as settings_of
 from .config import KernelSettings, LSTMConfig, MapConfig
@@ -59,27 +56,20 @@ Tensor = torch.Tensor
 # fact about the imported kernels, where the variable could have changed since
 INTERPRETED = isinstance(_pool_kernel, InterpretedFunction)
 
-_override: Optional[KernelSettings] = None
+_override = SettingsOverride(KernelSettings)
 
 
 def current_settings() -> KernelSettings:
     """The settings a call without `settings=` runs with: those of the innermost use_settings(),
     else the defaults with the DIA_FUSED_TRITON_* variables applied (ValueError naming a bad one)."""
-    return _override if _override is not None else settings_of.from_environment(INTERPRETED)
+    override = _override.value
+    return override if override is not None else settings_of.from_environment(INTERPRETED)
 
 
-@contextlib.contextmanager
-def use_settings(settings: KernelSettings) -> Iterator[KernelSettings]:
+def use_settings(settings: KernelSettings) -> ContextManager[KernelSettings]:
     """Steps inside run with `settings` (for callers that reach the kernels through ops.dia_step,
-    such as the tuner and tests, where no `settings=` argument can travel)."""
-    global _override
-    if not isinstance(settings, KernelSettings):
-        raise TypeError(f"settings: expected a KernelSettings, got {type(settings).__name__}")
-    previous, _override = _override, settings
-    try:
-        yield settings
-    finally:
-        _override = previous
+    such as the tuner and tests, where no `settings=` argument can travel); see SettingsOverride."""
+    return _override.use(settings)
 
 
 def unavailable_reason(device) -> Optional[str]:
