@@ -11,6 +11,7 @@ nothing and works without a GPU or toolkit.
 
 The csrc/ sources ship inside the package as dia_fused/csrc for the build on first use.
 """
+
 import importlib.util
 import os
 
@@ -39,23 +40,31 @@ def cuda_extensions():
         from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
     except ImportError as err:
         if mode == "1":
-            raise RuntimeError("DIA_FUSED_BUILD_CUDA=1 needs torch importable at build time: "
-                               "pip install --no-build-isolation .") from err
+            raise RuntimeError(
+                "DIA_FUSED_BUILD_CUDA=1 needs torch importable at build time: "
+                "pip install --no-build-isolation ."
+            ) from err
         return [], {}
     if torch.version.cuda is None or CUDA_HOME is None:
         if mode == "1":
-            raise RuntimeError(f"DIA_FUSED_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA "
-                               f"toolkit (torch {torch.__version__}: torch.version.cuda="
-                               f"{torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+            raise RuntimeError(
+                f"DIA_FUSED_BUILD_CUDA=1 needs a CUDA build of torch and a CUDA "
+                f"toolkit (torch {torch.__version__}: torch.version.cuda="
+                f"{torch.version.cuda}, CUDA_HOME={CUDA_HOME})"
+            )
         return [], {}
 
     build = load_build_settings()
     csrc = os.path.join("csrc")
     ext = CUDAExtension(
-        build.EXTENSION_NAME, [os.path.join(csrc, f) for f in build.SOURCES],
+        build.EXTENSION_NAME,
+        [os.path.join(csrc, f) for f in build.SOURCES],
         include_dirs=[os.path.join(ROOT, csrc)],
-        extra_compile_args={"cxx": list(build.CXX_FLAGS),
-                            "nvcc": build.NVCC_FLAGS + build.default_arch_flags()})
+        extra_compile_args={
+            "cxx": list(build.CXX_FLAGS),
+            "nvcc": build.NVCC_FLAGS + build.default_arch_flags(),
+        },
+    )
 
     class BuildCudaExtension(BuildExtension.with_options(use_ninja=True)):
         def build_extension(self, extension):
@@ -64,8 +73,10 @@ def cuda_extensions():
             except Exception as err:  # auto: the install goes on, the build on first use reports
                 if mode == "1":
                     raise
-                self.warn(f"dia_fused: building {extension.name} failed ({err}); the cuda backend "
-                          f"will try again on first CUDA use and report why it cannot")
+                self.warn(
+                    f"dia_fused: building {extension.name} failed ({err}); the cuda backend "
+                    f"will try again on first CUDA use and report why it cannot"
+                )
 
     return [ext], {"build_ext": BuildCudaExtension}
 
@@ -75,7 +86,10 @@ setup(
     packages=find_packages(include=["dia_fused", "dia_fused.*"]) + ["dia_fused.csrc"],
     package_dir={"dia_fused.csrc": "csrc"},
     # auto_backend.json: the measured table behind backend="auto" (bench/make_auto_table.py)
-    package_data={"dia_fused.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"], "dia_fused": ["auto_backend.json"]},
+    package_data={
+        "dia_fused.csrc": ["*.cu", "*.cuh", "*.h", "*.cpp"],
+        "dia_fused": ["auto_backend.json"],
+    },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

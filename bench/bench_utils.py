@@ -1,9 +1,16 @@
 """Shared pieces of the microbenchmarks: the device, synchronised timing and bandwidth figures."""
+
 import torch
 
 # Peak HBM bandwidth (bytes/s) by device name, for the "% of peak" figure; None if unknown.
-PEAK_BANDWIDTH = (("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12),
-                  ("A100-SXM4-80GB", 2.039e12), ("A100", 1.555e12))
+PEAK_BANDWIDTH = (
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100", 1.555e12),
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")

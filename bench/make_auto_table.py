@@ -8,6 +8,7 @@ sessions: per GPU and measured step, each backend's median time (pytest-benchmar
 GPUs already in the output table and absent from the new results are kept; a GPU present in both
 is replaced by the new measurements. CPU results are ignored (auto never picks the interpreter).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,33 +46,62 @@ def measured_devices(files: List[str]) -> Dict[str, dict]:
             bench = json.load(f)
         for b in bench.get("benchmarks", []):
             info = b.get("extra_info", {})
-            if info.get("impl") not in backend_table.BACKEND_NAMES or info.get("device", "cpu") == "cpu":
+            if (
+                info.get("impl") not in backend_table.BACKEND_NAMES
+                or info.get("device", "cpu") == "cpu"
+            ):
                 continue
             n, c, h, w = info["shape"]
             dtype = info["dtype"].replace("torch.", "")
             direction = "fwd_bwd" if "fwd_bwd" in b["name"] else "fwd"
             key = (c, h * w, dtype, direction)
             entry = steps.setdefault(info["device"], {}).setdefault(
-                key, {"channels": c, "hw": h * w, "batch": n, "dtype": dtype, "pass": direction, "ms": {}})
+                key,
+                {
+                    "channels": c,
+                    "hw": h * w,
+                    "batch": n,
+                    "dtype": dtype,
+                    "pass": direction,
+                    "ms": {},
+                },
+            )
             entry["ms"][info["impl"]] = round(info["per_call_ms"], 6)
             sources.setdefault(info["device"], set()).add(
-                f"{os.path.relpath(path)} (torch {info.get('torch', '?')})")
-    return {device: {"source": "; ".join(sorted(sources[device])),
-                     "steps": [entries[k] for k in sorted(entries)]} for device, entries in steps.items()}
+                f"{os.path.relpath(path)} (torch {info.get('torch', '?')})"
+            )
+    return {
+        device: {
+            "source": "; ".join(sorted(sources[device])),
+            "steps": [entries[k] for k in sorted(entries)],
+        }
+        for device, entries in steps.items()
+    }
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", help="results folders (step_bench*.json) or JSON files")
-    parser.add_argument("-o", "--output", default=backend_table.DEFAULT_TABLE,
-                        help="the table to write or update (default: the one dia_fused ships)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "results", nargs="+", help="results folders (step_bench*.json) or JSON files"
+    )
+    parser.add_argument(
+        "-o",
+        "--output",
+        default=backend_table.DEFAULT_TABLE,
+        help="the table to write or update (default: the one dia_fused ships)",
+    )
     args = parser.parse_args(argv)
     try:
         devices = measured_devices(step_files(args.results))
     except FileNotFoundError as err:
         parser.error(str(err))
     if not devices:
-        parser.error("no GPU step benchmarks of the reference, triton or cuda backends in " + ", ".join(args.results))
+        parser.error(
+            "no GPU step benchmarks of the reference, triton or cuda backends in "
+            + ", ".join(args.results)
+        )
     table = {"format": backend_table.FORMAT, "devices": {}}
     if os.path.exists(args.output):
         with open(args.output) as f:
@@ -89,8 +119,10 @@ def main(argv=None) -> int:
         for step in entry["steps"]:
             best = min(step["ms"], key=step["ms"].get)
             wins[best] = wins.get(best, 0) + 1
-        print(f"{device}: {len(entry['steps'])} steps, fastest: "
-              + ", ".join(f"{name} {count}" for name, count in sorted(wins.items())))
+        print(
+            f"{device}: {len(entry['steps'])} steps, fastest: "
+            + ", ".join(f"{name} {count}" for name, count in sorted(wins.items()))
+        )
     print(f"wrote {args.output}")
     return 0
 

@@ -14,6 +14,7 @@ Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train
 prefix for autocast, ratios to plain, auto's backend per DIA unit ({,bf16_}dia_fused_{train,infer}_backends),
 plus device, versions and the settings.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,23 +56,31 @@ def pytorchcv_installed() -> bool:
 
 
 def default_variants(device) -> list:
-    return [key for key in VARIANTS
-            if (key not in EXPLICIT_FUSED
-                or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
-                and torch.device(device).type == "cuda")
-            and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())]
+    return [
+        key
+        for key in VARIANTS
+        if (
+            key not in EXPLICIT_FUSED
+            or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
+            and torch.device(device).type == "cuda"
+        )
+        and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())
+    ]
 
 
 def pytorchcv_model(name: str) -> nn.Module:
     """A pytorchcv DIA model by name, from its own module (pytorchcv's model_provider imports
     every family, some of which need packages that are not installed)."""
     import importlib
+
     family = "diapreresnet" if name.startswith("diapreresnet") else "diaresnet"
     module = family + ("_cifar" if name.endswith(("_cifar10", "_cifar100", "_svhn")) else "")
     factory = getattr(importlib.import_module(f"pytorchcv.models.{module}"), name, None)
     if not name.startswith("dia") or factory is None:
-        raise ValueError(f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
-                         f"diapreresnet*), got {name!r}")
+        raise ValueError(
+            f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
+            f"diapreresnet*), got {name!r}"
+        )
     return factory()
 
 
@@ -161,15 +170,26 @@ def run(args) -> dict:
     device = torch.device(args.device)
     result = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "cuda": torch.version.cuda, "dia_fused": dia_fused.__version__,
-        "depth": args.depth, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "dia_fused": dia_fused.__version__,
+        "depth": args.depth,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
         "channels_last": args.channels_last,
-        "pytorchcv_model": (args.pytorchcv_model
-                            if any(VARIANTS[k][0] == PYTORCHCV for k in args.variants) else None),
+        "pytorchcv_model": (
+            args.pytorchcv_model
+            if any(VARIANTS[k][0] == PYTORCHCV for k in args.variants)
+            else None
+        ),
     }
     try:
         import triton
+
         result["triton"] = triton.__version__
     except ImportError:
         result["triton"] = None
@@ -180,9 +200,14 @@ def run(args) -> dict:
             result[f"{label}{key}_train_ms"] = train_ms
             result[f"{label}{key}_infer_ms"] = infer_ms
             if key == "dia_fused":  # auto's choice per unit, e.g. "cuda/cuda/triton"
-                result.update({f"{label}dia_fused_{phase}_backends": b for phase, b in backends.items()})
-            print(f"{label or 'fp32_'}{key:<14} train {train_ms:9.2f} ms   infer {infer_ms:9.2f} ms",
-                  file=sys.stderr, flush=True)
+                result.update(
+                    {f"{label}dia_fused_{phase}_backends": b for phase, b in backends.items()}
+                )
+            print(
+                f"{label or 'fp32_'}{key:<14} train {train_ms:9.2f} ms   infer {infer_ms:9.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
         if {"pytorchcv_dia", "pytorchcv_dia_accelerated"} <= set(args.variants):
             for phase in ("train", "infer"):
                 before = result[f"{label}pytorchcv_dia_{phase}_ms"]
@@ -192,25 +217,38 @@ def run(args) -> dict:
             if key != "plain" and "plain" in args.variants:
                 for phase in ("train", "infer"):
                     result[f"{label}{key}_{phase}_ratio_to_plain"] = (
-                        result[f"{label}{key}_{phase}_ms"] / result[f"{label}plain_{phase}_ms"])
+                        result[f"{label}{key}_{phase}_ms"] / result[f"{label}plain_{phase}_ms"]
+                    )
     return result
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--depth", type=int, default=164, help="ResNet depth (bottleneck: 9n+2)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
-                        help="default: all, dia_triton / dia_cuda where that backend runs on the device")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=list(VARIANTS),
+        help="default: all, dia_triton / dia_cuda where that backend runs on the device",
+    )
+    parser.add_argument(
+        "--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs"
+    )
     parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--pytorchcv-model", default=None,
-                        help="the pytorchcv DIA model of the pytorchcv_dia variants (default: "
-                             "diaresnet{depth}bn_cifar100)")
+    parser.add_argument(
+        "--pytorchcv-model",
+        default=None,
+        help="the pytorchcv DIA model of the pytorchcv_dia variants (default: "
+        "diaresnet{depth}bn_cifar100)",
+    )
     args = parser.parse_args(argv)
     if args.pytorchcv_model is None:
         args.pytorchcv_model = f"diaresnet{args.depth}bn_cifar100"

@@ -6,6 +6,7 @@ the share of the device's peak memory bandwidth.
 
     python bench/summarize.py bench/results/2026-11-25_h100 > BENCHMARKS.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 MODEL_ROWS = ["dia_fused", "dia_triton", "dia_cuda", "dia_compiled", "dia_reference", "se", "plain"]
-TARGET_RATIO = 1.10  # DIA-ResNet-164 with dia_fused vs plain ResNet-164, train and inference (issue 6)
+TARGET_RATIO = (
+    1.10  # DIA-ResNet-164 with dia_fused vs plain ResNet-164, train and inference (issue 6)
+)
 
 
 def _load(folder: str, name: str):
@@ -28,11 +31,17 @@ def _load(folder: str, name: str):
 
 
 def model_table(result: dict) -> List[str]:
-    columns = [(prefix, phase) for prefix in ("", "bf16_") for phase in ("train", "infer")
-               if f"{prefix}plain_{phase}_ms" in result]
+    columns = [
+        (prefix, phase)
+        for prefix in ("", "bf16_")
+        for phase in ("train", "infer")
+        if f"{prefix}plain_{phase}_ms" in result
+    ]
     header = " | ".join(f"{'bf16' if p else 'fp32'} {phase}" for p, phase in columns)
-    lines = [f"| DIA-ResNet-{result.get('depth', '?')}, batch {result.get('batch', '?')} | {header} |",
-             "|---" * (len(columns) + 1) + "|"]
+    lines = [
+        f"| DIA-ResNet-{result.get('depth', '?')}, batch {result.get('batch', '?')} | {header} |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
     for key in MODEL_ROWS:
         cells = []
         for prefix, phase in columns:
@@ -51,8 +60,11 @@ def model_table(result: dict) -> List[str]:
 
 def _auto_choice(result: dict) -> str:
     """auto's backend per DIA unit as model_bench recorded it, e.g. 'train cuda/cuda/triton, infer ...'."""
-    phases = [f"{phase} {result[f'dia_fused_{phase}_backends']}" for phase in ("train", "infer")
-              if result.get(f"dia_fused_{phase}_backends")]
+    phases = [
+        f"{phase} {result[f'dia_fused_{phase}_backends']}"
+        for phase in ("train", "infer")
+        if result.get(f"dia_fused_{phase}_backends")
+    ]
     return ", ".join(phases) or result.get("dia_fused_backend", "?")
 
 
@@ -68,10 +80,14 @@ def step_table(bench: dict) -> List[str]:
         key = ("x".join(map(str, info["shape"])), info["dtype"].replace("torch.", ""), direction)
         cells[key][info["impl"]] = info
     order = ["reference", "compiled_reference", "triton", "cuda", "triton_graph", "cuda_graph"]
-    impls = sorted({impl for row in cells.values() for impl in row},
-                   key=lambda i: order.index(i) if i in order else len(order))
-    lines = ["| step | dtype | pass | " + " | ".join(impls) + " | best fused % of peak BW |",
-             "|---" * (len(impls) + 4) + "|"]
+    impls = sorted(
+        {impl for row in cells.values() for impl in row},
+        key=lambda i: order.index(i) if i in order else len(order),
+    )
+    lines = [
+        "| step | dtype | pass | " + " | ".join(impls) + " | best fused % of peak BW |",
+        "|---" * (len(impls) + 4) + "|",
+    ]
     for (shape, dtype, direction), row in sorted(cells.items()):
         ref = row.get("reference", {}).get("per_call_ms")
         out = []
@@ -85,14 +101,20 @@ def step_table(bench: dict) -> List[str]:
                 out.append(f"{ref / ms:.1f}x ({ms:.3f} ms)")
         fused = [row[i] for i in ("triton", "cuda", "triton_graph", "cuda_graph") if i in row]
         best = min(fused, key=lambda i: i["per_call_ms"]) if fused else None
-        peak = f"{best['pct_peak_bandwidth']:.0f}% ({best['impl']})" if best and "pct_peak_bandwidth" in best else "-"
+        peak = (
+            f"{best['pct_peak_bandwidth']:.0f}% ({best['impl']})"
+            if best and "pct_peak_bandwidth" in best
+            else "-"
+        )
         lines.append(f"| {shape} | {dtype} | {direction} | " + " | ".join(out) + f" | {peak} |")
     return lines
 
 
 def step_bench_names(folder: str) -> List[str]:
     """step_bench.json, step_bench_compiled.json, ...: the parts of one folder's step benchmarks."""
-    return sorted(f for f in os.listdir(folder) if f.startswith("step_bench") and f.endswith(".json"))
+    return sorted(
+        f for f in os.listdir(folder) if f.startswith("step_bench") and f.endswith(".json")
+    )
 
 
 def summarize(folder: str) -> str:
@@ -101,17 +123,30 @@ def summarize(folder: str) -> str:
     steps: Optional[dict] = None
     for name in step_bench_names(folder):  # one table
         part = _load(folder, name)
-        steps = part if steps is None else {**steps, "benchmarks": steps["benchmarks"] + part["benchmarks"]}
+        steps = (
+            part
+            if steps is None
+            else {**steps, "benchmarks": steps["benchmarks"] + part["benchmarks"]}
+        )
     if model is None and steps is None:
         raise FileNotFoundError(f"{folder}: neither model_bench.json nor step_bench*.json is there")
-    lines = ["# Benchmarks", "", f"Measured by `bench/gpu_session.sh`; raw files in `{folder}`.", ""]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured by `bench/gpu_session.sh`; raw files in `{folder}`.",
+        "",
+    ]
     if env:
         lines += ["```", env.strip(), "```", ""]
     if model is not None:
-        lines += [f"## DIA-ResNet-{model.get('depth')}: time per step, as a ratio to plain ResNet-{model.get('depth')}",
-                  "", f"Device {model.get('device')}, torch {model.get('torch')}, triton {model.get('triton')}, "
-                  f"median of {model.get('steps')} steps after {model.get('warmup')} warm-up; target for "
-                  f"dia_fused: <= {TARGET_RATIO:.2f}x (✓ where met).", ""]
+        lines += [
+            f"## DIA-ResNet-{model.get('depth')}: time per step, as a ratio to plain ResNet-{model.get('depth')}",
+            "",
+            f"Device {model.get('device')}, torch {model.get('torch')}, triton {model.get('triton')}, "
+            f"median of {model.get('steps')} steps after {model.get('warmup')} warm-up; target for "
+            f"dia_fused: <= {TARGET_RATIO:.2f}x (✓ where met).",
+            "",
+        ]
         lines += model_table(model) + [""]
     if steps is not None:
         lines += ["## One DIA step: speed-up over the eager reference", ""]
@@ -120,8 +155,12 @@ def summarize(folder: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("folder", help="a results folder (env.txt, model_bench.json, step_bench.json)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "folder", help="a results folder (env.txt, model_bench.json, step_bench.json)"
+    )
     parser.add_argument("-o", "--output", help="write here instead of standard output")
     args = parser.parse_args(argv)
     try:

@@ -1,5 +1,6 @@
 """bench/summarize.py renders BENCHMARKS.md from real (CPU, tiny) outputs of model_bench.py and of
 pytest-benchmark's JSON, so that the GPU session's results only need running it."""
+
 import os
 import subprocess
 import sys
@@ -13,19 +14,59 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_summary_from_model_bench_and_step_bench(tmp_path):
-    assert model_bench.main(["--json", str(tmp_path / "model_bench.json"), "--depth", "11", "--batch", "2",
-                             "--steps", "1", "--warmup", "1", "--no-bf16",
-                             "--variants", "plain", "dia_fused", "dia_reference"]) == 0
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.join(HERE, "test_step_bench.py"),
-                          "-k", "reference-8x256x8x8-float32 and not compiled", f"--benchmark-json={tmp_path / 'step_bench.json'}"],
-                         capture_output=True, text=True, cwd=HERE, timeout=600,
-                         # the checkout's dia_fused, also where the package is not pip-installed
-                         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE) + os.pathsep
-                                  + os.environ.get("PYTHONPATH", "")))
+    assert (
+        model_bench.main(
+            [
+                "--json",
+                str(tmp_path / "model_bench.json"),
+                "--depth",
+                "11",
+                "--batch",
+                "2",
+                "--steps",
+                "1",
+                "--warmup",
+                "1",
+                "--no-bf16",
+                "--variants",
+                "plain",
+                "dia_fused",
+                "dia_reference",
+            ]
+        )
+        == 0
+    )
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(HERE, "test_step_bench.py"),
+            "-k",
+            "reference-8x256x8x8-float32 and not compiled",
+            f"--benchmark-json={tmp_path / 'step_bench.json'}",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=600,
+        # the checkout's dia_fused, also where the package is not pip-installed
+        env=dict(
+            os.environ,
+            PYTHONPATH=os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        ),
+    )
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     (tmp_path / "env.txt").write_text("gpu: none (CPU test)\n")
     text = summarize.summarize(str(tmp_path))
-    assert "| dia_fused (auto: train reference/reference/reference, infer reference/reference/reference) |" in text and "| plain | 1.00x" in text
+    assert (
+        "| dia_fused (auto: train reference/reference/reference, infer reference/reference/reference) |"
+        in text
+        and "| plain | 1.00x" in text
+    )
     assert "| dia_reference |" in text
     step_rows = [line for line in text.splitlines() if line.startswith("| 8x256x8x8 | float32 |")]
     assert {row.split(" | ")[2] for row in step_rows} == {"fwd", "fwd+bwd"}

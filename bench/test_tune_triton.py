@@ -1,5 +1,6 @@
 """The tuning harness runs end to end: on CPU under the Triton interpreter with a tiny shape (its
 timings mean nothing there), on a GPU through bench/gpu_session.sh with the real shapes."""
+
 import json
 import os
 import subprocess
@@ -26,12 +27,20 @@ def test_tuning_harness_smoke(tmp_path):
     pytest.importorskip("triton")  # the harness runs its candidates under TRITON_INTERPRET=1 itself
     out = tmp_path / "tune.json"
     script = os.path.join(HERE, "tune_triton.py")
-    run = subprocess.run([sys.executable, script, "--smoke", "--json", str(out)],
-                         capture_output=True, text=True, env=_repo_env(TRITON_INTERPRET="1"),
-                         cwd=ROOT, timeout=600)
+    run = subprocess.run(
+        [sys.executable, script, "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        env=_repo_env(TRITON_INTERPRET="1"),
+        cwd=ROOT,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads(out.read_text())
-    assert {(r["config"], r["map_config"]) for r in records} == {("defaults", "defaults"), ("forward_groups=1", "defaults"),
-                                                                   ("defaults", "tile=256")}
+    assert {(r["config"], r["map_config"]) for r in records} == {
+        ("defaults", "defaults"),
+        ("forward_groups=1", "defaults"),
+        ("defaults", "tile=256"),
+    }
     assert all(r["ok"] and r["triton_forward_backward_ms"] > 0 for r in records)
     assert "best over all shapes" in run.stdout

@@ -15,30 +15,55 @@ as an LSTM candidate). Reports, per shape,
 forward and forward+backward times of each candidate next to the eager reference, and the best
 candidate that passed the tolerance rule everywhere.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
 import sys
 
-CANDIDATES = ["", "forward_groups=1", "forward_groups=8", "block_n=32", "block_c=32",
-              "block_c=32,block_k=16,num_warps=4", "split_min=0", "split_min=1000000000"]
+CANDIDATES = [
+    "",
+    "forward_groups=1",
+    "forward_groups=8",
+    "block_n=32",
+    "block_c=32",
+    "block_c=32,block_k=16,num_warps=4",
+    "split_min=0",
+    "split_min=1000000000",
+]
 # more programs per map (channels_last N=128 C=64 pools with 128 programs by default), or wider tiles
-MAP_CANDIDATES = ["num_warps=8", "tile=8192,num_warps=8", "hw_block=512,tile=8192,num_warps=8", "hw_block=128",
-                  "c_block=32", "c_block=128,tile=8192,num_warps=8", "tile=2048"]
+MAP_CANDIDATES = [
+    "num_warps=8",
+    "tile=8192,num_warps=8",
+    "hw_block=512,tile=8192,num_warps=8",
+    "hw_block=128",
+    "c_block=32",
+    "c_block=128,tile=8192,num_warps=8",
+    "tile=2048",
+]
 PRECISIONS = ["ieee", "tf32x3"]
 # (N, C, H, W, r): CIFAR ResNet-164 stages at batch 128, ImageNet ResNet-50 stages at batch 64
-GPU_SHAPES = [(128, 64, 32, 32, 4), (128, 128, 16, 16, 4), (128, 256, 8, 8, 4),
-              (64, 256, 56, 56, 16), (64, 512, 28, 28, 16), (64, 1024, 14, 14, 16), (64, 2048, 7, 7, 16)]
+GPU_SHAPES = [
+    (128, 64, 32, 32, 4),
+    (128, 128, 16, 16, 4),
+    (128, 256, 8, 8, 4),
+    (64, 256, 56, 56, 16),
+    (64, 512, 28, 28, 16),
+    (64, 1024, 14, 14, 16),
+    (64, 2048, 7, 7, 16),
+]
 SMOKE_SHAPES = [(3, 24, 2, 2, 4)]
 
 
 def _time_ms(fn, on_gpu: bool) -> float:
     if on_gpu:
         import triton.testing
+
         return triton.testing.do_bench(fn, warmup=25, rep=100)
     import torch
     from model_bench import time_steps  # bench/ is the script's directory
+
     return time_steps(fn, torch.device("cpu"), warmup=1, steps=3)
 
 
@@ -94,21 +119,35 @@ def candidate_settings(config: str, map_config: str, precision: str):
     return triton_kernels.KernelSettings(
         lstm=triton_kernels.LSTMConfig.from_env(config),
         map=triton_kernels.MapConfig.from_env(map_config, base_map),
-        dot_precision=precision)
+        dot_precision=precision,
+    )
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--configs", nargs="*", default=None, help="LSTMConfig strings ('' = defaults)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--configs", nargs="*", default=None, help="LSTMConfig strings ('' = defaults)"
+    )
     parser.add_argument("--map-configs", nargs="*", default=None, help="MapConfig strings")
     parser.add_argument("--precisions", nargs="*", default=None, choices=PRECISIONS)
     parser.add_argument("--json", help="write every record to this file")
-    parser.add_argument("--smoke", action="store_true", help="tiny shape, two candidates (CPU harness check)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny shape, two candidates (CPU harness check)"
+    )
     opts = parser.parse_args(argv)
     shapes = SMOKE_SHAPES if opts.smoke else GPU_SHAPES
-    configs = opts.configs if opts.configs is not None else (["", "forward_groups=1"] if opts.smoke else CANDIDATES)
-    map_configs = (opts.map_configs if opts.map_configs is not None
-                   else (["tile=256"] if opts.smoke else MAP_CANDIDATES))
+    configs = (
+        opts.configs
+        if opts.configs is not None
+        else (["", "forward_groups=1"] if opts.smoke else CANDIDATES)
+    )
+    map_configs = (
+        opts.map_configs
+        if opts.map_configs is not None
+        else (["tile=256"] if opts.smoke else MAP_CANDIDATES)
+    )
     candidates = [(config, "") for config in configs] + [("", m) for m in map_configs]
     precisions = opts.precisions or (["ieee"] if opts.smoke else PRECISIONS)
     records = []
@@ -119,32 +158,47 @@ def main(argv=None) -> int:
                 settings = candidate_settings(config, map_config, precision)
                 lines = measure(shapes, settings, with_reference=first)
             except Exception as err:  # report the candidate and go on with the others
-                print(f"candidate {config!r} | map {map_config!r} / {precision}: failed: "
-                      f"{type(err).__name__}: {err}", file=sys.stderr)
+                print(
+                    f"candidate {config!r} | map {map_config!r} / {precision}: failed: "
+                    f"{type(err).__name__}: {err}",
+                    file=sys.stderr,
+                )
                 lines = []
             for line in lines:
-                line.update(config=config or "defaults", map_config=map_config or "defaults", precision=precision)
+                line.update(
+                    config=config or "defaults",
+                    map_config=map_config or "defaults",
+                    precision=precision,
+                )
                 records.append(line)
             first = False
     reference = {tuple(r["shape"]): r for r in records if "reference_forward_ms" in r}
-    print(f"{'shape':>18} {'candidate (lstm | map / precision)':>56} {'ok':>3} {'fwd ms':>8} {'x ref':>6} "
-          f"{'fwd+bwd ms':>10} {'x ref':>6}")
+    print(
+        f"{'shape':>18} {'candidate (lstm | map / precision)':>56} {'ok':>3} {'fwd ms':>8} {'x ref':>6} "
+        f"{'fwd+bwd ms':>10} {'x ref':>6}"
+    )
     for r in records:
         ref = reference.get(tuple(r["shape"]), {})
         speed_f = ref.get("reference_forward_ms", float("nan")) / r["triton_forward_ms"]
-        speed_b = ref.get("reference_forward_backward_ms", float("nan")) / r["triton_forward_backward_ms"]
+        speed_b = (
+            ref.get("reference_forward_backward_ms", float("nan")) / r["triton_forward_backward_ms"]
+        )
         label = f"{r['config']} | {r['map_config']} / {r['precision']}"
-        print(f"{'x'.join(map(str, r['shape'])):>18} {label:>56} "
-              f"{'yes' if r['ok'] else 'NO':>3} {r['triton_forward_ms']:8.4f} {speed_f:6.2f} "
-              f"{r['triton_forward_backward_ms']:10.4f} {speed_b:6.2f}")
+        print(
+            f"{'x'.join(map(str, r['shape'])):>18} {label:>56} "
+            f"{'yes' if r['ok'] else 'NO':>3} {r['triton_forward_ms']:8.4f} {speed_f:6.2f} "
+            f"{r['triton_forward_backward_ms']:10.4f} {speed_b:6.2f}"
+        )
     passing = {}
     for r in records:
         passing.setdefault((r["config"], r["map_config"], r["precision"]), []).append(r)
     good = {k: v for k, v in passing.items() if all(r["ok"] for r in v) and len(v) == len(shapes)}
     if good:
         best = min(good, key=lambda k: sum(r["triton_forward_backward_ms"] for r in good[k]))
-        print(f"best over all shapes (sum of forward+backward times, tolerance rule met): lstm {best[0]} | "
-              f"map {best[1]} / {best[2]}")
+        print(
+            f"best over all shapes (sum of forward+backward times, tolerance rule met): lstm {best[0]} | "
+            f"map {best[1]} / {best[2]}"
+        )
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(records, f, indent=1)

@@ -1,5 +1,6 @@
 """`python -m dia_fused`: versions, backends available here (and why the others are not), and for
 each available backend one DIALSTM step checked against the float64 reference and timed."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,15 @@ STATIC_ORDER = " > ".join(ops.AUTO_ORDER)  # auto's order without measurements
 
 
 def versions() -> dict:
-    info = {"dia_fused": __version__, "python": platform.python_version(), "torch": torch.__version__,
-            "torch CUDA": torch.version.cuda or "none (CPU build)"}
+    info = {
+        "dia_fused": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch CUDA": torch.version.cuda or "none (CPU build)",
+    }
     try:
         import triton
+
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "not installed"
@@ -29,7 +35,11 @@ def versions() -> dict:
         info["GPU"] = torch.cuda.get_device_name()
     for name in settings.ALL:
         info[name] = settings.raw(name) or "unset"
-    for name in (settings.ENV_TRITON_LSTM, settings.ENV_TRITON_MAP, settings.ENV_TRITON_DOT_PRECISION):
+    for name in (
+        settings.ENV_TRITON_LSTM,
+        settings.ENV_TRITON_MAP,
+        settings.ENV_TRITON_DOT_PRECISION,
+    ):
         info[name] = settings.raw(name) or "unset (defaults)"
     table = backend_table.table_path()
     if settings.raw(settings.ENV_AUTO_TABLE) is None:
@@ -50,6 +60,7 @@ def step_timer(name: str, inputs, backward: bool) -> "torch.utils.benchmark.Time
     # import warns on a CUDA build of torch without a GPU ("No CUDA runtime is found"); --no-check
     # times nothing
     from torch.utils import benchmark
+
     return benchmark.Timer("run()", globals={"run": run})
 
 
@@ -59,16 +70,22 @@ def check_backend(name: str, device: torch.device) -> dict:
     inputs = random_step_inputs(*shape, device=device, seed=0)
 
     def step(x, h, c, w, **kw):
-        return ops.dia_step(x, h, c, w, kw["identity"], kw["relu"], kw["activation"],
-                            kw["dropout_masks"], name)
+        return ops.dia_step(
+            x, h, c, w, kw["identity"], kw["relu"], kw["activation"], kw["dropout_masks"], name
+        )
 
     errors = compare_backend(step, inputs, torch.float32)
     timed = inputs.to().requires_grad_()
     min_run = 0.05 if interpreted else 0.2
     fwd = step_timer(name, timed, backward=False).blocked_autorange(min_run_time=min_run).median
     fwd_bwd = step_timer(name, timed, backward=True).blocked_autorange(min_run_time=min_run).median
-    return {"shape": shape, "max_error": max(errors.values()), "out_error": errors["out"],
-            "forward_ms": fwd * 1e3, "forward_backward_ms": fwd_bwd * 1e3}
+    return {
+        "shape": shape,
+        "max_error": max(errors.values()),
+        "out_error": errors["out"],
+        "forward_ms": fwd * 1e3,
+        "forward_backward_ms": fwd_bwd * 1e3,
+    }
 
 
 def main(argv=None) -> int:
@@ -100,18 +117,27 @@ def main(argv=None) -> int:
                 print(f"  {name:<10} FAILED the check against the float64 reference: {err}")
                 continue
             n, c, h, w = r["shape"]
-            print(f"  {name:<10} available; step N={n} C={c} {h}x{w} fp32: "
-                  f"max error vs float64 {r['max_error']:.2e} (out {r['out_error']:.2e}), "
-                  f"forward {r['forward_ms']:.3f} ms, forward+backward {r['forward_backward_ms']:.3f} ms")
+            print(
+                f"  {name:<10} available; step N={n} C={c} {h}x{w} fp32: "
+                f"max error vs float64 {r['max_error']:.2e} (out {r['out_error']:.2e}), "
+                f"forward {r['forward_ms']:.3f} ms, forward+backward {r['forward_backward_ms']:.3f} ms"
+            )
     device = devices[-1]
     n, c, h, w = SHAPES[device.type]
-    auto = ops.resolve_backend("auto", device, (c, h * w, "float32", True) if device.type == "cuda" else None)
+    auto = ops.resolve_backend(
+        "auto", device, (c, h * w, "float32", True) if device.type == "cuda" else None
+    )
     how = STATIC_ORDER
     if device.type == "cuda":
         name, table = torch.cuda.get_device_name(device), backend_table.table_path()
-        how = (f"fastest measured for the step's shape on this GPU ({table})" if backend_table.has_device(name)
-               else f"{how}: no measurements for {name} in {table} (bench/make_auto_table.py)")
-    print(f"\nbackend='auto' on {device} ({how}): a training step N={n} C={c} {h}x{w} fp32 runs {auto}")
+        how = (
+            f"fastest measured for the step's shape on this GPU ({table})"
+            if backend_table.has_device(name)
+            else f"{how}: no measurements for {name} in {table} (bench/make_auto_table.py)"
+        )
+    print(
+        f"\nbackend='auto' on {device} ({how}): a training step N={n} C={c} {h}x{w} fp32 runs {auto}"
+    )
     print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
     return 1 if failures else 0
 

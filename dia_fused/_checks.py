@@ -1,4 +1,5 @@
 """Argument checks shared by the public entry points: errors name the argument, expected, actual."""
+
 from __future__ import annotations
 
 import functools
@@ -19,8 +20,9 @@ def check_tensor(name: str, value, *, dims: Optional[int] = None) -> None:
     if value.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype {FLOAT_DTYPES}, got {value.dtype}")
     if dims is not None and value.dim() != dims:
-        raise ValueError(f"{name}: expected a {dims}-D tensor, got {value.dim()}-D of shape "
-                         f"{tuple(value.shape)}")
+        raise ValueError(
+            f"{name}: expected a {dims}-D tensor, got {value.dim()}-D of shape {tuple(value.shape)}"
+        )
 
 
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
@@ -37,16 +39,18 @@ def check_positive_int(name: str, value, *, minimum: int = 1) -> None:
 
 def check_same_device(name: str, value: Tensor, ref_name: str, ref: Tensor) -> None:
     if value.device != ref.device:
-        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), "
-                         f"got {value.device}")
+        raise ValueError(
+            f"{name}: expected device {ref.device} (the device of {ref_name}), got {value.device}"
+        )
 
 
 def check_identity(identity, x: Tensor) -> None:
     """The shortcut added after the attention: x's shape, dtype and device (never broadcast)."""
     check_tensor("identity", identity, dims=4)
     if identity.shape != x.shape:
-        raise ValueError(f"identity: expected the shape of x {tuple(x.shape)}, "
-                         f"got {tuple(identity.shape)}")
+        raise ValueError(
+            f"identity: expected the shape of x {tuple(x.shape)}, got {tuple(identity.shape)}"
+        )
     if identity.dtype != x.dtype:
         raise TypeError(f"identity: expected the dtype of x ({x.dtype}), got {identity.dtype}")
     check_same_device("identity", identity, "x", x)
@@ -66,43 +70,62 @@ def check_step_args(
     n, channels = x.shape[0], x.shape[1]
     check_choice("activation", activation, CELL_ACTIVATIONS)
     if not isinstance(weights, (list, tuple)):
-        raise TypeError(f"weights: expected a list or tuple of tensors, got {type(weights).__name__}")
+        raise TypeError(
+            f"weights: expected a list or tuple of tensors, got {type(weights).__name__}"
+        )
     num_cells = num_cells_of(weights)
     sdtype = state_dtype(x.dtype)
     for name, t in (("h", h), ("c", c)):
         check_tensor(f"state {name}", t, dims=3)
         if tuple(t.shape) != (num_cells, n, channels):
-            raise ValueError(f"state {name}: expected shape (num_cells, N, C) = "
-                             f"{(num_cells, n, channels)}, got {tuple(t.shape)}")
+            raise ValueError(
+                f"state {name}: expected shape (num_cells, N, C) = "
+                f"{(num_cells, n, channels)}, got {tuple(t.shape)}"
+            )
         if t.dtype != sdtype:
-            raise TypeError(f"state {name}: expected dtype {sdtype} (the state dtype for x of "
-                            f"{x.dtype}), got {t.dtype}")
+            raise TypeError(
+                f"state {name}: expected dtype {sdtype} (the state dtype for x of "
+                f"{x.dtype}), got {t.dtype}"
+            )
         check_same_device(f"state {name}", t, "x", x)
     hidden = weights[0].shape[0] if isinstance(weights[0], torch.Tensor) else None
     device = x.device
     # torch.compile traces the checks once per graph: the uncached function (no lru_cache warning)
-    shapes = _expected_weight_shapes.__wrapped__ if torch.compiler.is_compiling() else _expected_weight_shapes
+    shapes = (
+        _expected_weight_shapes.__wrapped__
+        if torch.compiler.is_compiling()
+        else _expected_weight_shapes
+    )
     for (name, expected), t in zip(shapes(num_cells, channels, hidden), weights):
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOAT_DTYPES:
             check_tensor(f"weight {name}", t)  # raises, naming what it got
         if t.device != device:
             check_same_device(f"weight {name}", t, "x", x)
         if t.shape != expected:
-            raise ValueError(f"weight {name}: expected shape {expected} for C={channels}, "
-                             f"got {tuple(t.shape)}")
+            raise ValueError(
+                f"weight {name}: expected shape {expected} for C={channels}, got {tuple(t.shape)}"
+            )
     if identity is not None:
         check_identity(identity, x)
     if num_cells > 1 and dropout_masks is not None:
         check_tensor("dropout_masks", dropout_masks, dims=3)
         if tuple(dropout_masks.shape) != (num_cells - 1, n, channels):
-            raise ValueError(f"dropout_masks: expected shape {(num_cells - 1, n, channels)}, "
-                             f"got {tuple(dropout_masks.shape)}")
+            raise ValueError(
+                f"dropout_masks: expected shape {(num_cells - 1, n, channels)}, "
+                f"got {tuple(dropout_masks.shape)}"
+            )
         check_same_device("dropout_masks", dropout_masks, "x", x)
 
 
-@functools.lru_cache(maxsize=256)  # every step checks its weights: the names and shapes once per unit shape
-def _expected_weight_shapes(num_cells: int, channels: int, hidden: Optional[int]) -> Tuple[Tuple[str, tuple], ...]:
-    return tuple((name, _expected_weight_shape(name, channels, hidden)) for name in weight_names(num_cells))
+@functools.lru_cache(
+    maxsize=256
+)  # every step checks its weights: the names and shapes once per unit shape
+def _expected_weight_shapes(
+    num_cells: int, channels: int, hidden: Optional[int]
+) -> Tuple[Tuple[str, tuple], ...]:
+    return tuple(
+        (name, _expected_weight_shape(name, channels, hidden)) for name in weight_names(num_cells)
+    )
 
 
 def _expected_weight_shape(name: str, channels: int, hidden: Optional[int]) -> tuple:

@@ -14,6 +14,7 @@ first; ops.resolve_backend runs the first one available. A GPU without an entry 
 order cuda > triton > reference. A table that is present but malformed raises (it is never
 skipped silently).
 """
+
 from __future__ import annotations
 
 import functools
@@ -30,8 +31,11 @@ DEFAULT_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "auto_b
 FORMAT = 1
 PASSES = ("fwd", "fwd_bwd")
 # where a dtype was not measured, the nearest stand-in: same element size first
-DTYPE_FALLBACK = {"float16": ("float16", "bfloat16", "float32"), "bfloat16": ("bfloat16", "float16", "float32"),
-                  "float32": ("float32",)}
+DTYPE_FALLBACK = {
+    "float16": ("float16", "bfloat16", "float32"),
+    "bfloat16": ("bfloat16", "float16", "float32"),
+    "float32": ("float32",),
+}
 
 
 def table_path() -> str:
@@ -56,9 +60,15 @@ def load_table(path: str) -> Dict[str, list]:
 
 def validate(table, path: str = "table") -> None:
     """Raises ValueError naming the first entry of `table` that is not of the format above."""
-    if not isinstance(table, dict) or table.get("format") != FORMAT or not isinstance(table.get("devices"), dict):
-        raise ValueError(f"{path}: expected {{'format': {FORMAT}, 'devices': {{...}}}}, got keys "
-                         f"{sorted(table) if isinstance(table, dict) else type(table).__name__}")
+    if (
+        not isinstance(table, dict)
+        or table.get("format") != FORMAT
+        or not isinstance(table.get("devices"), dict)
+    ):
+        raise ValueError(
+            f"{path}: expected {{'format': {FORMAT}, 'devices': {{...}}}}, got keys "
+            f"{sorted(table) if isinstance(table, dict) else type(table).__name__}"
+        )
     for name, device in table["devices"].items():
         steps = device.get("steps") if isinstance(device, dict) else None
         if not isinstance(steps, list):
@@ -69,35 +79,56 @@ def validate(table, path: str = "table") -> None:
                 raise ValueError(f"{where}: expected a dict, got {type(step).__name__}")
             for key in ("channels", "hw"):
                 if not isinstance(step.get(key), int) or step[key] < 1:
-                    raise ValueError(f"{where}.{key}: expected a positive int, got {step.get(key)!r}")
+                    raise ValueError(
+                        f"{where}.{key}: expected a positive int, got {step.get(key)!r}"
+                    )
             if step.get("dtype") not in DTYPE_FALLBACK:
-                raise ValueError(f"{where}.dtype: expected one of {sorted(DTYPE_FALLBACK)}, got {step.get('dtype')!r}")
+                raise ValueError(
+                    f"{where}.dtype: expected one of {sorted(DTYPE_FALLBACK)}, got {step.get('dtype')!r}"
+                )
             if step.get("pass") not in PASSES:
-                raise ValueError(f"{where}.pass: expected one of {PASSES}, got {step.get('pass')!r}")
+                raise ValueError(
+                    f"{where}.pass: expected one of {PASSES}, got {step.get('pass')!r}"
+                )
             ms = step.get("ms")
-            if not isinstance(ms, dict) or not ms or any(
-                    k not in BACKEND_NAMES or not isinstance(v, (int, float)) or v <= 0 for k, v in ms.items()):
-                raise ValueError(f"{where}.ms: expected {{backend: positive milliseconds}} over {BACKEND_NAMES}, "
-                                 f"got {ms!r}")
+            if (
+                not isinstance(ms, dict)
+                or not ms
+                or any(
+                    k not in BACKEND_NAMES or not isinstance(v, (int, float)) or v <= 0
+                    for k, v in ms.items()
+                )
+            ):
+                raise ValueError(
+                    f"{where}.ms: expected {{backend: positive milliseconds}} over {BACKEND_NAMES}, "
+                    f"got {ms!r}"
+                )
 
 
 def has_device(device_name: str) -> bool:
     return device_name in load_table(table_path())
 
 
-def nearest_step(steps: Sequence[dict], channels: int, hw: int, dtype: str, training: bool) -> Optional[dict]:
+def nearest_step(
+    steps: Sequence[dict], channels: int, hw: int, dtype: str, training: bool
+) -> Optional[dict]:
     """The measured step nearest to (channels, hw) among those of the pass and the closest dtype."""
     wanted_pass = PASSES[int(training)]
     for stand_in in DTYPE_FALLBACK.get(dtype, ("float32",)):
         candidates = [s for s in steps if s["pass"] == wanted_pass and s["dtype"] == stand_in]
         if candidates:
-            return min(candidates, key=lambda s: (math.log2(s["channels"] / channels) ** 2
-                                                  + math.log2(s["hw"] / hw) ** 2))
+            return min(
+                candidates,
+                key=lambda s: (
+                    math.log2(s["channels"] / channels) ** 2 + math.log2(s["hw"] / hw) ** 2
+                ),
+            )
     return None
 
 
-def measured_order(device_name: str, channels: int, hw: int, dtype: str, training: bool,
-                   path: Optional[str] = None) -> Optional[Tuple[str, ...]]:
+def measured_order(
+    device_name: str, channels: int, hw: int, dtype: str, training: bool, path: Optional[str] = None
+) -> Optional[Tuple[str, ...]]:
     """Backends fastest first at the nearest measured step on `device_name` in the table at
     `path` (default table_path()); None when the table has no step for it (then auto keeps its
     static order)."""
@@ -105,8 +136,9 @@ def measured_order(device_name: str, channels: int, hw: int, dtype: str, trainin
 
 
 @functools.lru_cache(maxsize=4096)  # every step asks: a cache hit is far cheaper than a search
-def _measured_order(path: str, device_name: str, channels: int, hw: int, dtype: str,
-                    training: bool) -> Optional[Tuple[str, ...]]:
+def _measured_order(
+    path: str, device_name: str, channels: int, hw: int, dtype: str, training: bool
+) -> Optional[Tuple[str, ...]]:
     steps = load_table(path).get(device_name)
     if not steps:
         return None

@@ -14,6 +14,7 @@ nn.DataParallel / DistributedDataParallel are unwrapped. The shared LSTM of each
 stage maps onto the stage's DIALSTM (official keys are DIALSTM's keys). The converted model keeps
 the source's reduction ratio and is returned in the source's train/eval mode.
 """
+
 from __future__ import annotations
 
 import re
@@ -25,7 +26,14 @@ from torch.overrides import TorchFunctionMode
 
 from .models import create_model
 from .models.blocks import DIANet
-from .models.networks import IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn, imagenet_resnet
+from .models.networks import (
+    IMAGENET_LAYERS,
+    cifar_preresnet,
+    cifar_resnet,
+    cifar_resnext,
+    cifar_wrn,
+    imagenet_resnet,
+)
 from .accelerate import unwrap
 from .modules import DIALSTM
 from .reference import weight_names
@@ -44,8 +52,9 @@ def convert(model: nn.Module, *, backend: str = "auto") -> DIANet:
     return target.train(model.training)
 
 
-def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], num_classes: int = None,
-                             **options) -> DIANet:
+def load_official_state_dict(
+    name: str, state_dict: Mapping[str, torch.Tensor], num_classes: int = None, **options
+) -> DIANet:
     """Builds `name` (e.g. 'dia_resnet164') and loads an official DIANet checkpoint's state dict
     (a `module.` prefix from DataParallel is removed; a {'state_dict': ...} checkpoint works too).
     Layers are matched in the checkpoint's order (the official modules' registration order, with
@@ -59,11 +68,15 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
     if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
     if re.search(r"wrn", name) and "dropout" not in options:
-        raise ValueError(f"dropout: {name} is a WRN and a checkpoint does not record its "
-                         f"blocks' dropout rate (the official dia_wrn's dropRate, 0.0 by "
-                         f"default): pass dropout= the source's rate; training outputs differ "
-                         f"from the source's under another rate")
-    state_dict = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+        raise ValueError(
+            f"dropout: {name} is a WRN and a checkpoint does not record its "
+            f"blocks' dropout rate (the official dia_wrn's dropRate, 0.0 by "
+            f"default): pass dropout= the source's rate; training outputs differ "
+            f"from the source's under another rate"
+        )
+    state_dict = {
+        k[len("module.") :] if k.startswith("module.") else k: v for k, v in state_dict.items()
+    }
     layers: Dict[str, Dict[str, torch.Tensor]] = {}
     units: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
@@ -74,46 +87,66 @@ def load_official_state_dict(name: str, state_dict: Mapping[str, torch.Tensor], 
             prefix, leaf = key.rsplit(".", 1)
             layers.setdefault(prefix, {})[leaf] = value
     if not units:
-        raise ValueError("state_dict: expected an official DIANet checkpoint (keys with '.lstm.'), found none")
+        raise ValueError(
+            "state_dict: expected an official DIANet checkpoint (keys with '.lstm.'), found none"
+        )
     for stage, state in units.items():
         _check_lstm_keys(stage, state)
     first = next(iter(units.values()))
-    options.setdefault("reduction", first["w_ih.0.seq.0.weight"].shape[1] // first["w_ih.0.seq.0.weight"].shape[0])
+    options.setdefault(
+        "reduction", first["w_ih.0.seq.0.weight"].shape[1] // first["w_ih.0.seq.0.weight"].shape[0]
+    )
     options.setdefault("num_cells", _num_cells(first))
     if num_classes is None:
         num_classes = list(layers.values())[-1]["weight"].shape[0]
     target = create_model(name, num_classes=num_classes, **options)
-    source_layers = _shortcuts_last(list(layers.items()), lambda n: re.search(r"downsample|[Ss]hortcut", n))
-    target_layers = [(n, m) for n, m in target.named_modules() if isinstance(m, MAPPED_TYPES)
-                     and ".unit." not in f".{n}."]
+    source_layers = _shortcuts_last(
+        list(layers.items()), lambda n: re.search(r"downsample|[Ss]hortcut", n)
+    )
+    target_layers = [
+        (n, m)
+        for n, m in target.named_modules()
+        if isinstance(m, MAPPED_TYPES) and ".unit." not in f".{n}."
+    ]
     if len(source_layers) != len(target_layers):
-        raise ValueError(f"state_dict: {len(source_layers)} layers in the checkpoint, {len(target_layers)} in "
-                         f"{name}: not the same architecture")
+        raise ValueError(
+            f"state_dict: {len(source_layers)} layers in the checkpoint, {len(target_layers)} in "
+            f"{name}: not the same architecture"
+        )
     for (sname, sstate), (dname, dmod) in zip(source_layers, target_layers):
         expected = dmod.state_dict()
         missing = sorted(set(expected) - set(sstate) - {"num_batches_tracked"})
         unexpected = sorted(set(sstate) - set(expected))
         if missing or unexpected:
-            raise ValueError(f"state_dict: layer {sname} does not match {name} layer {dname} "
-                             f"({type(dmod).__name__}): missing keys "
-                             f"{[f'{sname}.{k}' for k in missing]}, unexpected keys "
-                             f"{[f'{sname}.{k}' for k in unexpected]}")
+            raise ValueError(
+                f"state_dict: layer {sname} does not match {name} layer {dname} "
+                f"({type(dmod).__name__}): missing keys "
+                f"{[f'{sname}.{k}' for k in missing]}, unexpected keys "
+                f"{[f'{sname}.{k}' for k in unexpected]}"
+            )
         if any(sstate[k].shape != v.shape for k, v in expected.items() if k in sstate):
-            raise ValueError(f"state_dict: layer {sname} "
-                             f"{[tuple(v.shape) for v in sstate.values()]} "
-                             f"does not match {name} layer {dname} "
-                             f"{[tuple(v.shape) for v in expected.values()]}")
+            raise ValueError(
+                f"state_dict: layer {sname} "
+                f"{[tuple(v.shape) for v in sstate.values()]} "
+                f"does not match {name} layer {dname} "
+                f"{[tuple(v.shape) for v in expected.values()]}"
+            )
         dmod.load_state_dict(sstate, strict=False)  # keys checked: num_batches_tracked may lack
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
-        raise ValueError(f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}")
+        raise ValueError(
+            f"state_dict: {len(units)} DIA units in the checkpoint, {len(dia_units)} in {name}"
+        )
     for unit, (stage, state) in zip(dia_units, units.items()):
         shapes = {k: tuple(v.shape) for k, v in unit.state_dict().items()}
         got = {k: tuple(v.shape) for k, v in state.items()}
-        if set(state) != set(shapes) or any(tuple(state[k].shape) != shape
-                                            for k, shape in shapes.items()):
-            raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm does not match {name}'s unit "
-                             f"{shapes}: got {got}")
+        if set(state) != set(shapes) or any(
+            tuple(state[k].shape) != shape for k, shape in shapes.items()
+        ):
+            raise ValueError(
+                f"state_dict: the DIA LSTM {stage}.lstm does not match {name}'s unit "
+                f"{shapes}: got {got}"
+            )
         unit.load_state_dict(state)
     return target
 
@@ -130,9 +163,11 @@ def _check_lstm_keys(stage: str, state: Mapping[str, torch.Tensor]) -> None:
     expected = set(weight_names(_num_cells(state)))
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
-        raise ValueError(f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: "
-                         f"missing keys {[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
-                         f"{[f'{stage}.lstm.{k}' for k in unexpected]}")
+        raise ValueError(
+            f"state_dict: the DIA LSTM {stage}.lstm is not an official LSTMCell's: "
+            f"missing keys {[f'{stage}.lstm.{k}' for k in missing]}, unexpected keys "
+            f"{[f'{stage}.lstm.{k}' for k in unexpected]}"
+        )
 
 
 def _block_prefix(name: str) -> str:
@@ -158,12 +193,17 @@ def _shortcuts_last(items, is_shortcut):
 
 # --- the target architecture of a source model ----------------------------------------------------
 
+
 def _stage_units(model: nn.Module) -> List[nn.Module]:
     """The shared LSTM cell of every DIA stage of `model`, in stage order (deduplicated)."""
     seen, units = set(), []
     for _, module in model.named_modules():
         lstm = getattr(module, "lstm", None)
-        if isinstance(lstm, nn.Module) and id(lstm) not in seen and type(module).__name__ in ("Attention", "DIAAttention"):
+        if (
+            isinstance(lstm, nn.Module)
+            and id(lstm) not in seen
+            and type(module).__name__ in ("Attention", "DIAAttention")
+        ):
             seen.add(id(lstm))
             units.append(lstm)
     return units
@@ -182,8 +222,10 @@ def _target_for(model: nn.Module, backend: str):
     kind = type(model).__name__
     units = _stage_units(model)
     if not units:
-        raise TypeError(f"model: expected an official DIANet or pytorchcv DIA model with shared DIA-LSTM units, "
-                        f"got {kind} without any")
+        raise TypeError(
+            f"model: expected an official DIANet or pytorchcv DIA model with shared DIA-LSTM units, "
+            f"got {kind} without any"
+        )
     reduction, num_cells = _reduction(units[0])
     common = dict(attention="dia", reduction=reduction, num_cells=num_cells, backend=backend)
     if kind in ("CIFARDIAResNet", "CIFARDIAPreResNet", "DIAResNet"):
@@ -194,46 +236,100 @@ def _target_for(model: nn.Module, backend: str):
         num_classes = model.output.out_features
         if kind == "DIAResNet":
             block = "bottleneck" if bottleneck else "basic"
-            depth = next((d for d, (kind_, layers) in IMAGENET_LAYERS.items()
-                          if list(layers) == counts and kind_ == block), None)
+            depth = next(
+                (
+                    d
+                    for d, (kind_, layers) in IMAGENET_LAYERS.items()
+                    if list(layers) == counts and kind_ == block
+                ),
+                None,
+            )
             if depth is None:
-                raise ValueError(f"model: pytorchcv DIAResNet with stage sizes {counts} has no dia_fused ImageNet "
-                                 f"equivalent (depths {sorted(IMAGENET_LAYERS)})")
+                raise ValueError(
+                    f"model: pytorchcv DIAResNet with stage sizes {counts} has no dia_fused ImageNet "
+                    f"equivalent (depths {sorted(IMAGENET_LAYERS)})"
+                )
             second = next(iter(stages[1].children()))
             stride_in_1x1 = bottleneck and second.body.conv1.conv.stride == (2, 2)
-            return (imagenet_resnet(depth, num_classes, stride_in_1x1=stride_in_1x1, **common), units,
-                    (1, 3, 224, 224))
+            return (
+                imagenet_resnet(depth, num_classes, stride_in_1x1=stride_in_1x1, **common),
+                units,
+                (1, 3, 224, 224),
+            )
         depth = counts[0] * (9 if bottleneck else 6) + 2
         block = "bottleneck" if bottleneck else "basic"
         if kind == "CIFARDIAResNet":
-            stride_in_1x1 = bottleneck and next(iter(stages[1].children())).body.conv1.conv.stride == (2, 2)
-            return cifar_resnet(depth, num_classes, block=block, stride_in_1x1=stride_in_1x1, **common), units, \
-                (1, 3, 32, 32)
-        return (cifar_preresnet(depth, num_classes, block=block, extra_norm=False, shortcut_from_preact=True,
-                                **common), units, (1, 3, 32, 32))
+            stride_in_1x1 = bottleneck and next(
+                iter(stages[1].children())
+            ).body.conv1.conv.stride == (2, 2)
+            return (
+                cifar_resnet(
+                    depth, num_classes, block=block, stride_in_1x1=stride_in_1x1, **common
+                ),
+                units,
+                (1, 3, 32, 32),
+            )
+        return (
+            cifar_preresnet(
+                depth,
+                num_classes,
+                block=block,
+                extra_norm=False,
+                shortcut_from_preact=True,
+                **common,
+            ),
+            units,
+            (1, 3, 32, 32),
+        )
     if kind == "ResNet" and hasattr(model, "layer1"):
         blocks = model.layer1.ModuleList
         if not hasattr(blocks[0], "conv3"):
-            raise ValueError("model: the official DIA ResNet with BasicBlock returns (out, GAP) instead of "
-                             "(branch, residual) and is not a DIANet; only Bottleneck is supported")
-        return cifar_resnet(9 * len(blocks) + 2, model.fc.out_features, block="bottleneck", **common), units, \
-            (1, 3, 32, 32)
+            raise ValueError(
+                "model: the official DIA ResNet with BasicBlock returns (out, GAP) instead of "
+                "(branch, residual) and is not a DIANet; only Bottleneck is supported"
+            )
+        return (
+            cifar_resnet(9 * len(blocks) + 2, model.fc.out_features, block="bottleneck", **common),
+            units,
+            (1, 3, 32, 32),
+        )
     if kind == "PreResNet":
         n = len(model.layer1.ModuleList)
-        return cifar_preresnet(9 * n + 2, model.fc.out_features, extra_norm=True, **common), units, (1, 3, 32, 32)
+        return (
+            cifar_preresnet(9 * n + 2, model.fc.out_features, extra_norm=True, **common),
+            units,
+            (1, 3, 32, 32),
+        )
     if kind == "WideResNet":
         blocks = model.block1.ModuleList
         widen = blocks[0].conv1.out_channels // 16
-        return (cifar_wrn(6 * len(blocks) + 4, widen, model.fc.out_features, dropout=blocks[0].droprate, **common),
-                units, (1, 3, 32, 32))
+        return (
+            cifar_wrn(
+                6 * len(blocks) + 4,
+                widen,
+                model.fc.out_features,
+                dropout=blocks[0].droprate,
+                **common,
+            ),
+            units,
+            (1, 3, 32, 32),
+        )
     if kind == "CifarResNeXt":
-        return (cifar_resnext(model.depth, model.cardinality, model.widen_factor, model.num_classes, **common),
-                units, (1, 3, 32, 32))
-    raise TypeError(f"model: expected an official DIANet (ResNet, PreResNet, WideResNet, CifarResNeXt) or a "
-                    f"pytorchcv DIA model (CIFARDIAResNet, CIFARDIAPreResNet, DIAResNet), got {kind}")
+        return (
+            cifar_resnext(
+                model.depth, model.cardinality, model.widen_factor, model.num_classes, **common
+            ),
+            units,
+            (1, 3, 32, 32),
+        )
+    raise TypeError(
+        f"model: expected an official DIANet (ResNet, PreResNet, WideResNet, CifarResNeXt) or a "
+        f"pytorchcv DIA model (CIFARDIAResNet, CIFARDIAPreResNet, DIAResNet), got {kind}"
+    )
 
 
 # --- weights --------------------------------------------------------------------------------------
+
 
 class _CallRecorder(TorchFunctionMode):
     """Records, in order of first use, the modules whose key tensor (a conv/linear weight, a BN
@@ -259,14 +355,23 @@ def _key_tensor(module: nn.Module):
     return module.weight
 
 
-def _execution_order(model: nn.Module, input_size, skip: Tuple[type, ...]) -> List[Tuple[str, nn.Module]]:
+def _execution_order(
+    model: nn.Module, input_size, skip: Tuple[type, ...]
+) -> List[Tuple[str, nn.Module]]:
     """Conv/BN/Linear modules in the order a forward calls them, outside `skip` modules, with each
     pytorchcv shortcut moved after the rest of its residual unit. Seen through the tensors the
     torch functions receive, not through hooks: `module.forward(x)` calls count."""
-    excluded = {id(m) for _, outer in model.named_modules() if isinstance(outer, skip) for m in outer.modules()}
-    owners = {id(_key_tensor(m)): (n, m) for n, m in model.named_modules()
-              if isinstance(m, MAPPED_TYPES) and id(m) not in excluded
-              and _key_tensor(m) is not None}
+    excluded = {
+        id(m)
+        for _, outer in model.named_modules()
+        if isinstance(outer, skip)
+        for m in outer.modules()
+    }
+    owners = {
+        id(_key_tensor(m)): (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, MAPPED_TYPES) and id(m) not in excluded and _key_tensor(m) is not None
+    }
     parameter = next(model.parameters(), None)
     device = parameter.device if parameter is not None else "cpu"
     was_training = model.training
@@ -285,20 +390,27 @@ def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:
     src = _execution_order(source, input_size, lstm_types + (DIALSTM,))
     dst = _execution_order(target, input_size, (DIALSTM,))
     if len(src) != len(dst):
-        raise ValueError(f"model: {len(src)} conv/norm/linear layers run in the source, {len(dst)} in the "
-                         f"dia_fused model: the architectures differ")
+        raise ValueError(
+            f"model: {len(src)} conv/norm/linear layers run in the source, {len(dst)} in the "
+            f"dia_fused model: the architectures differ"
+        )
     for (sname, smod), (dname, dmod) in zip(src, dst):
         sstate, dstate = smod.state_dict(), dmod.state_dict()
-        if type(smod) is not type(dmod) or {k: v.shape for k, v in sstate.items()} != \
-                {k: v.shape for k, v in dstate.items()}:
-            raise ValueError(f"model: layer {sname} ({smod}) does not match dia_fused layer {dname} ({dmod})")
+        if type(smod) is not type(dmod) or {k: v.shape for k, v in sstate.items()} != {
+            k: v.shape for k, v in dstate.items()
+        }:
+            raise ValueError(
+                f"model: layer {sname} ({smod}) does not match dia_fused layer {dname} ({dmod})"
+            )
         dmod.load_state_dict(sstate)
 
 
 def _copy_units(units: List[nn.Module], target: DIANet) -> None:
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
-        raise ValueError(f"model: {len(units)} shared DIA units in the source, {len(dia_units)} in the target")
+        raise ValueError(
+            f"model: {len(units)} shared DIA units in the source, {len(dia_units)} in the target"
+        )
     for source, unit in zip(units, dia_units):
         unit.load_state_dict(_lstm_state(source))
 
@@ -311,7 +423,7 @@ def _lstm_state(lstm: nn.Module) -> Dict[str, torch.Tensor]:
     for key, value in lstm.state_dict().items():
         path, amp, *rest = key.split(".")  # x_amps.amp1.fc1.weight / x_amps.amp2.weight
         target = {"x_amps": "w_ih", "h_amps": "w_hh"}[path]
-        cell = int(amp[len("amp"):]) - 1
+        cell = int(amp[len("amp") :]) - 1
         if cell == 0:
             renamed[f"{target}.0.seq.{0 if rest[0] == 'fc1' else 2}.{rest[1]}"] = value
         else:

@@ -7,6 +7,7 @@ A unit is shared by all residual blocks of a stage. Every unit has the same call
 with x the branch output (N, C, H, W), `identity` the shortcut and `relu` the post-activation
 (default: on when an identity is given). DIAStage runs the blocks of a stage through one unit.
 """
+
 from __future__ import annotations
 
 from typing import Iterable, Optional, Tuple
@@ -37,8 +38,9 @@ class ReducedLinear(nn.Module):
 
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__()
-        self.seq = nn.Sequential(nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
-                                 nn.Linear(hidden, out_features))
+        self.seq = nn.Sequential(
+            nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_features)
+        )
 
     def forward(self, v: Tensor) -> Tensor:
         return self.seq(v)
@@ -65,8 +67,9 @@ def linear_weights(layer: nn.Module) -> Tuple[Tensor, Tensor]:
 def _check_unit_input(x, channels: int, identity, relu) -> bool:
     check_tensor("x", x, dims=4)
     if x.shape[1] != channels:
-        raise ValueError(f"x: expected {channels} channels (N, {channels}, H, W), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected {channels} channels (N, {channels}, H, W), got shape {tuple(x.shape)}"
+        )
     if identity is not None:
         check_identity(identity, x)
     if relu is None:
@@ -91,12 +94,23 @@ class DIALSTM(nn.Module):
     The state_dict has exactly the keys of the official implementation's `LSTMCell`.
     """
 
-    def __init__(self, channels: int, reduction: int = 4, num_cells: int = 1, dropout: float = 0.1,
-                 cell_activation: str = "sigmoid", backend: str = "auto"):
+    def __init__(
+        self,
+        channels: int,
+        reduction: int = 4,
+        num_cells: int = 1,
+        dropout: float = 0.1,
+        cell_activation: str = "sigmoid",
+        backend: str = "auto",
+    ):
         super().__init__()
         hidden = reduced_width(channels, reduction)
         check_positive_int("num_cells", num_cells)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, (int, float))
+            or not 0 <= dropout < 1
+        ):
             raise ValueError(f"dropout: expected a probability in [0, 1), got {dropout!r}")
         check_choice("cell_activation", cell_activation, CELL_ACTIVATIONS)
         check_choice("backend", backend, ops.BACKEND_CHOICES)
@@ -111,9 +125,11 @@ class DIALSTM(nn.Module):
         self.w_hh = nn.ModuleList(cells_hh)
 
     def extra_repr(self) -> str:
-        return (f"{self.channels}, reduction={self.reduction}, num_cells={self.num_cells}, "
-                f"dropout={self.dropout}, cell_activation={self.cell_activation!r}, "
-                f"backend={self.backend!r}")
+        return (
+            f"{self.channels}, reduction={self.reduction}, num_cells={self.num_cells}, "
+            f"dropout={self.dropout}, cell_activation={self.cell_activation!r}, "
+            f"backend={self.backend!r}"
+        )
 
     def flat_weights(self) -> Tuple[Tensor, ...]:
         """The weights in reference.weight_names order (the backends' calling convention), as the
@@ -140,12 +156,18 @@ class DIALSTM(nn.Module):
         set): for an input x exactly; for a device, auto's choice without a step shape (cuda >
         triton > reference)."""
         if isinstance(x_or_device, Tensor):
-            return ops.resolve_backend(self.backend, x_or_device.device,
-                                       ops.step_key(x_or_device, self.flat_weights()))
+            return ops.resolve_backend(
+                self.backend, x_or_device.device, ops.step_key(x_or_device, self.flat_weights())
+            )
         return ops.resolve_backend(self.backend, x_or_device)
 
-    def forward(self, x: Tensor, state: Optional[State] = None, identity: Optional[Tensor] = None,
-                relu: Optional[bool] = None) -> Tuple[Tensor, State]:
+    def forward(
+        self,
+        x: Tensor,
+        state: Optional[State] = None,
+        identity: Optional[Tensor] = None,
+        relu: Optional[bool] = None,
+    ) -> Tuple[Tensor, State]:
         relu = _check_unit_input(x, self.channels, identity, relu)
         if state is None:
             state = self.initial_state(x)
@@ -154,11 +176,23 @@ class DIALSTM(nn.Module):
         masks = None
         if self.training and self.num_cells > 1 and self.dropout > 0:
             keep = 1.0 - self.dropout
-            masks = torch.empty((self.num_cells - 1, x.shape[0], self.channels),
-                                dtype=state_dtype(x.dtype), device=x.device)
+            masks = torch.empty(
+                (self.num_cells - 1, x.shape[0], self.channels),
+                dtype=state_dtype(x.dtype),
+                device=x.device,
+            )
             masks = masks.bernoulli_(keep).div_(keep)
-        out, h, c = ops.dia_step(x, state[0], state[1], self.flat_weights(), identity, relu,
-                                 self.cell_activation, masks, self.backend)
+        out, h, c = ops.dia_step(
+            x,
+            state[0],
+            state[1],
+            self.flat_weights(),
+            identity,
+            relu,
+            self.cell_activation,
+            masks,
+            self.backend,
+        )
         return out, (h, c)
 
 
@@ -170,14 +204,16 @@ class DIASE(nn.Module):
         super().__init__()
         hidden = reduced_width(channels, reduction)
         self.channels, self.reduction = channels, reduction
-        self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True),
-                                nn.Linear(hidden, channels))
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels)
+        )
 
     def extra_repr(self) -> str:
         return f"{self.channels}, reduction={self.reduction}"
 
-    def forward(self, x: Tensor, state=None, identity: Optional[Tensor] = None,
-                relu: Optional[bool] = None) -> Tuple[Tensor, None]:
+    def forward(
+        self, x: Tensor, state=None, identity: Optional[Tensor] = None, relu: Optional[bool] = None
+    ) -> Tuple[Tensor, None]:
         relu = _check_unit_input(x, self.channels, identity, relu)
         a = torch.sigmoid(self.fc(x.mean(dim=(2, 3))))
         out = x * a[:, :, None, None]
@@ -230,9 +266,11 @@ def block_output(result, index: int, block: nn.Module) -> Tuple[Tensor, Optional
         got = f"a {type(result).__name__} of {len(result)} items"
     else:
         got = type(result).__name__
-    raise TypeError(f"blocks[{index}] ({type(block).__name__}): expected a block that returns "
-                    f"(branch, identity), the residual branch and the shortcut (None without "
-                    f"one), got {got}")
+    raise TypeError(
+        f"blocks[{index}] ({type(block).__name__}): expected a block that returns "
+        f"(branch, identity), the residual branch and the shortcut (None without "
+        f"one), got {got}"
+    )
 
 
 def _attention_vector(unit: nn.Module, branch: Tensor, state) -> Tensor:
@@ -240,4 +278,3 @@ def _attention_vector(unit: nn.Module, branch: Tensor, state) -> Tensor:
     if state is not None:
         return state[0][-1]
     return torch.sigmoid(unit.fc(branch.mean(dim=(2, 3))))
-

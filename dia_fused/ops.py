@@ -18,6 +18,7 @@ dispatcher round trips that are most of a step's host time (bench/test_host_over
 Under torch.func transforms (grad, vmap, jacrev, ...) steps take `_FunctorchStep`: the same
 formula in the form functorch requires, through the custom ops (with vmap rules).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,20 +37,35 @@ from .settings import ENV_BACKEND
 
 try:
     from .kernels.triton import host as triton_host
+
     _TRITON_MISSING = None
 except ModuleNotFoundError as err:  # triton is an optional dependency; anything else is a bug
     if err.name != "triton":
         raise
     triton_host = None
-    _TRITON_MISSING = ("the triton backend needs the triton package, which is not installed: "
-                       "pip install triton (or pip install 'dia_fused[triton]')")
+    _TRITON_MISSING = (
+        "the triton backend needs the triton package, which is not installed: "
+        "pip install triton (or pip install 'dia_fused[triton]')"
+    )
 
 Tensor = torch.Tensor
 StepKey = Tuple[int, int, str, bool]  # (channels, H*W, dtype name, training)
 
-__all__ = ["BACKENDS", "BACKEND_CHOICES", "AUTO_ORDER", "ENV_BACKEND", "BackendUnavailableError",
-           "backend_unavailable_reason", "step_unavailable_reason", "available_backends",
-           "auto_order", "resolve_backend", "dia_step", "step_key", "shape_key"]
+__all__ = [
+    "BACKENDS",
+    "BACKEND_CHOICES",
+    "AUTO_ORDER",
+    "ENV_BACKEND",
+    "BackendUnavailableError",
+    "backend_unavailable_reason",
+    "step_unavailable_reason",
+    "available_backends",
+    "auto_order",
+    "resolve_backend",
+    "dia_step",
+    "step_key",
+    "shape_key",
+]
 
 
 class BackendUnavailableError(RuntimeError):
@@ -75,17 +91,23 @@ def backend_unavailable_reason(name: str, device) -> Optional[str]:
 def _dtype_unavailable_reason(name: str, dtype: Optional[torch.dtype]) -> Optional[str]:
     if name == "reference" or dtype is None:
         return None
-    supported = SUPPORTED_DTYPES if name == "triton" and triton_host is None else \
-        _kernel_module(name).SUPPORTED_DTYPES
+    supported = (
+        SUPPORTED_DTYPES
+        if name == "triton" and triton_host is None
+        else _kernel_module(name).SUPPORTED_DTYPES
+    )
     if dtype in supported:
         return None
     names = ", ".join(str(d).replace("torch.", "") for d in supported)
-    return (f"the {name} backend takes {names} inputs, got {str(dtype).replace('torch.', '')} "
-            f"(backend='reference' runs every dtype)")
+    return (
+        f"the {name} backend takes {names} inputs, got {str(dtype).replace('torch.', '')} "
+        f"(backend='reference' runs every dtype)"
+    )
 
 
-def step_unavailable_reason(name: str, device, dtype: Optional[torch.dtype] = None
-                            ) -> Optional[str]:
+def step_unavailable_reason(
+    name: str, device, dtype: Optional[torch.dtype] = None
+) -> Optional[str]:
     """The dispatch's one question: None if backend `name` can run a step on `device` with inputs
     of `dtype` (any layout: the fused host wrappers take every stride), else why not."""
     return backend_unavailable_reason(name, device) or _dtype_unavailable_reason(name, dtype)
@@ -100,8 +122,9 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device)
 
 
-def auto_order(device, step: Optional[StepKey] = None, table_path: Optional[str] = None
-               ) -> Tuple[str, ...]:
+def auto_order(
+    device, step: Optional[StepKey] = None, table_path: Optional[str] = None
+) -> Tuple[str, ...]:
     """The order in which `auto` tries the backends on `device`: fastest first as measured for
     `step` where the table (at `table_path`, default backend_table.table_path()) has this GPU,
     else cuda > triton > reference."""
@@ -124,8 +147,12 @@ def step_key(x: Tensor, weights: Sequence[Tensor]) -> Optional[StepKey]:
 def shape_key(x: Tensor, weights: Sequence[Tensor]) -> StepKey:
     # operator.index makes torch.compile specialise symbolic C and H*W (with guards) into the plain
     # ints assume_constant_result needs; int() would keep them symbolic and break the graph
-    return (operator.index(x.shape[1]), operator.index(x.shape[2] * x.shape[3]),
-            _dtype_name(x.dtype), _needs_grad((x, *weights)))
+    return (
+        operator.index(x.shape[1]),
+        operator.index(x.shape[2] * x.shape[3]),
+        _dtype_name(x.dtype),
+        _needs_grad((x, *weights)),
+    )
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -137,8 +164,9 @@ def _needs_grad(tensors: Sequence[Optional[Tensor]]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def resolve_backend(requested: str, device, step: Optional[StepKey] = None,
-                    dtype: Optional[torch.dtype] = None) -> str:
+def resolve_backend(
+    requested: str, device, step: Optional[StepKey] = None, dtype: Optional[torch.dtype] = None
+) -> str:
     """The backend that runs for `requested` on `device`: for `auto` (or what DIA_FUSED_BACKEND
     sets it to), `step` = (channels, H*W, dtype name, training) selects by the measured table.
     The step's dtype (`dtype`, else the one in `step`) rules out backends that cannot take it."""
@@ -155,8 +183,13 @@ def resolve_backend(requested: str, device, step: Optional[StepKey] = None,
 # The environment was read by the caller: this is pure in its arguments (and the table file,
 # fixed for the process), so torch.compile resolves it once at trace time.
 @torch.compiler.assume_constant_result
-def _resolve(requested: str, device, step: Optional[StepKey], dtype_name: Optional[str],
-             table_path: Optional[str]) -> str:
+def _resolve(
+    requested: str,
+    device,
+    step: Optional[StepKey],
+    dtype_name: Optional[str],
+    table_path: Optional[str],
+) -> str:
     device = torch.device(device)
     dtype = getattr(torch, dtype_name) if dtype_name else None
     if requested == "auto":
@@ -164,8 +197,10 @@ def _resolve(requested: str, device, step: Optional[StepKey], dtype_name: Option
             # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic choice
             if name == "triton" and device.type == "cpu":
                 continue
-            if (backend_unavailable_reason(name, device) is None
-                    and _dtype_unavailable_reason(name, dtype) is None):
+            if (
+                backend_unavailable_reason(name, device) is None
+                and _dtype_unavailable_reason(name, dtype) is None
+            ):
                 return name
         raise AssertionError("the reference backend takes every step")
     reason = backend_unavailable_reason(requested, device)
@@ -173,8 +208,9 @@ def _resolve(requested: str, device, step: Optional[StepKey], dtype_name: Option
         raise BackendUnavailableError(f"backend={requested!r} cannot run on {device}: {reason}")
     reason = _dtype_unavailable_reason(requested, dtype)
     if reason is not None:
-        raise BackendUnavailableError(f"backend={requested!r} cannot run a {dtype_name} step: "
-                                      f"{reason}")
+        raise BackendUnavailableError(
+            f"backend={requested!r} cannot run a {dtype_name} step: {reason}"
+        )
     return requested
 
 
@@ -192,16 +228,25 @@ def dia_step(
     """One DIA-LSTM step on the chosen backend: (out, h_new, c_new). See reference.dia_lstm_step."""
     check_step_args(x, h, c, weights, identity, activation, dropout_masks)
     if x.shape[2] * x.shape[3] == 0:
-        raise ValueError(f"x: expected H*W >= 1 (the attention pools over H, W), got shape "
-                         f"{tuple(x.shape)}")
+        raise ValueError(
+            f"x: expected H*W >= 1 (the attention pools over H, W), got shape {tuple(x.shape)}"
+        )
     if reference.num_cells_of(weights) == 1:
         dropout_masks = None
     # Export routing: an exported or traced graph holds the reference math (any backend asked
     # for), so that it runs wherever it is loaded, ONNX runtimes included, without this package's
     # kernels (docs/design.md §3).
     if _exporting():
-        return reference.dia_lstm_step(x, h, c, weights, identity=identity, relu=relu,
-                                       activation=activation, dropout_masks=dropout_masks)
+        return reference.dia_lstm_step(
+            x,
+            h,
+            c,
+            weights,
+            identity=identity,
+            relu=relu,
+            activation=activation,
+            dropout_masks=dropout_masks,
+        )
     if isinstance(backend, str) and backend == "auto":
         backend = settings.backend_for_auto()
     # only auto looks at the step's shape (so a named backend never specialises a compiled graph
@@ -209,30 +254,42 @@ def dia_step(
     step = step_key(x, weights) if backend == "auto" else None
     name = resolve_backend(backend, x.device, step, x.dtype)
     if name == "reference":
-        return reference.dia_lstm_step(x, h, c, weights, identity=identity, relu=relu,
-                                       activation=activation, dropout_masks=dropout_masks)
+        return reference.dia_lstm_step(
+            x,
+            h,
+            c,
+            weights,
+            identity=identity,
+            relu=relu,
+            activation=activation,
+            dropout_masks=dropout_masks,
+        )
     weights = list(weights)
     relu = bool(relu)
     if _eager(x, h, c, identity, dropout_masks, weights):
         if _functorch_transforming():
-            out, h_new, c_new, _ = _FunctorchStep.apply(name, relu, activation, x, h, c,
-                                                        identity, dropout_masks, *weights)
+            out, h_new, c_new, _ = _FunctorchStep.apply(
+                name, relu, activation, x, h, c, identity, dropout_masks, *weights
+            )
         elif _needs_grad((x, h, c, identity, dropout_masks, *weights)):
-            out, h_new, c_new, _ = _EagerStep.apply(name, relu, activation, x, h, c, identity,
-                                                    dropout_masks, *weights)
+            out, h_new, c_new, _ = _EagerStep.apply(
+                name, relu, activation, x, h, c, identity, dropout_masks, *weights
+            )
         else:  # nothing to record: _EagerStep's forward without the autograd node
-            out, h_new, c_new, _ = _host_forward(x, h, c, weights, identity, relu, activation,
-                                                 dropout_masks, name)
+            out, h_new, c_new, _ = _host_forward(
+                x, h, c, weights, identity, relu, activation, dropout_masks, name
+            )
     else:
-        out, h_new, c_new, _ = step_forward(x, h, c, weights, identity, relu, activation,
-                                            dropout_masks, name)
+        out, h_new, c_new, _ = step_forward(
+            x, h, c, weights, identity, relu, activation, dropout_masks, name
+        )
     return out, h_new, c_new
 
 
 def _exporting() -> bool:
     """torch.export / dynamo ONNX export (is_exporting, torch >= 2.6), torch.jit.trace, or the
     TorchScript-based ONNX export."""
-    return (_is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+    return _is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -280,18 +337,45 @@ def _autocast_off(device_type: str):
 def _host_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
     """The kernel module's (out, h_new, c_new, pooled), possibly aliasing inputs."""
     with _autocast_off(x.device.type):
-        return _kernel_module(backend).forward(x, h, c, weights, identity, relu, activation,
-                                               dropout_masks)
+        return _kernel_module(backend).forward(
+            x, h, c, weights, identity, relu, activation, dropout_masks
+        )
 
 
-def _host_backward(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights,
-                   identity_given, relu, activation, dropout_masks, backend):
+def _host_backward(
+    grad_out,
+    grad_h_new,
+    grad_c_new,
+    x,
+    out,
+    pooled,
+    h,
+    c,
+    weights,
+    identity_given,
+    relu,
+    activation,
+    dropout_masks,
+    backend,
+):
     """The kernel module's (grad_x, grad_identity or None, grad_h, grad_c, grad_weights):
     grad_weights one flat fp32 tensor (weight order) or one fp32 tensor per weight."""
     with _autocast_off(x.device.type):
         return _kernel_module(backend).backward(
-            grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-            activation, dropout_masks)
+            grad_out,
+            grad_h_new,
+            grad_c_new,
+            x,
+            out,
+            pooled,
+            h,
+            c,
+            weights,
+            identity_given,
+            relu,
+            activation,
+            dropout_masks,
+        )
 
 
 def _unaliased(results: Sequence[Tensor], inputs: Sequence[Optional[Tensor]]) -> List[Tensor]:
@@ -352,8 +436,21 @@ def step_backward(
     one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (one
     output of a fixed schema, which the autograd formula splits into views)."""
     grad_x, grad_identity, grad_h, grad_c, grad_weights = _host_backward(
-        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-        activation, dropout_masks, backend)
+        grad_out,
+        grad_h_new,
+        grad_c_new,
+        x,
+        out,
+        pooled,
+        h,
+        c,
+        weights,
+        identity_given,
+        relu,
+        activation,
+        dropout_masks,
+        backend,
+    )
     if grad_identity is None:
         grad_identity = grad_out.new_empty(0)
     if not isinstance(grad_weights, Tensor):  # one tensor per weight (the cuda backend)
@@ -363,17 +460,37 @@ def step_backward(
 
 
 @step_backward.register_fake
-def _step_backward_fake(grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights,
-                        identity_given, relu, activation, dropout_masks, backend):
+def _step_backward_fake(
+    grad_out,
+    grad_h_new,
+    grad_c_new,
+    x,
+    out,
+    pooled,
+    h,
+    c,
+    weights,
+    identity_given,
+    relu,
+    activation,
+    dropout_masks,
+    backend,
+):
     grad_identity = torch.empty_like(grad_out) if identity_given else grad_out.new_empty(0)
     grad_weights = x.new_empty((sum(w.numel() for w in weights),), dtype=torch.float32)
-    return [torch.empty_like(x), grad_identity, torch.empty_like(h), torch.empty_like(c),
-            grad_weights]
+    return [
+        torch.empty_like(x),
+        grad_identity,
+        torch.empty_like(h),
+        torch.empty_like(c),
+        grad_weights,
+    ]
 
 
 # The autograd formula, shared by the custom op (register_autograd) and _EagerStep: the forward
 # keeps (x, out, pooled, h, c, masks, weights); the backward runs the kernel module's backward
 # (through the step_backward op on the op's route) and casts the fp32 weight gradients once.
+
 
 def _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, out, pooled):
     ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
@@ -388,8 +505,10 @@ def _weight_grads(grad_weights, weights: Sequence[Tensor]) -> List[Tensor]:
     fp32 tensor per weight; cast only where the weight is not fp32."""
     if isinstance(grad_weights, Tensor):
         grad_weights = grad_weights.split([w.numel() for w in weights])
-    return [g.view(w.shape) if g.dtype == w.dtype else g.view(w.shape).to(w.dtype)
-            for g, w in zip(grad_weights, weights)]
+    return [
+        g.view(w.shape) if g.dtype == w.dtype else g.view(w.shape).to(w.dtype)
+        for g, w in zip(grad_weights, weights)
+    ]
 
 
 def _backward(ctx, grad_out, grad_h_new, grad_c_new, kernel_backward):
@@ -399,26 +518,58 @@ def _backward(ctx, grad_out, grad_h_new, grad_c_new, kernel_backward):
     if grad_out is None:  # only the state was used downstream
         grad_out = torch.zeros_like(out)
     grad_x, grad_identity, grad_h, grad_c, grad_weights = kernel_backward(
-        grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, relu,
-        activation, dropout_masks, backend)
-    return (grad_x, grad_h, grad_c, grad_identity if identity_given else None,
-            _weight_grads(grad_weights, weights))
+        grad_out,
+        grad_h_new,
+        grad_c_new,
+        x,
+        out,
+        pooled,
+        h,
+        c,
+        weights,
+        identity_given,
+        relu,
+        activation,
+        dropout_masks,
+        backend,
+    )
+    return (
+        grad_x,
+        grad_h,
+        grad_c,
+        grad_identity if identity_given else None,
+        _weight_grads(grad_weights, weights),
+    )
 
 
 def _op_setup_context(ctx, inputs, output):
     x, h, c, weights, identity, relu, activation, dropout_masks, backend = inputs
-    _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, output[0],
-          output[3])
+    _save(
+        ctx,
+        backend,
+        relu,
+        activation,
+        x,
+        h,
+        c,
+        identity,
+        dropout_masks,
+        weights,
+        output[0],
+        output[3],
+    )
 
 
 def _op_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
     grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
-        ctx, grad_out, grad_h_new, grad_c_new, step_backward)
+        ctx, grad_out, grad_h_new, grad_c_new, step_backward
+    )
     return grad_x, grad_h, grad_c, grad_weights, grad_identity, None, None, None, None
 
 
-torch.library.register_autograd("dia_fused::step_forward", _op_backward,
-                                setup_context=_op_setup_context)
+torch.library.register_autograd(
+    "dia_fused::step_forward", _op_backward, setup_context=_op_setup_context
+)
 
 
 class _EagerStep(torch.autograd.Function):
@@ -430,18 +581,21 @@ class _EagerStep(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, *weights):
-        out, h_new, c_new, pooled = _host_forward(x, h, c, list(weights), identity, relu,
-                                                  activation, dropout_masks, backend)
+        out, h_new, c_new, pooled = _host_forward(
+            x, h, c, list(weights), identity, relu, activation, dropout_masks, backend
+        )
         ctx.mark_non_differentiable(pooled)
-        _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, out,
-              pooled)
+        _save(
+            ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights, out, pooled
+        )
         return out, h_new, c_new, pooled
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # no double backward in the kernels: say so
     def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
         grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
-            ctx, grad_out, grad_h_new, grad_c_new, _host_backward)
+            ctx, grad_out, grad_h_new, grad_c_new, _host_backward
+        )
         return (None, None, None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)
 
 
@@ -455,20 +609,35 @@ class _FunctorchStep(torch.autograd.Function):
 
     @staticmethod
     def forward(backend, relu, activation, x, h, c, identity, dropout_masks, *weights):
-        return step_forward(x, h, c, list(weights), identity, relu, activation, dropout_masks,
-                            backend)
+        return step_forward(
+            x, h, c, list(weights), identity, relu, activation, dropout_masks, backend
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         backend, relu, activation, x, h, c, identity, dropout_masks, *weights = inputs
         ctx.mark_non_differentiable(output[3])
-        _save(ctx, backend, relu, activation, x, h, c, identity, dropout_masks, weights,
-              output[0], output[3])
+        _save(
+            ctx,
+            backend,
+            relu,
+            activation,
+            x,
+            h,
+            c,
+            identity,
+            dropout_masks,
+            weights,
+            output[0],
+            output[3],
+        )
 
     @staticmethod
     def jvp(ctx, *tangents):
-        raise RuntimeError("the fused backends (triton, cuda) have no forward-mode AD "
-                           "(torch.func.jvp, jacfwd, hessian): use backend='reference'")
+        raise RuntimeError(
+            "the fused backends (triton, cuda) have no forward-mode AD "
+            "(torch.func.jvp, jacfwd, hessian): use backend='reference'"
+        )
 
     @staticmethod
     def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
@@ -477,14 +646,17 @@ class _FunctorchStep(torch.autograd.Function):
         # they depend on through _NoDoubleBackward, which raises if differentiated
         with torch.no_grad():
             grad_x, grad_h, grad_c, grad_identity, grad_weights = _backward(
-                ctx, grad_out, grad_h_new, grad_c_new, step_backward)
+                ctx, grad_out, grad_h_new, grad_c_new, step_backward
+            )
         grads = [grad_x, grad_h, grad_c, grad_identity, *grad_weights]
         given = [g for g in grads if g is not None]
-        sources = [t for t in (grad_out, grad_h_new, grad_c_new, *ctx.saved_tensors)
-                   if t is not None]
+        sources = [
+            t for t in (grad_out, grad_h_new, grad_c_new, *ctx.saved_tensors) if t is not None
+        ]
         tied = iter(_NoDoubleBackward.apply(len(given), *given, *sources))
         grad_x, grad_h, grad_c, grad_identity, *grad_weights = [
-            None if g is None else next(tied) for g in grads]
+            None if g is None else next(tied) for g in grads
+        ]
         return (None, None, None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)
 
 
@@ -504,8 +676,10 @@ class _NoDoubleBackward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("the fused backends (triton, cuda) have no double backward: "
-                           "differentiate the step twice with backend='reference'")
+        raise RuntimeError(
+            "the fused backends (triton, cuda) have no double backward: "
+            "differentiate the step twice with backend='reference'"
+        )
 
 
 def _slice(arg, dim: Optional[int], index: int):
@@ -518,14 +692,17 @@ def _slice(arg, dim: Optional[int], index: int):
 def _vmap_by_loop(op):
     """A vmap rule for `op`: the op once per sample of the vmapped dimension, results stacked
     along dim 0. The kernels have no batch dimension of their own to fold it into."""
+
     def rule(info, in_dims, *args):
-        results = [op(*(_slice(a, d, i) for a, d in zip(args, in_dims)))
-                   for i in range(info.batch_size)]
+        results = [
+            op(*(_slice(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)
+        ]
         stacked = [torch.stack(parts) for parts in zip(*results)]
         out_dims = [0] * len(stacked)
         if isinstance(results[0], tuple):
             return tuple(stacked), tuple(out_dims)
         return stacked, out_dims
+
     return rule
 
 

@@ -18,6 +18,7 @@ compared against this function run on the same inputs (docs/design.md §4).
 Weights are passed as one flat sequence, in the order of `weight_names(num_cells)`:
 cell 0 has 8 tensors (the reduced ih and hh paths), every stacked cell l >= 1 has 4.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,11 +51,19 @@ def weight_names(num_cells: int) -> Tuple[str, ...]:
     """Names (official `LSTMCell` state-dict keys) of the flat weight sequence, in order."""
     names = []
     for path in ("w_ih", "w_hh"):
-        names += [f"{path}.0.seq.0.weight", f"{path}.0.seq.0.bias",
-                  f"{path}.0.seq.2.weight", f"{path}.0.seq.2.bias"]
+        names += [
+            f"{path}.0.seq.0.weight",
+            f"{path}.0.seq.0.bias",
+            f"{path}.0.seq.2.weight",
+            f"{path}.0.seq.2.bias",
+        ]
     for cell in range(1, num_cells):
-        names += [f"w_ih.{cell}.weight", f"w_ih.{cell}.bias",
-                  f"w_hh.{cell}.weight", f"w_hh.{cell}.bias"]
+        names += [
+            f"w_ih.{cell}.weight",
+            f"w_ih.{cell}.bias",
+            f"w_hh.{cell}.weight",
+            f"w_hh.{cell}.bias",
+        ]
     return tuple(names)
 
 
@@ -64,7 +73,8 @@ def num_cells_of(weights: Sequence[Tensor]) -> int:
     if extra < 0 or extra % STACKED_CELL_WEIGHTS:
         raise ValueError(
             f"weights: expected {CELL0_WEIGHTS} + {STACKED_CELL_WEIGHTS}*(num_cells-1) tensors, "
-            f"got {len(weights)}")
+            f"got {len(weights)}"
+        )
     return 1 + extra // STACKED_CELL_WEIGHTS
 
 
@@ -108,7 +118,7 @@ def dia_lstm_cells(
     h_cell, c_cell = lstm_pointwise(gates, c[0], activation)
     hs, cs = [h_cell], [c_cell]
     for cell in range(1, num_cells):
-        wih, bih, whh, bhh = w[CELL0_WEIGHTS + STACKED_CELL_WEIGHTS * (cell - 1):][:4]
+        wih, bih, whh, bhh = w[CELL0_WEIGHTS + STACKED_CELL_WEIGHTS * (cell - 1) :][:4]
         inp = h_cell if dropout_masks is None else h_cell * dropout_masks[cell - 1]
         gates = F.linear(inp, wih, bih) + F.linear(h[cell], whh, bhh)
         h_cell, c_cell = lstm_pointwise(gates, c[cell], activation)

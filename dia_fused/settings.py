@@ -17,6 +17,7 @@ Variables (docs/design.md §3, §5):
   TORCH_CUDA_ARCH_LIST            the arches of the CUDA extension (read by torch's builder too)
   DIA_FUSED_VERBOSE_BUILD         1: print the compiler output of the build on first use
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,8 +37,17 @@ ENV_ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
 ENV_VERBOSE_BUILD = "DIA_FUSED_VERBOSE_BUILD"
 
 # what `python -m dia_fused` lists, in this order
-ALL = (ENV_BACKEND, ENV_AUTO_TABLE, ENV_TRITON_LSTM, ENV_TRITON_MAP, ENV_TRITON_DOT_PRECISION,
-       ENV_CUDA_PATH, ENV_TRITON_INTERPRET, ENV_ARCH_LIST, ENV_VERBOSE_BUILD)
+ALL = (
+    ENV_BACKEND,
+    ENV_AUTO_TABLE,
+    ENV_TRITON_LSTM,
+    ENV_TRITON_MAP,
+    ENV_TRITON_DOT_PRECISION,
+    ENV_CUDA_PATH,
+    ENV_TRITON_INTERPRET,
+    ENV_ARCH_LIST,
+    ENV_VERBOSE_BUILD,
+)
 
 _encoded_names: Dict[str, object] = {}
 
@@ -66,8 +76,9 @@ def backend_for_auto() -> str:
     if value is None:
         return "auto"
     if value not in BACKEND_CHOICES:
-        raise ValueError(f"{ENV_BACKEND}: expected one of {BACKEND_CHOICES} (or unset), "
-                         f"got {value!r}")
+        raise ValueError(
+            f"{ENV_BACKEND}: expected one of {BACKEND_CHOICES} (or unset), got {value!r}"
+        )
     return value
 
 
@@ -87,8 +98,7 @@ def verbose_build() -> bool:
     return raw(ENV_VERBOSE_BUILD) == "1"
 
 
-def parse_fields(cls, env_name: str, text: Optional[str], powers_of_two: Dict[str, int],
-                 base=None):
+def parse_fields(cls, env_name: str, text: Optional[str], powers_of_two: Dict[str, int], base=None):
     """`base` (default cls()) with the int fields named in `text` ("name=int,...") replaced; each
     field named in `powers_of_two` must be a power of 2 at least the given minimum. Errors name
     `env_name`."""
@@ -101,8 +111,10 @@ def parse_fields(cls, env_name: str, text: Optional[str], powers_of_two: Dict[st
         key, _, value = item.partition("=")
         key = key.strip()
         if key not in fields or not value.strip().isdigit():
-            raise ValueError(f"{env_name}: expected comma-separated name=int with names "
-                             f"{sorted(fields)}, got {text!r}")
+            raise ValueError(
+                f"{env_name}: expected comma-separated name=int with names "
+                f"{sorted(fields)}, got {text!r}"
+            )
         values[key] = int(value)
     config = dataclasses.replace(config, **values)
     for name, minimum in powers_of_two.items():
@@ -118,4 +130,3 @@ def parse_choice(env_name: str, text: Optional[str], choices: Sequence[str], def
     if text not in choices:
         raise ValueError(f"{env_name}: expected one of {tuple(choices)}, got {text!r}")
     return text
-

@@ -1,5 +1,6 @@
 """Shared test setup: the Triton interpreter where there is no GPU (set before any kernel module is
 imported), and the csrc kernels compiled for the CPU (cuda_emulation.py)."""
+
 import os
 
 import pytest
@@ -48,5 +49,6 @@ def pytest_terminal_summary(terminalreporter):
             reason = reason.removeprefix("Skipped: ")
             missing[reason] = missing.get(reason, 0) + 1
     for reason, count in missing.items():
-        terminalreporter.write_line(f"SKIPPED {count} test(s), a package is missing: {reason}",
-                                    yellow=True, bold=True)
+        terminalreporter.write_line(
+            f"SKIPPED {count} test(s), a package is missing: {reason}", yellow=True, bold=True
+        )

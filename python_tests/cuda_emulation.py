@@ -8,6 +8,7 @@ its kernels' indexing, masking, layouts and the wrapper's composition are checke
 reference here. Not covered: anything specific to the GPU (occupancy, shared-memory limits, the
 memory model between warps, speed). Built on first use, cached in the temp directory.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -25,8 +26,17 @@ from dia_fused.kernels import cuda_build
 HERE = os.path.dirname(os.path.abspath(__file__))
 EMULATION_DIR = os.path.join(HERE, "emulation")
 SCALAR_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-FLAGS = ["-std=c++20", "-O1", "-g", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror",
-         "-Wno-unknown-pragmas"]
+FLAGS = [
+    "-std=c++20",
+    "-O1",
+    "-g",
+    "-fPIC",
+    "-shared",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-Wno-unknown-pragmas",
+]
 # "address" or "thread": build with that sanitizer (the process must preload its runtime, see
 # test_cuda_emulation_sanitizers.py): out-of-bounds accesses / data races between the emulated
 # threads of a block, the CPU-side counterparts of compute-sanitizer memcheck / racecheck.
@@ -64,8 +74,18 @@ def build(sanitizer: Optional[str] = None) -> str:
     lib = os.path.join(tempfile.gettempdir(), f"dia_fused_emulation_{digest.hexdigest()[:16]}.so")
     if not os.path.isfile(lib):
         tmp = f"{lib}.{os.getpid()}.tmp"
-        cmd = ["g++", *flags, "-I", csrc, "-I", _cuda_include_dir(),
-               os.path.join(EMULATION_DIR, "emulated_kernels.cpp"), "-o", tmp, "-lpthread"]
+        cmd = [
+            "g++",
+            *flags,
+            "-I",
+            csrc,
+            "-I",
+            _cuda_include_dir(),
+            os.path.join(EMULATION_DIR, "emulated_kernels.cpp"),
+            "-o",
+            tmp,
+            "-lpthread",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"building the kernel emulation failed:\n{proc.stderr}")
@@ -121,8 +141,11 @@ class EmulatedExtension:
         assert len(weights) == 8
         hidden = weights[0].shape[0]
         for i, w in enumerate(weights):
-            _check_small(w, f"weights[{i}]", [(hidden, channels), (hidden,),
-                                              (4 * channels, hidden), (4 * channels,)][i % 4])
+            _check_small(
+                w,
+                f"weights[{i}]",
+                [(hidden, channels), (hidden,), (4 * channels, hidden), (4 * channels,)][i % 4],
+            )
         return _ptrs(weights), hidden
 
     # forward pieces ---------------------------------------------------------------------------
@@ -135,9 +158,23 @@ class EmulatedExtension:
         assert channels <= self.FUSED_MAX_CHANNELS and 2 * hidden <= self.FUSED_THREADS
         out = torch.empty_like(x)
         h_new, c_new, pooled = (torch.empty(n, channels) for _ in range(3))
-        self._call("forward_fused", SCALAR_KIND[x.dtype], _int64s(x.shape), *self._map(x),
-                   *self._map(identity), *self._map(out), hidden, _ptr(h0), _ptr(c0), w,
-                   int(relu), activation, _ptr(h_new), _ptr(c_new), _ptr(pooled))
+        self._call(
+            "forward_fused",
+            SCALAR_KIND[x.dtype],
+            _int64s(x.shape),
+            *self._map(x),
+            *self._map(identity),
+            *self._map(out),
+            hidden,
+            _ptr(h0),
+            _ptr(c0),
+            w,
+            int(relu),
+            activation,
+            _ptr(h_new),
+            _ptr(c_new),
+            _ptr(pooled),
+        )
         return [out, h_new, c_new, pooled]
 
     def pool(self, x):
@@ -152,24 +189,62 @@ class EmulatedExtension:
         w, hidden = self._weights(weights, channels)
         hidden_ws = torch.empty(2, n, hidden)
         h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
-        self._call("cell0_forward", n, channels, hidden, _ptr(pooled), _ptr(h0), _ptr(c0), w,
-                   activation, _ptr(hidden_ws), _ptr(h_new), _ptr(c_new))
+        self._call(
+            "cell0_forward",
+            n,
+            channels,
+            hidden,
+            _ptr(pooled),
+            _ptr(h0),
+            _ptr(c0),
+            w,
+            activation,
+            _ptr(hidden_ws),
+            _ptr(h_new),
+            _ptr(c_new),
+        )
         return [h_new, c_new]
 
     def scale_residual(self, x, attention, identity, relu):
         _check_small(attention, "attention", x.shape[:2])
         out = torch.empty_like(x)
-        self._call("scale_residual", SCALAR_KIND[x.dtype], _int64s(x.shape), *self._map(x),
-                   _ptr(attention), *self._map(identity), *self._map(out), int(relu))
+        self._call(
+            "scale_residual",
+            SCALAR_KIND[x.dtype],
+            _int64s(x.shape),
+            *self._map(x),
+            _ptr(attention),
+            *self._map(identity),
+            *self._map(out),
+            int(relu),
+        )
         return out
 
     # backward pieces --------------------------------------------------------------------------
 
-    def backward_fused(self, grad_out, grad_h_new, grad_c_new, x, out, pooled, h0, c0, weights,
-                       identity_given, relu, activation):
+    def backward_fused(
+        self,
+        grad_out,
+        grad_h_new,
+        grad_c_new,
+        x,
+        out,
+        pooled,
+        h0,
+        c0,
+        weights,
+        identity_given,
+        relu,
+        activation,
+    ):
         n, channels = x.shape[:2]
-        for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0), ("grad_h_new", grad_h_new),
-                        ("grad_c_new", grad_c_new)):
+        for name, t in (
+            ("pooled", pooled),
+            ("h0", h0),
+            ("c0", c0),
+            ("grad_h_new", grad_h_new),
+            ("grad_c_new", grad_c_new),
+        ):
             if t is not None:
                 _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
@@ -178,42 +253,101 @@ class EmulatedExtension:
         grad_h0, grad_c0 = torch.empty(n, channels), torch.empty(n, channels)
         grads = [torch.empty_like(t) for t in weights]
         ws = [torch.empty(2, n, hidden), torch.empty(2, n, hidden), torch.empty(n, 4 * channels)]
-        self._call("backward_fused", SCALAR_KIND[x.dtype], _int64s(x.shape), *self._map(grad_out),
-                   *self._map(x), *self._map(out), *self._map(grad_x), *self._map(grad_identity),
-                   _ptr(grad_h_new), _ptr(grad_c_new), _ptr(pooled), _ptr(h0), _ptr(c0), w,
-                   hidden, int(relu), activation, _ptr(grad_h0), _ptr(grad_c0), _ptrs(grads),
-                   *[_ptr(t) for t in ws])
+        self._call(
+            "backward_fused",
+            SCALAR_KIND[x.dtype],
+            _int64s(x.shape),
+            *self._map(grad_out),
+            *self._map(x),
+            *self._map(out),
+            *self._map(grad_x),
+            *self._map(grad_identity),
+            _ptr(grad_h_new),
+            _ptr(grad_c_new),
+            _ptr(pooled),
+            _ptr(h0),
+            _ptr(c0),
+            w,
+            hidden,
+            int(relu),
+            activation,
+            _ptr(grad_h0),
+            _ptr(grad_c0),
+            _ptrs(grads),
+            *[_ptr(t) for t in ws],
+        )
         return [grad_x, grad_identity, grad_h0, grad_c0, *grads]
 
     def grad_attention(self, grad_out, x, out, relu, identity_given):
         da = torch.empty(x.shape[0], x.shape[1])
         grad_identity = torch.empty_like(x) if identity_given else None
-        self._call("grad_attention", SCALAR_KIND[x.dtype], _int64s(x.shape), *self._map(grad_out),
-                   *self._map(x), *self._map(out), *self._map(grad_identity), int(relu), _ptr(da))
+        self._call(
+            "grad_attention",
+            SCALAR_KIND[x.dtype],
+            _int64s(x.shape),
+            *self._map(grad_out),
+            *self._map(x),
+            *self._map(out),
+            *self._map(grad_identity),
+            int(relu),
+            _ptr(da),
+        )
         return [da, grad_identity]
 
-    def cell0_backward(self, pooled, h0, c0, weights, grad_h_new, grad_h_extra, grad_c_new,
-                       activation, hw):
+    def cell0_backward(
+        self, pooled, h0, c0, weights, grad_h_new, grad_h_extra, grad_c_new, activation, hw
+    ):
         n, channels = pooled.shape
-        for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0), ("grad_h_new", grad_h_new),
-                        ("grad_h_extra", grad_h_extra), ("grad_c_new", grad_c_new)):
+        for name, t in (
+            ("pooled", pooled),
+            ("h0", h0),
+            ("c0", c0),
+            ("grad_h_new", grad_h_new),
+            ("grad_h_extra", grad_h_extra),
+            ("grad_c_new", grad_c_new),
+        ):
             if t is not None:
                 _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
         grad_pooled, grad_h0, grad_c0, h_new = (torch.empty(n, channels) for _ in range(4))
         grads = [torch.empty_like(t) for t in weights]
         ws = [torch.empty(2, n, hidden), torch.empty(2, n, hidden), torch.empty(n, 4 * channels)]
-        self._call("cell0_backward", n, channels, hidden, hw, _ptr(pooled), _ptr(h0), _ptr(c0), w,
-                   activation, _ptr(grad_h_new), _ptr(grad_h_extra), _ptr(grad_c_new),
-                   _ptr(grad_pooled), _ptr(grad_h0), _ptr(grad_c0), _ptr(h_new), _ptrs(grads),
-                   *[_ptr(t) for t in ws])
+        self._call(
+            "cell0_backward",
+            n,
+            channels,
+            hidden,
+            hw,
+            _ptr(pooled),
+            _ptr(h0),
+            _ptr(c0),
+            w,
+            activation,
+            _ptr(grad_h_new),
+            _ptr(grad_h_extra),
+            _ptr(grad_c_new),
+            _ptr(grad_pooled),
+            _ptr(grad_h0),
+            _ptr(grad_c0),
+            _ptr(h_new),
+            _ptrs(grads),
+            *[_ptr(t) for t in ws],
+        )
         return [grad_pooled, grad_h0, grad_c0, h_new, *grads]
 
     def grad_input(self, grad_out, out, attention, grad_pooled_over_hw, relu):
         _check_small(attention, "attention", out.shape[:2])
         _check_small(grad_pooled_over_hw, "grad_pooled_over_hw", out.shape[:2])
         grad_x = torch.empty_like(out)
-        self._call("grad_input", SCALAR_KIND[out.dtype], _int64s(out.shape), *self._map(grad_out),
-                   *self._map(out), _ptr(attention), _ptr(grad_pooled_over_hw),
-                   *self._map(grad_x), int(relu))
+        self._call(
+            "grad_input",
+            SCALAR_KIND[out.dtype],
+            _int64s(out.shape),
+            *self._map(grad_out),
+            *self._map(out),
+            _ptr(attention),
+            _ptr(grad_pooled_over_hw),
+            *self._map(grad_x),
+            int(relu),
+        )
         return grad_x

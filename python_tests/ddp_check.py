@@ -1,6 +1,7 @@
 """DDP against one process, shared by the CPU (gloo) and GPU tests: two processes each run half of a
 batch through a small DIA network wrapped in DistributedDataParallel; their averaged gradients
 must equal the gradients of one process over the whole batch."""
+
 from __future__ import annotations
 
 import datetime
@@ -43,14 +44,18 @@ class TinyNet(nn.Module):
 
 def _batch(device):
     gen = torch.Generator().manual_seed(1)
-    return (torch.randn(4, 3, 4, 4, generator=gen).to(device),
-            torch.randint(0, 5, (4,), generator=gen).to(device))
+    return (
+        torch.randn(4, 3, 4, 4, generator=gen).to(device),
+        torch.randint(0, 5, (4,), generator=gen).to(device),
+    )
 
 
 def _worker(rank, world_size, port, backend, device, result_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # gloo on CPU tensors, and on CUDA tensors for two processes sharing one GPU (NCCL refuses that)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         torch.manual_seed(0)
         model = TinyNet(backend).to(device).eval()  # eval: BatchNorm running stats -> deterministic
@@ -59,8 +64,10 @@ def _worker(rank, world_size, port, backend, device, result_dir):
         shard = slice(rank * 2, rank * 2 + 2)
         nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()
         if rank == 0:
-            torch.save({k: p.grad.cpu() for k, p in model.named_parameters()},
-                       os.path.join(result_dir, "grads.pt"))
+            torch.save(
+                {k: p.grad.cpu() for k, p in model.named_parameters()},
+                os.path.join(result_dir, "grads.pt"),
+            )
         dist.barrier()  # neither rank tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
@@ -75,8 +82,12 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def assert_ddp_matches_single_process(backend: str, device: str, tmp_path, timeout_s: float = 180) -> None:
-    context = mp.spawn(_worker, args=(2, _free_port(), backend, device, str(tmp_path)), nprocs=2, join=False)
+def assert_ddp_matches_single_process(
+    backend: str, device: str, tmp_path, timeout_s: float = 180
+) -> None:
+    context = mp.spawn(
+        _worker, args=(2, _free_port(), backend, device, str(tmp_path)), nprocs=2, join=False
+    )
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):  # raises if a worker failed
         if time.monotonic() > deadline:

@@ -1,4 +1,5 @@
 """The analysis figures on CPU: Gini importance (Figure 5) and stage-output gradients (Figure 6)."""
+
 from __future__ import annotations
 
 import os
@@ -24,13 +25,15 @@ def test_gini_importance_finds_the_true_predecessor():
     n, channels = 400, 4
     h1, h2 = rng.uniform(size=(n, channels)), rng.uniform(size=(n, channels))
     h3 = np.tanh(3 * h1)  # depends on h_1 only
-    h4 = 0.5 * h2 ** 2  # depends on h_2 only
+    h4 = 0.5 * h2**2  # depends on h_2 only
     attention = np.stack([h1, h2, h3, h4], axis=1)  # (N, T, C)
     for mode in gini.FEATURE_MODES:
         matrix = gini.gini_importance(attention, mode=mode, n_estimators=30, seed=0)
         assert matrix.shape == (4, 4)
-        assert np.isnan(matrix[0]).all() and np.isnan(np.triu(matrix + 1)[np.triu_indices(4)]
-                                                       - 1).all()
+        assert (
+            np.isnan(matrix[0]).all()
+            and np.isnan(np.triu(matrix + 1)[np.triu_indices(4)] - 1).all()
+        )
         np.testing.assert_allclose(np.nansum(matrix[1:], axis=1), 1.0)
         assert matrix[2, 0] > 0.9, (mode, matrix)  # h_3 <- h_1
         assert matrix[3, 1] > 0.8, (mode, matrix)  # h_4 <- h_2
@@ -41,13 +44,52 @@ def test_gini_importance_finds_the_true_predecessor():
 @pytest.mark.slow  # trains a small model, then renders the heatmaps
 def test_gini_cli_renders_figure_5(tmp_path):
     ckpt_dir = tmp_path / "run"
-    train_main(["-d", "synthetic", "--synthetic-size", "100", "--synthetic-classes", "10",
-                "-a", "dia_resnet", "--depth", "20", "--epochs", "1", "--train-batch", "50",
-                "--lr", "0.01", "--max-steps", "1", "--manualSeed", "2", "--device", "cpu",
-                "--dia-stages", "1", "3", "-c", str(ckpt_dir)])
+    train_main(
+        [
+            "-d",
+            "synthetic",
+            "--synthetic-size",
+            "100",
+            "--synthetic-classes",
+            "10",
+            "-a",
+            "dia_resnet",
+            "--depth",
+            "20",
+            "--epochs",
+            "1",
+            "--train-batch",
+            "50",
+            "--lr",
+            "0.01",
+            "--max-steps",
+            "1",
+            "--manualSeed",
+            "2",
+            "--device",
+            "cpu",
+            "--dia-stages",
+            "1",
+            "3",
+            "-c",
+            str(ckpt_dir),
+        ]
+    )
     png = tmp_path / "gini.png"
-    result = analysis_main(["gini", str(ckpt_dir / "checkpoint.pth.tar"), "--images", "20",
-                            "--batch-size", "10", "--trees", "10", "-o", str(png)])
+    result = analysis_main(
+        [
+            "gini",
+            str(ckpt_dir / "checkpoint.pth.tar"),
+            "--images",
+            "20",
+            "--batch-size",
+            "10",
+            "--trees",
+            "10",
+            "-o",
+            str(png),
+        ]
+    )
     assert len(result["matrices"]) == 2 and result["titles"] == ["stage 1", "stage 3"]
     for matrix, attention in zip(result["matrices"], result["attention"]):
         assert attention.shape[:2] == (20, 3) and matrix.shape == (3, 3)  # 3 blocks per stage
@@ -68,11 +110,14 @@ def test_gini_cli_renders_figure_5(tmp_path):
 
 def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():
     torch.manual_seed(0)
-    model = build_model({"name": "resnet20", "num_classes": 10,
-                         "options": {"attention": "dia", "skip": False}}, backend="reference")
+    model = build_model(
+        {"name": "resnet20", "num_classes": 10, "options": {"attention": "dia", "skip": False}},
+        backend="reference",
+    )
     inputs, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    values = gradients.stage_output_gradients(model, [(inputs, targets)],
-                                              max_values_per_stage=10**9)
+    values = gradients.stage_output_gradients(
+        model, [(inputs, targets)], max_values_per_stage=10**9
+    )
     # independent check: keep the stage outputs and ask autograd for their gradients
     outputs = []
     handles = [s.register_forward_hook(lambda m, i, o: outputs.append(o)) for s in model.stages]
@@ -83,18 +128,35 @@ def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():
         h.remove()
     assert [v.size for v in values] == [4 * 16 * 32 * 32, 4 * 32 * 16 * 16, 4 * 64 * 8 * 8]
     for got, want in zip(values, expected):
-        np.testing.assert_allclose(np.sort(got), np.sort(want.abs().flatten().numpy()),
-                                   rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(
+            np.sort(got), np.sort(want.abs().flatten().numpy()), rtol=1e-5, atol=1e-12
+        )
 
 
 def test_gradients_cli_renders_figure_6(tmp_path):
     png = tmp_path / "gradients.png"
-    result = analysis_main(["gradients", "--synthetic-size", "20", "--batch-size", "8",
-                            "--batches", "1", "--device", "cpu", "-o", str(png)])
+    result = analysis_main(
+        [
+            "gradients",
+            "--synthetic-size",
+            "20",
+            "--batch-size",
+            "8",
+            "--batches",
+            "1",
+            "--device",
+            "cpu",
+            "-o",
+            str(png),
+        ]
+    )
     assert set(result["stats"]) == {"DIANet", "ResNet"}
     assert all(len(stages) == 3 for stages in result["stats"].values())
-    assert all(s["mean"] > 0 and np.isfinite(s["std"]) for stages in result["stats"].values()
-               for s in stages)
+    assert all(
+        s["mean"] > 0 and np.isfinite(s["std"])
+        for stages in result["stats"].values()
+        for s in stages
+    )
     assert png_shape(png) == (432, 1584, 4)
     saved = np.load(tmp_path / "gradients.npz")
     assert saved["DIANet_stage3"].size == 8 * 64 * 8 * 8
@@ -104,8 +166,21 @@ def test_gradients_cli_renders_figure_6(tmp_path):
 # output path and what the gradients figure shows
 # ---------------------------------------------------------------------------------------------
 
-GRADIENT_ARGS = ["gradients", "--arch", "resnet8", "--synthetic-size", "20", "--batch-size", "4",
-                 "--batches", "1", "--device", "cpu", "--backend", "reference"]
+GRADIENT_ARGS = [
+    "gradients",
+    "--arch",
+    "resnet8",
+    "--synthetic-size",
+    "20",
+    "--batch-size",
+    "4",
+    "--batches",
+    "1",
+    "--device",
+    "cpu",
+    "--backend",
+    "reference",
+]
 
 
 # user errors are AnalysisError, a ValueError: matched as such (with their message) so that the
@@ -114,8 +189,10 @@ GRADIENT_ARGS = ["gradients", "--arch", "resnet8", "--synthetic-size", "20", "--
 
 def _no_work(monkeypatch):
     """Makes the computation fail loudly: an output error must come before it."""
+
     def work(*args, **kwargs):
         raise AssertionError("the computation ran before the output path was checked")
+
     monkeypatch.setattr(gradients, "stage_output_gradients", work)
     monkeypatch.setattr(gini, "collect_attention", work)
 
@@ -140,8 +217,9 @@ def test_unwritable_output_fails_before_the_work(tmp_path, monkeypatch):
         analysis_main(["gini", str(tmp_path / "none.pth.tar"), "-o", str(blocker / "g.png")])
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
-                    reason="root writes into read-only folders")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders"
+)
 def test_read_only_output_folder_fails_before_the_work(tmp_path, monkeypatch):
     _no_work(monkeypatch)
     folder = tmp_path / "ro"
@@ -157,6 +235,7 @@ def test_read_only_output_folder_fails_before_the_work(tmp_path, monkeypatch):
 def _checkpoint(path, name, options, num_classes=100):
     """A checkpoint as python -m dia_fused.train writes it, of freshly initialised weights."""
     from dia_fused.train import checkpoint as ckpt_io
+
     spec = {"name": name, "num_classes": num_classes, "options": options}
     model = build_model(spec, backend="reference")
     ckpt_io.atomic_save({"state_dict": model.state_dict(), "model": spec, "epoch": 3}, str(path))
@@ -168,23 +247,34 @@ def test_gradients_says_what_it_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "DIANet untrained" in out and "ResNet untrained" in out and "Figure 6" in out
     assert "untrained" in result["title"] and "without skip connections" in result["title"]
-    dia = _checkpoint(tmp_path / "dia.pth.tar", "resnet8", {"block": "basic", "attention": "dia",
-                                                            "skip": False})
-    result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), "--dia-checkpoint",
-                                            dia])
+    dia = _checkpoint(
+        tmp_path / "dia.pth.tar", "resnet8", {"block": "basic", "attention": "dia", "skip": False}
+    )
+    result = analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), "--dia-checkpoint", dia])
     assert result["states"]["DIANet"] == "trained (dia.pth.tar, epoch 3)"
     assert result["states"]["ResNet"].startswith("untrained")
     assert "DIANet trained" in result["title"]
 
 
-@pytest.mark.parametrize("name, options, flag, message", [
-    ("resnet14", {"attention": "dia", "skip": False}, "--dia-checkpoint", "depth 14 .expected 8"),
-    ("resnet8", {"attention": "dia"}, "--dia-checkpoint", "skip True .expected False"),
-    ("resnet8", {"attention": "dia", "skip": False}, "--plain-checkpoint",
-     "attention 'dia' .expected 'none'"),
-])
-def test_gradients_refuses_a_checkpoint_of_another_network(tmp_path, name, options, flag,
-                                                           message):
+@pytest.mark.parametrize(
+    "name, options, flag, message",
+    [
+        (
+            "resnet14",
+            {"attention": "dia", "skip": False},
+            "--dia-checkpoint",
+            "depth 14 .expected 8",
+        ),
+        ("resnet8", {"attention": "dia"}, "--dia-checkpoint", "skip True .expected False"),
+        (
+            "resnet8",
+            {"attention": "dia", "skip": False},
+            "--plain-checkpoint",
+            "attention 'dia' .expected 'none'",
+        ),
+    ],
+)
+def test_gradients_refuses_a_checkpoint_of_another_network(tmp_path, name, options, flag, message):
     path = _checkpoint(tmp_path / "other.pth.tar", name, options)
     with pytest.raises(ValueError, match=f"{flag} .*another network.*{message}") as err:
         analysis_main(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png"), flag, path])
@@ -194,12 +284,27 @@ def test_gradients_refuses_a_checkpoint_of_another_network(tmp_path, name, optio
 def test_gradients_checkpoint_error_is_one_line_on_the_command_line(tmp_path):
     import subprocess
     import sys
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = _checkpoint(tmp_path / "deep.pth.tar", "resnet14", {"attention": "dia", "skip": False})
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "dia_fused.analysis", *GRADIENT_ARGS, "-o",
-                           str(tmp_path / "g.png"), "--dia-checkpoint", path], env=env,
-                          cwd=str(tmp_path), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dia_fused.analysis",
+            *GRADIENT_ARGS,
+            "-o",
+            str(tmp_path / "g.png"),
+            "--dia-checkpoint",
+            path,
+        ],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --dia-checkpoint")

@@ -2,6 +2,7 @@
 DIANet CIFAR models (dia_resnet, dia_preresnet, dia_wrn, dia_resnext: their module structure and
 registration order re-created here from gbup-group/DIANet models/cifar), outputs
 compared in eval mode within 1e-5 (relative to the logits' magnitude)."""
+
 import copy
 import importlib.util
 import re
@@ -19,7 +20,8 @@ from test_reference import OfficialLSTMCell
 # only the pytorchcv conversions need it; the official-model tests run without
 needs_pytorchcv = pytest.mark.skipif(
     importlib.util.find_spec("pytorchcv") is None,
-    reason="pytorchcv is not installed: pip install --no-deps pytorchcv==0.0.74")
+    reason="pytorchcv is not installed: pip install --no-deps pytorchcv==0.0.74",
+)
 
 
 def randomise_norms(model):
@@ -40,17 +42,22 @@ def assert_same_outputs(source, converted, x):
         expected, got = source(x), converted(x)
     scale = max(1.0, expected.abs().max().item())
     assert (got - expected).abs().max().item() <= 1e-5 * scale
-    assert sum(p.numel() for p in converted.parameters()) == sum(p.numel() for p in source.parameters())
+    assert sum(p.numel() for p in converted.parameters()) == sum(
+        p.numel() for p in source.parameters()
+    )
 
 
-@pytest.mark.parametrize("module, name, size", [
-    ("diaresnet_cifar", "diaresnet20_cifar10", 32),
-    ("diaresnet_cifar", "diaresnet164bn_cifar100", 32),
-    ("diapreresnet_cifar", "diapreresnet20_cifar10", 32),
-    ("diapreresnet_cifar", "diapreresnet164bn_cifar100", 32),
-    pytest.param("diaresnet", "diaresnet50", 224, marks=pytest.mark.slow),  # ImageNet-sized
-    pytest.param("diaresnet", "diaresnet18", 224, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "module, name, size",
+    [
+        ("diaresnet_cifar", "diaresnet20_cifar10", 32),
+        ("diaresnet_cifar", "diaresnet164bn_cifar100", 32),
+        ("diapreresnet_cifar", "diapreresnet20_cifar10", 32),
+        ("diapreresnet_cifar", "diapreresnet164bn_cifar100", 32),
+        pytest.param("diaresnet", "diaresnet50", 224, marks=pytest.mark.slow),  # ImageNet-sized
+        pytest.param("diaresnet", "diaresnet18", 224, marks=pytest.mark.slow),
+    ],
+)
 @needs_pytorchcv
 def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
     factory = getattr(__import__(f"pytorchcv.models.{module}", fromlist=[name]), name)
@@ -64,12 +71,14 @@ def test_pytorchcv_models_convert_with_the_same_outputs(module, name, size):
 @needs_pytorchcv
 def test_pytorchcv_imagenet_ratio_is_kept():
     from pytorchcv.models.diaresnet import diaresnet50
+
     converted = convert(diaresnet50())
     assert converted.stages[0].unit.reduction == 4  # pytorchcv uses r=4, the paper r=20
     assert abs(sum(p.numel() for p in converted.parameters()) / 1e6 - 39.52) < 0.01
 
 
 # --- the official DIANet CIFAR structure (gbup-group/DIANet models/cifar), re-created -------------
+
 
 class Attention(nn.Module):
     def __init__(self, module_list, channels, relu):
@@ -96,7 +105,9 @@ class Attention(nn.Module):
 class OfficialBottleneck(nn.Module):
     def __init__(self, inplanes, planes, stride=1, downsample=None, pre=False):
         super().__init__()
-        self.pre = pre  # registration order as in the official files (it decides checkpoint key order)
+        self.pre = (
+            pre  # registration order as in the official files (it decides checkpoint key order)
+        )
         if pre:
             self.bn1 = nn.BatchNorm2d(inplanes)
             self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
@@ -139,8 +150,13 @@ class OfficialNet(nn.Module):
         if not pre:
             self.bn1 = nn.BatchNorm2d(16)
         for i, planes in enumerate((16, 32, 64)):
-            setattr(self, f"layer{i + 1}", Attention(self._make_layer(planes, n, 1 if i == 0 else 2),
-                                                             planes * 4, relu=not pre))
+            setattr(
+                self,
+                f"layer{i + 1}",
+                Attention(
+                    self._make_layer(planes, n, 1 if i == 0 else 2), planes * 4, relu=not pre
+                ),
+            )
         if pre:
             self.bn = nn.BatchNorm2d(256)
         self.fc = nn.Linear(256, num_classes)
@@ -155,7 +171,9 @@ class OfficialNet(nn.Module):
         out = [OfficialBottleneck(self.inplanes, planes, stride, downsample, self.pre)]
         self.inplanes = planes * 4
         out += [OfficialBottleneck(self.inplanes, planes, pre=self.pre) for _ in range(1, blocks)]
-        return nn.Sequential(*out) if self.pre else nn.ModuleList(out)  # the official PreResNet: Sequential
+        return (
+            nn.Sequential(*out) if self.pre else nn.ModuleList(out)
+        )  # the official PreResNet: Sequential
 
     def forward(self, x):
         x = self.conv1(x)
@@ -205,9 +223,15 @@ class WideResNet(nn.Module):
         widths, n = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor], (depth - 4) // 6
         self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=False)
         for i in range(3):
-            blocks = nn.ModuleList(OfficialWideBlock(widths[i] if j == 0 else widths[i + 1], widths[i + 1],
-                                                     (1 if i == 0 else 2) if j == 0 else 1, drop_rate)
-                                   for j in range(n))
+            blocks = nn.ModuleList(
+                OfficialWideBlock(
+                    widths[i] if j == 0 else widths[i + 1],
+                    widths[i + 1],
+                    (1 if i == 0 else 2) if j == 0 else 1,
+                    drop_rate,
+                )
+                for j in range(n)
+            )
             setattr(self, f"block{i + 1}", Attention(blocks, widths[i + 1], relu=False))
         self.bn1 = nn.BatchNorm2d(widths[3])
         self.fc = nn.Linear(widths[3], num_classes)
@@ -246,14 +270,26 @@ class CifarResNeXt(nn.Module):
 
     def __init__(self, cardinality, depth, num_classes, widen_factor=4):
         super().__init__()
-        self.cardinality, self.depth, self.widen_factor, self.num_classes = cardinality, depth, widen_factor, num_classes
+        self.cardinality, self.depth, self.widen_factor, self.num_classes = (
+            cardinality,
+            depth,
+            widen_factor,
+            num_classes,
+        )
         stages = [32, 32 * widen_factor, 64 * widen_factor, 128 * widen_factor]
         self.conv_1_3x3 = nn.Conv2d(3, 32, 3, 1, 1, bias=False)
         self.bn_1 = nn.BatchNorm2d(32)
         for i in range(3):
-            blocks = nn.ModuleList(OfficialResNeXtBlock(stages[i] if j == 0 else stages[i + 1], stages[i + 1],
-                                                        (1 if i == 0 else 2) if j == 0 else 1, cardinality,
-                                                        widen_factor) for j in range((depth - 2) // 9))
+            blocks = nn.ModuleList(
+                OfficialResNeXtBlock(
+                    stages[i] if j == 0 else stages[i + 1],
+                    stages[i + 1],
+                    (1 if i == 0 else 2) if j == 0 else 1,
+                    cardinality,
+                    widen_factor,
+                )
+                for j in range((depth - 2) // 9)
+            )
             setattr(self, f"stage_{i + 1}", Attention(blocks, stages[i + 1], relu=True))
         self.classifier = nn.Linear(stages[3], num_classes)
 
@@ -298,13 +334,17 @@ def test_official_models_convert_with_the_same_outputs(pre, depth):
 def test_official_checkpoint_loads_by_name(pre, name):
     torch.manual_seed(1)
     source = official(29, 100, pre).eval()
-    checkpoint = {"state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}}  # DataParallel
+    checkpoint = {
+        "state_dict": {f"module.{k}": v for k, v in source.state_dict().items()}
+    }  # DataParallel
     loaded = load_official_state_dict(name, checkpoint)
     assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
 
 
 def test_conversion_errors_name_the_problem():
-    with pytest.raises(TypeError, match="model: expected an official DIANet or pytorchcv DIA model"):
+    with pytest.raises(
+        TypeError, match="model: expected an official DIANet or pytorchcv DIA model"
+    ):
         convert(nn.Sequential(nn.Conv2d(3, 3, 1)))
     source = official(11, 10, False)
     with pytest.raises(ValueError, match="state_dict: .* layers in the checkpoint"):
@@ -313,16 +353,19 @@ def test_conversion_errors_name_the_problem():
 
 # --- the official files' calling conventions (official_dianet.py), wrapped models, checkpoints ---
 
+
 @pytest.fixture
 def cuda_calls_harmless(monkeypatch):
     """The official Attention stages call `.cuda()` on their zero state: a no-op on the CPU."""
     monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *args, **kwargs: self)
 
 
-@pytest.mark.parametrize("cardinality, depth",
-                         [(2, 11), pytest.param(8, 29, marks=pytest.mark.slow)])
-def test_convert_official_resnext_that_calls_forward_directly(cuda_calls_harmless, cardinality,
-                                                              depth):
+@pytest.mark.parametrize(
+    "cardinality, depth", [(2, 11), pytest.param(8, 29, marks=pytest.mark.slow)]
+)
+def test_convert_official_resnext_that_calls_forward_directly(
+    cuda_calls_harmless, cardinality, depth
+):
     """The official ResNeXt runs its submodules as `module.forward(x)`: no hooks fire, yet every
     layer is matched (before: "7 conv/norm/linear layers run in the source, 63 in ...")."""
     torch.manual_seed(0)
@@ -331,11 +374,17 @@ def test_convert_official_resnext_that_calls_forward_directly(cuda_calls_harmles
     assert_same_outputs(source, convert(source, backend="reference"), torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: official_dianet.ResNet(11, 10, "Bottleneck"),
-    lambda: official_dianet.WideResNet(10, 10, 4, dropRate=0.3),
-    lambda: __import__("pytorchcv.models.diaresnet_cifar", fromlist=["x"]).diaresnet20_cifar10(),
-], ids=["official_resnet11", "official_wrn10_4", "pytorchcv_diaresnet20_cifar10"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: official_dianet.ResNet(11, 10, "Bottleneck"),
+        lambda: official_dianet.WideResNet(10, 10, 4, dropRate=0.3),
+        lambda: __import__(
+            "pytorchcv.models.diaresnet_cifar", fromlist=["x"]
+        ).diaresnet20_cifar10(),
+    ],
+    ids=["official_resnet11", "official_wrn10_4", "pytorchcv_diaresnet20_cifar10"],
+)
 def test_convert_dataparallel_wrapped_and_accelerated_models(cuda_calls_harmless, make):
     torch.manual_seed(0)
     source = official_dianet.randomise(make()).eval()
@@ -360,8 +409,9 @@ def test_checkpoint_without_num_batches_tracked_loads():
     assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
 
 
-@pytest.mark.parametrize("key", ["layer2.lstm.w_hh.0.seq.2.bias",
-                                 "layer1.lstm.w_ih.0.seq.0.weight"])
+@pytest.mark.parametrize(
+    "key", ["layer2.lstm.w_hh.0.seq.2.bias", "layer1.lstm.w_ih.0.seq.0.weight"]
+)
 def test_checkpoint_with_a_missing_lstm_key_names_it(key):
     """Before: a bare KeyError ('w_ih.0.seq.0.weight') or torch's RuntimeError without the stage."""
     _, checkpoint = official_checkpoint()

@@ -5,6 +5,7 @@ without a GPU (and with a CPU-only torch, whose extension builder refuses CUDA).
 One nvcc call per source with both -gencode targets, the calls run in parallel. The flags are those
 of the real build (dia_fused/kernels/cuda_build.py, plus what torch's builder adds).
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,10 @@ def find_nvcc():
 
 NVCC = find_nvcc()
 needs_nvcc = pytest.mark.skipif(
-    NVCC is None, reason="nvcc not found (put it on PATH or set CUDA_HOME): the csrc compile check "
-                         "needs a CUDA toolkit, no GPU")
+    NVCC is None,
+    reason="nvcc not found (put it on PATH or set CUDA_HOME): the csrc compile check "
+    "needs a CUDA toolkit, no GPU",
+)
 
 CSRC = cuda_build.csrc_dir()
 # torch's CPU wheels ship c10/cuda headers without the CMake-generated cuda_cmake_macros.h; it only
@@ -41,21 +44,38 @@ CSRC = cuda_build.csrc_dir()
 TORCH_INCLUDES = cpp_extension.include_paths()
 NEEDS_CMAKE_MACROS_SHIM = not any(
     os.path.isfile(os.path.join(d, "c10", "cuda", "impl", "cuda_cmake_macros.h"))
-    for d in TORCH_INCLUDES)
+    for d in TORCH_INCLUDES
+)
 
 
 def compile_command(source: str, obj: str):
-    cmd = [NVCC, "-c", os.path.join(CSRC, source), "-o", obj, cuda_build.CXX_STD,
-           *cuda_build.arch_flags(cuda_build.DEFAULT_ARCH_LIST),
-           "-Werror", "all-warnings", "-Xcompiler", "-Wall,-Wextra,-Werror", "-I", CSRC]
+    cmd = [
+        NVCC,
+        "-c",
+        os.path.join(CSRC, source),
+        "-o",
+        obj,
+        cuda_build.CXX_STD,
+        *cuda_build.arch_flags(cuda_build.DEFAULT_ARCH_LIST),
+        "-Werror",
+        "all-warnings",
+        "-Xcompiler",
+        "-Wall,-Wextra,-Werror",
+        "-I",
+        CSRC,
+    ]
     # torch's headers are system headers here: their own warnings are not ours to fix
     for include in TORCH_INCLUDES + [sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", include]
     if source.endswith(".cu"):
         cmd += cuda_build.TORCH_NVCC_DEFINES + cuda_build.NVCC_FLAGS
     else:
-        cmd += cuda_build.CXX_FLAGS + ["-Xcompiler", "-fPIC", "-DTORCH_API_INCLUDE_EXTENSION_H",
-                                       "-DTORCH_EXTENSION_NAME=_C"]
+        cmd += cuda_build.CXX_FLAGS + [
+            "-Xcompiler",
+            "-fPIC",
+            "-DTORCH_API_INCLUDE_EXTENSION_H",
+            "-DTORCH_EXTENSION_NAME=_C",
+        ]
         if NEEDS_CMAKE_MACROS_SHIM:
             cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     return cmd
@@ -71,14 +91,20 @@ def test_every_csrc_source_compiles_for_sm80_and_sm90(tmp_path):
 
     def run(source):
         start = time.perf_counter()
-        proc = subprocess.run(compile_command(source, str(tmp_path / (source + ".o"))),
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            compile_command(source, str(tmp_path / (source + ".o"))), capture_output=True, text=True
+        )
         return source, proc, time.perf_counter() - start
 
-    with ThreadPoolExecutor(max_workers=max(1, min(len(cuda_build.SOURCES), os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(
+        max_workers=max(1, min(len(cuda_build.SOURCES), os.cpu_count() or 1))
+    ) as pool:
         results = list(pool.map(run, cuda_build.SOURCES))
-    failures = [f"{src} (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
-                for src, proc, _ in results if proc.returncode != 0 or proc.stderr.strip()]
+    failures = [
+        f"{src} (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
+        for src, proc, _ in results
+        if proc.returncode != 0 or proc.stderr.strip()
+    ]
     assert not failures, "csrc compile errors or warnings:\n" + "\n".join(failures)
     for src, _, seconds in results:
         print(f"{src}: {seconds:.1f} s")
@@ -87,8 +113,10 @@ def test_every_csrc_source_compiles_for_sm80_and_sm90(tmp_path):
 
 def test_arch_flags_default_to_sm80_and_sm90():
     flags = cuda_build.arch_flags(cuda_build.DEFAULT_ARCH_LIST)
-    assert flags == ["-gencode=arch=compute_80,code=[sm_80]",
-                     "-gencode=arch=compute_90,code=[sm_90,compute_90]"]
+    assert flags == [
+        "-gencode=arch=compute_80,code=[sm_80]",
+        "-gencode=arch=compute_90,code=[sm_90,compute_90]",
+    ]
     assert cuda_build.arch_flags("9.0a") == ["-gencode=arch=compute_90a,code=[sm_90a]"]
     # the same arches as CMake spells them (CMakeLists.txt reads them through --cmake)
     assert cuda_build.cmake_architectures() == ["80-real", "90"]

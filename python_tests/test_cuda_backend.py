@@ -7,6 +7,7 @@ determinism, and DIALSTM(backend="cuda") once ops.py routes to this backend.
 Skipped where no CUDA device exists; where one does, an unavailable backend is a failure.
 The same kernels run on the CPU through the emulation in test_cuda_backend_emulated.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,13 @@ import torch
 
 from dia_fused import DIALSTM, ops
 from dia_fused.kernels import cuda_dia_step
-from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend,
-                               random_step_inputs, step_outputs_and_grads)
+from dia_fused.testing import (
+    backend_step,
+    capture_cuda_graph,
+    compare_backend,
+    random_step_inputs,
+    step_outputs_and_grads,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -47,9 +53,11 @@ def check(inputs, dtype, path, relu=True, activation="sigmoid"):
 
 
 # CIFAR ResNet-164 stages: batch 128, reduction 4
-CIFAR = [pytest.param(128, 64, 32, 32, id="cifar-c64-32"),
-         pytest.param(128, 128, 16, 16, id="cifar-c128-16"),
-         pytest.param(128, 256, 8, 8, id="cifar-c256-8")]
+CIFAR = [
+    pytest.param(128, 64, 32, 32, id="cifar-c64-32"),
+    pytest.param(128, 128, 16, 16, id="cifar-c128-16"),
+    pytest.param(128, 256, 8, 8, id="cifar-c256-8"),
+]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -57,34 +65,40 @@ CIFAR = [pytest.param(128, 64, 32, 32, id="cifar-c64-32"),
 @pytest.mark.parametrize("path", ["auto", "fused", "split"])
 @pytest.mark.parametrize("n,c,h,w", CIFAR)
 def test_cifar_shapes(n, c, h, w, path, dtype, channels_last):
-    inputs = random_step_inputs(n, c, h, w, reduction=4, channels_last=channels_last,
-                                device="cuda", seed=c)
+    inputs = random_step_inputs(
+        n, c, h, w, reduction=4, channels_last=channels_last, device="cuda", seed=c
+    )
     check(inputs, dtype, path)
 
 
 # ImageNet ResNet-50 stages (reduced batch: the float64 reference runs beside it), reduction 16
-IMAGENET = [pytest.param(8, 256, 56, 56, id="imagenet-c256-56"),
-            pytest.param(8, 512, 28, 28, id="imagenet-c512-28"),
-            pytest.param(16, 1024, 14, 14, id="imagenet-c1024-14"),
-            pytest.param(32, 2048, 7, 7, id="imagenet-c2048-7")]
+IMAGENET = [
+    pytest.param(8, 256, 56, 56, id="imagenet-c256-56"),
+    pytest.param(8, 512, 28, 28, id="imagenet-c512-28"),
+    pytest.param(16, 1024, 14, 14, id="imagenet-c1024-14"),
+    pytest.param(32, 2048, 7, 7, id="imagenet-c2048-7"),
+]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n,c,h,w", IMAGENET)
 def test_imagenet_shapes(n, c, h, w, dtype, channels_last):
-    inputs = random_step_inputs(n, c, h, w, reduction=16, channels_last=channels_last,
-                                device="cuda", seed=c)
+    inputs = random_step_inputs(
+        n, c, h, w, reduction=16, channels_last=channels_last, device="cuda", seed=c
+    )
     check(inputs, dtype, "auto")
 
 
 # edges: odd C (not a multiple of tiles or vectors), H*W = 1, batch 1, N over a GEMM tile
-EDGES = [pytest.param(7, 100, 9, 9, 4, id="odd-c100"),
-         pytest.param(5, 1000, 5, 3, 10, id="odd-c1000"),
-         pytest.param(16, 512, 1, 1, 16, id="hw1"),
-         pytest.param(1, 256, 56, 56, 16, id="batch1-c256"),
-         pytest.param(1, 2048, 7, 7, 16, id="batch1-c2048"),
-         pytest.param(33, 36, 3, 5, 4, id="n33-c36")]
+EDGES = [
+    pytest.param(7, 100, 9, 9, 4, id="odd-c100"),
+    pytest.param(5, 1000, 5, 3, 10, id="odd-c1000"),
+    pytest.param(16, 512, 1, 1, 16, id="hw1"),
+    pytest.param(1, 256, 56, 56, 16, id="batch1-c256"),
+    pytest.param(1, 2048, 7, 7, 16, id="batch1-c2048"),
+    pytest.param(33, 36, 3, 5, 4, id="n33-c36"),
+]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
@@ -92,8 +106,9 @@ EDGES = [pytest.param(7, 100, 9, 9, 4, id="odd-c100"),
 @pytest.mark.parametrize("path", ["auto", "split"])
 @pytest.mark.parametrize("n,c,h,w,r", EDGES)
 def test_edge_shapes(n, c, h, w, r, path, dtype, channels_last):
-    inputs = random_step_inputs(n, c, h, w, reduction=r, channels_last=channels_last,
-                                device="cuda", seed=n + c)
+    inputs = random_step_inputs(
+        n, c, h, w, reduction=r, channels_last=channels_last, device="cuda", seed=n + c
+    )
     check(inputs, dtype, path)
 
 
@@ -108,8 +123,17 @@ def test_options(identity, relu, activation, path):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("num_cells,dropout_p", [(2, 0.0), (3, 0.1)])
 def test_stacked_cells(num_cells, dropout_p, dtype):
-    inputs = random_step_inputs(64, 128, 16, 16, reduction=4, num_cells=num_cells,
-                                dropout_p=dropout_p, channels_last=True, device="cuda")
+    inputs = random_step_inputs(
+        64,
+        128,
+        16,
+        16,
+        reduction=4,
+        num_cells=num_cells,
+        dropout_p=dropout_p,
+        channels_last=True,
+        device="cuda",
+    )
     check(inputs, dtype, "auto")
 
 
@@ -141,10 +165,25 @@ def test_cuda_graph_capture(path):
     settings = cuda_dia_step.KernelSettings(path=path)
 
     def run():
-        out, h_new, c_new, pooled = cuda_dia_step.forward(static_x, h, c, w, identity, True,
-                                                          "sigmoid", None, settings)
-        grads = cuda_dia_step.backward(static_grad, None, None, static_x, out, pooled, h, c, w,
-                                       True, True, "sigmoid", None, settings)
+        out, h_new, c_new, pooled = cuda_dia_step.forward(
+            static_x, h, c, w, identity, True, "sigmoid", None, settings
+        )
+        grads = cuda_dia_step.backward(
+            static_grad,
+            None,
+            None,
+            static_x,
+            out,
+            pooled,
+            h,
+            c,
+            w,
+            True,
+            True,
+            "sigmoid",
+            None,
+            settings,
+        )
         return out, h_new, grads[0]
 
     graph, captured = capture_cuda_graph(run, warmup=1)

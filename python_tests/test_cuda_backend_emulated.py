@@ -7,6 +7,7 @@ C not a multiple of the GEMM tiles or of the vector width, N over one 32-sample 
 batch 1, C = R, C past the one-block-per-sample limit, vectorized and scalar walks, contiguous,
 channels_last and mixed layouts. The same cases run on the GPU in test_cuda_backend.py.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,10 @@ from dia_fused.testing import backend_step, compare_backend, random_step_inputs
 
 import cuda_emulation
 
-pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
-                                reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    cuda_emulation.unavailable_reason() is not None,
+    reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}",
+)
 
 
 # (N, C, H, W, reduction): what each one exercises
@@ -60,10 +63,13 @@ def test_fp32_shapes_layouts_paths(cuda_on_cpu, n, c, h, w, r, path, channels_la
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("path", ["fused", "split"])
-@pytest.mark.parametrize("n,c,h,w,r", [
-    pytest.param(2, 16, 4, 4, 4, id="vec8-planes"),  # HW=16: 8 halves per access along H*W
-    pytest.param(3, 24, 3, 3, 4, id="vec8-rows"),  # C=24: 8 halves per access along C only
-])
+@pytest.mark.parametrize(
+    "n,c,h,w,r",
+    [
+        pytest.param(2, 16, 4, 4, 4, id="vec8-planes"),  # HW=16: 8 halves per access along H*W
+        pytest.param(3, 24, 3, 3, 4, id="vec8-rows"),  # C=24: 8 halves per access along C only
+    ],
+)
 def test_half_dtypes(cuda_on_cpu, n, c, h, w, r, path, channels_last, dtype):
     inputs = random_step_inputs(n, c, h, w, reduction=r, channels_last=channels_last, seed=7)
     run(cuda_on_cpu, inputs, dtype, path, relu=True)
@@ -98,8 +104,14 @@ def test_large_channels_split_only(cuda_on_cpu, channels_last):
     run(cuda_on_cpu, inputs, torch.float32, "auto", relu=True)
     assert cuda_on_cpu.launches[0] == "pool"
     with pytest.raises(ValueError, match="path='fused' needs"):
-        cuda_dia_step.forward(*inputs.args(), inputs.identity, True, "sigmoid", None,
-                              cuda_dia_step.KernelSettings(path="fused"))
+        cuda_dia_step.forward(
+            *inputs.args(),
+            inputs.identity,
+            True,
+            "sigmoid",
+            None,
+            cuda_dia_step.KernelSettings(path="fused"),
+        )
 
 
 def test_fused_limit_channels(cuda_on_cpu):
@@ -111,8 +123,17 @@ def test_fused_limit_channels(cuda_on_cpu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("num_cells,dropout_p", [(2, 0.0), (3, 0.5)])
 def test_stacked_cells(cuda_on_cpu, num_cells, dropout_p, dtype):
-    inputs = random_step_inputs(3, 12, 2, 3, reduction=4, num_cells=num_cells,
-                                dropout_p=dropout_p, seed=num_cells, channels_last=True)
+    inputs = random_step_inputs(
+        3,
+        12,
+        2,
+        3,
+        reduction=4,
+        num_cells=num_cells,
+        dropout_p=dropout_p,
+        seed=num_cells,
+        channels_last=True,
+    )
     assert (inputs.dropout_masks is not None) == (dropout_p > 0)
     run(cuda_on_cpu, inputs, dtype, "auto", relu=True)
     assert cuda_on_cpu.launches[:3] == ["pool", "cell0_forward", "scale_residual"]
@@ -136,12 +157,14 @@ def test_backward_with_broadcast_and_noncollapsible_grad_out(cuda_on_cpu, path):
     inputs = random_step_inputs(2, 8, 4, 4, reduction=2, seed=4)
     x, h, c, w = inputs.args()
     settings = cuda_dia_step.KernelSettings(path=path)
-    out, _, _, pooled = cuda_dia_step.forward(x, h, c, w, inputs.identity, True, "sigmoid", None,
-                                              settings)
+    out, _, _, pooled = cuda_dia_step.forward(
+        x, h, c, w, inputs.identity, True, "sigmoid", None, settings
+    )
 
     def grads(grad_out):
-        return cuda_dia_step.backward(grad_out, None, None, x, out, pooled, h, c, w, True, True,
-                                      "sigmoid", None, settings)
+        return cuda_dia_step.backward(
+            grad_out, None, None, x, out, pooled, h, c, w, True, True, "sigmoid", None, settings
+        )
 
     dense = grads(torch.full_like(out, 0.5))
     broadcast = grads(torch.tensor(0.5).expand(out.shape))
@@ -159,13 +182,15 @@ def test_none_state_gradients_are_zero(cuda_on_cpu):
     x, h, c, w = inputs.args()
     for path in ("fused", "split"):
         settings = cuda_dia_step.KernelSettings(path=path)
-        out, h_new, c_new, pooled = cuda_dia_step.forward(x, h, c, w, None, False, "sigmoid", None,
-                                                          settings)
+        out, h_new, c_new, pooled = cuda_dia_step.forward(
+            x, h, c, w, None, False, "sigmoid", None, settings
+        )
         grad_out = torch.randn_like(out)
         args = (x, out, pooled, h, c, w, False, False, "sigmoid", None, settings)
         none = cuda_dia_step.backward(grad_out, None, None, *args)
-        zero = cuda_dia_step.backward(grad_out, torch.zeros_like(h_new), torch.zeros_like(c_new),
-                                      *args)
+        zero = cuda_dia_step.backward(
+            grad_out, torch.zeros_like(h_new), torch.zeros_like(c_new), *args
+        )
         assert none[1] is None and zero[1] is None
         for a, b in zip([*none[:1], *none[2:4], *none[4]], [*zero[:1], *zero[2:4], *zero[4]]):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -181,6 +206,7 @@ def test_deterministic(cuda_on_cpu):
 
 def compare_backend_outputs(inputs):
     from dia_fused.testing import step_outputs_and_grads
+
     with forced("split"):
         result = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)
     return [v for v in result.values() if v is not None]
@@ -190,6 +216,7 @@ def test_paths_agree_with_each_other(cuda_on_cpu):
     """fused and split take different summation orders; both within tolerance is tested above,
     here they must also agree closely with each other."""
     from dia_fused.testing import step_outputs_and_grads
+
     inputs = random_step_inputs(4, 32, 4, 4, reduction=4, seed=13)
     with forced("fused"):
         fused = step_outputs_and_grads(ops_step, inputs.to(torch.float32), relu=True)

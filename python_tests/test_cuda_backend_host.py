@@ -1,6 +1,7 @@
 """CPU tests of the CUDA backend's Python side that need neither a GPU nor a compiler: the
 availability reasons, the shared build settings, and the stacked-cell math the host wrapper runs
 with ATen between cell 0 and the scale."""
+
 from __future__ import annotations
 
 import os
@@ -35,11 +36,13 @@ def test_forward_without_cuda_raises_with_the_reason():
 
 def test_build_settings_load_without_torch():
     """setup.py loads cuda_build.py by path at build time, where torch may be absent."""
-    code = ("import sys, importlib.util\n"
-            "sys.modules['torch'] = None\n"  # any import of torch now fails
-            f"spec = importlib.util.spec_from_file_location('b', {cuda_build.__file__!r})\n"
-            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-            "print(m.SOURCES, m.default_arch_flags())\n")
+    code = (
+        "import sys, importlib.util\n"
+        "sys.modules['torch'] = None\n"  # any import of torch now fails
+        f"spec = importlib.util.spec_from_file_location('b', {cuda_build.__file__!r})\n"
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
+        "print(m.SOURCES, m.default_arch_flags())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != cuda_build.ARCH_ENV}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr
@@ -53,11 +56,18 @@ def test_sources_are_found_and_complete():
         assert os.path.isfile(os.path.join(csrc, name))
     # CMakeLists.txt takes the list from cuda_build.py --cmake (run as CMake runs it) and keeps
     # no copy of its own
-    run = subprocess.run([sys.executable, cuda_build.__file__, "--cmake"], capture_output=True,
-                         text=True, check=False)
+    run = subprocess.run(
+        [sys.executable, cuda_build.__file__, "--cmake"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert run.returncode == 0, run.stderr
-    lines = {line.split()[0][4:]: line[:-1].split()[1:] for line in run.stdout.splitlines()
-             if line.startswith("set(")}
+    lines = {
+        line.split()[0][4:]: line[:-1].split()[1:]
+        for line in run.stdout.splitlines()
+        if line.startswith("set(")
+    }
     assert lines["DIA_FUSED_SOURCES"] == [f"csrc/{name}" for name in cuda_build.SOURCES]
     assert lines["DIA_FUSED_CUDA_ARCHITECTURES"] == ["80-real", "90"]
     for name in lines["DIA_FUSED_SOURCES"] + lines["DIA_FUSED_HEADERS"]:
@@ -83,7 +93,9 @@ def test_arch_list_env_defers_to_torch(monkeypatch):
 def test_stacked_cells_match_reference_and_autograd(activation, dropout_p):
     """Cells 1..L-1 as the host wrapper runs them: forward equal to reference.dia_lstm_cells,
     hand-written backward equal to autograd through it (float64)."""
-    inputs = random_step_inputs(4, 6, 1, 1, num_cells=3, dropout_p=dropout_p, seed=3).to(torch.float64)
+    inputs = random_step_inputs(4, 6, 1, 1, num_cells=3, dropout_p=dropout_p, seed=3).to(
+        torch.float64
+    )
     pooled = torch.randn(4, 6, dtype=torch.float64)
     h, c, weights, masks = inputs.h, inputs.c, inputs.weights, inputs.dropout_masks
     h_ref, c_ref = reference.dia_lstm_cells(pooled, h, c, weights, activation, masks)
@@ -98,12 +110,17 @@ def test_stacked_cells_match_reference_and_autograd(activation, dropout_p):
 
     grad_h_new, grad_c_new = torch.randn_like(h), torch.randn_like(c)
     grad_attention = torch.randn_like(h[0])
-    loss = ((torch.stack(fwd.h) * grad_h_new[1:]).sum() + (torch.stack(fwd.c) * grad_c_new[1:]).sum()
-            + (fwd.h[-1] * grad_attention).sum() + (h_cell0 * grad_h_new[0]).sum())
+    loss = (
+        (torch.stack(fwd.h) * grad_h_new[1:]).sum()
+        + (torch.stack(fwd.c) * grad_c_new[1:]).sum()
+        + (fwd.h[-1] * grad_attention).sum()
+        + (h_cell0 * grad_h_new[0]).sum()
+    )
     expected = torch.autograd.grad(loss, [h_cell0, h_prev, c_prev, *stacked_w])
 
     got_h0, got_h_prev, got_c_prev, got_w = cuda_dia_step.stacked_cells_backward(
-        fwd, h, c, weights[8:], activation, masks, grad_h_new, grad_c_new, grad_attention)
+        fwd, h, c, weights[8:], activation, masks, grad_h_new, grad_c_new, grad_attention
+    )
     torch.testing.assert_close(got_h0, expected[0])
     torch.testing.assert_close(torch.stack(got_h_prev), expected[1][1:])
     torch.testing.assert_close(torch.stack(got_c_prev), expected[2][1:])
@@ -114,12 +131,14 @@ def test_stacked_cells_match_reference_and_autograd(activation, dropout_p):
 def test_stacked_backward_without_state_grads():
     inputs = random_step_inputs(2, 4, 1, 1, num_cells=2, seed=1).to(torch.float64)
     h_cell0 = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
-    fwd = cuda_dia_step.stacked_cells_forward(h_cell0, inputs.h, inputs.c, inputs.weights[8:],
-                                              "sigmoid", None)
+    fwd = cuda_dia_step.stacked_cells_forward(
+        h_cell0, inputs.h, inputs.c, inputs.weights[8:], "sigmoid", None
+    )
     grad_attention = torch.randn(2, 4, dtype=torch.float64)
     (expected,) = torch.autograd.grad((fwd.h[-1] * grad_attention).sum(), [h_cell0])
-    got = cuda_dia_step.stacked_cells_backward(fwd, inputs.h, inputs.c, inputs.weights[8:],
-                                               "sigmoid", None, None, None, grad_attention)[0]
+    got = cuda_dia_step.stacked_cells_backward(
+        fwd, inputs.h, inputs.c, inputs.weights[8:], "sigmoid", None, None, None, grad_attention
+    )[0]
     torch.testing.assert_close(got, expected)
 
 

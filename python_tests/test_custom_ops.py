@@ -2,6 +2,7 @@
 csrc kernels compiled as host C++ (python_tests/cuda_emulation.py), through ops.dia_step and
 DIALSTM exactly as on a GPU. Checks the tolerance rule, torch.library.opcheck, autograd through
 chained steps, and torch.compile(fullgraph=True) with the fake implementations."""
+
 import pytest
 import torch
 
@@ -10,8 +11,10 @@ import layout_cases
 from dia_fused import DIALSTM, ops
 from dia_fused.testing import backend_step, compare_backend, max_abs_error, random_step_inputs
 
-pytestmark = pytest.mark.skipif(cuda_emulation.unavailable_reason() is not None,
-                                reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}")
+pytestmark = pytest.mark.skipif(
+    cuda_emulation.unavailable_reason() is not None,
+    reason=f"kernel emulation: {cuda_emulation.unavailable_reason()}",
+)
 
 
 ops_step = backend_step("cuda")
@@ -21,21 +24,51 @@ ops_step = backend_step("cuda")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("identity", [True, False])
 def test_custom_ops_match_the_reference(cuda_on_cpu, num_cells, dtype, identity):
-    inputs = random_step_inputs(2, 12, 3, 2, reduction=3, num_cells=num_cells, identity=identity,
-                                dropout_p=0.4, seed=11)
+    inputs = random_step_inputs(
+        2, 12, 3, 2, reduction=3, num_cells=num_cells, identity=identity, dropout_p=0.4, seed=11
+    )
     assert compare_backend(ops_step, inputs, dtype, relu=identity)
 
 
 def test_opcheck_on_both_ops(cuda_on_cpu):
     inputs = random_step_inputs(2, 8, 2, 2, reduction=2, seed=3).requires_grad_()
-    args = (inputs.x, inputs.h, inputs.c, list(inputs.weights), inputs.identity, True, "sigmoid", None, "cuda")
+    args = (
+        inputs.x,
+        inputs.h,
+        inputs.c,
+        list(inputs.weights),
+        inputs.identity,
+        True,
+        "sigmoid",
+        None,
+        "cuda",
+    )
     torch.library.opcheck(torch.ops.dia_fused.step_forward.default, args)
-    out, h, c, pooled = ops.step_forward(*[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
-                                         [w.detach() for w in inputs.weights], inputs.identity.detach(),
-                                         True, "sigmoid", None, "cuda")
-    bwd_args = (torch.randn_like(out), torch.randn_like(h), torch.randn_like(c), inputs.x.detach(), out, pooled,
-                inputs.h.detach(), inputs.c.detach(), [w.detach() for w in inputs.weights], True, True, "sigmoid",
-                None, "cuda")
+    out, h, c, pooled = ops.step_forward(
+        *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
+        [w.detach() for w in inputs.weights],
+        inputs.identity.detach(),
+        True,
+        "sigmoid",
+        None,
+        "cuda",
+    )
+    bwd_args = (
+        torch.randn_like(out),
+        torch.randn_like(h),
+        torch.randn_like(c),
+        inputs.x.detach(),
+        out,
+        pooled,
+        inputs.h.detach(),
+        inputs.c.detach(),
+        [w.detach() for w in inputs.weights],
+        True,
+        True,
+        "sigmoid",
+        None,
+        "cuda",
+    )
     torch.library.opcheck(torch.ops.dia_fused.step_backward.default, bwd_args)
 
 
@@ -55,7 +88,10 @@ def test_dialstm_chained_steps_match_the_reference_module(cuda_on_cpu):
         results.append((out, state, [p.grad for p in unit.parameters()]))
     (out_f, state_f, grads_f), (out_r, state_r, grads_r) = results
     assert max_abs_error(out_f, out_r) < 1e-5
-    assert max_abs_error(state_f[0], state_r[0]) < 1e-5 and max_abs_error(state_f[1], state_r[1]) < 1e-5
+    assert (
+        max_abs_error(state_f[0], state_r[0]) < 1e-5
+        and max_abs_error(state_f[1], state_r[1]) < 1e-5
+    )
     for g_f, g_r in zip(grads_f, grads_r):
         assert max_abs_error(g_f, g_r) <= 1e-4 * max(1.0, g_r.abs().max().item())
 

@@ -1,6 +1,7 @@
 """docs/design.md is the design document the code points to: every `docs/design.md §N` reference
 in the tree names a section that exists, and no reference to a document outside the repository
 remains. Text files only, no imports of the package: fast."""
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,9 @@ def references():
             if rel == os.path.join("docs", "design.md"):
                 sections = SECTION.findall(line)  # the document refers to itself by § alone
             else:
-                sections = [s for m in REFERENCE.finditer(line)
-                            for s in SECTION.findall(m.group(1))]
+                sections = [
+                    s for m in REFERENCE.finditer(line) for s in SECTION.findall(m.group(1))
+                ]
             found += [(rel, number, s) for s in sections]
     return found
 
@@ -85,8 +87,9 @@ def test_every_reference_names_an_existing_section():
     found = references()
     assert len(found) >= 10, f"expected the code to point to docs/design.md, found {found}"
     missing = [f"{rel}:{line}: §{s}" for rel, line, s in found if s not in sections]
-    assert not missing, "references to sections that docs/design.md does not have:\n" + \
-        "\n".join(missing)
+    assert not missing, "references to sections that docs/design.md does not have:\n" + "\n".join(
+        missing
+    )
 
 
 @pytest.mark.parametrize("stale", STALE)
@@ -96,8 +99,9 @@ def test_no_reference_to_documents_outside_the_repository(stale):
         for number, line in enumerate(read(path).splitlines(), 1):
             if stale in line:
                 hits.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
-    assert not hits, f"{stale!r} points outside the repository; use docs/design.md §N:\n" + \
-        "\n".join(hits)
+    assert not hits, (
+        f"{stale!r} points outside the repository; use docs/design.md §N:\n" + "\n".join(hits)
+    )
 
 
 def test_readme_links_the_design_document():

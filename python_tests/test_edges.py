@@ -1,6 +1,7 @@
 """Edges of the DIA unit: reparametrized cell weights (torch.nn.utils.parametrizations, pruning,
 the old hook-based weight_norm), meta tensors (shape propagation), and stage blocks that break the
 (branch, identity) contract."""
+
 import pytest
 import torch
 from torch import nn
@@ -40,12 +41,17 @@ def test_weight_norm_parametrization_on_cell_linears(backend):
         parametrizations.weight_norm(layer)
     names = reference.weight_names(2)
     # the same weights as leaves, the reparametrization written out
-    g = {id(m): m.parametrizations.weight.original0.detach().clone().requires_grad_()
-         for m in layers}
-    v = {id(m): m.parametrizations.weight.original1.detach().clone().requires_grad_()
-         for m in layers}
-    plain = {n: p.detach().clone().requires_grad_() for n, p in unit.named_parameters()
-             if "parametrizations" not in n}
+    g = {
+        id(m): m.parametrizations.weight.original0.detach().clone().requires_grad_() for m in layers
+    }
+    v = {
+        id(m): m.parametrizations.weight.original1.detach().clone().requires_grad_() for m in layers
+    }
+    plain = {
+        n: p.detach().clone().requires_grad_()
+        for n, p in unit.named_parameters()
+        if "parametrizations" not in n
+    }
     weights = []
     for name in names:
         path, attr = name.rsplit(".", 1)
@@ -137,6 +143,7 @@ def test_unit_and_step_propagate_shapes_on_meta(dtype):
     """Meta tensors (no data: shapes, dtypes and devices only) through DIALSTM in training mode
     (dropout masks between stacked cells), its backward, ops.dia_step and DIASE."""
     from dia_fused import DIASE, ops
+
     with torch.device("meta"):
         unit = DIALSTM(16, reduction=4, num_cells=2, dropout=0.2)
         se = DIASE(16, reduction=4)
@@ -154,13 +161,17 @@ def test_unit_and_step_propagate_shapes_on_meta(dtype):
     assert se_out.shape == x.shape and se_out.is_meta and state is None
 
 
-@pytest.mark.parametrize("name, logits, attention", [
-    ("dia_resnet20", (2, 10), [(2, 3, 16), (2, 3, 32), (2, 3, 64)]),
-    ("dia_se_preresnet20", (2, 10), [(2, 2, 64), (2, 2, 128), (2, 2, 256)]),
-    ("dia_resnet18", (2, 1000), [(2, 2, 64), (2, 2, 128), (2, 2, 256), (2, 2, 512)]),
-])
+@pytest.mark.parametrize(
+    "name, logits, attention",
+    [
+        ("dia_resnet20", (2, 10), [(2, 3, 16), (2, 3, 32), (2, 3, 64)]),
+        ("dia_se_preresnet20", (2, 10), [(2, 2, 64), (2, 2, 128), (2, 2, 256)]),
+        ("dia_resnet18", (2, 1000), [(2, 2, 64), (2, 2, 128), (2, 2, 256), (2, 2, 512)]),
+    ],
+)
 def test_models_propagate_shapes_on_meta(name, logits, attention):
     from dia_fused.models import create_model
+
     with torch.device("meta"):
         model = create_model(name)
         y, attn = model(torch.empty(2, 3, 32, 32), return_attention=True)
@@ -172,6 +183,7 @@ def test_training_cli_refuses_the_meta_device(tmp_path):
     """Before any work: meta tensors hold no data, so there is nothing to train or measure."""
     from dia_fused.train.cli import main
     from dia_fused.train.distributed import pick_device
+
     with pytest.raises(ValueError, match=r"--device meta: meta tensors hold no data"):
         main(["--device", "meta", "-d", "synthetic", "--epochs", "1", "-c", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
@@ -205,9 +217,12 @@ def test_a_stage_block_that_breaks_the_branch_identity_contract_is_named(stage_t
         return PlainStage(blocks)
 
     x = torch.randn(2, 8, 3, 3)
-    with pytest.raises(TypeError, match=r"blocks\[1\] \(_OneTensor\): expected a block that "
-                                        r"returns \(branch, identity\).*got a Tensor of shape "
-                                        r"\(2, 8, 3, 3\)"):
+    with pytest.raises(
+        TypeError,
+        match=r"blocks\[1\] \(_OneTensor\): expected a block that "
+        r"returns \(branch, identity\).*got a Tensor of shape "
+        r"\(2, 8, 3, 3\)",
+    ):
         stage([Pair(), _OneTensor()])(x)
     with pytest.raises(TypeError, match=r"blocks\[0\] \(_Triple\): .*got a tuple of 3 items"):
         stage([_Triple()])(x)

@@ -2,6 +2,7 @@
 step decomposes into the reference math, whatever backend the model asks for. Checked with the
 Triton backend forced (the interpreter on CPU): the exported DIA-ResNet-20 runs without any
 dia_fused op (in onnxruntime for ONNX) and gives the eager outputs within the tolerance rule."""
+
 import copy
 import importlib.util
 import os
@@ -79,8 +80,11 @@ def test_jit_trace_decomposes_into_reference(exported_case):
 
 
 @pytest.mark.slow  # the ONNX translation and optimisation passes
-@pytest.mark.skipif(bool(_MISSING_ONNX), reason=f"ONNX export test needs {' '.join(_MISSING_ONNX)}"
-                    f" (pip install onnx onnxscript onnxruntime, or the test extra)")
+@pytest.mark.skipif(
+    bool(_MISSING_ONNX),
+    reason=f"ONNX export test needs {' '.join(_MISSING_ONNX)}"
+    f" (pip install onnx onnxscript onnxruntime, or the test extra)",
+)
 def test_onnx_export_runs_in_onnxruntime(exported_case, tmp_path):
     import onnx
     import onnxruntime

@@ -2,6 +2,7 @@
 CPU: triton under the interpreter and cuda on its emulated kernels, tiny shapes. Each result must
 match the same transform over the reference backend; what the kernels cannot do (a second
 derivative, forward mode) must raise, never give zeros."""
+
 import pytest
 import torch
 from torch.func import grad, jacrev, vmap
@@ -16,6 +17,7 @@ def backend(request, monkeypatch):
     if request.param == "triton":
         pytest.importorskip("triton")
         from dia_fused.kernels import triton as triton_kernels
+
         if not triton_kernels.INTERPRETED:
             pytest.skip("the triton backend runs on CPU tensors only under TRITON_INTERPRET=1")
     else:
@@ -31,9 +33,17 @@ def inputs():
 
 
 def step(inputs, backend, x=None, h=None, weights=None):
-    return ops.dia_step(inputs.x if x is None else x, inputs.h if h is None else h, inputs.c,
-                        inputs.weights if weights is None else weights, inputs.identity, True,
-                        "sigmoid", None, backend)
+    return ops.dia_step(
+        inputs.x if x is None else x,
+        inputs.h if h is None else h,
+        inputs.c,
+        inputs.weights if weights is None else weights,
+        inputs.identity,
+        True,
+        "sigmoid",
+        None,
+        backend,
+    )
 
 
 def leaves(result):
@@ -54,6 +64,7 @@ def test_grad_of_a_loss(backend, inputs):
         def f(x, h, weights):
             out, h_new, c_new = step(inputs, name, x, h, weights)
             return out.square().sum() + h_new.sum() + 0.5 * c_new.square().sum()
+
         return grad(f, argnums=(0, 1, 2))(inputs.x, inputs.h, inputs.weights)
 
     assert_same(loss(backend), loss("reference"))
@@ -78,11 +89,22 @@ def test_jacrev_of_the_new_state(backend, inputs):
 
 def test_per_sample_weight_gradients(backend, inputs):
     """vmap(grad(...)): the usual per-sample-gradient recipe, over the samples of x."""
+
     def run(name):
         def loss(weights, x):
-            out, _, c_new = ops.dia_step(x[None], inputs.h[:, :1], inputs.c[:, :1], weights, None,
-                                         True, "sigmoid", None, name)
+            out, _, c_new = ops.dia_step(
+                x[None],
+                inputs.h[:, :1],
+                inputs.c[:, :1],
+                weights,
+                None,
+                True,
+                "sigmoid",
+                None,
+                name,
+            )
             return out.square().sum() + c_new.sum()
+
         return vmap(grad(loss), in_dims=(None, 0))(inputs.weights, inputs.x)
 
     assert_same(run(backend), run("reference"))

@@ -4,6 +4,7 @@ outputs, a whole training step of a DIA-ResNet captured in a CUDA graph against 
 steps, torch.compile(fullgraph=True) of a DIA-ResNet, autocast, determinism and DDP (2 processes on
 one GPU). Tolerance rule of docs/design.md §4. Skipped where no CUDA device exists; where one does,
 an unavailable backend is a failure (with its reason)."""
+
 from __future__ import annotations
 
 import copy
@@ -14,14 +15,26 @@ import torch.nn as nn
 
 from dia_fused import DIALSTM, ops
 from dia_fused.models import create_model
-from dia_fused.testing import (backend_step, capture_cuda_graph, compare_backend, max_abs_error,
-                               random_step_inputs, step_outputs_and_grads)
+from dia_fused.testing import (
+    backend_step,
+    capture_cuda_graph,
+    compare_backend,
+    max_abs_error,
+    random_step_inputs,
+    step_outputs_and_grads,
+)
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 
 FUSED = ["triton", "cuda"]
-DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
-          pytest.param(torch.float16, id="fp16")]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float16, id="fp16"),
+]
 
 
 @pytest.fixture(params=FUSED)
@@ -31,30 +44,36 @@ def backend(request):
     return request.param
 
 
-SHAPES = [pytest.param(128, 64, 32, 32, 4, id="cifar-c64-32"),
-          pytest.param(128, 128, 16, 16, 4, id="cifar-c128-16"),
-          pytest.param(128, 256, 8, 8, 4, id="cifar-c256-8"),
-          pytest.param(16, 256, 56, 56, 16, id="imagenet-c256-56"),
-          pytest.param(16, 512, 28, 28, 16, id="imagenet-c512-28"),
-          pytest.param(16, 1024, 14, 14, 16, id="imagenet-c1024-14"),
-          pytest.param(16, 2048, 7, 7, 16, id="imagenet-c2048-7"),
-          pytest.param(5, 100, 9, 7, 4, id="odd-c100-9x7"),
-          pytest.param(1, 2048, 1, 1, 16, id="batch1-hw1"),
-          pytest.param(37, 24, 3, 3, 3, id="c24-r3")]
+SHAPES = [
+    pytest.param(128, 64, 32, 32, 4, id="cifar-c64-32"),
+    pytest.param(128, 128, 16, 16, 4, id="cifar-c128-16"),
+    pytest.param(128, 256, 8, 8, 4, id="cifar-c256-8"),
+    pytest.param(16, 256, 56, 56, 16, id="imagenet-c256-56"),
+    pytest.param(16, 512, 28, 28, 16, id="imagenet-c512-28"),
+    pytest.param(16, 1024, 14, 14, 16, id="imagenet-c1024-14"),
+    pytest.param(16, 2048, 7, 7, 16, id="imagenet-c2048-7"),
+    pytest.param(5, 100, 9, 7, 4, id="odd-c100-9x7"),
+    pytest.param(1, 2048, 1, 1, 16, id="batch1-hw1"),
+    pytest.param(37, 24, 3, 3, 3, id="c24-r3"),
+]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,c,h,w,r", SHAPES)
 def test_real_shapes(backend, n, c, h, w, r, dtype, channels_last):
-    inputs = random_step_inputs(n, c, h, w, reduction=r, device="cuda", channels_last=channels_last, seed=c + h)
+    inputs = random_step_inputs(
+        n, c, h, w, reduction=r, device="cuda", channels_last=channels_last, seed=c + h
+    )
     compare_backend(backend_step(backend), inputs, dtype, relu=True)
 
 
 @pytest.mark.parametrize("num_cells", [2, 3])
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh", "relu"])
 def test_stacked_cells_and_activations(backend, num_cells, activation):
-    inputs = random_step_inputs(64, 128, 8, 8, reduction=4, num_cells=num_cells, dropout_p=0.2, device="cuda")
+    inputs = random_step_inputs(
+        64, 128, 8, 8, reduction=4, num_cells=num_cells, dropout_p=0.2, device="cuda"
+    )
     compare_backend(backend_step(backend), inputs, torch.float32, relu=False, activation=activation)
 
 
@@ -108,8 +127,10 @@ def test_training_step_in_a_cuda_graph_matches_eager_over_ten_steps(backend):
     model = _small_dia_resnet(backend)
     start = copy.deepcopy(model.state_dict())
     eager_model = copy.deepcopy(model)
-    data = [(torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
-            for _ in range(10)]
+    data = [
+        (torch.randn(32, 3, 32, 32, device="cuda"), torch.randint(0, 10, (32,), device="cuda"))
+        for _ in range(10)
+    ]
 
     def make_step(net):
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -120,6 +141,7 @@ def test_training_step_in_a_cuda_graph_matches_eager_over_ten_steps(backend):
             loss.backward()
             opt.step()
             return loss
+
         return step, opt
 
     eager_step, _ = make_step(eager_model)
@@ -161,7 +183,9 @@ def test_compile_fullgraph_dia_resnet_without_graph_breaks(backend):
     assert max_abs_error(grad, x.grad) <= 1e-4 * max(1.0, x.grad.abs().max().item())
 
 
-@pytest.mark.parametrize("magnitude", [1.0, 1e4])  # 1e4: fp16 inputs near its range (x + identity = 2e4)
+@pytest.mark.parametrize(
+    "magnitude", [1.0, 1e4]
+)  # 1e4: fp16 inputs near its range (x + identity = 2e4)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_autocast_keeps_fp32_state_and_matches_the_reference(backend, dtype, magnitude):
     torch.manual_seed(0)
@@ -181,12 +205,15 @@ def test_autocast_keeps_fp32_state_and_matches_the_reference(backend, dtype, mag
 
 def test_ddp_two_processes_on_one_gpu_give_single_process_gradients(backend, tmp_path):
     import ddp_check
+
     ddp_check.assert_ddp_matches_single_process(backend, "cuda", tmp_path)
 
 
 @pytest.mark.parametrize("grad_layout", ["like-out", "nhwc"])
-@pytest.mark.parametrize("case", ["sliced-w", "sliced-c-and-h", "permuted-nhwc-identity-nchw",
-                                  "size1-dims-odd-strides"])
+@pytest.mark.parametrize(
+    "case", ["sliced-w", "sliced-c-and-h", "permuted-nhwc-identity-nchw", "size1-dims-odd-strides"]
+)
 def test_non_dense_and_mixed_layouts_match_the_reference(backend, case, grad_layout):
     import layout_cases
+
     layout_cases.check_against_reference(backend, case, grad_layout, "cuda")

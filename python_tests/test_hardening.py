@@ -1,6 +1,7 @@
 """Hardening on CPU: every backend available here against the reference over random shapes
 (hypothesis), determinism, NaN propagation, autocast, large fp16 inputs, portability of saved
 modules across backends, pickling/deepcopy, and DDP (gloo, 2 processes) against one process."""
+
 import copy
 import io
 import pickle
@@ -22,41 +23,109 @@ FUSED_CPU_BACKENDS = [b for b in CPU_BACKENDS if b != "reference"]
 
 
 @pytest.mark.slow  # hypothesis sweep (interpreter for triton)
-@pytest.mark.skipif(not FUSED_CPU_BACKENDS, reason="no fused backend runs on CPU here "
-                    "(the triton backend needs TRITON_INTERPRET=1 and the triton package)")
+@pytest.mark.skipif(
+    not FUSED_CPU_BACKENDS,
+    reason="no fused backend runs on CPU here "
+    "(the triton backend needs TRITON_INTERPRET=1 and the triton package)",
+)
 @pytest.mark.parametrize("backend", FUSED_CPU_BACKENDS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(1, 3), channels=st.integers(4, 20), height=st.integers(1, 4),
-       width=st.integers(1, 4), reduction=st.integers(1, 4), num_cells=st.integers(1, 2),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
-       channels_last=st.booleans(), identity=st.booleans(), relu=st.booleans(),
-       activation=st.sampled_from(reference.CELL_ACTIVATIONS), seed=st.integers(0, 2**16))
-def test_property_backend_matches_reference(backend, n, channels, height, width, reduction, num_cells,
-                                            dtype, channels_last, identity, relu, activation, seed):
+@given(
+    n=st.integers(1, 3),
+    channels=st.integers(4, 20),
+    height=st.integers(1, 4),
+    width=st.integers(1, 4),
+    reduction=st.integers(1, 4),
+    num_cells=st.integers(1, 2),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    channels_last=st.booleans(),
+    identity=st.booleans(),
+    relu=st.booleans(),
+    activation=st.sampled_from(reference.CELL_ACTIVATIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_property_backend_matches_reference(
+    backend,
+    n,
+    channels,
+    height,
+    width,
+    reduction,
+    num_cells,
+    dtype,
+    channels_last,
+    identity,
+    relu,
+    activation,
+    seed,
+):
     reduction = min(reduction, channels)
-    inputs = random_step_inputs(n, channels, height, width, reduction=reduction, num_cells=num_cells,
-                                identity=identity, dropout_p=0.3, channels_last=channels_last, seed=seed)
+    inputs = random_step_inputs(
+        n,
+        channels,
+        height,
+        width,
+        reduction=reduction,
+        num_cells=num_cells,
+        identity=identity,
+        dropout_p=0.3,
+        channels_last=channels_last,
+        seed=seed,
+    )
     compare_backend(backend_step(backend), inputs, dtype, relu=relu, activation=activation)
 
 
 @pytest.mark.slow  # interpreter sweep
-@pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="the triton backend needs TRITON_INTERPRET=1 on CPU")
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-@given(n=st.integers(1, 40), channels=st.integers(8, 80), hw=st.integers(1, 3), reduction=st.integers(1, 6),
-       split=st.booleans(), block_n=st.sampled_from([16, 32]), block_c=st.sampled_from([16, 32, 64]),
-       forward_groups=st.integers(1, 8), activation=st.sampled_from(reference.CELL_ACTIVATIONS),
-       seed=st.integers(0, 2**16))
-def test_property_triton_launch_configurations_match_reference(monkeypatch, n, channels, hw, reduction, split,
-                                                               block_n, block_c, forward_groups, activation, seed):
+@pytest.mark.skipif(
+    "triton" not in CPU_BACKENDS, reason="the triton backend needs TRITON_INTERPRET=1 on CPU"
+)
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(
+    n=st.integers(1, 40),
+    channels=st.integers(8, 80),
+    hw=st.integers(1, 3),
+    reduction=st.integers(1, 6),
+    split=st.booleans(),
+    block_n=st.sampled_from([16, 32]),
+    block_c=st.sampled_from([16, 32, 64]),
+    forward_groups=st.integers(1, 8),
+    activation=st.sampled_from(reference.CELL_ACTIVATIONS),
+    seed=st.integers(0, 2**16),
+)
+def test_property_triton_launch_configurations_match_reference(
+    monkeypatch,
+    n,
+    channels,
+    hw,
+    reduction,
+    split,
+    block_n,
+    block_c,
+    forward_groups,
+    activation,
+    seed,
+):
     """Every path and tiling of the Triton LSTM kernels (fused with column groups, or split) over
     random batch sizes and widths (several sample tiles, partial chunks)."""
     from dia_fused.kernels import triton as triton_kernels
-    config = triton_kernels.LSTMConfig(block_n=block_n, block_c=block_c, block_r=block_c,
-                                       forward_groups=forward_groups, split_min=0 if split else 1 << 30)
+
+    config = triton_kernels.LSTMConfig(
+        block_n=block_n,
+        block_c=block_c,
+        block_r=block_c,
+        forward_groups=forward_groups,
+        split_min=0 if split else 1 << 30,
+    )
     settings = triton_kernels.KernelSettings(lstm=config, map=triton_kernels.current_settings().map)
     inputs = random_step_inputs(n, channels, hw, 1, reduction=min(reduction, channels), seed=seed)
     with triton_kernels.use_settings(settings):
-        compare_backend(backend_step("triton"), inputs, torch.float32, relu=True, activation=activation)
+        compare_backend(
+            backend_step("triton"), inputs, torch.float32, relu=True, activation=activation
+        )
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -68,8 +137,15 @@ def test_deterministic_algorithms_give_bitwise_identical_runs(backend):
         runs = []
         for _ in range(2):
             got = inputs.to().requires_grad_()
-            out, h, c = backend_step(backend)(got.x, got.h, got.c, got.weights, got.identity, True,
-                                              dropout_masks=got.dropout_masks)
+            out, h, c = backend_step(backend)(
+                got.x,
+                got.h,
+                got.c,
+                got.weights,
+                got.identity,
+                True,
+                dropout_masks=got.dropout_masks,
+            )
             (out.sum() + h.square().sum() + c.sum()).backward()
             runs.append([out, h, c] + [t.grad for t in got.tensors()])
     finally:
@@ -116,7 +192,7 @@ def test_cpu_autocast_keeps_fp32_state_and_parameters_and_follows_autocast_for_o
     ref_unit.load_state_dict(unit.state_dict())
     expected, (h_ref, _) = ref_unit(branch.detach(), identity=branch.detach())
     assert max_abs_error(h, h_ref) < 1e-5
-    assert max_abs_error(out, expected) <= 2 * 2 ** -8 * max(1.0, expected.abs().max().item())
+    assert max_abs_error(out, expected) <= 2 * 2**-8 * max(1.0, expected.abs().max().item())
     out.float().sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in unit.parameters())
 
@@ -170,6 +246,7 @@ def test_empty_batch_returns_empty_outputs_and_zero_weight_gradients(backend):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_compile_fullgraph_of_a_dia_resnet_has_no_graph_breaks(backend):
     from dia_fused.models import create_model
+
     torch.manual_seed(0)
     model = create_model("dia_resnet20", num_classes=10, backend=backend).eval()
     x = torch.randn(2, 3, 8, 8)
@@ -187,6 +264,7 @@ def test_activation_checkpointing_gives_the_reference_gradients(backend, use_ree
     """torch.utils.checkpoint over two chained steps: the forward runs without gradients (the
     fused backends' direct route), the recomputation with them (their autograd route)."""
     from torch.utils.checkpoint import checkpoint
+
     torch.manual_seed(0)
     unit = DIALSTM(16, reduction=4, backend=backend)
     ref = DIALSTM(16, reduction=4, backend="reference")

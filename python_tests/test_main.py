@@ -1,5 +1,6 @@
 """`python -m dia_fused`: versions, the backends of each device with the reason for those that
 cannot run, and each available backend checked against float64 and timed."""
+
 import pytest
 import torch
 
@@ -10,15 +11,23 @@ from dia_fused.__main__ import main
 def test_no_check_lists_versions_knobs_and_every_backend(capsys):
     assert main(["--no-check"]) == 0
     out = capsys.readouterr().out
-    for word in ("torch", "DIA_FUSED_BACKEND", "DIA_FUSED_TRITON_LSTM", "DIA_FUSED_AUTO_TABLE", "backends on cpu:",
-                 "reference  available"):
+    for word in (
+        "torch",
+        "DIA_FUSED_BACKEND",
+        "DIA_FUSED_TRITON_LSTM",
+        "DIA_FUSED_AUTO_TABLE",
+        "backends on cpu:",
+        "reference  available",
+    ):
         assert word in out
     for name in ops.BACKENDS:
         reason = ops.backend_unavailable_reason(name, "cpu")
         assert (f"{name:<10} unavailable: {reason}" if reason else f"{name:<10} available") in out
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU check runs real shapes; bench/gpu_session.sh runs it")
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="the GPU check runs real shapes; bench/gpu_session.sh runs it"
+)
 def test_check_runs_every_available_cpu_backend_against_float64(capsys, monkeypatch):
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
     assert main([]) == 0
@@ -27,4 +36,7 @@ def test_check_runs_every_available_cpu_backend_against_float64(capsys, monkeypa
     for name in ops.available_backends("cpu"):
         line = next(line for line in backends if line.strip().startswith(name + " "))
         assert "max error vs float64" in line and "forward+backward" in line, line
-    assert "backend='auto' on cpu (cuda > triton > reference): a training step N=8 C=64 16x16 fp32 runs reference" in out
+    assert (
+        "backend='auto' on cpu (cuda > triton > reference): a training step N=8 C=64 16x16 fp32 runs reference"
+        in out
+    )

@@ -1,6 +1,7 @@
 """`python -m dia_fused` prints no third-party warning caused by importing what it does not need yet
 (for example torch.utils.cpp_extension's "No CUDA runtime is found" on a CUDA build of torch
 without a GPU: the CUDA extension's loader is needed only for a CUDA step)."""
+
 import os
 import re
 import subprocess
@@ -15,8 +16,14 @@ def test_main_without_checks_prints_no_warning():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in ("PYTHONWARNINGS", "DIA_FUSED_BACKEND", "TORCH_LOGS"):
         env.pop(name, None)
-    proc = subprocess.run([sys.executable, "-m", "dia_fused", "--no-check"], capture_output=True,
-                          text=True, cwd=ROOT, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dia_fused", "--no-check"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "backend" in proc.stdout  # it ran: the backends table is printed
     noisy = [line for line in proc.stderr.splitlines() if WARNING_LINE.search(line)]

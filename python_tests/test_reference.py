@@ -1,5 +1,6 @@
 """The reference step (the spec) against an independent formulation of the official code, gradcheck
 through chained steps, and the DIALSTM / DIASE / DIAStage modules on the reference backend."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,8 +14,11 @@ class OfficialSmallCell(nn.Module):
 
     def __init__(self, input_size, hidden_size, reduction):
         super().__init__()
-        self.seq = nn.Sequential(nn.Linear(input_size, input_size // reduction), nn.ReLU(inplace=True),
-                                 nn.Linear(input_size // reduction, 4 * hidden_size))
+        self.seq = nn.Sequential(
+            nn.Linear(input_size, input_size // reduction),
+            nn.ReLU(inplace=True),
+            nn.Linear(input_size // reduction, 4 * hidden_size),
+        )
 
     def forward(self, x):
         return self.seq(x)
@@ -108,10 +112,15 @@ def test_reference_matches_official_formulas_in_float64_with_dropout_masks():
 @pytest.mark.parametrize("activation", reference.CELL_ACTIVATIONS)
 @pytest.mark.parametrize("num_cells", [1, 2])
 def test_gradcheck_three_chained_steps(activation, num_cells):
-    inputs = random_step_inputs(2, 8, 2, 3, reduction=2, num_cells=num_cells, dtype=torch.float64,
-                                dropout_p=0.5, seed=3)
-    identities = [torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
-    xs = [inputs.x.clone().requires_grad_()] + [torch.randn_like(inputs.x).requires_grad_() for _ in range(2)]
+    inputs = random_step_inputs(
+        2, 8, 2, 3, reduction=2, num_cells=num_cells, dtype=torch.float64, dropout_p=0.5, seed=3
+    )
+    identities = [
+        torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)
+    ]
+    xs = [inputs.x.clone().requires_grad_()] + [
+        torch.randn_like(inputs.x).requires_grad_() for _ in range(2)
+    ]
     weights = [w.clone().requires_grad_() for w in inputs.weights]
     h0, c0 = inputs.h.clone().requires_grad_(), inputs.c.clone().requires_grad_()
 
@@ -119,9 +128,16 @@ def test_gradcheck_three_chained_steps(activation, num_cells):
         xs_, ids, ws = flat[:3], flat[3:6], flat[6:]
         outs = []
         for t in range(3):
-            out, h, c = reference.dia_lstm_step(xs_[t], h, c, ws, identity=ids[t], relu=(t != 1),
-                                                activation=activation,
-                                                dropout_masks=inputs.dropout_masks)
+            out, h, c = reference.dia_lstm_step(
+                xs_[t],
+                h,
+                c,
+                ws,
+                identity=ids[t],
+                relu=(t != 1),
+                activation=activation,
+                dropout_masks=inputs.dropout_masks,
+            )
             outs.append(out)
         return (*outs, h, c)
 
@@ -179,8 +195,10 @@ def test_channels_last_input_gives_channels_last_output_with_same_values():
     x = torch.randn(2, 16, 5, 5)
     idt = torch.randn(2, 16, 5, 5)
     out, _ = unit(x, identity=idt)
-    out_cl, _ = unit(x.contiguous(memory_format=torch.channels_last),
-                     identity=idt.contiguous(memory_format=torch.channels_last))
+    out_cl, _ = unit(
+        x.contiguous(memory_format=torch.channels_last),
+        identity=idt.contiguous(memory_format=torch.channels_last),
+    )
     assert out_cl.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(out_cl, out, atol=1e-6, rtol=0)
 

@@ -1,5 +1,6 @@
 """dia_fused.testing.capture_cuda_graph, the capture idiom of the GPU tests and the graphed step
 benchmarks, checked on CPU with torch.cuda's stream and graph objects replaced by recorders."""
+
 import contextlib
 
 import torch
@@ -38,7 +39,15 @@ def test_capture_warms_up_on_a_side_stream_then_captures_once(monkeypatch):
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
     monkeypatch.setattr(torch.cuda, "graph", capturing)
     calls = []
-    graph, outputs = testing.capture_cuda_graph(lambda: calls.append(len(log)) or f"out{len(calls)}", warmup=2)
+    graph, outputs = testing.capture_cuda_graph(
+        lambda: calls.append(len(log)) or f"out{len(calls)}", warmup=2
+    )
     assert (graph, outputs) == ("graph", "out3")
-    assert log == [("wait", True), ("stream", True), ("wait", False), "capture begins", "capture ends"]
+    assert log == [
+        ("wait", True),
+        ("stream", True),
+        ("wait", False),
+        "capture begins",
+        "capture ends",
+    ]
     assert calls == [2, 2, 4]  # two warm-up runs inside the side stream, one inside the capture

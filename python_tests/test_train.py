@@ -3,6 +3,7 @@
 Tiny networks (DIA-ResNet-14: two blocks per stage, so the DIA state is carried) on a generated
 CIFAR-format directory of a few images keep the whole file within a minute on two cores.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,9 +21,19 @@ import torch.nn.functional as F
 
 from dia_fused.train import checkpoint as ckpt_io
 from dia_fused.train.cli import main, parse_args
-from dia_fused.train.data import (CIFAR_MEAN, CIFAR_STD, BatchStream, DatasetError,
-                                  DatasetNotFoundError, ImageSet, crop_and_flip, load_cifar,
-                                  normalize, synthetic_dataset, write_cifar_directory)
+from dia_fused.train.data import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    BatchStream,
+    DatasetError,
+    DatasetNotFoundError,
+    ImageSet,
+    crop_and_flip,
+    load_cifar,
+    normalize,
+    synthetic_dataset,
+    write_cifar_directory,
+)
 from dia_fused.train.loop import THROUGHPUT_WARMUP_STEPS, learning_rate, train_epoch
 from dia_fused.train.modelspec import build_model, model_spec
 
@@ -32,15 +43,46 @@ TRAIN_IMAGES, TEST_IMAGES = 96, 32
 
 @pytest.fixture(scope="module")
 def cifar_dir(tmp_path_factory):
-    return write_cifar_directory(str(tmp_path_factory.mktemp("cifar")), "cifar10",
-                                 train_size=TRAIN_IMAGES, test_size=TEST_IMAGES, seed=1)
+    return write_cifar_directory(
+        str(tmp_path_factory.mktemp("cifar")),
+        "cifar10",
+        train_size=TRAIN_IMAGES,
+        test_size=TEST_IMAGES,
+        seed=1,
+    )
 
 
 def tiny_args(data_dir, checkpoint, epochs, *extra):
-    return ["-d", "cifar10", "--data-dir", data_dir, "-a", "dia_resnet", "--depth", "14",
-            "--train-batch", "32", "--test-batch", "16", "--epochs", str(epochs),
-            "--schedule", "1", "2", "--lr", "0.05", "--wd", "5e-4", "--manualSeed", "7",
-            "--device", "cpu", "-c", str(checkpoint), *extra]
+    return [
+        "-d",
+        "cifar10",
+        "--data-dir",
+        data_dir,
+        "-a",
+        "dia_resnet",
+        "--depth",
+        "14",
+        "--train-batch",
+        "32",
+        "--test-batch",
+        "16",
+        "--epochs",
+        str(epochs),
+        "--schedule",
+        "1",
+        "2",
+        "--lr",
+        "0.05",
+        "--wd",
+        "5e-4",
+        "--manualSeed",
+        "7",
+        "--device",
+        "cpu",
+        "-c",
+        str(checkpoint),
+        *extra,
+    ]
 
 
 def read_log(folder):
@@ -63,6 +105,7 @@ def _env():
 # ---------------------------------------------------------------------------------------------
 # data
 # ---------------------------------------------------------------------------------------------
+
 
 def test_cifar_directory_round_trip(cifar_dir, tmp_path):
     train = load_cifar(cifar_dir, "cifar10", train=True)
@@ -111,9 +154,14 @@ def test_malformed_dataset_errors(tmp_path):
     with pytest.raises(DatasetError, match=r"\(N, 3072\)"):
         load_cifar(root, "cifar10", train=False)
     # the command line reports it without a traceback
-    proc = subprocess.run([sys.executable, "-m", "dia_fused.train", "--data-dir", root,
-                           "--epochs", "1"], capture_output=True, text=True, env=_env(),
-                          cwd=str(tmp_path), timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dia_fused.train", "--data-dir", root, "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=str(tmp_path),
+        timeout=120,
+    )
     assert proc.returncode == 1 and "error:" in proc.stderr and "malformed" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -127,7 +175,7 @@ def test_crop_and_flip_matches_pad_slice_flip():
     padded = F.pad(images, (4, 4, 4, 4))
     for i in range(6):
         top, left = offsets[i].tolist()
-        expected = padded[i, :, top:top + 32, left:left + 32]
+        expected = padded[i, :, top : top + 32, left : left + 32]
         if flips[i]:
             expected = expected.flip(-1)
         assert torch.equal(out[i], expected)
@@ -137,8 +185,11 @@ def test_crop_and_flip_matches_pad_slice_flip():
 
 
 def test_batch_stream_is_a_function_of_seed_and_epoch_and_shards_like_distributed_sampler():
-    data = ImageSet(torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32)
-                    .contiguous(), torch.arange(10), 10)
+    data = ImageSet(
+        torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 32, 32).contiguous(),
+        torch.arange(10),
+        10,
+    )
     single = BatchStream(data, 4, train=True, augment=False, seed=3)
     epoch0 = torch.cat([y for _, y in single.epoch(0)])
     assert torch.equal(epoch0, torch.cat([y for _, y in single.epoch(0)]))
@@ -147,13 +198,17 @@ def test_batch_stream_is_a_function_of_seed_and_epoch_and_shards_like_distribute
     # 3 processes: the order is padded to 12 (DistributedSampler), rank r gets order[r::3]
     order = single.order(0)
     padded = torch.cat([order, order[:2]])
-    shards = [BatchStream(data, 3, train=True, augment=False, seed=3, rank=r, world_size=3)
-              for r in range(3)]
+    shards = [
+        BatchStream(data, 3, train=True, augment=False, seed=3, rank=r, world_size=3)
+        for r in range(3)
+    ]
     for r, shard in enumerate(shards):
         assert torch.equal(torch.cat([y for _, y in shard.epoch(0)]), padded[r::3])
     # every rank consumes the augmentation stream of the whole global batch
-    aug = [BatchStream(data, 6, train=True, augment=True, seed=3, rank=r, world_size=2)
-           for r in range(2)]
+    aug = [
+        BatchStream(data, 6, train=True, augment=True, seed=3, rank=r, world_size=2)
+        for r in range(2)
+    ]
     full = BatchStream(data, 6, train=True, augment=True, seed=3)
     for (x, _), (x0, _), (x1, _) in zip(full.epoch(2), aug[0].epoch(2), aug[1].epoch(2)):
         assert torch.equal(x[0::2], x0) and torch.equal(x[1::2], x1)
@@ -166,23 +221,37 @@ def test_batch_stream_is_a_function_of_seed_and_epoch_and_shards_like_distribute
 
 def test_throughput_excludes_the_warm_up_steps():
     from dia_fused.train.distributed import Context
+
     train, _ = synthetic_dataset(20, 1, num_classes=4)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ctx = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    long = train_epoch(model, BatchStream(train, 2, train=True, augment=False, seed=0), 0, opt,
-                       torch.nn.CrossEntropyLoss(), ctx)
+    long = train_epoch(
+        model,
+        BatchStream(train, 2, train=True, augment=False, seed=0),
+        0,
+        opt,
+        torch.nn.CrossEntropyLoss(),
+        ctx,
+    )
     assert long.images == 20 and long.steady_images == 20 - 2 * THROUGHPUT_WARMUP_STEPS
     assert 0 < long.steady_seconds <= long.seconds
     assert long.images_per_s == long.steady_images / long.steady_seconds
-    short = train_epoch(model, BatchStream(train, 10, train=True, augment=False, seed=0), 0, opt,
-                        torch.nn.CrossEntropyLoss(), ctx)  # 2 steps: too short to leave warm-up out
+    short = train_epoch(
+        model,
+        BatchStream(train, 10, train=True, augment=False, seed=0),
+        0,
+        opt,
+        torch.nn.CrossEntropyLoss(),
+        ctx,
+    )  # 2 steps: too short to leave warm-up out
     assert short.steady_images == 0 and short.images_per_s == short.images / short.seconds
 
 
 # ---------------------------------------------------------------------------------------------
 # options
 # ---------------------------------------------------------------------------------------------
+
 
 def test_learning_rate_matches_the_official_step_schedule():
     lr, official = 0.1, []
@@ -202,7 +271,11 @@ def test_preset_fills_defaults_and_explicit_flags_win():
     assert args.arch == "resnet" and args.block_name == "Bottleneck" and args.epochs == 180
     plain = parse_args([])  # the official defaults
     assert (plain.epochs, plain.schedule, plain.weight_decay, plain.test_batch) == (
-        300, [150, 225], 5e-4, 100)
+        300,
+        [150, 225],
+        5e-4,
+        100,
+    )
     with pytest.raises(SystemExit):
         parse_args(["--preset", "nope"])
 
@@ -210,6 +283,7 @@ def test_preset_fills_defaults_and_explicit_flags_win():
 @pytest.mark.parametrize("preset", ["resnet164", "preresnet164", "wrn52_4"])
 def test_presets_build_the_paper_models(preset):
     from dia_fused.models import list_models
+
     args = parse_args(["--preset", preset])
     spec = model_spec(args, 100)
     assert spec["name"] in list_models()
@@ -220,9 +294,27 @@ def test_presets_build_the_paper_models(preset):
 
 
 def test_ablation_switches_reach_the_model():
-    args = parse_args(["-a", "dia_resnet", "--depth", "14", "--reduction", "8", "--num-cells", "2",
-                       "--cell-activation", "tanh", "--no-norm", "--no-skip", "--dia-stages",
-                       "2", "3", "--attention", "dia"])
+    args = parse_args(
+        [
+            "-a",
+            "dia_resnet",
+            "--depth",
+            "14",
+            "--reduction",
+            "8",
+            "--num-cells",
+            "2",
+            "--cell-activation",
+            "tanh",
+            "--no-norm",
+            "--no-skip",
+            "--dia-stages",
+            "2",
+            "3",
+            "--attention",
+            "dia",
+        ]
+    )
     spec = model_spec(args, 10)
     assert spec["options"]["reduction"] == 8 and spec["options"]["num_cells"] == 2
     assert spec["options"]["norm"] is False and spec["options"]["skip"] is False
@@ -237,12 +329,21 @@ def test_ablation_switches_reach_the_model():
 # training
 # ---------------------------------------------------------------------------------------------
 
+
 def test_one_epoch_writes_log_and_checkpoints(cifar_dir, tmp_path):
     result = main(tiny_args(cifar_dir, tmp_path, 1))
     rows = read_log(tmp_path)
     assert len(rows) == 1 and rows[0]["epoch"] == "1"
-    assert set(rows[0]) == {"epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc",
-                            "epoch_time_s", "train_images_per_s"}
+    assert set(rows[0]) == {
+        "epoch",
+        "lr",
+        "train_loss",
+        "train_acc",
+        "test_loss",
+        "test_acc",
+        "epoch_time_s",
+        "train_images_per_s",
+    }
     assert np.isfinite(float(rows[0]["train_loss"])) and float(rows[0]["lr"]) == 0.05
     ckpt = ckpt_io.load_checkpoint(os.path.join(tmp_path, "checkpoint.pth.tar"))
     assert ckpt["epoch"] == 1 and ckpt["seed"] == 7 and ckpt["format"] == ckpt_io.FORMAT
@@ -253,15 +354,47 @@ def test_one_epoch_writes_log_and_checkpoints(cifar_dir, tmp_path):
 
 
 def test_amp_bf16_channels_last_no_augment_smoke(cifar_dir, tmp_path):
-    result = main(tiny_args(cifar_dir, tmp_path, 1, "--amp", "bf16", "--channels-last",
-                            "--no-augment", "--max-steps", "1"))
+    result = main(
+        tiny_args(
+            cifar_dir,
+            tmp_path,
+            1,
+            "--amp",
+            "bf16",
+            "--channels-last",
+            "--no-augment",
+            "--max-steps",
+            "1",
+        )
+    )
     assert np.isfinite(result["history"][0]["train_loss"])
 
 
 def test_synthetic_dataset_smoke(tmp_path):
-    result = main(["-d", "synthetic", "--synthetic-size", "40", "--synthetic-classes", "10",
-                   "-a", "dia_resnet", "--depth", "8", "--epochs", "1", "--train-batch", "20",
-                   "--device", "cpu", "-c", str(tmp_path), "--manualSeed", "1"])
+    result = main(
+        [
+            "-d",
+            "synthetic",
+            "--synthetic-size",
+            "40",
+            "--synthetic-classes",
+            "10",
+            "-a",
+            "dia_resnet",
+            "--depth",
+            "8",
+            "--epochs",
+            "1",
+            "--train-batch",
+            "20",
+            "--device",
+            "cpu",
+            "-c",
+            str(tmp_path),
+            "--manualSeed",
+            "1",
+        ]
+    )
     assert result["history"][0]["epoch"] == 1
 
 
@@ -276,9 +409,13 @@ def test_killed_run_resumes_to_the_uninterrupted_state(cifar_dir, tmp_path):
 
     killed = tmp_path / "killed"
     ckpt_path = killed / "checkpoint.pth.tar"
-    proc = subprocess.Popen([sys.executable, "-m", "dia_fused.train",
-                             *tiny_args(cifar_dir, killed, epochs, *extra)], env=_env(), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia_fused.train", *tiny_args(cifar_dir, killed, epochs, *extra)],
+        env=_env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not ckpt_path.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -295,23 +432,36 @@ def test_killed_run_resumes_to_the_uninterrupted_state(cifar_dir, tmp_path):
     assert_same_state(a["state_dict"], b["state_dict"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k}
-                          for r in rows]  # noqa: E731
+    strip = lambda rows: [
+        {k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows
+    ]  # noqa: E731
     assert strip(read_log(reference)) == strip(read_log(killed))
 
 
 def test_resume_refuses_another_model(cifar_dir, tmp_path):
     main(tiny_args(cifar_dir, tmp_path, 1, "--max-steps", "1"))
     with pytest.raises(ValueError, match="reduction"):
-        main(tiny_args(cifar_dir, tmp_path, 2, "--reduction", "8", "--resume",
-                       str(tmp_path / "checkpoint.pth.tar")))
+        main(
+            tiny_args(
+                cifar_dir,
+                tmp_path,
+                2,
+                "--reduction",
+                "8",
+                "--resume",
+                str(tmp_path / "checkpoint.pth.tar"),
+            )
+        )
 
 
 def test_evaluate_reproduces_the_logged_test_metrics(cifar_dir, tmp_path):
     main(tiny_args(cifar_dir, tmp_path, 1))
     row = read_log(tmp_path)[0]
-    result = main(tiny_args(cifar_dir, tmp_path / "eval", 1, "-e", "--resume",
-                            str(tmp_path / "checkpoint.pth.tar")))
+    result = main(
+        tiny_args(
+            cifar_dir, tmp_path / "eval", 1, "-e", "--resume", str(tmp_path / "checkpoint.pth.tar")
+        )
+    )
     assert result["test_acc"] == pytest.approx(float(row["test_acc"]), rel=1e-5)
     assert result["test_loss"] == pytest.approx(float(row["test_loss"]), rel=1e-5)
     assert not os.path.exists(tmp_path / "eval" / "log.csv")
@@ -328,17 +478,27 @@ def test_ddp_two_gloo_processes_match_one_process(cifar_dir, tmp_path):
     # BatchNorm statistics are per process under DDP, so compare without BatchNorm
     extra = ("--no-norm", "--lr", "0.01")
     main(tiny_args(cifar_dir, tmp_path / "one", 2, *extra))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-           "-m", "dia_fused.train", *tiny_args(cifar_dir, tmp_path / "two", 2, *extra)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "dia_fused.train",
+        *tiny_args(cifar_dir, tmp_path / "two", 2, *extra),
+    ]
     proc = subprocess.run(cmd, env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = ckpt_io.load_checkpoint(str(tmp_path / "one" / "checkpoint.pth.tar"))
     b = ckpt_io.load_checkpoint(str(tmp_path / "two" / "checkpoint.pth.tar"))
     assert len(b["rng"]) == 2
     for key in a["state_dict"]:
-        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5,
-                                   atol=1e-6)
+        torch.testing.assert_close(a["state_dict"][key], b["state_dict"][key], rtol=1e-5, atol=1e-6)
     one, two = read_log(tmp_path / "one"), read_log(tmp_path / "two")
     for r1, r2 in zip(one, two):
         assert float(r1["train_loss"]) == pytest.approx(float(r2["train_loss"]), rel=1e-5)
@@ -347,6 +507,7 @@ def test_ddp_two_gloo_processes_match_one_process(cifar_dir, tmp_path):
 
 def test_unusable_backend_fails_before_any_work(tmp_path):
     from dia_fused.ops import BackendUnavailableError
+
     # the dataset folder does not exist either: the backend is checked first
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA devices"):
         main(tiny_args(str(tmp_path / "no-data"), tmp_path / "ck", 1, "--backend", "cuda"))

@@ -7,6 +7,7 @@ SIGINT, keeping the last completed epoch; the torchrun variables are checked; re
 values. Tiny synthetic data (20 train, 4 test images: one step per epoch) and a DIA-ResNet-8
 keep a run short.
 """
+
 from __future__ import annotations
 
 import csv
@@ -31,10 +32,35 @@ STALE = ("checkpoint.pth.tar.k1ll3d.tmp", "model_best.pth.tar.k1ll3d.tmp", "log.
 
 
 def args(folder, epochs, *extra):
-    return ["-d", "synthetic", "--synthetic-size", "20", "--synthetic-classes", "4",
-            "-a", "dia_resnet", "--depth", "8", "--train-batch", "20", "--test-batch", "8",
-            "--epochs", str(epochs), "--schedule", "5", "--lr", "0.05", "--manualSeed", "3",
-            "--device", "cpu", "-c", str(folder), *extra]
+    return [
+        "-d",
+        "synthetic",
+        "--synthetic-size",
+        "20",
+        "--synthetic-classes",
+        "4",
+        "-a",
+        "dia_resnet",
+        "--depth",
+        "8",
+        "--train-batch",
+        "20",
+        "--test-batch",
+        "8",
+        "--epochs",
+        str(epochs),
+        "--schedule",
+        "5",
+        "--lr",
+        "0.05",
+        "--manualSeed",
+        "3",
+        "--device",
+        "cpu",
+        "-c",
+        str(folder),
+        *extra,
+    ]
 
 
 def resume(folder, epochs, *extra):
@@ -55,8 +81,11 @@ def temp_files(folder):
 
 
 def env(**extra):
-    out = {k: v for k, v in os.environ.items()
-           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    out = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+    }
     out["PYTHONPATH"] = ROOT + os.pathsep + out.get("PYTHONPATH", "")
     out.update(extra)
     return out
@@ -82,6 +111,7 @@ def _no_torchrun_env(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the best model
 # ---------------------------------------------------------------------------------------------
+
 
 class _Crash(BaseException):
     """A process death at a chosen instant (not an Exception: nothing may catch it)."""
@@ -135,12 +165,20 @@ def test_kill_loop_keeps_model_best_and_the_next_start_removes_stale_temp_files(
     folder = tmp_path / "run"
     epochs, planted, finished = 6, set(), False
     for round_ in range(8):
-        cmd = resume(folder, epochs) if (folder / CKPT).exists() else args(
-            folder, epochs, *(("--overwrite",) if folder.exists() else ()))
+        cmd = (
+            resume(folder, epochs)
+            if (folder / CKPT).exists()
+            else args(folder, epochs, *(("--overwrite",) if folder.exists() else ()))
+        )
         before = load(folder / CKPT)["epoch"] if (folder / CKPT).exists() else 0
         best_mtime = (folder / BEST).stat().st_mtime_ns if (folder / BEST).exists() else 0
-        proc = subprocess.Popen([sys.executable, "-m", "dia_fused.train", *cmd], env=env(),
-                                cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dia_fused.train", *cmd],
+            env=env(),
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         mode, started = round_ % 3, False
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
@@ -148,8 +186,11 @@ def test_kill_loop_keeps_model_best_and_the_next_start_removes_stale_temp_files(
             best_now = (folder / BEST).stat().st_mtime_ns if (folder / BEST).exists() else 0
             epoch_now = load(folder / CKPT)["epoch"] if (folder / CKPT).exists() else 0
             started = started or bool(ours) or best_now != best_mtime or epoch_now > before
-            if ((mode == 0 and ours) or (mode == 1 and best_now != best_mtime)
-                    or (mode == 2 and epoch_now > before)):
+            if (
+                (mode == 0 and ours)
+                or (mode == 1 and best_now != best_mtime)
+                or (mode == 2 and epoch_now > before)
+            ):
                 if mode == 2:
                     time.sleep(rng.uniform(0, 0.3))  # somewhere in the next epoch
                 proc.kill()
@@ -179,6 +220,7 @@ def test_kill_loop_keeps_model_best_and_the_next_start_removes_stale_temp_files(
 # ---------------------------------------------------------------------------------------------
 # the folder
 # ---------------------------------------------------------------------------------------------
+
 
 def test_start_removes_stale_temp_files_only(tmp_path, capsys):
     main(args(tmp_path, 1))
@@ -221,8 +263,9 @@ def test_resume_from_an_earlier_checkpoint_keeps_the_later_history(tmp_path, cap
     superseded = read_rows(tmp_path / "log_superseded.csv")
     assert [r["epoch"] for r in superseded] == ["2", "3"]
     assert all(r["resumed_from_epoch"] == "1" for r in superseded)
-    assert [{k: v for k, v in r.items() if k != "resumed_from_epoch"} for r in superseded] == \
-        later_rows
+    assert [
+        {k: v for k, v in r.items() if k != "resumed_from_epoch"} for r in superseded
+    ] == later_rows
     assert load(tmp_path / "checkpoint_epoch3.pth.tar")["epoch"] == 3
     assert "kept as" in capsys.readouterr().out
     assert [r["epoch"] for r in read_rows(tmp_path / "log.csv")] == ["1", "2", "3"]
@@ -232,8 +275,10 @@ def test_resume_from_an_earlier_checkpoint_keeps_the_later_history(tmp_path, cap
 # signals
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_signal_inside_a_deferred_section_waits_for_its_end():
     from dia_fused.train import interrupt
+
     done = []
     with interrupt.handled():
         with pytest.raises(interrupt.Interrupted) as err:
@@ -251,9 +296,14 @@ def test_a_signal_inside_a_deferred_section_waits_for_its_end():
 
 def test_sigterm_stops_like_sigint_keeping_the_last_completed_epoch(tmp_path):
     folder = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "dia_fused.train", *args(folder, 50)],
-                            env=env(), cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dia_fused.train", *args(folder, 50)],
+        env=env(),
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not (folder / CKPT).exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.005)
@@ -272,17 +322,23 @@ def test_sigterm_stops_like_sigint_keeping_the_last_completed_epoch(tmp_path):
 # environment and resume settings
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variables, named", [
-    ({"RANK": "5"}, "RANK=5 without WORLD_SIZE"),
-    ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 without WORLD_SIZE"),
-    ({"WORLD_SIZE": "0"}, "WORLD_SIZE: expected >= 1, got 0"),
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE: expected an int, got 'two'"),
-    ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK: expected 0 <= RANK < WORLD_SIZE \(2\), got 2"),
-    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK: expected 0 <= RANK"),
-    ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"},
-     r"LOCAL_RANK: expected 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE \(2\), got 3"),
-    ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR and MASTER_PORT: not set"),
-])
+
+@pytest.mark.parametrize(
+    "variables, named",
+    [
+        ({"RANK": "5"}, "RANK=5 without WORLD_SIZE"),
+        ({"LOCAL_RANK": "1"}, "LOCAL_RANK=1 without WORLD_SIZE"),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE: expected >= 1, got 0"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE: expected an int, got 'two'"),
+        ({"WORLD_SIZE": "2", "RANK": "2"}, r"RANK: expected 0 <= RANK < WORLD_SIZE \(2\), got 2"),
+        ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK: expected 0 <= RANK"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"},
+            r"LOCAL_RANK: expected 0 <= LOCAL_RANK < LOCAL_WORLD_SIZE \(2\), got 3",
+        ),
+        ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR and MASTER_PORT: not set"),
+    ],
+)
 def test_distributed_environment_is_checked(tmp_path, monkeypatch, variables, named):
     for name in ("MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -294,16 +350,24 @@ def test_distributed_environment_is_checked(tmp_path, monkeypatch, variables, na
 
 
 def test_distributed_environment_error_is_one_line(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "dia_fused.train", *args(tmp_path, 1)],
-                          env=env(RANK="5"), cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dia_fused.train", *args(tmp_path, 1)],
+        env=env(RANK="5"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip() == ("error: environment RANK=5 without WORLD_SIZE: launch with "
-                                   "torchrun, or unset the variable for one process")
+    assert proc.stderr.strip() == (
+        "error: environment RANK=5 without WORLD_SIZE: launch with "
+        "torchrun, or unset the variable for one process"
+    )
 
 
 def test_distributed_environment_of_one_process_passes(monkeypatch):
     from dia_fused.train import distributed
+
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     assert distributed.read_environment() == (1, 0, 0)
@@ -314,8 +378,22 @@ def test_resume_compares_values_and_prints_what_changed(tmp_path, capsys):
     capsys.readouterr()
     # explicit defaults (the model's reduction, the run's own --lr) are the same run
     # (--epochs 1: nothing left to train, the checks alone)
-    main(resume(tmp_path, 1, "--reduction", "4", "--num-cells", "1", "--dia-stages", "3", "2",
-                "1", "--lr", "0.05"))
+    main(
+        resume(
+            tmp_path,
+            1,
+            "--reduction",
+            "4",
+            "--num-cells",
+            "1",
+            "--dia-stages",
+            "3",
+            "2",
+            "1",
+            "--lr",
+            "0.05",
+        )
+    )
     assert "differ from the checkpoint's run" not in capsys.readouterr().out
     main(resume(tmp_path, 2, "--lr", "0.01", "--train-batch", "10"))
     out = capsys.readouterr().out

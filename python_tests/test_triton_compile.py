@@ -2,6 +2,7 @@
 machine (no GPU needed: Triton's compiler and ptxas), and the default one-cell LSTM kernels do not
 spill on sm_90. The interpreter runs programs a GPU compile would reject, so this is the CPU-side
 guard for the GPU build. Runs python_tests/triton_aot.py in a process without TRITON_INTERPRET."""
+
 import json
 import os
 import subprocess
@@ -23,8 +24,14 @@ def records():
     # the script's sys.path holds python_tests/, not the repository root: this checkout's dia_fused
     paths = [ROOT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    run = subprocess.run([sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--arch", "80"],
-                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    run = subprocess.run(
+        [sys.executable, os.path.join(HERE, "triton_aot.py"), "--arch", "90", "--arch", "80"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=900,
+    )
     lines = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     if not lines and "nvidia" in run.stderr and "backend" in run.stderr.lower():
         pytest.skip(f"this triton has no NVIDIA backend: {run.stderr[-300:]}")
@@ -35,18 +42,30 @@ def records():
 def test_every_kernel_specialisation_compiles_for_sm90_and_sm80(records):
     lines, run = records
     failed = [r for r in lines if not r["ok"]]
-    assert not failed, "\n".join(f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['error']}" for r in failed)
+    assert not failed, "\n".join(
+        f"{r['kernel']} sm_{r['arch']} {r['constexprs']}: {r['error']}" for r in failed
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     kernels = {r["kernel"] for r in lines}
-    assert kernels == {"_pool_kernel", "_lstm_forward_kernel", "_scale_kernel", "_grad_attention_kernel",
-                       "_lstm_backward_kernel", "_weight_grad_kernel", "_grad_input_kernel"}
+    assert kernels == {
+        "_pool_kernel",
+        "_lstm_forward_kernel",
+        "_scale_kernel",
+        "_grad_attention_kernel",
+        "_lstm_backward_kernel",
+        "_weight_grad_kernel",
+        "_grad_input_kernel",
+    }
     assert {r["arch"] for r in lines} == {80, 90}
 
 
 def test_default_lstm_kernels_do_not_spill_on_sm90(records):
     lines, _ = records
-    lstm = [r for r in lines if r["arch"] == 90 and r["kernel"].startswith("_lstm")
-            and r["constexprs"]["NUM_CELLS"] == 1]
+    lstm = [
+        r
+        for r in lines
+        if r["arch"] == 90 and r["kernel"].startswith("_lstm") and r["constexprs"]["NUM_CELLS"] == 1
+    ]
     assert lstm
     for r in lstm:
         if "stack_bytes" not in r:

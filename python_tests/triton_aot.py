@@ -8,6 +8,7 @@ cuobjdump.
 Run in a process WITHOUT TRITON_INTERPRET (the interpreter replaces the kernels at import):
     python python_tests/triton_aot.py [--arch 90] [--arch 80]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,12 @@ import tempfile
 
 import torch
 
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+TRITON_DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float64: "fp64",
+}
 
 
 def captured_launches():
@@ -44,22 +50,68 @@ def captured_launches():
         setattr(T, name, Recorder(kernel))
     try:
         fused, split = T.KernelSettings(), T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
-        cases = [dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=False, config=fused),
-                 dict(dtype=torch.bfloat16, num_cells=1, identity=False, relu=False, grads=False, config=fused,
-                      channels_last=True),
-                 dict(dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused),
-                 dict(dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split)]
+        cases = [
+            dict(
+                dtype=torch.float32,
+                num_cells=1,
+                identity=True,
+                relu=True,
+                grads=False,
+                config=fused,
+            ),
+            dict(
+                dtype=torch.bfloat16,
+                num_cells=1,
+                identity=False,
+                relu=False,
+                grads=False,
+                config=fused,
+                channels_last=True,
+            ),
+            dict(
+                dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused
+            ),
+            dict(
+                dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split
+            ),
+        ]
         for case in cases:
-            inputs = random_step_inputs(4, 40, 3, 3, reduction=4, num_cells=case["num_cells"],
-                                        dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
-                                        identity=case["identity"],
-                                        channels_last=case.get("channels_last", False)).to(case["dtype"])
-            out, h_new, c_new, pooled = T.forward(*inputs.args(), inputs.identity, case["relu"], "tanh",
-                                                  inputs.dropout_masks, case["config"])
+            inputs = random_step_inputs(
+                4,
+                40,
+                3,
+                3,
+                reduction=4,
+                num_cells=case["num_cells"],
+                dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
+                identity=case["identity"],
+                channels_last=case.get("channels_last", False),
+            ).to(case["dtype"])
+            out, h_new, c_new, pooled = T.forward(
+                *inputs.args(),
+                inputs.identity,
+                case["relu"],
+                "tanh",
+                inputs.dropout_masks,
+                case["config"],
+            )
             grad_h = torch.zeros_like(h_new) if case["grads"] else None
-            T.backward(torch.zeros_like(out), grad_h, grad_h, inputs.x, out, pooled, inputs.h, inputs.c,
-                       inputs.weights, case["identity"], case["relu"], "tanh", inputs.dropout_masks,
-                       case["config"])
+            T.backward(
+                torch.zeros_like(out),
+                grad_h,
+                grad_h,
+                inputs.x,
+                out,
+                pooled,
+                inputs.h,
+                inputs.c,
+                inputs.weights,
+                case["identity"],
+                case["relu"],
+                "tanh",
+                inputs.dropout_masks,
+                case["config"],
+            )
     finally:
         for name, kernel in kernels.items():
             setattr(T, name, kernel)
@@ -82,7 +134,7 @@ def signature_of(kernel, args, constexprs):
         elif isinstance(value, bool):
             signature[name] = "i1"
         elif isinstance(value, int):
-            signature[name] = "i32" if -2 ** 31 <= value < 2 ** 31 else "i64"
+            signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
         else:
             raise TypeError(f"{kernel.__name__}.{name}: unexpected argument {value!r}")
     for name, value in constexprs.items():
@@ -95,7 +147,10 @@ def resource_usage(cubin: bytes):
     """Registers, local memory (spills) and shared memory of a cubin, from the cuobjdump that
     Triton ships (None where it is missing)."""
     import triton
-    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+
+    cuobjdump = os.path.join(
+        os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"
+    )
     if not os.path.exists(cuobjdump):
         cuobjdump = shutil.which("cuobjdump")
     if not cuobjdump:
@@ -113,12 +168,20 @@ def resource_usage(cubin: bytes):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", type=int, action="append", help="compute capability x10 (default 90)")
-    parser.add_argument("--no-usage", action="store_true", help="skip the cuobjdump resource report")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--arch", type=int, action="append", help="compute capability x10 (default 90)"
+    )
+    parser.add_argument(
+        "--no-usage", action="store_true", help="skip the cuobjdump resource report"
+    )
     opts = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
-        parser.error("run without TRITON_INTERPRET=1: the interpreter replaces the kernels at import")
+        parser.error(
+            "run without TRITON_INTERPRET=1: the interpreter replaces the kernels at import"
+        )
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -132,13 +195,19 @@ def main(argv=None) -> int:
             continue
         seen.add(key)
         for arch in opts.arch or [90]:
-            record = {"kernel": kernel.__name__, "arch": arch,
-                      "constexprs": {k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS}}
+            record = {
+                "kernel": kernel.__name__,
+                "arch": arch,
+                "constexprs": {k: v for k, v in constexprs.items() if k not in LAUNCH_OPTIONS},
+            }
             try:
                 options = {k: v for k, v in constexprs.items() if k in LAUNCH_OPTIONS}
                 record["options"] = options
-                compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=consts),
-                                          target=GPUTarget("cuda", arch, 32), options=options)
+                compiled = triton.compile(
+                    ASTSource(fn=kernel, signature=signature, constexprs=consts),
+                    target=GPUTarget("cuda", arch, 32),
+                    options=options,
+                )
                 record["ok"] = True
                 if not opts.no_usage:
                     record.update(resource_usage(compiled.asm["cubin"]) or {})

@@ -22,6 +22,7 @@ variables and h_t as output variable"):
 Attention vectors are taken in eval mode (BatchNorm running statistics, no dropout) over the test
 split, without augmentation.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence
@@ -49,9 +50,15 @@ def _stage_samples(attention: np.ndarray, target: int, mode: str):
     return x, y, groups
 
 
-def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: int = 100,
-                    max_features: Optional[float] = None, max_samples: Optional[int] = None,
-                    seed: int = 0, n_jobs: Optional[int] = None) -> np.ndarray:
+def gini_importance(
+    attention: np.ndarray,
+    mode: str = "vector",
+    n_estimators: int = 100,
+    max_features: Optional[float] = None,
+    max_samples: Optional[int] = None,
+    seed: int = 0,
+    n_jobs: Optional[int] = None,
+) -> np.ndarray:
     """The (T, T) importance matrix of one stage: [t, i] = Gini importance of h_{i+1} for
     h_{t+1}, for i < t (rows sum to 1 for t >= 1); NaN elsewhere, and on the rows of targets that
     are constant over the samples (nothing to predict).
@@ -67,8 +74,10 @@ def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: i
         raise ValueError(f"attention: expected (N, T, C), got shape {attention.shape}")
     n, blocks, _ = attention.shape
     if blocks < 2:
-        raise ValueError(f"attention: expected a stage of at least 2 blocks (T >= 2: h_1 is the "
-                         f"predecessor of h_2), got T = {blocks}")
+        raise ValueError(
+            f"attention: expected a stage of at least 2 blocks (T >= 2: h_1 is the "
+            f"predecessor of h_2), got T = {blocks}"
+        )
     if n < 2:
         raise ValueError(f"attention: expected at least 2 samples (images), got {n}")
     rng = np.random.default_rng(seed)
@@ -80,8 +89,12 @@ def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: i
             x, y = x[keep], y[keep]
         if np.ptp(y, axis=0).max() == 0:
             continue  # a constant h_t (e.g. dead ReLUs in the reduction): nothing to explain, NaN
-        forest = RandomForestRegressor(n_estimators=n_estimators, max_features=max_features,
-                                       random_state=seed + target, n_jobs=n_jobs)
+        forest = RandomForestRegressor(
+            n_estimators=n_estimators,
+            max_features=max_features,
+            random_state=seed + target,
+            n_jobs=n_jobs,
+        )
         forest.fit(x, y)
         per_source = np.bincount(groups, weights=forest.feature_importances_, minlength=target)
         total = per_source.sum()
@@ -90,11 +103,16 @@ def gini_importance(attention: np.ndarray, mode: str = "vector", n_estimators: i
     return matrix
 
 
-def plot_gini(matrices: Sequence[np.ndarray], path: str, titles: Optional[Sequence[str]] = None,
-              suptitle: Optional[str] = None) -> str:
+def plot_gini(
+    matrices: Sequence[np.ndarray],
+    path: str,
+    titles: Optional[Sequence[str]] = None,
+    suptitle: Optional[str] = None,
+) -> str:
     """One heatmap per stage, side by side (Figure 5 layout: row = target h_t, column = source
     h_i, lower triangle). Written as PNG with the Agg backend."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -110,7 +128,7 @@ def plot_gini(matrices: Sequence[np.ndarray], path: str, titles: Optional[Sequen
         ax.set_title(titles[k] if titles else f"stage {k + 1}")
         ax.set_xlabel("source layer $h_i$")
         ax.set_ylabel("target layer $h_t$")
-        ticks = np.arange(blocks - 1)[::max(1, (blocks - 1) // 9)]
+        ticks = np.arange(blocks - 1)[:: max(1, (blocks - 1) // 9)]
         ax.set_xticks(ticks, [str(t + 1) for t in ticks])
         ax.set_yticks(ticks, [str(t + 2) for t in ticks])
         fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
@@ -143,7 +161,7 @@ def collect_attention(model, batches, max_images: Optional[int] = None) -> List[
             if max_images is not None and seen >= max_images:
                 break
             if max_images is not None:
-                inputs = inputs[:max_images - seen]
+                inputs = inputs[: max_images - seen]
             _, attention = model(inputs, return_attention=True)
             if not per_stage:
                 per_stage = [[] for _ in attention]

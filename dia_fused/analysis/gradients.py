@@ -6,6 +6,7 @@ The gradient of the loss with respect to each stage's output is captured by a fo
 of a batch in training mode (batch statistics in BatchNorm, as during training); the absolute
 values of all gradient entries over all batches form the histogram of a stage.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -17,8 +18,12 @@ from torch import nn
 Tensor = torch.Tensor
 
 
-def stage_output_gradients(model: nn.Module, batches: Iterable[Tuple[Tensor, Tensor]],
-                           max_values_per_stage: int = 200_000, seed: int = 0) -> List[np.ndarray]:
+def stage_output_gradients(
+    model: nn.Module,
+    batches: Iterable[Tuple[Tensor, Tensor]],
+    max_values_per_stage: int = 200_000,
+    seed: int = 0,
+) -> List[np.ndarray]:
     """|dL/d(stage output)| per stage of `model` (which has `model.stages`), over `batches` of
     (inputs, targets). At most `max_values_per_stage` values are kept per stage (a uniform random
     subset when there are more), so the figure of a large run stays cheap to draw."""
@@ -31,8 +36,10 @@ def stage_output_gradients(model: nn.Module, batches: Iterable[Tuple[Tensor, Ten
         def forward_hook(module, inputs, output):
             tensor = output[0] if isinstance(output, tuple) else output
             if tensor.requires_grad:
-                tensor.register_hook(lambda grad: captured[index].append(
-                    grad.detach().abs().flatten().float().cpu()))
+                tensor.register_hook(
+                    lambda grad: captured[index].append(grad.detach().abs().flatten().float().cpu())
+                )
+
         return forward_hook
 
     handles = [stage.register_forward_hook(make_hook(i)) for i, stage in enumerate(stages)]
@@ -59,16 +66,26 @@ def stage_output_gradients(model: nn.Module, batches: Iterable[Tuple[Tensor, Ten
 
 
 def summarize(values: np.ndarray) -> Dict[str, float]:
-    return {"mean": float(values.mean()), "std": float(values.std()),
-            "median": float(np.median(values)), "max": float(values.max())}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "median": float(np.median(values)),
+        "max": float(values.max()),
+    }
 
 
-def plot_gradients(series: Dict[str, Sequence[np.ndarray]], path: str, bins: int = 60,
-                   colors: Dict[str, str] = None, title: Optional[str] = None) -> str:
+def plot_gradients(
+    series: Dict[str, Sequence[np.ndarray]],
+    path: str,
+    bins: int = 60,
+    colors: Dict[str, str] = None,
+    title: Optional[str] = None,
+) -> str:
     """One panel per stage; one histogram per model (label -> per-stage |grad| arrays), on a
     log-spaced |gradient| axis shared by the models of a panel, under `title` (what the models
     are: trained or not, with or without skips). PNG, Agg backend."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -92,10 +109,14 @@ def plot_gradients(series: Dict[str, Sequence[np.ndarray]], path: str, bins: int
         for label, values in zip(labels, arrays):
             stats = summarize(values)
             zeros = 100.0 * np.mean(values == 0)  # off the log axis: said in the legend
-            ax.hist(values[values > 0] if positive.size else values, bins=edges, alpha=0.55,
-                    color=colors.get(label),
-                    label=f"{label}: mean {stats['mean']:.2e}, std {stats['std']:.2e}, "
-                          f"{zeros:.0f}% zero")
+            ax.hist(
+                values[values > 0] if positive.size else values,
+                bins=edges,
+                alpha=0.55,
+                color=colors.get(label),
+                label=f"{label}: mean {stats['mean']:.2e}, std {stats['std']:.2e}, "
+                f"{zeros:.0f}% zero",
+            )
         ax.set_title(f"stage {stage + 1} output")
         ax.set_xlabel("|gradient|")
         ax.set_ylabel("count")

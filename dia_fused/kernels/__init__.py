@@ -2,6 +2,7 @@
 `unavailable_reason(device)`, `SUPPORTED_DTYPES`, `forward(...)` and `backward(...)`, and the
 launch settings they take at call time (`KernelSettings`, `current_settings()`,
 `use_settings(...)`)."""
+
 import contextlib
 from typing import Iterator, Optional
 
@@ -29,8 +30,9 @@ class SettingsOverride:
     @contextlib.contextmanager
     def use(self, settings) -> Iterator[object]:
         if not isinstance(settings, self.settings_type):
-            raise TypeError(f"settings: expected a {self.settings_type.__name__}, got "
-                            f"{type(settings).__name__}")
+            raise TypeError(
+                f"settings: expected a {self.settings_type.__name__}, got {type(settings).__name__}"
+            )
         previous, self.value = self.value, settings
         try:
             yield settings

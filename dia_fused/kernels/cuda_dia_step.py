@@ -17,6 +17,7 @@ Paths (chosen per call by shape, see `_fused_path`, unless the kernel settings f
          Stacked cells (num_cells > 1) run between cell 0 and the scale as fp32 ATen matmuls
          (stacked_cells_forward / stacked_cells_backward below).
 """
+
 from __future__ import annotations
 
 import functools
@@ -40,11 +41,12 @@ PATHS = ("auto", "fused", "split")
 # fused path needs enough samples to fill the GPU (see _fused_path).
 FUSED_SMALL_MAP = 1 << 14
 
-INSTALL_HINT = ("install a CUDA build of torch and a CUDA toolkit, then run "
-                "`pip install --no-build-isolation .` in the dia_fused source tree (builds the "
-                "extension ahead of time), or keep a CUDA toolkit and ninja around for the "
-                "build on first use")
-
+INSTALL_HINT = (
+    "install a CUDA build of torch and a CUDA toolkit, then run "
+    "`pip install --no-build-isolation .` in the dia_fused source tree (builds the "
+    "extension ahead of time), or keep a CUDA toolkit and ninja around for the "
+    "build on first use"
+)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class KernelSettings:
     """What a step's launches depend on besides the tensors. `path`: "auto" chooses the kernels by
     shape (_fused_path); "fused" and "split" force them (tests, benchmarks), and a forced fused
     path raises for a step it cannot take. Default: DIA_FUSED_CUDA_PATH, else "auto"."""
+
     path: str = "auto"
 
     def __post_init__(self):
@@ -90,20 +93,28 @@ _ready_devices = set()  # devices whose unavailable_reason was None (checked onc
 # Loading
 # ------------------------------------------------------------------------------------------------
 
+
 def _jit_blocker() -> Optional[str]:
     """Why a JIT build cannot run here, or None."""
     if torch.version.cuda is None:
         return f"this torch ({torch.__version__}) is a CPU-only build: {INSTALL_HINT}"
     from torch.utils.cpp_extension import CUDA_HOME, is_ninja_available
+
     if CUDA_HOME is None:
-        return ("dia_fused._C was not built ahead of time and no CUDA toolkit was found for the "
-                f"build on first use (set CUDA_HOME or put nvcc on PATH): {INSTALL_HINT}")
+        return (
+            "dia_fused._C was not built ahead of time and no CUDA toolkit was found for the "
+            f"build on first use (set CUDA_HOME or put nvcc on PATH): {INSTALL_HINT}"
+        )
     if not is_ninja_available():
-        return ("dia_fused._C was not built ahead of time and the build on first use needs ninja: "
-                "pip install ninja")
+        return (
+            "dia_fused._C was not built ahead of time and the build on first use needs ninja: "
+            "pip install ninja"
+        )
     if cuda_build.csrc_dir() is None:
-        return ("dia_fused._C was not built ahead of time and the csrc/ sources are not installed "
-                f"with this package: {INSTALL_HINT}")
+        return (
+            "dia_fused._C was not built ahead of time and the csrc/ sources are not installed "
+            f"with this package: {INSTALL_HINT}"
+        )
     return None
 
 
@@ -127,6 +138,7 @@ def _load():
                 _load_error = blocker + aot_note
                 return None
             from torch.utils.cpp_extension import load
+
             src = cuda_build.csrc_dir()
             try:
                 _extension = load(
@@ -136,15 +148,22 @@ def _load():
                     extra_include_paths=[src],
                     extra_cuda_cflags=cuda_build.NVCC_FLAGS
                     + cuda_build.default_arch_flags(env.cuda_arch_list()),
-                    verbose=env.verbose_build())
+                    verbose=env.verbose_build(),
+                )
             except Exception as err:  # compiler errors: keep the message as the reason
-                _load_error = (f"building the CUDA extension on first use failed{aot_note}: "
-                               f"{type(err).__name__}: {err}")
+                _load_error = (
+                    f"building the CUDA extension on first use failed{aot_note}: "
+                    f"{type(err).__name__}: {err}"
+                )
                 return None
-        if (_extension.FUSED_MAX_CHANNELS, _extension.FUSED_THREADS) != (FUSED_MAX_CHANNELS,
-                                                                          FUSED_THREADS):
-            _load_error = ("the loaded CUDA extension does not match this dia_fused (rebuild it: "
-                           "pip install --no-build-isolation .)")
+        if (_extension.FUSED_MAX_CHANNELS, _extension.FUSED_THREADS) != (
+            FUSED_MAX_CHANNELS,
+            FUSED_THREADS,
+        ):
+            _load_error = (
+                "the loaded CUDA extension does not match this dia_fused (rebuild it: "
+                "pip install --no-build-isolation .)"
+            )
             _extension = None
         return _extension
 
@@ -171,8 +190,10 @@ def unavailable_reason(device) -> Optional[str]:
         return "torch sees no CUDA device (torch.cuda.is_available() is False)"
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8 and not env.cuda_arch_list():
-        return (f"the GPU has compute capability {major}.{minor}; the cuda backend is built for "
-                f"sm_80 and sm_90 by default: set TORCH_CUDA_ARCH_LIST={major}.{minor} and rebuild")
+        return (
+            f"the GPU has compute capability {major}.{minor}; the cuda backend is built for "
+            f"sm_80 and sm_90 by default: set TORCH_CUDA_ARCH_LIST={major}.{minor} and rebuild"
+        )
     if _load() is None:
         return _load_error
     try:
@@ -182,7 +203,6 @@ def unavailable_reason(device) -> Optional[str]:
     return None
 
 
-
 def _extension_for(x: Tensor):
     if x.device not in _ready_devices:  # checked once per device: no per-call overhead
         reason = unavailable_reason(x.device)
@@ -190,8 +210,10 @@ def _extension_for(x: Tensor):
             raise RuntimeError(f"the cuda backend cannot run on {x.device}: {reason}")
         _ready_devices.add(x.device)
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"x: the cuda backend supports dtypes {SUPPORTED_DTYPES}, got {x.dtype} "
-                        f"(use backend='reference' for it)")
+        raise TypeError(
+            f"x: the cuda backend supports dtypes {SUPPORTED_DTYPES}, got {x.dtype} "
+            f"(use backend='reference' for it)"
+        )
     return _extension
 
 
@@ -199,9 +221,11 @@ def _extension_for(x: Tensor):
 # Stacked cells (num_cells > 1): plain fp32 ATen, any device
 # ------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class StackedCells:
     """Forward values of cells 1..L-1 kept for their backward."""
+
     inputs: List[Tensor]  # (N, C) input of cell l: h of cell l-1, times its dropout mask
     gates: List[Tensor]  # (N, 4C) pre-activations
     h: List[Tensor]  # (N, C) new hidden states
@@ -219,7 +243,7 @@ def stacked_cells_forward(
     out = StackedCells([], [], [], [])
     inp = h_cell0
     for cell in range(1, h.shape[0]):
-        wih, bih, whh, bhh = stacked_weights[4 * (cell - 1): 4 * cell]
+        wih, bih, whh, bhh = stacked_weights[4 * (cell - 1) : 4 * cell]
         if dropout_masks is not None:
             inp = inp * dropout_masks[cell - 1]
         gates = torch.addmm(bih, inp, wih.t()) + torch.addmm(bhh, h[cell], whh.t())
@@ -261,20 +285,31 @@ def stacked_cells_backward(
     grad_weights: List[Tensor] = [None] * (4 * (num_cells - 1))
     for cell in range(num_cells - 1, 0, -1):
         k = cell - 1
-        wih, _, whh, _ = stacked_weights[4 * k: 4 * k + 4]
+        wih, _, whh, _ = stacked_weights[4 * k : 4 * k + 4]
         gi, gf, gg, go = fwd.gates[k].chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(gi), torch.sigmoid(gf), torch.tanh(gg), torch.sigmoid(go)
         act_c, act_grad = _activation_and_grad(fwd.c[k], activation)
         grad_c = grad_h * o * act_grad
         if grad_c_new is not None:
             grad_c = grad_c + grad_c_new[cell]
-        grad_gates = torch.cat([grad_c * g * i * (1 - i), grad_c * c[cell] * f * (1 - f),
-                                grad_c * i * (1 - g * g), grad_h * act_c * o * (1 - o)], dim=1)
+        grad_gates = torch.cat(
+            [
+                grad_c * g * i * (1 - i),
+                grad_c * c[cell] * f * (1 - f),
+                grad_c * i * (1 - g * g),
+                grad_h * act_c * o * (1 - o),
+            ],
+            dim=1,
+        )
         grad_c_prev[k] = grad_c * f
         grad_h_prev[k] = grad_gates @ whh
         grad_bias = grad_gates.sum(dim=0)
-        grad_weights[4 * k: 4 * k + 4] = [grad_gates.t() @ fwd.inputs[k], grad_bias,
-                                          grad_gates.t() @ h[cell], grad_bias]
+        grad_weights[4 * k : 4 * k + 4] = [
+            grad_gates.t() @ fwd.inputs[k],
+            grad_bias,
+            grad_gates.t() @ h[cell],
+            grad_bias,
+        ]
         grad_h = grad_gates @ wih
         if dropout_masks is not None:
             grad_h = grad_h * dropout_masks[k]
@@ -286,6 +321,7 @@ def stacked_cells_backward(
 # ------------------------------------------------------------------------------------------------
 # Host wrapper (contract in docs/design.md §2)
 # ------------------------------------------------------------------------------------------------
+
 
 def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     """fp32 contiguous (no copy when already so); for state, weights and (N, C) gradients only,
@@ -322,9 +358,11 @@ def _fused_path(path: str, x: Tensor, num_cells: int, hidden: int) -> bool:
     fits = num_cells == 1 and channels <= FUSED_MAX_CHANNELS and 2 * hidden <= FUSED_THREADS
     if path == "fused":
         if not fits:
-            raise ValueError(f"path='fused' needs num_cells == 1, C <= {FUSED_MAX_CHANNELS} and "
-                             f"2R <= {FUSED_THREADS}; got num_cells={num_cells}, C={channels}, "
-                             f"R={hidden}")
+            raise ValueError(
+                f"path='fused' needs num_cells == 1, C <= {FUSED_MAX_CHANNELS} and "
+                f"2R <= {FUSED_THREADS}; got num_cells={num_cells}, C={channels}, "
+                f"R={hidden}"
+            )
         return True
     if path == "split":
         return False
@@ -332,9 +370,17 @@ def _fused_path(path: str, x: Tensor, num_cells: int, hidden: int) -> bool:
     return fits and (n >= _sm_count(x.device) // 2 or channels * hw <= FUSED_SMALL_MAP)
 
 
-def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity: Optional[Tensor],
-            relu: bool, activation: str, dropout_masks: Optional[Tensor],
-            settings: Optional[KernelSettings] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    identity: Optional[Tensor],
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],
+    settings: Optional[KernelSettings] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
     `settings` default: current_settings()."""
     path = (settings or current_settings()).path
@@ -353,19 +399,31 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     h_cell0, c_cell0 = ext.cell0_forward(pooled, h0, c0, w32[:8], code)
     hs, cs = [h_cell0], [c_cell0]
     if num_cells > 1:
-        stacked = stacked_cells_forward(h_cell0, _f32(h), _f32(c), w32[8:], activation,
-                                        _f32(dropout_masks))
+        stacked = stacked_cells_forward(
+            h_cell0, _f32(h), _f32(c), w32[8:], activation, _f32(dropout_masks)
+        )
         hs += stacked.h
         cs += stacked.c
     out = ext.scale_residual(x, hs[-1], identity, relu)
     return out, torch.stack(hs), torch.stack(cs), pooled
 
 
-def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optional[Tensor],
-             x: Tensor, out: Tensor, pooled: Tensor, h: Tensor, c: Tensor,
-             weights: Sequence[Tensor], identity_given: bool, relu: bool, activation: str,
-             dropout_masks: Optional[Tensor], settings: Optional[KernelSettings] = None
-             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
+def backward(
+    grad_out: Tensor,
+    grad_h_new: Optional[Tensor],
+    grad_c_new: Optional[Tensor],
+    x: Tensor,
+    out: Tensor,
+    pooled: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    identity_given: bool,
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],
+    settings: Optional[KernelSettings] = None,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
     """(grad_x, grad_identity or None, grad_h, grad_c, fp32 grad_weights in weight order: the
     caller casts each to its weight's dtype, once).
     grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c).
@@ -384,13 +442,15 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     gc0 = None if grad_c_new is None else grad_c_new[0]
     if _fused_path(path, x, num_cells, weights[0].shape[0]):
         grad_x, grad_identity, grad_h0, grad_c0, *grads = ext.backward_fused(
-            grad_out, gh0, gc0, x, out, pooled, h0, c0, w32[:8], identity_given, relu, code)
+            grad_out, gh0, gc0, x, out, pooled, h0, c0, w32[:8], identity_given, relu, code
+        )
         grad_h, grad_c = grad_h0.unsqueeze(0), grad_c0.unsqueeze(0)
     else:
         grad_attention, grad_identity = ext.grad_attention(grad_out, x, out, relu, identity_given)
         if num_cells == 1:
             grad_pooled, grad_h0, grad_c0, attention, *grads = ext.cell0_backward(
-                pooled, h0, c0, w32[:8], gh0, grad_attention, gc0, code, hw)
+                pooled, h0, c0, w32[:8], gh0, grad_attention, gc0, code, hw
+            )
             grad_h, grad_c = grad_h0.unsqueeze(0), grad_c0.unsqueeze(0)
         else:
             h32, c32, masks = _f32(h), _f32(c), _f32(dropout_masks)
@@ -398,10 +458,19 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
             stacked = stacked_cells_forward(h_cell0, h32, c32, w32[8:], activation, masks)
             attention = stacked.h[-1]
             grad_h_cell0, grad_h_rest, grad_c_rest, stacked_grads = stacked_cells_backward(
-                stacked, h32, c32, w32[8:], activation, masks, grad_h_new, grad_c_new,
-                grad_attention)
+                stacked,
+                h32,
+                c32,
+                w32[8:],
+                activation,
+                masks,
+                grad_h_new,
+                grad_c_new,
+                grad_attention,
+            )
             grad_pooled, grad_h0, grad_c0, _, *grads = ext.cell0_backward(
-                pooled, h0, c0, w32[:8], grad_h_cell0.contiguous(), None, gc0, code, hw)
+                pooled, h0, c0, w32[:8], grad_h_cell0.contiguous(), None, gc0, code, hw
+            )
             grad_h = torch.stack([grad_h0] + grad_h_rest)
             grad_c = torch.stack([grad_c0] + grad_c_rest)
             grads = grads + stacked_grads

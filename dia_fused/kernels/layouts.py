@@ -1,6 +1,7 @@
 """Feature-map layouts for the fused host wrappers: both backends walk H * W of a map as one strided
 axis and write their outputs with the strides of x, so the maps must reach the kernels dense in
 NCHW or channels_last."""
+
 from __future__ import annotations
 
 import torch

@@ -21,36 +21,70 @@ DIA-LSTM, DIA-SE or per-block SE), num_cells, cell_activation and backend (DIA-L
 (stages with the shared unit), norm (False: no BatchNorm), skip (False: no skip connections), and
 the family's own (block, dropout, widen_factor, ...); one the model would not use is an error.
 """
+
 from __future__ import annotations
 
 import difflib
 import re
 
 from .blocks import ATTENTIONS, DIANet, PlainStage
-from .networks import (IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn,
-                       imagenet_resnet)
+from .networks import (
+    IMAGENET_LAYERS,
+    cifar_preresnet,
+    cifar_resnet,
+    cifar_resnext,
+    cifar_wrn,
+    imagenet_resnet,
+)
 
 _NUMBER = r"[1-9][0-9]*"
-_NAME = re.compile(rf"(?:(?P<attention>dia_se|dia|se)_)?(?P<family>preresnet|resnext|resnet|wrn)"
-                   rf"(?P<depth>{_NUMBER})(?:_(?P<card>{_NUMBER})x(?P<width>{_NUMBER})d?"
-                   rf"|_(?P<widen>{_NUMBER}))?(?P<cifar>_cifar)?")
+_NAME = re.compile(
+    rf"(?:(?P<attention>dia_se|dia|se)_)?(?P<family>preresnet|resnext|resnet|wrn)"
+    rf"(?P<depth>{_NUMBER})(?:_(?P<card>{_NUMBER})x(?P<width>{_NUMBER})d?"
+    rf"|_(?P<widen>{_NUMBER}))?(?P<cifar>_cifar)?"
+)
 # the parts after the depth each family takes: (required suffix or None, `_cifar` allowed)
-_FAMILY_PARTS = {"resnet": (None, True), "preresnet": (None, False), "wrn": ("widen", False),
-                 "resnext": ("group", True)}
-_PART_TEXT = {"widen": "widen factor '_{k}'", "group": "cardinality x width '_{card}x{width}'",
-              "cifar": "'_cifar' suffix"}
+_FAMILY_PARTS = {
+    "resnet": (None, True),
+    "preresnet": (None, False),
+    "wrn": ("widen", False),
+    "resnext": ("group", True),
+}
+_PART_TEXT = {
+    "widen": "widen factor '_{k}'",
+    "group": "cardinality x width '_{card}x{width}'",
+    "cifar": "'_cifar' suffix",
+}
 # options that a family's name sets (a ResNet: one group of the standard width); passing them
 # too would be a second, conflicting value
-_NAME_OPTIONS = {"resnet": ("depth", "cardinality", "base_width"), "preresnet": ("depth",),
-                 "wrn": ("depth", "widen_factor"),
-                 "resnext": ("depth", "cardinality", "base_width")}
+_NAME_OPTIONS = {
+    "resnet": ("depth", "cardinality", "base_width"),
+    "preresnet": ("depth",),
+    "wrn": ("depth", "widen_factor"),
+    "resnext": ("depth", "cardinality", "base_width"),
+}
 
 # the paper's models (Tables 3-8, Figure 6); any name of the grammar works
-PAPER_MODELS = tuple(f"{prefix}{body}" for prefix in ("", "se_", "dia_", "dia_se_")
-                     for body in ("resnet20", "resnet56", "resnet83", "resnet164", "resnet245",
-                                  "resnet326", "resnet407", "preresnet164", "wrn52_4",
-                                  "resnext101_8x32", "resnet34", "resnet50", "resnet152",
-                                  "resnext50_32x4d"))
+PAPER_MODELS = tuple(
+    f"{prefix}{body}"
+    for prefix in ("", "se_", "dia_", "dia_se_")
+    for body in (
+        "resnet20",
+        "resnet56",
+        "resnet83",
+        "resnet164",
+        "resnet245",
+        "resnet326",
+        "resnet407",
+        "preresnet164",
+        "wrn52_4",
+        "resnext101_8x32",
+        "resnet34",
+        "resnet50",
+        "resnet152",
+        "resnext50_32x4d",
+    )
+)
 
 
 def list_models():
@@ -68,7 +102,7 @@ def _name_error(name, problem: str, repairs=()) -> ValueError:
     candidates = list(dict.fromkeys([*repairs, *PAPER_MODELS]))
     close = difflib.get_close_matches(text, candidates, n=3, cutoff=0.6) if text else []
     kept = [r for r in dict.fromkeys(repairs) if r not in close]
-    suggestions = close[:3 - len(kept)] + kept
+    suggestions = close[: 3 - len(kept)] + kept
     hint = f"; did you mean {' or '.join(map(repr, suggestions))}?" if suggestions else ""
     return ValueError(f"name: {problem}, got {name!r}{hint}")
 
@@ -95,9 +129,12 @@ def parse_name(name: str) -> dict:
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     match = _NAME.fullmatch(name)
     if match is None:
-        raise _name_error(name, "expected [se_|dia_|dia_se_]family{depth}[_widen|_CxW] (numbers "
-                                ">= 1 without leading zeros), e.g. 'dia_resnet164', "
-                                "'dia_wrn52_4', 'dia_resnext101_8x32'")
+        raise _name_error(
+            name,
+            "expected [se_|dia_|dia_se_]family{depth}[_widen|_CxW] (numbers "
+            ">= 1 without leading zeros), e.g. 'dia_resnet164', "
+            "'dia_wrn52_4', 'dia_resnext101_8x32'",
+        )
     g = match.groupdict()
     family = g["family"]
     required, cifar_allowed = _FAMILY_PARTS[family]
@@ -107,13 +144,21 @@ def parse_name(name: str) -> dict:
         unused.append("cifar")
     missing = required is not None and required not in given
     if unused or missing:
-        problem = (f"a {family} name takes no {' and no '.join(_PART_TEXT[p] for p in unused)}"
-                   if unused else f"a {family} name needs its {_PART_TEXT[required]}")
+        problem = (
+            f"a {family} name takes no {' and no '.join(_PART_TEXT[p] for p in unused)}"
+            if unused
+            else f"a {family} name needs its {_PART_TEXT[required]}"
+        )
         raise _name_error(name, problem, [_repaired(g)])
-    return {"attention": g["attention"] or "none", "family": family, "depth": int(g["depth"]),
-            "cardinality": int(g["card"]) if g["card"] else None,
-            "width": int(g["width"]) if g["width"] else None,
-            "widen": int(g["widen"]) if g["widen"] else None, "cifar": bool(g["cifar"])}
+    return {
+        "attention": g["attention"] or "none",
+        "family": family,
+        "depth": int(g["depth"]),
+        "cardinality": int(g["card"]) if g["card"] else None,
+        "width": int(g["width"]) if g["width"] else None,
+        "widen": int(g["widen"]) if g["widen"] else None,
+        "cifar": bool(g["cifar"]),
+    }
 
 
 def create_model(name: str, num_classes: int = None, **options) -> DIANet:
@@ -121,12 +166,15 @@ def create_model(name: str, num_classes: int = None, **options) -> DIANet:
     spec = parse_name(name)
     fixed = [key for key in _NAME_OPTIONS[spec["family"]] if key in options]
     if fixed:
-        raise ValueError(f"{fixed[0]}: set by the name {name!r} (change the name instead), got "
-                         f"{fixed[0]}={options[fixed[0]]!r}")
+        raise ValueError(
+            f"{fixed[0]}: set by the name {name!r} (change the name instead), got "
+            f"{fixed[0]}={options[fixed[0]]!r}"
+        )
     options.setdefault("attention", spec["attention"])
     family, depth = spec["family"], spec["depth"]
-    imagenet = not spec["cifar"] and ((family == "resnet" and depth in IMAGENET_LAYERS)
-                                      or (family == "resnext" and depth == 50))
+    imagenet = not spec["cifar"] and (
+        (family == "resnet" and depth in IMAGENET_LAYERS) or (family == "resnext" and depth == 50)
+    )
     if num_classes is None:
         num_classes = 1000 if imagenet else 10
     if family == "resnet" and not imagenet:
@@ -138,12 +186,25 @@ def create_model(name: str, num_classes: int = None, **options) -> DIANet:
     if family == "wrn":
         return cifar_wrn(depth, spec["widen"], num_classes, **options)
     if imagenet:
-        return imagenet_resnet(depth, num_classes, cardinality=spec["cardinality"],
-                               base_width=spec["width"], **options)
-    return cifar_resnext(depth, spec["cardinality"], num_classes=num_classes,
-                         base_width=spec["width"], **options)
+        return imagenet_resnet(
+            depth, num_classes, cardinality=spec["cardinality"], base_width=spec["width"], **options
+        )
+    return cifar_resnext(
+        depth, spec["cardinality"], num_classes=num_classes, base_width=spec["width"], **options
+    )
 
 
-__all__ = ["create_model", "list_models", "parse_name", "DIANet", "PlainStage", "ATTENTIONS",
-           "PAPER_MODELS", "cifar_resnet", "cifar_preresnet", "cifar_wrn", "cifar_resnext",
-           "imagenet_resnet"]
+__all__ = [
+    "create_model",
+    "list_models",
+    "parse_name",
+    "DIANet",
+    "PlainStage",
+    "ATTENTIONS",
+    "PAPER_MODELS",
+    "cifar_resnet",
+    "cifar_preresnet",
+    "cifar_wrn",
+    "cifar_resnext",
+    "imagenet_resnet",
+]

@@ -5,6 +5,7 @@ shortcut (None when skip connections are ablated). The stage adds them: through 
 (modules.DIAStage) or, without DIA, directly (PlainStage); SE models put a per-block SE module at the
 end of the branch.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -23,7 +24,9 @@ def norm_layer(channels: int, norm: bool) -> nn.Module:
 
 
 def conv(cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False)
+    return nn.Conv2d(
+        cin, cout, kernel, stride=stride, padding=kernel // 2, groups=groups, bias=False
+    )
 
 
 class SE(nn.Module):
@@ -32,8 +35,12 @@ class SE(nn.Module):
     def __init__(self, channels: int, reduction: int = 16, bias: bool = True):
         super().__init__()
         hidden = reduced_width(channels, reduction)
-        self.fc = nn.Sequential(nn.Linear(channels, hidden, bias=bias), nn.ReLU(inplace=True),
-                                nn.Linear(hidden, channels, bias=bias), nn.Sigmoid())
+        self.fc = nn.Sequential(
+            nn.Linear(channels, hidden, bias=bias),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, channels, bias=bias),
+            nn.Sigmoid(),
+        )
 
     def forward(self, x):
         return x * self.fc(x.mean((2, 3)))[:, :, None, None]
@@ -44,8 +51,17 @@ class ResidualBlock(nn.Module):
     optional per-block SE (`se` = (reduction, bias)), the `skip` ablation, and `preact` (the
     pre-activation applied to x first; the projection reads it when `preact_shortcut`)."""
 
-    def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module], out_channels: int, *, se: Optional[tuple],
-                 skip: bool, preact: Optional[nn.Module] = None, preact_shortcut: bool = False):
+    def __init__(
+        self,
+        branch: nn.Module,
+        shortcut: Optional[nn.Module],
+        out_channels: int,
+        *,
+        se: Optional[tuple],
+        skip: bool,
+        preact: Optional[nn.Module] = None,
+        preact_shortcut: bool = False,
+    ):
         super().__init__()
         self.preact = preact
         self.preact_shortcut = preact_shortcut
@@ -66,7 +82,9 @@ class ResidualBlock(nn.Module):
         return branch, self.shortcut(pre if self.preact_shortcut else x)
 
 
-def projection(cin: int, cout: int, stride: int, norm: bool, with_norm: bool = True) -> Optional[nn.Module]:
+def projection(
+    cin: int, cout: int, stride: int, norm: bool, with_norm: bool = True
+) -> Optional[nn.Module]:
     if cin == cout and stride == 1:
         return None
     layers = [conv(cin, cout, 1, stride)]
@@ -77,44 +95,94 @@ def projection(cin: int, cout: int, stride: int, norm: bool, with_norm: bool = T
 
 def basic_block(cin, cout, stride, *, norm=True, se=None, skip=True):
     """conv3x3-bn-relu-conv3x3-bn (post-activation ResNet)."""
-    branch = nn.Sequential(conv(cin, cout, 3, stride), norm_layer(cout, norm), nn.ReLU(inplace=True),
-                           conv(cout, cout, 3), norm_layer(cout, norm))
+    branch = nn.Sequential(
+        conv(cin, cout, 3, stride),
+        norm_layer(cout, norm),
+        nn.ReLU(inplace=True),
+        conv(cout, cout, 3),
+        norm_layer(cout, norm),
+    )
     return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
 
 
-def bottleneck_block(cin, planes, stride, *, expansion=4, groups=1, width=None, norm=True, se=None, skip=True,
-                     stride_in_1x1=False):
+def bottleneck_block(
+    cin,
+    planes,
+    stride,
+    *,
+    expansion=4,
+    groups=1,
+    width=None,
+    norm=True,
+    se=None,
+    skip=True,
+    stride_in_1x1=False,
+):
     """1x1-bn-relu-3x3(groups)-bn-relu-1x1-bn (post-activation ResNet / ResNeXt); the stride on the
     3x3, or on the first 1x1 (`stride_in_1x1`, the original ResNet v1 and pytorchcv's default)."""
     width = width or planes
     cout = planes * expansion
     s1, s3 = (stride, 1) if stride_in_1x1 else (1, stride)
-    branch = nn.Sequential(conv(cin, width, 1, s1), norm_layer(width, norm), nn.ReLU(inplace=True),
-                           conv(width, width, 3, s3, groups), norm_layer(width, norm), nn.ReLU(inplace=True),
-                           conv(width, cout, 1), norm_layer(cout, norm))
+    branch = nn.Sequential(
+        conv(cin, width, 1, s1),
+        norm_layer(width, norm),
+        nn.ReLU(inplace=True),
+        conv(width, width, 3, s3, groups),
+        norm_layer(width, norm),
+        nn.ReLU(inplace=True),
+        conv(width, cout, 1),
+        norm_layer(cout, norm),
+    )
     return ResidualBlock(branch, projection(cin, cout, stride, norm), cout, se=se, skip=skip)
 
 
-def preact_block(cin, planes, stride, *, bottleneck=True, norm=True, se=None, skip=True, extra_norm=True,
-                 shortcut_from_preact=False):
+def preact_block(
+    cin,
+    planes,
+    stride,
+    *,
+    bottleneck=True,
+    norm=True,
+    se=None,
+    skip=True,
+    extra_norm=True,
+    shortcut_from_preact=False,
+):
     """Pre-activation block: bn-relu, then 1x1-bn-relu-3x3-bn-relu-1x1 (bottleneck, x4 channels) or
     3x3-bn-relu-3x3 (basic), + the official DIA code's extra BN at the end of the branch (so the unit
     pools normalised features). The projection shortcut (no BN) reads x (official DIANet) or the
     pre-activated x (`shortcut_from_preact`, pytorchcv)."""
     cout = planes * 4 if bottleneck else planes
     if bottleneck:
-        layers = [conv(cin, planes, 1), norm_layer(planes, norm), nn.ReLU(inplace=True),
-                  conv(planes, planes, 3, stride), norm_layer(planes, norm), nn.ReLU(inplace=True),
-                  conv(planes, cout, 1)]
+        layers = [
+            conv(cin, planes, 1),
+            norm_layer(planes, norm),
+            nn.ReLU(inplace=True),
+            conv(planes, planes, 3, stride),
+            norm_layer(planes, norm),
+            nn.ReLU(inplace=True),
+            conv(planes, cout, 1),
+        ]
     else:
-        layers = [conv(cin, planes, 3, stride), norm_layer(planes, norm), nn.ReLU(inplace=True),
-                  conv(planes, planes, 3)]
+        layers = [
+            conv(cin, planes, 3, stride),
+            norm_layer(planes, norm),
+            nn.ReLU(inplace=True),
+            conv(planes, planes, 3),
+        ]
     if extra_norm:
         layers.append(norm_layer(cout, norm))
     shortcut = projection(cin, cout, stride, norm, with_norm=False)
     preact = nn.Sequential(norm_layer(cin, norm), nn.ReLU(inplace=True))
-    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip, preact=preact,
-                         preact_shortcut=shortcut_from_preact)
+    return ResidualBlock(
+        nn.Sequential(*layers),
+        shortcut,
+        cout,
+        se=se,
+        skip=skip,
+        preact=preact,
+        preact_shortcut=shortcut_from_preact,
+    )
 
 
 def wide_block(cin, cout, stride, *, dropout=0.0, norm=True, se=None, skip=True, extra_norm=True):
@@ -129,8 +197,15 @@ def wide_block(cin, cout, stride, *, dropout=0.0, norm=True, se=None, skip=True,
     equal = cin == cout
     shortcut = None if equal else conv(cin, cout, 1, stride)
     preact = nn.Sequential(norm_layer(cin, norm), nn.ReLU(inplace=True))
-    return ResidualBlock(nn.Sequential(*layers), shortcut, cout, se=se, skip=skip, preact=preact,
-                         preact_shortcut=not equal)
+    return ResidualBlock(
+        nn.Sequential(*layers),
+        shortcut,
+        cout,
+        se=se,
+        skip=skip,
+        preact=preact,
+        preact_shortcut=not equal,
+    )
 
 
 class PlainStage(nn.Module):
@@ -150,12 +225,28 @@ class PlainStage(nn.Module):
         return (x, None) if return_attention else x
 
 
-def make_stage(blocks, channels: int, *, attention: str, with_unit: bool, relu: bool, reduction: int,
-               num_cells: int, cell_activation: str, backend: str, se_reduction: int = 16) -> nn.Module:
+def make_stage(
+    blocks,
+    channels: int,
+    *,
+    attention: str,
+    with_unit: bool,
+    relu: bool,
+    reduction: int,
+    num_cells: int,
+    cell_activation: str,
+    backend: str,
+    se_reduction: int = 16,
+) -> nn.Module:
     """The stage for `attention`: DIAStage with a DIALSTM / DIASE unit, or a PlainStage."""
     if attention == "dia" and with_unit:
-        unit = DIALSTM(channels, reduction=reduction, num_cells=num_cells, cell_activation=cell_activation,
-                       backend=backend)
+        unit = DIALSTM(
+            channels,
+            reduction=reduction,
+            num_cells=num_cells,
+            cell_activation=cell_activation,
+            backend=backend,
+        )
         return DIAStage(blocks, unit, relu=relu)
     if attention == "dia_se" and with_unit:
         return DIAStage(blocks, DIASE(channels, reduction=se_reduction), relu=relu)
@@ -189,10 +280,16 @@ class DIANet(nn.Module):
 class Head(nn.Module):
     """(optional norm + relu) -> global average pool -> linear classifier."""
 
-    def __init__(self, channels: int, num_classes: int, *, preact_norm: bool = False, norm: bool = True):
+    def __init__(
+        self, channels: int, num_classes: int, *, preact_norm: bool = False, norm: bool = True
+    ):
         super().__init__()
         check_positive_int("num_classes", num_classes)
-        self.norm = nn.Sequential(norm_layer(channels, norm), nn.ReLU(inplace=True)) if preact_norm else None
+        self.norm = (
+            nn.Sequential(norm_layer(channels, norm), nn.ReLU(inplace=True))
+            if preact_norm
+            else None
+        )
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x):

@@ -1,4 +1,5 @@
 """`python -m dia_fused.train`: see dia_fused/train/cli.py for the options and examples."""
+
 import sys
 
 from ..ops import BackendUnavailableError

@@ -7,6 +7,7 @@ A checkpoint is written after every epoch (`checkpoint.pth.tar`, the official sc
 the RNG states of every process (torch CPU and CUDA, numpy, python `random`), which drive dropout.
 Everything is stored as tensors and plain Python values, so it loads with `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import os
@@ -67,8 +68,13 @@ def rng_state(device: torch.device) -> Dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                  int(np_state[3]), float(np_state[4])),
+        "numpy": (
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ),
         "python": random.getstate(),
     }
     if device.type == "cuda":
@@ -99,12 +105,15 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"checkpoint {path!r}: could not load it ({type(err).__name__}: "
-                         f"{err})") from err
+        raise ValueError(
+            f"checkpoint {path!r}: could not load it ({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"checkpoint {path!r}: expected a dict with a 'state_dict', got "
-                         f"{type(ckpt).__name__}"
-                         + (f" with keys {sorted(ckpt)}" if isinstance(ckpt, dict) else ""))
+        raise ValueError(
+            f"checkpoint {path!r}: expected a dict with a 'state_dict', got "
+            f"{type(ckpt).__name__}"
+            + (f" with keys {sorted(ckpt)}" if isinstance(ckpt, dict) else "")
+        )
     return ckpt
 
 
@@ -113,5 +122,5 @@ def model_state_dict(ckpt: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     official script saves a DataParallel model)."""
     state = ckpt["state_dict"]
     if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     return dict(state)

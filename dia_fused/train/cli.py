@@ -16,6 +16,7 @@ Examples:
     # smoke test / throughput on generated CIFAR-shaped data
     python -m dia_fused.train --preset resnet164 -d synthetic --epochs 1 --max-steps 50 --amp bf16
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,15 @@ from . import checkpoint as ckpt_io
 from . import distributed, interrupt, runfolder
 from .data import DATASETS, BatchStream, load_datasets
 from .loop import PROGRESS_EVERY, evaluate, learning_rate, set_learning_rate, train_epoch
-from .modelspec import (ARCH_HELP, BACKEND_CHOICES, ATTENTION_CHOICES, CELL_ACTIVATIONS,
-                        build_model, model_spec, spec_mismatch)
+from .modelspec import (
+    ARCH_HELP,
+    BACKEND_CHOICES,
+    ATTENTION_CHOICES,
+    CELL_ACTIVATIONS,
+    build_model,
+    model_spec,
+    spec_mismatch,
+)
 from .presets import PRESETS
 from .records import CsvLog, TensorBoard
 
@@ -48,94 +56,208 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
         # a help text that explains its default itself, and a default of nothing (None, False,
         # ""), get no "(default: ...)" appended
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is False \
-                or action.default == "":
+        if (
+            "default" in text
+            or action.default is None
+            or action.default is False
+            or action.default == ""
+        ):
             return text
         return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m dia_fused.train", description="DIANet CIFAR-10/100 training (dia_fused)",
-        epilog=__doc__.split("\n", 2)[2], formatter_class=_HelpFormatter)
+        prog="python -m dia_fused.train",
+        description="DIANet CIFAR-10/100 training (dia_fused)",
+        epilog=__doc__.split("\n", 2)[2],
+        formatter_class=_HelpFormatter,
+    )
     # --- the official cifar.py options (same names, same defaults) ---
-    p.add_argument("-d", "--dataset", default="cifar10", choices=DATASETS,
-                   help="synthetic: generated CIFAR-shaped data (smoke tests, throughput)")
-    p.add_argument("-j", "--workers", default=4, type=int, metavar="N",
-                   help="accepted for compatibility; the data lives in memory on the training "
-                        "device, there are no loader processes")
-    p.add_argument("--epochs", default=300, type=int, metavar="N",
-                   help="number of total epochs to run")
-    p.add_argument("--start-epoch", default=0, type=int, metavar="N",
-                   help="manual epoch number of a fresh run (a --resume takes the checkpoint's)")
-    p.add_argument("--train-batch", default=128, type=int, metavar="N",
-                   help="global train batch (split over the torchrun processes)")
-    p.add_argument("--test-batch", default=100, type=int, metavar="N",
-                   help="global test batch (split over the torchrun processes)")
-    p.add_argument("--lr", "--learning-rate", default=0.1, type=float, metavar="LR",
-                   help="initial learning rate")
-    p.add_argument("--drop", "--dropout", default=0.0, type=float, metavar="Dropout",
-                   help="dropout ratio (WRN)")
-    p.add_argument("--schedule", type=int, nargs="+", default=[150, 225],
-                   help="decrease the learning rate at these epochs")
+    p.add_argument(
+        "-d",
+        "--dataset",
+        default="cifar10",
+        choices=DATASETS,
+        help="synthetic: generated CIFAR-shaped data (smoke tests, throughput)",
+    )
+    p.add_argument(
+        "-j",
+        "--workers",
+        default=4,
+        type=int,
+        metavar="N",
+        help="accepted for compatibility; the data lives in memory on the training "
+        "device, there are no loader processes",
+    )
+    p.add_argument(
+        "--epochs", default=300, type=int, metavar="N", help="number of total epochs to run"
+    )
+    p.add_argument(
+        "--start-epoch",
+        default=0,
+        type=int,
+        metavar="N",
+        help="manual epoch number of a fresh run (a --resume takes the checkpoint's)",
+    )
+    p.add_argument(
+        "--train-batch",
+        default=128,
+        type=int,
+        metavar="N",
+        help="global train batch (split over the torchrun processes)",
+    )
+    p.add_argument(
+        "--test-batch",
+        default=100,
+        type=int,
+        metavar="N",
+        help="global test batch (split over the torchrun processes)",
+    )
+    p.add_argument(
+        "--lr",
+        "--learning-rate",
+        default=0.1,
+        type=float,
+        metavar="LR",
+        help="initial learning rate",
+    )
+    p.add_argument(
+        "--drop",
+        "--dropout",
+        default=0.0,
+        type=float,
+        metavar="Dropout",
+        help="dropout ratio (WRN)",
+    )
+    p.add_argument(
+        "--schedule",
+        type=int,
+        nargs="+",
+        default=[150, 225],
+        help="decrease the learning rate at these epochs",
+    )
     p.add_argument("--gamma", type=float, default=0.1, help="LR is multiplied by gamma on schedule")
     p.add_argument("--momentum", default=0.9, type=float, metavar="M", help="SGD momentum")
-    p.add_argument("--weight-decay", "--wd", default=5e-4, type=float, metavar="W",
-                   help="weight decay")
-    p.add_argument("-c", "--checkpoint", default=None, metavar="PATH",
-                   help="folder for checkpoints and logs (default: 'checkpoint', or the folder of "
-                        "--resume)")
-    p.add_argument("--resume", default="", metavar="PATH",
-                   help="checkpoint file (or its folder) to continue from")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run that -c already holds (deletes its log and checkpoints); "
-                        "without it, a folder holding a run is only written by --resume")
+    p.add_argument(
+        "--weight-decay", "--wd", default=5e-4, type=float, metavar="W", help="weight decay"
+    )
+    p.add_argument(
+        "-c",
+        "--checkpoint",
+        default=None,
+        metavar="PATH",
+        help="folder for checkpoints and logs (default: 'checkpoint', or the folder of --resume)",
+    )
+    p.add_argument(
+        "--resume",
+        default="",
+        metavar="PATH",
+        help="checkpoint file (or its folder) to continue from",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that -c already holds (deletes its log and checkpoints); "
+        "without it, a folder holding a run is only written by --resume",
+    )
     p.add_argument("-a", "--arch", default="dia_resnet", metavar="ARCH", help=ARCH_HELP)
     p.add_argument("--depth", type=int, default=29, help="model depth")
-    p.add_argument("--block-name", type=str, default="BasicBlock",
-                   help="ResNet/PreResNet block: BasicBlock (depth 6n+2) or Bottleneck (9n+2)")
+    p.add_argument(
+        "--block-name",
+        type=str,
+        default="BasicBlock",
+        help="ResNet/PreResNet block: BasicBlock (depth 6n+2) or Bottleneck (9n+2)",
+    )
     p.add_argument("--cardinality", type=int, default=8, help="ResNeXt cardinality (groups)")
     p.add_argument("--widen-factor", type=int, default=4, help="WRN/ResNeXt widen factor")
     p.add_argument("--manualSeed", type=int, default=None, help="seed (default: random, logged)")
-    p.add_argument("-e", "--evaluate", dest="evaluate", action="store_true",
-                   help="evaluate the --resume checkpoint on the test set and exit")
+    p.add_argument(
+        "-e",
+        "--evaluate",
+        dest="evaluate",
+        action="store_true",
+        help="evaluate the --resume checkpoint on the test set and exit",
+    )
     # --- dia_fused additions ---
-    p.add_argument("--data-dir", default="datasets",
-                   help="folder holding cifar-10-batches-py/ or cifar-100-python/")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the paper's hyperparameters (Appendix A) as defaults; explicit flags win")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto",
-                   help="DIA unit backend")
-    p.add_argument("--amp", choices=sorted(AMP_DTYPES), default=None,
-                   help="autocast dtype (fp16 adds a gradient scaler)")
+    p.add_argument(
+        "--data-dir",
+        default="datasets",
+        help="folder holding cifar-10-batches-py/ or cifar-100-python/",
+    )
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="the paper's hyperparameters (Appendix A) as defaults; explicit flags win",
+    )
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default="auto", help="DIA unit backend")
+    p.add_argument(
+        "--amp",
+        choices=sorted(AMP_DTYPES),
+        default=None,
+        help="autocast dtype (fp16 adds a gradient scaler)",
+    )
     p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
-    p.add_argument("--no-augment", action="store_true",
-                   help="no random crop/flip (paper Table 9); normalisation only")
-    p.add_argument("--sync-bn", action="store_true",
-                   help="with torchrun on GPUs: BatchNorm statistics over all processes (default: "
-                        "per process, like the official DataParallel runs)")
+    p.add_argument(
+        "--no-augment",
+        action="store_true",
+        help="no random crop/flip (paper Table 9); normalisation only",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="with torchrun on GPUs: BatchNorm statistics over all processes (default: "
+        "per process, like the official DataParallel runs)",
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: GPU if any)")
     # model ablations (paper Tables 4-8)
-    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
-                   help="override the attention of --arch")
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default=None,
+        help="override the attention of --arch",
+    )
     p.add_argument("--reduction", type=int, default=None, help="reduction ratio r of the DIA unit")
     p.add_argument("--num-cells", type=int, default=None, help="stacked LSTM cells in the DIA unit")
-    p.add_argument("--cell-activation", choices=CELL_ACTIVATIONS, default=None,
-                   help="act of h = sigmoid(o) * act(c)")
+    p.add_argument(
+        "--cell-activation",
+        choices=CELL_ACTIVATIONS,
+        default=None,
+        help="act of h = sigmoid(o) * act(c)",
+    )
     p.add_argument("--no-norm", action="store_true", help="remove every BatchNorm (Table 8)")
     p.add_argument("--no-skip", action="store_true", help="remove the skip connections (Fig. 6)")
-    p.add_argument("--dia-stages", type=int, nargs="+", default=None, metavar="STAGE",
-                   help="1-based stages that keep their attention unit (Table 7)")
+    p.add_argument(
+        "--dia-stages",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="STAGE",
+        help="1-based stages that keep their attention unit (Table 7)",
+    )
     # smoke tests and benchmarks
-    p.add_argument("--max-steps", type=int, default=None,
-                   help="train at most this many steps per epoch")
-    p.add_argument("--synthetic-size", type=int, default=50000,
-                   help="--dataset synthetic: train images (test: a fifth)")
-    p.add_argument("--synthetic-classes", type=int, default=100,
-                   help="--dataset synthetic: number of classes")
-    p.add_argument("-p", "--print-freq", type=int, default=PROGRESS_EVERY, metavar="N",
-                   help="progress every N steps: a line with images/s, loss and ETA when the "
-                        "output is not a terminal (else on tqdm's bar)")
+    p.add_argument(
+        "--max-steps", type=int, default=None, help="train at most this many steps per epoch"
+    )
+    p.add_argument(
+        "--synthetic-size",
+        type=int,
+        default=50000,
+        help="--dataset synthetic: train images (test: a fifth)",
+    )
+    p.add_argument(
+        "--synthetic-classes", type=int, default=100, help="--dataset synthetic: number of classes"
+    )
+    p.add_argument(
+        "-p",
+        "--print-freq",
+        type=int,
+        default=PROGRESS_EVERY,
+        metavar="N",
+        help="progress every N steps: a line with images/s, loss and ETA when the "
+        "output is not a terminal (else on tqdm's bar)",
+    )
     return p
 
 
@@ -149,15 +271,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if known.preset:
         parser.set_defaults(**PRESETS[known.preset])
     args = parser.parse_args(argv)
-    positive = ("epochs", "train_batch", "test_batch", "synthetic_size", "synthetic_classes",
-                "print_freq")
+    positive = (
+        "epochs",
+        "train_batch",
+        "test_batch",
+        "synthetic_size",
+        "synthetic_classes",
+        "print_freq",
+    )
     for name in positive + (("max_steps",) if args.max_steps is not None else ()):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if args.start_epoch < 0:
         parser.error(f"--start-epoch: expected >= 0, got {args.start_epoch}")
     if args.checkpoint is None:
-        args.checkpoint = (_resume_folder(args.resume) if args.resume else "checkpoint")
+        args.checkpoint = _resume_folder(args.resume) if args.resume else "checkpoint"
     return args
 
 
@@ -186,8 +314,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             return run(args, ctx)
     except interrupt.Interrupted as err:
         if ctx.is_main and not args.evaluate:
-            print(f"\n==> {err}: {_last_epoch_note(args.checkpoint)}", file=sys.stderr,
-                  flush=True)
+            print(f"\n==> {err}: {_last_epoch_note(args.checkpoint)}", file=sys.stderr, flush=True)
         raise
     finally:
         distributed.shutdown(ctx)
@@ -204,10 +331,31 @@ def _last_epoch_note(folder: str) -> str:
 
 # flags that describe the model (compared through the model description) or that do not change
 # how a resumed run trains
-_NOT_SETTINGS = frozenset((
-    "arch", "depth", "block_name", "cardinality", "widen_factor", "drop", "attention", "reduction",
-    "num_cells", "cell_activation", "no_norm", "no_skip", "dia_stages", "preset", "resume",
-    "checkpoint", "overwrite", "evaluate", "start_epoch", "manualSeed", "workers"))
+_NOT_SETTINGS = frozenset(
+    (
+        "arch",
+        "depth",
+        "block_name",
+        "cardinality",
+        "widen_factor",
+        "drop",
+        "attention",
+        "reduction",
+        "num_cells",
+        "cell_activation",
+        "no_norm",
+        "no_skip",
+        "dia_stages",
+        "preset",
+        "resume",
+        "checkpoint",
+        "overwrite",
+        "evaluate",
+        "start_epoch",
+        "manualSeed",
+        "workers",
+    )
+)
 
 
 def changed_settings(saved: Dict[str, Any], args: argparse.Namespace) -> List[str]:
@@ -235,33 +383,42 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     # keeps the checkpoint's.
     if resumed is not None and not args.evaluate:
         if "seed" not in resumed:
-            raise ValueError(f"--resume {args.resume}: the checkpoint has no 'seed' (not written "
-                             f"by dia_fused.train), so the run cannot continue exactly; evaluate "
-                             f"it with -e")
+            raise ValueError(
+                f"--resume {args.resume}: the checkpoint has no 'seed' (not written "
+                f"by dia_fused.train), so the run cannot continue exactly; evaluate "
+                f"it with -e"
+            )
         seed = int(resumed["seed"])
         if args.manualSeed is not None and args.manualSeed != seed:
-            say(f"==> --manualSeed {args.manualSeed} ignored: resuming with the checkpoint's seed "
-                f"{seed}")
+            say(
+                f"==> --manualSeed {args.manualSeed} ignored: resuming with the checkpoint's seed "
+                f"{seed}"
+            )
     else:
         seed = args.manualSeed if args.manualSeed is not None else random.randint(1, 10000)
     seed = distributed.broadcast_object(ctx, seed)
 
     say(f"==> Preparing dataset {args.dataset}")
-    train_set, test_set = load_datasets(args.dataset, args.data_dir, args.synthetic_size,
-                                        args.synthetic_classes)
+    train_set, test_set = load_datasets(
+        args.dataset, args.data_dir, args.synthetic_size, args.synthetic_classes
+    )
     train_set, test_set = train_set.to(device), test_set.to(device)
 
     spec = model_spec(args, train_set.num_classes)
     if resumed is not None and "model" in resumed:
         problem = spec_mismatch(resumed["model"], spec)
         if problem:
-            raise ValueError(f"--resume {args.resume}: the command line describes another model "
-                             f"than the checkpoint ({problem}); pass the flags of the original run")
+            raise ValueError(
+                f"--resume {args.resume}: the command line describes another model "
+                f"than the checkpoint ({problem}); pass the flags of the original run"
+            )
     if resumed is not None and not args.evaluate:
         changes = changed_settings(dict(resumed.get("args") or {}), args)
         if changes:
-            say(f"==> resuming with settings that differ from the checkpoint's run: "
-                f"{', '.join(changes)} (the run no longer continues as the original would have)")
+            say(
+                f"==> resuming with settings that differ from the checkpoint's run: "
+                f"{', '.join(changes)} (the run no longer continues as the original would have)"
+            )
     ckpt_io.seed_everything(seed)  # identical initial weights on every process
     say(f"==> creating model {spec['name']} {spec['options']}")
     model = build_model(spec, backend=args.backend).to(device)
@@ -272,8 +429,9 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         torch.backends.cudnn.benchmark = True
 
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                                weight_decay=args.weight_decay)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay
+    )
     amp_dtype = AMP_DTYPES.get(args.amp)
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
 
@@ -290,49 +448,82 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
                 ckpt_io.set_rng_state(rng[ctx.rank], device)
             else:
                 ckpt_io.seed_everything(seed + 7919 * (start_epoch + 1) + ctx.rank)
-                say(f"==> the checkpoint holds RNG states of {len(rng)} processes, this run has "
-                    f"{ctx.world_size}: dropout streams are reseeded (data order is unaffected)")
+                say(
+                    f"==> the checkpoint holds RNG states of {len(rng)} processes, this run has "
+                    f"{ctx.world_size}: dropout streams are reseeded (data order is unaffected)"
+                )
         say(f"==> Resumed from {args.resume} (epoch {int(resumed['epoch'])})")
     else:
         # per-process streams for dropout; rank 0 continues the single-process stream
         if ctx.rank:
             ckpt_io.seed_everything(seed + ctx.rank)
 
-    test_stream = BatchStream(test_set, args.test_batch, train=False, augment=False, seed=seed,
-                              rank=ctx.rank, world_size=ctx.world_size,
-                              channels_last=args.channels_last)
+    test_stream = BatchStream(
+        test_set,
+        args.test_batch,
+        train=False,
+        augment=False,
+        seed=seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        channels_last=args.channels_last,
+    )
     if args.evaluate:
         if resumed is None:
             say("==> -e without --resume: evaluating freshly initialised weights")
-        result = evaluate(model, test_stream, criterion, ctx, amp_dtype=amp_dtype, desc="Test",
-                          print_freq=args.print_freq)
+        result = evaluate(
+            model,
+            test_stream,
+            criterion,
+            ctx,
+            amp_dtype=amp_dtype,
+            desc="Test",
+            print_freq=args.print_freq,
+        )
         say(f" Test Loss:  {result.loss:.8f}, Test Acc:  {result.acc:.2f}")
         return {"test_loss": result.loss, "test_acc": result.acc, "seed": seed}
 
     bare_model = model
     if args.sync_bn:
         if not (ctx.enabled and device.type == "cuda"):
-            raise ValueError("--sync-bn: needs torchrun with several GPU processes (PyTorch's "
-                             "SyncBatchNorm runs on GPUs only)")
+            raise ValueError(
+                "--sync-bn: needs torchrun with several GPU processes (PyTorch's "
+                "SyncBatchNorm runs on GPUs only)"
+            )
         model = bare_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if ctx.enabled:
         model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
-    train_stream = BatchStream(train_set, args.train_batch, train=True,
-                               augment=not args.no_augment, seed=seed, rank=ctx.rank,
-                               world_size=ctx.world_size, channels_last=args.channels_last,
-                               max_steps=args.max_steps)
+    train_stream = BatchStream(
+        train_set,
+        args.train_batch,
+        train=True,
+        augment=not args.no_augment,
+        seed=seed,
+        rank=ctx.rank,
+        world_size=ctx.world_size,
+        channels_last=args.channels_last,
+        max_steps=args.max_steps,
+    )
     log = board = None
     if ctx.is_main:
-        best_acc = runfolder.prepare(args.checkpoint, resumed=resumed, resume_file=resume_file,
-                                     overwrite=args.overwrite, say=say)
+        best_acc = runfolder.prepare(
+            args.checkpoint,
+            resumed=resumed,
+            resume_file=resume_file,
+            overwrite=args.overwrite,
+            say=say,
+        )
         log = CsvLog(args.checkpoint, resume_epoch=start_epoch if resumed is not None else None)
         board = TensorBoard(args.checkpoint)
         if not board.available:
             say(f"==> {board.reason}")
-    say(f"==> seed {seed}, {ctx.world_size} process(es) on {device.type}, "
-        f"{len(train_stream)} steps/epoch, checkpoints in {args.checkpoint}")
+    say(
+        f"==> seed {seed}, {ctx.world_size} process(es) on {device.type}, "
+        f"{len(train_stream)} steps/epoch, checkpoints in {args.checkpoint}"
+    )
 
     history: List[Dict[str, float]] = []
     for epoch in range(start_epoch, args.epochs):
@@ -340,22 +531,47 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         set_learning_rate(optimizer, lr)
         say(f"\nEpoch: [{epoch + 1} | {args.epochs}] LR: {lr:f}")
         begin = time.perf_counter()
-        train = train_epoch(model, train_stream, epoch, optimizer, criterion, ctx,
-                            amp_dtype=amp_dtype, scaler=scaler, desc=f"Train {epoch + 1}",
-                            print_freq=args.print_freq)
-        test = evaluate(bare_model, test_stream, criterion, ctx, amp_dtype=amp_dtype,
-                        desc=f"Test {epoch + 1}", print_freq=args.print_freq)
-        row = {"epoch": epoch + 1, "lr": lr, "train_loss": train.loss, "train_acc": train.acc,
-               "test_loss": test.loss, "test_acc": test.acc,
-               "epoch_time_s": time.perf_counter() - begin,
-               "train_images_per_s": train.images_per_s}
+        train = train_epoch(
+            model,
+            train_stream,
+            epoch,
+            optimizer,
+            criterion,
+            ctx,
+            amp_dtype=amp_dtype,
+            scaler=scaler,
+            desc=f"Train {epoch + 1}",
+            print_freq=args.print_freq,
+        )
+        test = evaluate(
+            bare_model,
+            test_stream,
+            criterion,
+            ctx,
+            amp_dtype=amp_dtype,
+            desc=f"Test {epoch + 1}",
+            print_freq=args.print_freq,
+        )
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train.loss,
+            "train_acc": train.acc,
+            "test_loss": test.loss,
+            "test_acc": test.acc,
+            "epoch_time_s": time.perf_counter() - begin,
+            "train_images_per_s": train.images_per_s,
+        }
         history.append(row)
-        say(f"    train loss {train.loss:.4f} acc {train.acc:.2f} | test loss {test.loss:.4f} "
+        say(
+            f"    train loss {train.loss:.4f} acc {train.acc:.2f} | test loss {test.loss:.4f} "
             f"acc {test.acc:.2f} | {row['epoch_time_s']:.1f}s, "
-            f"{train.images_per_s:.1f} train images/s")
+            f"{train.images_per_s:.1f} train images/s"
+        )
         # an epoch with no best model on disk yet (0% accuracy, a deleted file) makes one
         is_best = test.acc > best_acc or not os.path.isfile(
-            os.path.join(args.checkpoint, ckpt_io.BEST_NAME))
+            os.path.join(args.checkpoint, ckpt_io.BEST_NAME)
+        )
         best_acc = max(best_acc, test.acc)
         rng = distributed.all_gather_object(ctx, ckpt_io.rng_state(device))
         # a signal now waits for the epoch's files: the last completed epoch is kept
@@ -366,16 +582,26 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
                 log.append(row)
                 board.log(row)
                 state = {
-                    "format": ckpt_io.FORMAT, "epoch": epoch + 1,
-                    "state_dict": bare_model.state_dict(), "acc": test.acc, "best_acc": best_acc,
+                    "format": ckpt_io.FORMAT,
+                    "epoch": epoch + 1,
+                    "state_dict": bare_model.state_dict(),
+                    "acc": test.acc,
+                    "best_acc": best_acc,
                     "optimizer": optimizer.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
-                    "seed": seed, "model": spec, "args": vars(args), "rng": rng,
+                    "seed": seed,
+                    "model": spec,
+                    "args": vars(args),
+                    "rng": rng,
                 }
                 ckpt_io.save_epoch(args.checkpoint, state, is_best)
         distributed.barrier(ctx)
     if board is not None:
         board.close()
     say(f"Best acc:\n{best_acc}")
-    return {"best_acc": best_acc, "history": history, "seed": seed,
-            "checkpoint": os.path.join(args.checkpoint, ckpt_io.CHECKPOINT_NAME)}
+    return {
+        "best_acc": best_acc,
+        "history": history,
+        "seed": seed,
+        "checkpoint": os.path.join(args.checkpoint, ckpt_io.CHECKPOINT_NAME),
+    }

@@ -14,6 +14,7 @@ Layouts read (the archives of https://www.cs.toronto.edu/~kriz/cifar.html, unpac
 Each file is a pickle of a dict with `data` (N, 3072) uint8 (R plane, G plane, B plane, row-major)
 and `labels` (CIFAR-10) or `fine_labels` (CIFAR-100).
 """
+
 from __future__ import annotations
 
 import os
@@ -47,11 +48,17 @@ class CifarLayout:
 
 
 LAYOUTS: Dict[str, CifarLayout] = {
-    "cifar10": CifarLayout("cifar-10-batches-py", "cifar-10-python.tar.gz",
-                           tuple(f"data_batch_{i}" for i in range(1, 6)), ("test_batch",),
-                           "labels", 10),
-    "cifar100": CifarLayout("cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",),
-                            "fine_labels", 100),
+    "cifar10": CifarLayout(
+        "cifar-10-batches-py",
+        "cifar-10-python.tar.gz",
+        tuple(f"data_batch_{i}" for i in range(1, 6)),
+        ("test_batch",),
+        "labels",
+        10,
+    ),
+    "cifar100": CifarLayout(
+        "cifar-100-python", "cifar-100-python.tar.gz", ("train",), ("test",), "fine_labels", 100
+    ),
 }
 
 
@@ -66,6 +73,7 @@ class DatasetNotFoundError(DatasetError, FileNotFoundError):
 @dataclass
 class ImageSet:
     """Images (N, 3, 32, 32) uint8 and labels (N,) int64, on one device."""
+
     images: Tensor
     labels: Tensor
     num_classes: int
@@ -84,9 +92,12 @@ class ImageSet:
 # The only globals a CIFAR pickle needs (numpy arrays). Anything else is refused: a pickle from an
 # untrusted directory must not run code.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),
 }
 
@@ -117,10 +128,12 @@ def expected_files(data_dir: str, dataset: str) -> List[str]:
 
 def _missing_message(data_dir: str, dataset: str, missing: Sequence[str]) -> str:
     expected = "\n  ".join(expected_files(data_dir, dataset))
-    return (f"--data-dir {data_dir!r}: the {dataset} dataset is incomplete; missing "
-            f"{', '.join(missing)}. Expected the python-pickle layout (the unpacked archive "
-            f"{LAYOUTS[dataset].archive} from https://www.cs.toronto.edu/~kriz/cifar.html):"
-            f"\n  {expected}")
+    return (
+        f"--data-dir {data_dir!r}: the {dataset} dataset is incomplete; missing "
+        f"{', '.join(missing)}. Expected the python-pickle layout (the unpacked archive "
+        f"{LAYOUTS[dataset].archive} from https://www.cs.toronto.edu/~kriz/cifar.html):"
+        f"\n  {expected}"
+    )
 
 
 def _read_batch_file(path: str, layout: CifarLayout) -> Tuple[np.ndarray, np.ndarray]:
@@ -128,29 +141,43 @@ def _read_batch_file(path: str, layout: CifarLayout) -> Tuple[np.ndarray, np.nda
         with open(path, "rb") as f:
             entry = _RestrictedUnpickler(f, encoding="bytes").load()
     except Exception as err:  # truncated, not a pickle, foreign globals: all mean "malformed"
-        raise DatasetError(f"{path}: malformed CIFAR batch file, could not unpickle it "
-                           f"({type(err).__name__}: {err})") from err
+        raise DatasetError(
+            f"{path}: malformed CIFAR batch file, could not unpickle it "
+            f"({type(err).__name__}: {err})"
+        ) from err
     if not isinstance(entry, dict):
-        raise DatasetError(f"{path}: malformed CIFAR batch file, expected a dict, got "
-                           f"{type(entry).__name__}")
+        raise DatasetError(
+            f"{path}: malformed CIFAR batch file, expected a dict, got {type(entry).__name__}"
+        )
     entry = {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in entry.items()}
     for key in ("data", layout.label_key):
         if key not in entry:
-            raise DatasetError(f"{path}: malformed CIFAR batch file, expected keys 'data' and "
-                               f"{layout.label_key!r}, got {sorted(map(str, entry))}")
+            raise DatasetError(
+                f"{path}: malformed CIFAR batch file, expected keys 'data' and "
+                f"{layout.label_key!r}, got {sorted(map(str, entry))}"
+            )
     data = np.asarray(entry["data"])
     labels = np.asarray(entry[layout.label_key])
     pixels = 3 * IMAGE_SIZE * IMAGE_SIZE
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != pixels:
-        raise DatasetError(f"{path}: malformed CIFAR batch file, expected 'data' uint8 of shape "
-                           f"(N, {pixels}), got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or labels.shape[0] != data.shape[0] or not np.issubdtype(labels.dtype,
-                                                                                  np.integer):
-        raise DatasetError(f"{path}: malformed CIFAR batch file, expected {data.shape[0]} integer "
-                           f"labels, got {labels.dtype} {labels.shape}")
+        raise DatasetError(
+            f"{path}: malformed CIFAR batch file, expected 'data' uint8 of shape "
+            f"(N, {pixels}), got {data.dtype} {data.shape}"
+        )
+    if (
+        labels.ndim != 1
+        or labels.shape[0] != data.shape[0]
+        or not np.issubdtype(labels.dtype, np.integer)
+    ):
+        raise DatasetError(
+            f"{path}: malformed CIFAR batch file, expected {data.shape[0]} integer "
+            f"labels, got {labels.dtype} {labels.shape}"
+        )
     if labels.size and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise DatasetError(f"{path}: malformed CIFAR batch file, labels must lie in "
-                           f"[0, {layout.num_classes}), got [{labels.min()}, {labels.max()}]")
+        raise DatasetError(
+            f"{path}: malformed CIFAR batch file, labels must lie in "
+            f"[0, {layout.num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     return data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE), labels.astype(np.int64)
 
 
@@ -161,8 +188,11 @@ def load_cifar(data_dir: str, dataset: str, train: bool) -> ImageSet:
     layout = LAYOUTS[dataset]
     folder = resolve_dataset_dir(data_dir, dataset)
     names = layout.train_files if train else layout.test_files
-    missing = [n for n in layout.train_files + layout.test_files
-               if not os.path.isfile(os.path.join(folder, n))]
+    missing = [
+        n
+        for n in layout.train_files + layout.test_files
+        if not os.path.isfile(os.path.join(folder, n))
+    ]
     if missing:
         raise DatasetNotFoundError(_missing_message(data_dir, dataset, missing))
     parts = [_read_batch_file(os.path.join(folder, n), layout) for n in names]
@@ -175,8 +205,10 @@ def load_cifar(data_dir: str, dataset: str, train: bool) -> ImageSet:
 # Generated data: synthetic sets and CIFAR-format directories for tests
 # --------------------------------------------------------------------------------------------
 
-def _generated_images(num_images: int, num_classes: int,
-                      seed: int) -> Tuple[np.ndarray, np.ndarray]:
+
+def _generated_images(
+    num_images: int, num_classes: int, seed: int
+) -> Tuple[np.ndarray, np.ndarray]:
     """Learnable random images: a smooth per-class colour pattern plus per-image noise."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, num_classes, size=num_images, dtype=np.int64)
@@ -192,21 +224,26 @@ def _generated_images(num_images: int, num_classes: int,
     return images, labels
 
 
-def synthetic_dataset(train_size: int, test_size: int, num_classes: int = 100,
-                      seed: int = 0) -> Tuple[ImageSet, ImageSet]:
+def synthetic_dataset(
+    train_size: int, test_size: int, num_classes: int = 100, seed: int = 0
+) -> Tuple[ImageSet, ImageSet]:
     """CIFAR-shaped generated train and test sets (`--dataset synthetic`), independent of the run
     seed so that every run and every rank sees the same data."""
     for name, value in (("train_size", train_size), ("test_size", test_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     images, labels = _generated_images(train_size + test_size, num_classes, seed)
-    as_set = lambda sl: ImageSet(torch.from_numpy(images[sl].copy()),  # noqa: E731
-                                 torch.from_numpy(labels[sl].copy()), num_classes)
+    as_set = lambda sl: ImageSet(
+        torch.from_numpy(images[sl].copy()),  # noqa: E731
+        torch.from_numpy(labels[sl].copy()),
+        num_classes,
+    )
     return as_set(slice(0, train_size)), as_set(slice(train_size, None))
 
 
-def write_cifar_directory(root: str, dataset: str = "cifar10", train_size: int = 100,
-                          test_size: int = 20, seed: int = 0) -> str:
+def write_cifar_directory(
+    root: str, dataset: str = "cifar10", train_size: int = 100, test_size: int = 20, seed: int = 0
+) -> str:
     """Writes a small dataset in the exact CIFAR python-pickle layout under `root` (for tests and
     smoke runs) and returns `root`, usable as --data-dir. Train images are split evenly over the
     layout's train files, like the real archives; keys are bytes, as in the original pickles."""
@@ -219,24 +256,29 @@ def write_cifar_directory(root: str, dataset: str = "cifar10", train_size: int =
     files = list(zip(layout.train_files, splits))
     files.append((layout.test_files[0], np.arange(train_size, train_size + test_size)))
     for name, idx in files:
-        entry = {b"batch_label": name.encode(), b"data": flat[idx],
-                 layout.label_key.encode(): labels[idx].tolist()}
+        entry = {
+            b"batch_label": name.encode(),
+            b"data": flat[idx],
+            layout.label_key.encode(): labels[idx].tolist(),
+        }
         with open(os.path.join(folder, name), "wb") as f:
             pickle.dump(entry, f, protocol=2)
     return root
 
 
-def load_datasets(dataset: str, data_dir: Optional[str], synthetic_size: int,
-                  synthetic_classes: int = 100) -> Tuple[ImageSet, ImageSet]:
+def load_datasets(
+    dataset: str, data_dir: Optional[str], synthetic_size: int, synthetic_classes: int = 100
+) -> Tuple[ImageSet, ImageSet]:
     """(train, test) for --dataset; synthetic: `synthetic_size` train and size // 5 test images."""
     if dataset == "synthetic":
         return synthetic_dataset(synthetic_size, max(1, synthetic_size // 5), synthetic_classes)
     if dataset not in LAYOUTS:
         raise ValueError(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
     if data_dir is None:
-        raise DatasetNotFoundError(f"--data-dir: required for --dataset {dataset} (nothing is "
-                                   f"downloaded); expected files: "
-                                   + ", ".join(expected_files("<data-dir>", dataset)))
+        raise DatasetNotFoundError(
+            f"--data-dir: required for --dataset {dataset} (nothing is "
+            f"downloaded); expected files: " + ", ".join(expected_files("<data-dir>", dataset))
+        )
     return load_cifar(data_dir, dataset, train=True), load_cifar(data_dir, dataset, train=False)
 
 
@@ -259,8 +301,10 @@ _NORMALIZATION: Dict[torch.device, Tuple[Tensor, Tensor]] = {}
 def _normalization(device: torch.device) -> Tuple[Tensor, Tensor]:
     """(mean, std) as (1, 3, 1, 1) tensors on `device`, made once (no copy at every batch)."""
     if device not in _NORMALIZATION:
-        _NORMALIZATION[device] = (torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
-                                  torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1))
+        _NORMALIZATION[device] = (
+            torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1),
+        )
     return _NORMALIZATION[device]
 
 
@@ -303,14 +347,26 @@ class BatchStream:
     Evaluation: the split in order, sharded the same way without padding.
     """
 
-    def __init__(self, data: ImageSet, batch_size: int, *, train: bool, augment: bool, seed: int,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                 max_steps: Optional[int] = None):
+    def __init__(
+        self,
+        data: ImageSet,
+        batch_size: int,
+        *,
+        train: bool,
+        augment: bool,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = False,
+        max_steps: Optional[int] = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
         if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size}: expected a multiple of the number of "
-                             f"processes ({world_size}); it is the global batch, split over them")
+            raise ValueError(
+                f"batch size {batch_size}: expected a multiple of the number of "
+                f"processes ({world_size}); it is the global batch, split over them"
+            )
         self.data, self.batch_size, self.train, self.augment = data, batch_size, train, augment
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last, self.max_steps = channels_last, max_steps
@@ -344,8 +400,9 @@ class BatchStream:
         augment = self.train and self.augment
         if augment:
             augment_gen = epoch_generator(self.seed, epoch, _PURPOSE_AUGMENT)
-            offsets = torch.randint(0, 2 * CROP_PADDING + 1, (order.numel(), 2),
-                                    generator=augment_gen).to(device)
+            offsets = torch.randint(
+                0, 2 * CROP_PADDING + 1, (order.numel(), 2), generator=augment_gen
+            ).to(device)
             flips = (torch.rand(order.numel(), generator=augment_gen) < 0.5).to(device)
         order = order.to(device)
         mine = slice(self.rank, None, self.world_size)

@@ -1,6 +1,7 @@
 """Process group setup for `torchrun` (DistributedDataParallel), and the few collectives the
 training loop needs. One process per device; without torchrun (WORLD_SIZE unset or 1) everything
 here is a no-op on a single process."""
+
 from __future__ import annotations
 
 import os
@@ -53,28 +54,34 @@ def read_environment() -> Tuple[int, int, int]:
     if "WORLD_SIZE" not in os.environ:
         for name in ("RANK", "LOCAL_RANK"):
             if _env_int(name, 0) != 0:
-                raise DistributedEnvError(f"environment {name}={os.environ[name]} without "
-                                          f"WORLD_SIZE: {hint}")
+                raise DistributedEnvError(
+                    f"environment {name}={os.environ[name]} without WORLD_SIZE: {hint}"
+                )
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size < 1:
         raise DistributedEnvError(f"environment WORLD_SIZE: expected >= 1, got {world_size}")
     rank = _env_int("RANK", 0)
     if not 0 <= rank < world_size:
-        raise DistributedEnvError(f"environment RANK: expected 0 <= RANK < WORLD_SIZE "
-                                  f"({world_size}), got {rank}")
+        raise DistributedEnvError(
+            f"environment RANK: expected 0 <= RANK < WORLD_SIZE ({world_size}), got {rank}"
+        )
     local_rank = _env_int("LOCAL_RANK", 0)
     local_size = _env_int("LOCAL_WORLD_SIZE", world_size)
     if local_size < 1:
         raise DistributedEnvError(f"environment LOCAL_WORLD_SIZE: expected >= 1, got {local_size}")
     if not 0 <= local_rank < local_size:
-        raise DistributedEnvError(f"environment LOCAL_RANK: expected 0 <= LOCAL_RANK < "
-                                  f"LOCAL_WORLD_SIZE ({local_size}), got {local_rank}")
+        raise DistributedEnvError(
+            f"environment LOCAL_RANK: expected 0 <= LOCAL_RANK < "
+            f"LOCAL_WORLD_SIZE ({local_size}), got {local_rank}"
+        )
     if world_size > 1:
         missing = [n for n in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(n)]
         if missing:
-            raise DistributedEnvError(f"environment {' and '.join(missing)}: not set, needed "
-                                      f"with WORLD_SIZE={world_size} to join the process group; "
-                                      f"{hint}")
+            raise DistributedEnvError(
+                f"environment {' and '.join(missing)}: not set, needed "
+                f"with WORLD_SIZE={world_size} to join the process group; "
+                f"{hint}"
+            )
     return world_size, rank, local_rank
 
 
@@ -89,12 +96,16 @@ def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
     else:
         device = torch.device("cpu")
     if device.type == "meta":
-        raise ValueError(f"--device {requested}: meta tensors hold no data (shape propagation "
-                         f"only) and a run computes on data; expected cpu or cuda")
+        raise ValueError(
+            f"--device {requested}: meta tensors hold no data (shape propagation "
+            f"only) and a run computes on data; expected cpu or cuda"
+        )
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available in this torch build or "
-                             f"on this machine")
+            raise ValueError(
+                f"--device {requested}: CUDA is not available in this torch build or "
+                f"on this machine"
+            )
         torch.cuda.set_device(device)
     return device
 
@@ -104,8 +115,10 @@ def init(requested_device: Optional[str] = None) -> Context:
     world_size, rank, local_rank = read_environment()
     device = pick_device(requested_device, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            device_id=device if device.type == "cuda" else None,
+        )
     return Context(rank, world_size, local_rank, device)
 
 

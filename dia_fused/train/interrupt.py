@@ -3,6 +3,7 @@
 removed, while the files of the last completed epoch stay. A signal that arrives inside
 `deferred()` (writing an epoch's log row and checkpoints) is acted on when the section ends, so
 that an epoch that has finished is also saved."""
+
 from __future__ import annotations
 
 import contextlib

@@ -5,6 +5,7 @@ Loss and accuracy are accumulated on the device and read once per epoch (plus ev
 after every step. The report is tqdm's bar on a terminal; otherwise (a log file, a scheduler's
 job, nohup) a line every `print_freq` steps with images/s, loss, accuracy and ETA.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -79,8 +80,13 @@ class _Progress:
     def __init__(self, stream: BatchStream, ctx: distributed.Context, desc: str, print_freq: int):
         self.total, self.desc, self.print_freq = len(stream), desc, print_freq
         self.world_size = ctx.world_size
-        self.bar = tqdm(total=self.total, desc=desc, disable=None if ctx.is_main else True,
-                        leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            total=self.total,
+            desc=desc,
+            disable=None if ctx.is_main else True,
+            leave=False,
+            dynamic_ncols=True,
+        )
         self.lines = ctx.is_main and self.bar.disable
         self.reporting = self.lines or not self.bar.disable
         self.last_time = time.perf_counter()
@@ -101,15 +107,20 @@ class _Progress:
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)  # steps/s since last line
         images_per_s = rate * count / step * self.world_size
         eta = datetime.timedelta(seconds=round((self.total - step) / rate))
-        print(f"{self.desc}: [{step}/{self.total}] {images_per_s:.1f} images/s | "
-              f"loss {loss:.4f} top1 {top1:.2f} | ETA {eta}", flush=True)
+        print(
+            f"{self.desc}: [{step}/{self.total}] {images_per_s:.1f} images/s | "
+            f"loss {loss:.4f} top1 {top1:.2f} | ETA {eta}",
+            flush=True,
+        )
         self.last_step, self.last_time = step, now
 
     def close(self) -> None:
         self.bar.close()
 
 
-def _add_batch(totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+def _add_batch(
+    totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor
+) -> None:
     """Adds a batch to totals = [sum of per-sample losses, correct predictions, samples], on the
     device (no host sync per step)."""
     n = targets.shape[0]
@@ -118,11 +129,19 @@ def _add_batch(totals: torch.Tensor, mean_loss: torch.Tensor, logits: torch.Tens
     totals[2] += n
 
 
-def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: torch.optim.Optimizer,
-                criterion: nn.Module, ctx: distributed.Context, *,
-                amp_dtype: Optional[torch.dtype] = None,
-                scaler: Optional[torch.amp.GradScaler] = None, desc: str = "",
-                print_freq: int = PROGRESS_EVERY) -> EpochResult:
+def train_epoch(
+    model: nn.Module,
+    stream: BatchStream,
+    epoch: int,
+    optimizer: torch.optim.Optimizer,
+    criterion: nn.Module,
+    ctx: distributed.Context,
+    *,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    desc: str = "",
+    print_freq: int = PROGRESS_EVERY,
+) -> EpochResult:
     """One pass over `stream.epoch(epoch)`; returns the mean loss/accuracy over all processes."""
     model.train()
     device = ctx.device
@@ -157,14 +176,24 @@ def train_epoch(model: nn.Module, stream: BatchStream, epoch: int, optimizer: to
     progress.close()
     result = _result(ctx, totals, end - start)
     if steady_start is not None:  # equal shards: every process ran as many steady images
-        result.steady_images, result.steady_seconds = steady_images * ctx.world_size, end - steady_start
+        result.steady_images, result.steady_seconds = (
+            steady_images * ctx.world_size,
+            end - steady_start,
+        )
     return result
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, stream: BatchStream, criterion: nn.Module,
-             ctx: distributed.Context, *, amp_dtype: Optional[torch.dtype] = None,
-             desc: str = "", print_freq: int = PROGRESS_EVERY) -> EpochResult:
+def evaluate(
+    model: nn.Module,
+    stream: BatchStream,
+    criterion: nn.Module,
+    ctx: distributed.Context,
+    *,
+    amp_dtype: Optional[torch.dtype] = None,
+    desc: str = "",
+    print_freq: int = PROGRESS_EVERY,
+) -> EpochResult:
     """Loss and top-1 accuracy over the (sharded) split, reduced over all processes. `model` must
     be the bare module, not the DDP wrapper (evaluation runs no collective per step)."""
     model.eval()

@@ -7,6 +7,7 @@ checks) rebuild the same network:
 
 The DIA backend is not part of the description: it is a runtime choice (--backend).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,8 +17,17 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
-from ..models import (IMAGENET_LAYERS, cifar_preresnet, cifar_resnet, cifar_resnext, cifar_wrn,
-                      create_model, imagenet_resnet, list_models, parse_name)
+from ..models import (
+    IMAGENET_LAYERS,
+    cifar_preresnet,
+    cifar_resnet,
+    cifar_resnext,
+    cifar_wrn,
+    create_model,
+    imagenet_resnet,
+    list_models,
+    parse_name,
+)
 from ..ops import BACKEND_CHOICES
 from ..reference import CELL_ACTIVATIONS
 
@@ -26,24 +36,27 @@ FAMILIES = ("resnet", "preresnet", "wrn", "resnext")
 # official prefixes of --arch (dia_resnet, se_resnet, resnet, ...)
 _PREFIXES = (("dia_se_", "dia_se"), ("dia_", "dia"), ("se_", "se"), ("", "none"))
 
-ARCH_HELP = ("dia_resnet | dia_preresnet | dia_wrn | dia_resnext (official names), the same with "
-             "se_ or no prefix for the baselines, or any name of dia_fused.models.list_models() "
-             "(then --depth etc. are not used)")
+ARCH_HELP = (
+    "dia_resnet | dia_preresnet | dia_wrn | dia_resnext (official names), the same with "
+    "se_ or no prefix for the baselines, or any name of dia_fused.models.list_models() "
+    "(then --depth etc. are not used)"
+)
 
 
 def split_arch(arch: str):
     """'dia_resnet' -> ('resnet', 'dia'); None if arch is not an official family name."""
     for prefix, attention in _PREFIXES:
-        if arch.startswith(prefix) and arch[len(prefix):] in FAMILIES:
-            return arch[len(prefix):], attention
+        if arch.startswith(prefix) and arch[len(prefix) :] in FAMILIES:
+            return arch[len(prefix) :], attention
     return None
 
 
 def _block(args: argparse.Namespace) -> str:
     name = args.block_name.lower()
     if name not in ("basicblock", "bottleneck"):
-        raise ValueError(f"--block-name: expected BasicBlock or Bottleneck, got "
-                         f"{args.block_name!r}")
+        raise ValueError(
+            f"--block-name: expected BasicBlock or Bottleneck, got {args.block_name!r}"
+        )
     return "basic" if name == "basicblock" else "bottleneck"
 
 
@@ -62,15 +75,23 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
     if parsed is not None:
         family, attention = parsed
         # depths that name an ImageNet network in the zoo need the `_cifar` suffix
-        cifar = "_cifar" if ((family == "resnet" and args.depth in IMAGENET_LAYERS)
-                             or (family == "resnext" and args.depth == 50)) else ""
+        cifar = (
+            "_cifar"
+            if (
+                (family == "resnet" and args.depth in IMAGENET_LAYERS)
+                or (family == "resnext" and args.depth == 50)
+            )
+            else ""
+        )
         if family == "resnet":
             name = f"resnet{args.depth}{cifar}"
             options["block"] = _block(args)
         elif family == "preresnet":  # bottleneck only, like the official DIA PreResNet
             if _block(args) != "bottleneck":
-                raise ValueError(f"--block-name: the PreResNet has Bottleneck blocks only, got "
-                                 f"{args.block_name!r}")
+                raise ValueError(
+                    f"--block-name: the PreResNet has Bottleneck blocks only, got "
+                    f"{args.block_name!r}"
+                )
             name = f"preresnet{args.depth}"
         elif family == "wrn":
             name = f"wrn{args.depth}_{args.widen_factor}"
@@ -86,12 +107,18 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
         if _zoo_name(args.arch)["family"] == "wrn" and args.drop:
             options["dropout"] = args.drop
     else:
-        raise ValueError(f"--arch: expected {ARCH_HELP}; got {args.arch!r}. The paper's models: "
-                         f"{', '.join(sorted(list_models()))}")
+        raise ValueError(
+            f"--arch: expected {ARCH_HELP}; got {args.arch!r}. The paper's models: "
+            f"{', '.join(sorted(list_models()))}"
+        )
     if args.attention is not None:
         options["attention"] = args.attention
-    for flag, key in (("reduction", "reduction"), ("num_cells", "num_cells"),
-                      ("cell_activation", "cell_activation"), ("dia_stages", "dia_stages")):
+    for flag, key in (
+        ("reduction", "reduction"),
+        ("num_cells", "num_cells"),
+        ("cell_activation", "cell_activation"),
+        ("dia_stages", "dia_stages"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             options[key] = list(value) if isinstance(value, (list, tuple)) else value
@@ -113,12 +140,17 @@ def build_model(spec: Mapping[str, Any], backend: Optional[str] = None) -> nn.Mo
 def _builder(parsed: Mapping[str, Any]) -> Tuple[Callable[..., nn.Module], int]:
     """The zoo function create_model calls for a parsed name, and its number of stages."""
     family, depth = parsed["family"], parsed["depth"]
-    imagenet = not parsed["cifar"] and ((family == "resnet" and depth in IMAGENET_LAYERS)
-                                        or (family == "resnext" and depth == 50))
+    imagenet = not parsed["cifar"] and (
+        (family == "resnet" and depth in IMAGENET_LAYERS) or (family == "resnext" and depth == 50)
+    )
     if imagenet:
         return imagenet_resnet, 4
-    return {"resnet": cifar_resnet, "preresnet": cifar_preresnet, "wrn": cifar_wrn,
-            "resnext": cifar_resnext}[family], 3
+    return {
+        "resnet": cifar_resnet,
+        "preresnet": cifar_preresnet,
+        "wrn": cifar_wrn,
+        "resnext": cifar_resnext,
+    }[family], 3
 
 
 def resolved_options(spec: Mapping[str, Any]) -> Dict[str, Any]:
@@ -133,8 +165,11 @@ def resolved_options(spec: Mapping[str, Any]) -> Dict[str, Any]:
     except (KeyError, ValueError):
         return options
     builder, _ = _builder(parsed)
-    resolved = {name: p.default for name, p in inspect.signature(builder).parameters.items()
-                if p.default is not p.empty and name not in ("num_classes", "backend")}
+    resolved = {
+        name: p.default
+        for name, p in inspect.signature(builder).parameters.items()
+        if p.default is not p.empty and name not in ("num_classes", "backend")
+    }
     resolved.update(options)
     # the attention options the zoo resolves while building (defaults that depend on the
     # attention and the family): read back from the network, built on the meta device
@@ -163,5 +198,14 @@ def spec_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Optio
     return "; ".join(diffs) or None
 
 
-__all__ = ["ATTENTION_CHOICES", "BACKEND_CHOICES", "CELL_ACTIVATIONS", "ARCH_HELP", "model_spec",
-           "build_model", "resolved_options", "spec_mismatch", "split_arch"]
+__all__ = [
+    "ATTENTION_CHOICES",
+    "BACKEND_CHOICES",
+    "CELL_ACTIVATIONS",
+    "ARCH_HELP",
+    "model_spec",
+    "build_model",
+    "resolved_options",
+    "spec_mismatch",
+    "split_arch",
+]

@@ -1,4 +1,5 @@
 """Per-epoch records: a CSV log (always) and TensorBoard scalars (when tensorboard is installed)."""
+
 from __future__ import annotations
 
 import csv
@@ -9,8 +10,16 @@ from .checkpoint import atomic_write_text
 
 CSV_NAME = "log.csv"
 SUPERSEDED_NAME = "log_superseded.csv"
-COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "epoch_time_s",
-           "train_images_per_s")
+COLUMNS = (
+    "epoch",
+    "lr",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "epoch_time_s",
+    "train_images_per_s",
+)
 
 
 class CsvLog:

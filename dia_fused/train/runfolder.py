@@ -13,6 +13,7 @@ The rules, so that no run loses another's (or its own) results:
   is at least its accuracy, and a missing (or worse) best is rebuilt from the resumed checkpoint
   when that checkpoint is its run's best.
 """
+
 from __future__ import annotations
 
 import glob
@@ -53,23 +54,35 @@ def check(folder: str, *, resume_file: Optional[str], overwrite: bool) -> None:
     """Raises RunFolderError when this start may not write into `folder` (no side effects: every
     process of a distributed run can call it)."""
     present = run_files(folder) if os.path.isdir(folder) else []
-    resume_here = resume_file is not None and os.path.isdir(folder) and _same_file(
-        os.path.dirname(os.path.abspath(resume_file)), folder)
+    resume_here = (
+        resume_file is not None
+        and os.path.isdir(folder)
+        and _same_file(os.path.dirname(os.path.abspath(resume_file)), folder)
+    )
     if overwrite and resume_here:
-        raise RunFolderError(f"--overwrite: -c {folder} holds the checkpoint being resumed "
-                             f"({resume_file}); drop --overwrite to continue that run there, or "
-                             f"pass another -c")
+        raise RunFolderError(
+            f"--overwrite: -c {folder} holds the checkpoint being resumed "
+            f"({resume_file}); drop --overwrite to continue that run there, or "
+            f"pass another -c"
+        )
     if present and not resume_here and not overwrite:
         what = "a fresh run" if resume_file is None else f"--resume {resume_file}"
         raise RunFolderError(
             f"-c {folder}: the folder already holds a run ({', '.join(present)}) and {what} "
             f"would overwrite it; continue that run with --resume "
             f"{os.path.join(folder, ckpt_io.CHECKPOINT_NAME)}, pass another -c, or pass "
-            f"--overwrite to replace it")
+            f"--overwrite to replace it"
+        )
 
 
-def prepare(folder: str, *, resumed: Optional[Mapping[str, Any]], resume_file: Optional[str],
-            overwrite: bool, say: Callable[[str], None]) -> float:
+def prepare(
+    folder: str,
+    *,
+    resumed: Optional[Mapping[str, Any]],
+    resume_file: Optional[str],
+    overwrite: bool,
+    say: Callable[[str], None],
+) -> float:
     """Readies `folder` for the run (main process only; `check` passed): removes stale temporary
     files, the old run's files with --overwrite, moves a checkpoint later than the resumed one
     aside, and rebuilds a missing best model. Returns the best accuracy the run starts from (0.0
@@ -101,8 +114,9 @@ def _epoch_of(path: str) -> Optional[int]:
         return None
 
 
-def _move_later_checkpoint(folder: str, epoch: int, resume_file: Optional[str],
-                           say: Callable[[str], None]) -> None:
+def _move_later_checkpoint(
+    folder: str, epoch: int, resume_file: Optional[str], say: Callable[[str], None]
+) -> None:
     path = os.path.join(folder, ckpt_io.CHECKPOINT_NAME)
     if not os.path.isfile(path) or (resume_file and _same_file(path, resume_file)):
         return
@@ -115,12 +129,15 @@ def _move_later_checkpoint(folder: str, epoch: int, resume_file: Optional[str],
         target = os.path.join(folder, f"checkpoint_epoch{later}.{suffix}.pth.tar")
         suffix += 1
     os.replace(path, target)
-    say(f"==> resuming from epoch {epoch}: the later {ckpt_io.CHECKPOINT_NAME} (epoch {later}) "
-        f"is kept as {target}")
+    say(
+        f"==> resuming from epoch {epoch}: the later {ckpt_io.CHECKPOINT_NAME} (epoch {later}) "
+        f"is kept as {target}"
+    )
 
 
-def _repair_best(folder: str, resumed: Mapping[str, Any], resume_file: Optional[str],
-                 say: Callable[[str], None]) -> float:
+def _repair_best(
+    folder: str, resumed: Mapping[str, Any], resume_file: Optional[str], say: Callable[[str], None]
+) -> float:
     best_acc = float(resumed.get("best_acc", 0.0))
     path = os.path.join(folder, ckpt_io.BEST_NAME)
     on_disk: Optional[Dict[str, Any]] = None
@@ -128,8 +145,10 @@ def _repair_best(folder: str, resumed: Mapping[str, Any], resume_file: Optional[
         try:
             on_disk = ckpt_io.load_checkpoint(path)
         except ValueError as err:
-            say(f"==> {path}: unreadable ({err}); it is rebuilt if the resumed checkpoint is the "
-                f"best")
+            say(
+                f"==> {path}: unreadable ({err}); it is rebuilt if the resumed checkpoint is the "
+                f"best"
+            )
     disk_acc = float(on_disk.get("acc", float("-inf"))) if on_disk is not None else None
     if disk_acc is not None and disk_acc >= best_acc:
         # its epoch may be later than the resumed one (killed before that epoch's checkpoint):
@@ -137,10 +156,14 @@ def _repair_best(folder: str, resumed: Mapping[str, Any], resume_file: Optional[
         return max(best_acc, disk_acc)
     if "acc" in resumed and float(resumed["acc"]) >= best_acc:
         ckpt_io.atomic_save(dict(resumed), path)
-        say(f"==> {ckpt_io.BEST_NAME} rebuilt from {resume_file} (epoch {int(resumed['epoch'])}, "
-            f"the best so far: acc {best_acc:.2f})")
+        say(
+            f"==> {ckpt_io.BEST_NAME} rebuilt from {resume_file} (epoch {int(resumed['epoch'])}, "
+            f"the best so far: acc {best_acc:.2f})"
+        )
     else:
         state = "missing" if on_disk is None else f"holds acc {disk_acc:.2f}"
-        say(f"==> warning: {path} is {state}, while {resume_file} records a best acc of "
-            f"{best_acc:.2f} from an earlier epoch; that model cannot be rebuilt from it")
+        say(
+            f"==> warning: {path} is {state}, while {resume_file} records a best acc of "
+            f"{best_acc:.2f} from an earlier epoch; that model cannot be rebuilt from it"
+        )
     return best_acc

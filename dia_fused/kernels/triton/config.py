@@ -2,6 +2,7 @@
 environment (DIA_FUSED_TRITON_LSTM, _MAP, _DOT_PRECISION, parsed in dia_fused/settings.py) only
 supplies the defaults, read when a step runs; bench/tune_triton.py and the tests pass settings
 directly. Plain Python: importable without triton."""
+
 from __future__ import annotations
 
 import functools
@@ -21,6 +22,7 @@ class MapConfig:
     elements (registers), wide along the map's contiguous axis so that loads coalesce: up to
     `hw_block` positions of H*W in NCHW, up to `c_block` channels in channels_last (64 fp32
     channels = 256 B rows: whole sectors)."""
+
     tile: int = 4096
     hw_block: int = 256
     c_block: int = 64
@@ -29,14 +31,20 @@ class MapConfig:
     @staticmethod
     def from_env(text: Optional[str], base: Optional["MapConfig"] = None) -> "MapConfig":
         """`base` (default MapConfig()) with the fields named in `text` ("tile=8192,...")."""
-        return env.parse_fields(MapConfig, env.ENV_TRITON_MAP, text,
-                                {"tile": 16, "hw_block": 1, "c_block": 1, "num_warps": 1}, base)
+        return env.parse_fields(
+            MapConfig,
+            env.ENV_TRITON_MAP,
+            text,
+            {"tile": 16, "hw_block": 1, "c_block": 1, "num_warps": 1},
+            base,
+        )
 
 
 @dataclass(frozen=True)
 class LSTMConfig:
     """Launch configuration of the LSTM kernels. The defaults come from the sm_90 resource report
     (python_tests/triton_aot.py: no register spills)."""
+
     block_n: int = 16  # samples per program (tl.dot needs >= 16)
     block_c: int = 64  # most gate columns per tile
     block_r: int = 64  # most reduced-width columns per tile
@@ -48,8 +56,13 @@ class LSTMConfig:
     @staticmethod
     def from_env(text: Optional[str], base: Optional["LSTMConfig"] = None) -> "LSTMConfig":
         """`base` (default LSTMConfig()) with the fields named in `text` ("block_n=32,...")."""
-        return env.parse_fields(LSTMConfig, env.ENV_TRITON_LSTM, text,
-                                {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16}, base)
+        return env.parse_fields(
+            LSTMConfig,
+            env.ENV_TRITON_LSTM,
+            text,
+            {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16},
+            base,
+        )
 
 
 def check_dot_precision(value: str) -> str:
@@ -61,6 +74,7 @@ def check_dot_precision(value: str) -> str:
 @dataclass(frozen=True)
 class KernelSettings:
     """Everything a Triton step's launches depend on besides the tensors."""
+
     lstm: LSTMConfig = field(default_factory=LSTMConfig)
     map: MapConfig = field(default_factory=MapConfig)
     dot_precision: str = "ieee"
@@ -76,15 +90,22 @@ INTERPRETER_MAP = MapConfig(hw_block=64)
 def from_environment(interpreted: bool) -> KernelSettings:
     """The defaults with the DIA_FUSED_TRITON_* variables applied; ValueError naming the variable
     when one is malformed. Cheap on the hot path: parsed once per distinct text."""
-    return _parse(env.raw(env.ENV_TRITON_LSTM), env.raw(env.ENV_TRITON_MAP),
-                  env.raw(env.ENV_TRITON_DOT_PRECISION), interpreted)
+    return _parse(
+        env.raw(env.ENV_TRITON_LSTM),
+        env.raw(env.ENV_TRITON_MAP),
+        env.raw(env.ENV_TRITON_DOT_PRECISION),
+        interpreted,
+    )
 
 
 @functools.lru_cache(maxsize=16)  # failures are not cached: a bad value raises at every use
-def _parse(lstm: Optional[str], map_text: Optional[str], precision: Optional[str],
-           interpreted: bool) -> KernelSettings:
+def _parse(
+    lstm: Optional[str], map_text: Optional[str], precision: Optional[str], interpreted: bool
+) -> KernelSettings:
     return KernelSettings(
         lstm=LSTMConfig.from_env(lstm),
         map=MapConfig.from_env(map_text, INTERPRETER_MAP if interpreted else None),
-        dot_precision=env.parse_choice(env.ENV_TRITON_DOT_PRECISION, precision, DOT_PRECISIONS,
-                                       "ieee"))
+        dot_precision=env.parse_choice(
+            env.ENV_TRITON_DOT_PRECISION, precision, DOT_PRECISIONS, "ieee"
+        ),
+    )

@@ -32,6 +32,7 @@ Stacked cells add one launch that packs their weights into one fp32 buffer.
 Runs on CUDA tensors, and on CPU tensors when the kernels were defined under TRITON_INTERPRET=1
 (set before dia_fused.kernels.triton is imported: Triton reads it when @triton.jit runs).
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,8 +47,14 @@ from .. import SUPPORTED_DTYPES, SettingsOverride, layouts
 from ..cuda_build import ACTIVATION_CODES
 from . import config as settings_of
 from .config import KernelSettings, LSTMConfig, MapConfig
-from .lstm_kernels import (CELL0_JOBS, STACKED_CELL_JOBS, Phase, _lstm_backward_kernel,
-                           _lstm_forward_kernel, _weight_grad_kernel)
+from .lstm_kernels import (
+    CELL0_JOBS,
+    STACKED_CELL_JOBS,
+    Phase,
+    _lstm_backward_kernel,
+    _lstm_forward_kernel,
+    _weight_grad_kernel,
+)
 from .map_kernels import _grad_attention_kernel, _grad_input_kernel, _pool_kernel, _scale_kernel
 
 Tensor = torch.Tensor
@@ -80,9 +87,11 @@ def unavailable_reason(device) -> Optional[str]:
         if not torch.cuda.is_available():
             return "torch sees no CUDA device"
     elif not (device.type == "cpu" and INTERPRETED):
-        return (f"the triton backend runs on CUDA devices (CPU tensors only under the Triton "
-                f"interpreter: TRITON_INTERPRET=1 set before dia_fused.kernels.triton is "
-                f"imported), got device {device}")
+        return (
+            f"the triton backend runs on CUDA devices (CPU tensors only under the Triton "
+            f"interpreter: TRITON_INTERPRET=1 set before dia_fused.kernels.triton is "
+            f"imported), got device {device}"
+        )
     try:
         current_settings()
     except ValueError as err:
@@ -104,21 +113,25 @@ def _map_strides(t: Tensor) -> Tuple[int, int, int]:
     """(n, c, hw) strides of a map whose H and W collapse into one index (NCHW or channels_last)."""
     sn, sc, sh, sw = t.stride()
     if t.shape[2] > 1 and sh != t.shape[3] * sw:
-        raise ValueError(f"x: expected a contiguous or channels_last layout (H stride = W * W stride), "
-                         f"got strides {t.stride()}")
+        raise ValueError(
+            f"x: expected a contiguous or channels_last layout (H stride = W * W stride), "
+            f"got strides {t.stride()}"
+        )
     return sn, sc, sw
 
 
-
 @functools.lru_cache(maxsize=1024)
-def _map_blocks(channels: int, hw: int, channels_last: bool, config: "MapConfig") -> Tuple[int, int]:
+def _map_blocks(
+    channels: int, hw: int, channels_last: bool, config: "MapConfig"
+) -> Tuple[int, int]:
     """(BLOCK_C, BLOCK_HW) tile of the map kernels for this map (see MapConfig)."""
     if channels_last:
         block_c = min(_next_power_of_2(channels), config.c_block)
         return block_c, max(1, min(_next_power_of_2(hw), config.tile // block_c))
     block_hw = min(_next_power_of_2(hw), config.hw_block, config.tile)
-    return max(1, min(_next_power_of_2(channels), config.tile // block_hw, config.c_block)), block_hw
-
+    return max(
+        1, min(_next_power_of_2(channels), config.tile // block_hw, config.c_block)
+    ), block_hw
 
 
 @dataclass(frozen=True)
@@ -134,9 +147,13 @@ class LSTMBlocks:
     def of(channels: int, hidden: int, config: LSTMConfig) -> "LSTMBlocks":
         # the interpreter is fastest with few, wide steps
         k = 64 if INTERPRETED else config.block_k
-        return LSTMBlocks(n=config.block_n, c=max(16, min(config.block_c, _next_power_of_2(channels))),
-                           r=max(16, min(config.block_r, _next_power_of_2(hidden))), k=k,
-                           num_warps=config.num_warps)
+        return LSTMBlocks(
+            n=config.block_n,
+            c=max(16, min(config.block_c, _next_power_of_2(channels))),
+            r=max(16, min(config.block_r, _next_power_of_2(hidden))),
+            k=k,
+            num_warps=config.num_warps,
+        )
 
     def forward_groups(self, channels: int, num_cells: int, config: LSTMConfig) -> int:
         """Programs per sample tile in the forward: the gate columns split between them, each
@@ -145,7 +162,9 @@ class LSTMBlocks:
         return 1 if num_cells > 1 else max(1, min(config.forward_groups, _cdiv(channels, self.c)))
 
     def kwargs(self):
-        return dict(BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=self.num_warps)
+        return dict(
+            BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=self.num_warps
+        )
 
 
 @dataclass(frozen=True)
@@ -162,6 +181,7 @@ class ScratchLayout:
         gates cell 0 .. L-1                  (4C each)  pre-activations, recomputed
         carry                                (C)        d(input of cell l) flowing into cell l-1
     The forward needs only ru and the inputs of the stacked cells."""
+
     du: int = 0
     ru: int = 0
     v0: int = 0
@@ -182,10 +202,16 @@ class ScratchLayout:
         vs = dgates + 4 * channels * num_cells
         gates = vs + 2 * channels * (num_cells - 1)
         carry = gates + 4 * channels * num_cells
-        return ScratchLayout(du=0, ru=ru, v0=v0, dgates=dgates, vs=vs, gates=gates, carry=carry,
-                              size=carry + channels)
-
-
+        return ScratchLayout(
+            du=0,
+            ru=ru,
+            v0=v0,
+            dgates=dgates,
+            vs=vs,
+            gates=gates,
+            carry=carry,
+            size=carry + channels,
+        )
 
 
 def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) -> bool:
@@ -198,7 +224,9 @@ def _like_x(x: Tensor) -> Tensor:
     return torch.empty_like(x)  # x is canonical (dense): empty_like keeps its exact strides
 
 
-MAX_GRID_X = 2**31 - 1  # CUDA's limit on the first grid dimension: the elementwise kernels' 1-D grid
+MAX_GRID_X = (
+    2**31 - 1
+)  # CUDA's limit on the first grid dimension: the elementwise kernels' 1-D grid
 
 
 def _elementwise_grid(n: int, channels: int, hw: int, block_c: int, block_hw: int) -> Tuple[int]:
@@ -210,28 +238,44 @@ def _check(x: Tensor, config: MapConfig) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x: the triton backend supports {SUPPORTED_DTYPES}, got {x.dtype}")
     n, channels, height, width = x.shape
-    block_c, block_hw = _map_blocks(channels, height * width, layouts.is_channels_last(x), config)  # as canonical()
+    block_c, block_hw = _map_blocks(
+        channels, height * width, layouts.is_channels_last(x), config
+    )  # as canonical()
     (programs,) = _elementwise_grid(n, channels, height * width, block_c, block_hw)
     if programs > MAX_GRID_X:
-        raise ValueError(f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the triton "
-                         f"backend's map kernels cover ({MAX_GRID_X}), got shape {tuple(x.shape)}; use "
-                         f"backend='reference' for such maps")
+        raise ValueError(
+            f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the triton "
+            f"backend's map kernels cover ({MAX_GRID_X}), got shape {tuple(x.shape)}; use "
+            f"backend='reference' for such maps"
+        )
 
 
-def _lstm_operands(pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor],
-                   dropout_masks: Optional[Tensor]):
+def _lstm_operands(
+    pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], dropout_masks: Optional[Tensor]
+):
     """Kernel operands of the LSTM kernels: contiguous state, the 8 cell-0 tensors, the stacked
     cells packed into one fp32 buffer (one copy, only when there are stacked cells) and the masks."""
-    cell0 = [w.contiguous() for w in weights[:reference.CELL0_WEIGHTS]]
-    stacked = (torch.cat([w.reshape(-1).float() for w in weights[reference.CELL0_WEIGHTS:]])
-               if len(weights) > reference.CELL0_WEIGHTS else pooled)
+    cell0 = [w.contiguous() for w in weights[: reference.CELL0_WEIGHTS]]
+    stacked = (
+        torch.cat([w.reshape(-1).float() for w in weights[reference.CELL0_WEIGHTS :]])
+        if len(weights) > reference.CELL0_WEIGHTS
+        else pooled
+    )
     masks = dropout_masks.contiguous() if dropout_masks is not None else pooled
     return [pooled, h.contiguous(), c.contiguous(), *cell0, stacked, masks]
 
 
-def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity: Optional[Tensor],
-            relu: bool, activation: str, dropout_masks: Optional[Tensor],
-            settings: Optional[KernelSettings] = None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+def forward(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    identity: Optional[Tensor],
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],
+    settings: Optional[KernelSettings] = None,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
     `settings` default: current_settings()."""
     settings = settings or current_settings()
@@ -249,8 +293,16 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
     block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x), map_config)
-    _pool_kernel[(n, _cdiv(channels, block_c))](x, pooled, channels, hw, *strides,
-                                                BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=map_config.num_warps)
+    _pool_kernel[(n, _cdiv(channels, block_c))](
+        x,
+        pooled,
+        channels,
+        hw,
+        *strides,
+        BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
+        num_warps=map_config.num_warps,
+    )
     blocks = LSTMBlocks.of(channels, hidden, lstm_config)
     tiles = _cdiv(n, blocks.n)
     split = _split_path(channels, hidden, num_cells, lstm_config)
@@ -258,27 +310,69 @@ def forward(x: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], identity
     layout = ScratchLayout.forward(channels, hidden, num_cells, groups)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
-    phases = ([(Phase.REDUCED, _cdiv(hidden, blocks.r)), (Phase.GATES, _cdiv(channels, blocks.c))]
-              if split else [(Phase.FUSED, groups)])
+    phases = (
+        [(Phase.REDUCED, _cdiv(hidden, blocks.r)), (Phase.GATES, _cdiv(channels, blocks.c))]
+        if split
+        else [(Phase.FUSED, groups)]
+    )
     for phase, parts in phases:
         _lstm_forward_kernel[(tiles, parts)](
-            *operands, h_new, c_new, scratch,
-            n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
-            NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation], HAS_MASKS=dropout_masks is not None,
-            PHASE=phase, DOT_PRECISION=settings.dot_precision, **blocks.kwargs())
+            *operands,
+            h_new,
+            c_new,
+            scratch,
+            n,
+            channels,
+            hidden,
+            layout.size,
+            layout.ru,
+            layout.v0,
+            layout.vs,
+            layout.gates,
+            NUM_CELLS=num_cells,
+            ACTIVATION=ACTIVATION_CODES[activation],
+            HAS_MASKS=dropout_masks is not None,
+            PHASE=phase,
+            DOT_PRECISION=settings.dot_precision,
+            **blocks.kwargs(),
+        )
     idt = identity if identity is not None else x
     grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
-    _scale_kernel[grid](x, h_new[-1], idt, out, n, channels, hw, *strides, *_map_strides(idt),
-                        HAS_IDENTITY=identity is not None, RELU=relu, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                        num_warps=map_config.num_warps)
+    _scale_kernel[grid](
+        x,
+        h_new[-1],
+        idt,
+        out,
+        n,
+        channels,
+        hw,
+        *strides,
+        *_map_strides(idt),
+        HAS_IDENTITY=identity is not None,
+        RELU=relu,
+        BLOCK_C=block_c,
+        BLOCK_HW=block_hw,
+        num_warps=map_config.num_warps,
+    )
     return out, h_new, c_new, pooled
 
 
-def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optional[Tensor],
-             x: Tensor, out: Tensor, pooled: Tensor, h: Tensor, c: Tensor,
-             weights: Sequence[Tensor], identity_given: bool, relu: bool, activation: str,
-             dropout_masks: Optional[Tensor], settings: Optional[KernelSettings] = None
-             ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
+def backward(
+    grad_out: Tensor,
+    grad_h_new: Optional[Tensor],
+    grad_c_new: Optional[Tensor],
+    x: Tensor,
+    out: Tensor,
+    pooled: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    identity_given: bool,
+    relu: bool,
+    activation: str,
+    dropout_masks: Optional[Tensor],
+    settings: Optional[KernelSettings] = None,
+) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
     """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights): grad_weights is ONE flat fp32
     tensor, every weight's gradient flattened in weight order (ops.py splits it into views).
     `settings` default: current_settings(); pass the forward's."""
@@ -292,7 +386,9 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     grad_identity = _like_x(x) if identity_given else None
     grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype)
-    grad_weights = torch.empty(sum(w.numel() for w in weights), device=x.device, dtype=torch.float32)
+    grad_weights = torch.empty(
+        sum(w.numel() for w in weights), device=x.device, dtype=torch.float32
+    )
     layout = ScratchLayout.backward(channels, hidden, num_cells)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     strides = _map_strides(x)
@@ -300,47 +396,125 @@ def backward(grad_out: Tensor, grad_h_new: Optional[Tensor], grad_c_new: Optiona
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, _cdiv(channels, block_c))](
-            grad_out, x, out, grad_a, grad_identity if identity_given else grad_a, channels, hw, *strides,
-            RELU=relu, HAS_IDENTITY=identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw, num_warps=map_config.num_warps)
+            grad_out,
+            x,
+            out,
+            grad_a,
+            grad_identity if identity_given else grad_a,
+            channels,
+            hw,
+            *strides,
+            RELU=relu,
+            HAS_IDENTITY=identity_given,
+            BLOCK_C=block_c,
+            BLOCK_HW=block_hw,
+            num_warps=map_config.num_warps,
+        )
         blocks = LSTMBlocks.of(channels, hidden, lstm_config)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         tiles = _cdiv(n, blocks.n)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
-        options = dict(NUM_CELLS=num_cells, ACTIVATION=ACTIVATION_CODES[activation],
-                       HAS_MASKS=dropout_masks is not None, DOT_PRECISION=settings.dot_precision,
-                       **blocks.kwargs())
+        options = dict(
+            NUM_CELLS=num_cells,
+            ACTIVATION=ACTIVATION_CODES[activation],
+            HAS_MASKS=dropout_masks is not None,
+            DOT_PRECISION=settings.dot_precision,
+            **blocks.kwargs(),
+        )
         r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
-        if _split_path(channels, hidden, num_cells, lstm_config):  # relu(u) first, by the forward kernel's phase
+        if _split_path(
+            channels, hidden, num_cells, lstm_config
+        ):  # relu(u) first, by the forward kernel's phase
             _lstm_forward_kernel[(tiles, r_parts)](
-                *operands, grad_a, grad_a, scratch, n, channels, hidden, layout.size, layout.ru, layout.v0,
-                layout.vs, layout.gates, PHASE=Phase.REDUCED, **options)
-            phases = [(Phase.GATES, c_parts), (Phase.REDUCED_GRAD, r_parts), (Phase.INPUT_GRAD, c_parts)]
+                *operands,
+                grad_a,
+                grad_a,
+                scratch,
+                n,
+                channels,
+                hidden,
+                layout.size,
+                layout.ru,
+                layout.v0,
+                layout.vs,
+                layout.gates,
+                PHASE=Phase.REDUCED,
+                **options,
+            )
+            phases = [
+                (Phase.GATES, c_parts),
+                (Phase.REDUCED_GRAD, r_parts),
+                (Phase.INPUT_GRAD, c_parts),
+            ]
         else:
             phases = [(Phase.FUSED, 1)]
         for phase, parts in phases:
             _lstm_backward_kernel[(tiles, parts)](
-                *operands, scratch, grad_a,
+                *operands,
+                scratch,
+                grad_a,
                 grad_a if grad_h_new is None else grad_h_new.contiguous(),
                 grad_a if grad_c_new is None else grad_c_new.contiguous(),
-                grad_pooled, attention, grad_h, grad_c,
-                n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.gates,
-                layout.du, layout.dgates, layout.carry,
-                HAS_GRAD_H=grad_h_new is not None, HAS_GRAD_C=grad_c_new is not None, PHASE=phase, **options)
+                grad_pooled,
+                attention,
+                grad_h,
+                grad_c,
+                n,
+                channels,
+                hidden,
+                layout.size,
+                layout.ru,
+                layout.v0,
+                layout.vs,
+                layout.gates,
+                layout.du,
+                layout.dgates,
+                layout.carry,
+                HAS_GRAD_H=grad_h_new is not None,
+                HAS_GRAD_C=grad_c_new is not None,
+                PHASE=phase,
+                **options,
+            )
     # over an empty batch this writes zeros: the gradient of a sum over no samples
     wg_m, wg_k, wg_n = (64, 64, 64) if INTERPRETED else (64, 64, 32)
     jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
     _weight_grad_kernel[(jobs, _cdiv(4 * channels, wg_m), _cdiv(max(channels, hidden), wg_k))](
-        scratch, grad_weights, n, channels, hidden, layout.size, layout.ru, layout.v0, layout.vs, layout.du,
-        layout.dgates, BLOCK_M=wg_m, BLOCK_K=wg_k, BLOCK_N=wg_n, DOT_PRECISION=settings.dot_precision,
-        num_warps=8)
+        scratch,
+        grad_weights,
+        n,
+        channels,
+        hidden,
+        layout.size,
+        layout.ru,
+        layout.v0,
+        layout.vs,
+        layout.du,
+        layout.dgates,
+        BLOCK_M=wg_m,
+        BLOCK_K=wg_k,
+        BLOCK_N=wg_n,
+        DOT_PRECISION=settings.dot_precision,
+        num_warps=8,
+    )
     if n:
         grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
         # with an identity, d_identity already holds z = relu-masked grad_out (exactly: masking
         # keeps values), so one map is read instead of two (grad_out and the forward output)
         z, z_mask_source = (grad_identity, grad_identity) if identity_given else (grad_out, out)
-        _grad_input_kernel[grid](z, z_mask_source, attention, grad_pooled, grad_x, n, channels, hw,
-                                 *strides, RELU=relu and not identity_given, BLOCK_C=block_c, BLOCK_HW=block_hw,
-                                 num_warps=map_config.num_warps)
+        _grad_input_kernel[grid](
+            z,
+            z_mask_source,
+            attention,
+            grad_pooled,
+            grad_x,
+            n,
+            channels,
+            hw,
+            *strides,
+            RELU=relu and not identity_given,
+            BLOCK_C=block_c,
+            BLOCK_HW=block_hw,
+            num_warps=map_config.num_warps,
+        )
     return grad_x, grad_identity, grad_h, grad_c, grad_weights
-

@@ -4,6 +4,7 @@ split path's phases), their backward, and the weight gradients. Matmuls run in f
 the fp32 reference, docs/design.md §4). Phases exchange (BLOCK_N, K) operands through an fp32
 workspace (`scratch`, one row per sample, layout in host.ScratchLayout), separated by CTA barriers.
 """
+
 from __future__ import annotations
 
 import triton
@@ -13,6 +14,7 @@ import triton.language as tl
 class Phase:
     """Host-side values of the LSTM kernels' PHASE argument: the whole step in one launch, or one
     launch of the split path."""
+
     FUSED = 0  # forward: grid (tiles, column groups); backward: grid (tiles,)
     REDUCED = 1  # forward kernel, grid (tiles, R parts): relu(u) only
     GATES = 2  # grid (tiles, column parts): gates (forward) or gates and their gradients (backward)
@@ -37,7 +39,9 @@ def _relu(v):
 
 @triton.jit
 def _tanh(v):
-    return 2.0 * tl.sigmoid(2.0 * v) - 1.0  # no libdevice (the interpreter lacks it); abs error ~1e-7
+    return (
+        2.0 * tl.sigmoid(2.0 * v) - 1.0
+    )  # no libdevice (the interpreter lacks it); abs error ~1e-7
 
 
 @triton.jit
@@ -57,12 +61,20 @@ def _activation_and_grad(c, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def _matmul_tile(
-    a_ptr, stride_am, stride_ak,  # A (rows, K) of any float dtype: a_ptr + m * stride_am + k * stride_ak
-    b_ptr, stride_bk, stride_bn,  # B (K, cols) of any float dtype
-    rows, row_mask,  # (BLOCK_M,) row indices of A and their validity
-    cols, col_mask,  # (BLOCK_N,) column indices of B and their validity
+    a_ptr,
+    stride_am,
+    stride_ak,  # A (rows, K) of any float dtype: a_ptr + m * stride_am + k * stride_ak
+    b_ptr,
+    stride_bk,
+    stride_bn,  # B (K, cols) of any float dtype
+    rows,
+    row_mask,  # (BLOCK_M,) row indices of A and their validity
+    cols,
+    col_mask,  # (BLOCK_N,) column indices of B and their validity
     K,  # reduction length
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """(BLOCK_M, BLOCK_N) fp32 tile of A @ B, accumulated over K in BLOCK_K steps with fp32 dots of
@@ -71,66 +83,152 @@ def _matmul_tile(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < K
-        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
-                    mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
-                    mask=k_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+            mask=row_mask[:, None] & k_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
+            mask=k_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        ).to(tl.float32)
         acc += tl.dot(a, b, input_precision=DOT_PRECISION)
     return acc
 
 
 @triton.jit
 def _linear_tile(
-    a_ptr, stride_a,  # A (rows, K), row stride stride_a, unit column stride
+    a_ptr,
+    stride_a,  # A (rows, K), row stride stride_a, unit column stride
     w_ptr,  # W (out, K) contiguous: the nn.Linear weight; rows `cols` of it are used
     b_ptr,  # (out,) bias
-    rows, row_mask, cols, col_mask, K,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """A @ W[cols]^T + b[cols]: one (BLOCK_M, BLOCK_N) tile of F.linear(A, W, b)."""
-    acc = _matmul_tile(a_ptr, stride_a, 1, w_ptr, 1, K, rows, row_mask, cols, col_mask, K,
-                       BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
+    acc = _matmul_tile(
+        a_ptr,
+        stride_a,
+        1,
+        w_ptr,
+        1,
+        K,
+        rows,
+        row_mask,
+        cols,
+        col_mask,
+        K,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
     return acc + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
 def _gate_tile(
-    a1_ptr, stride_a1, w1_ptr, b1_ptr, k1,  # input path: A1 (rows, k1) and its linear (4C, k1), (4C,)
-    a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,  # recurrent path: A2 (rows, k2) and its linear
-    rows, row_mask, gate_cols, col_mask,  # gate_cols: q*C + channel indices of one gate chunk
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    a1_ptr,
+    stride_a1,
+    w1_ptr,
+    b1_ptr,
+    k1,  # input path: A1 (rows, k1) and its linear (4C, k1), (4C,)
+    a2_ptr,
+    stride_a2,
+    w2_ptr,
+    b2_ptr,
+    k2,  # recurrent path: A2 (rows, k2) and its linear
+    rows,
+    row_mask,
+    gate_cols,
+    col_mask,  # gate_cols: q*C + channel indices of one gate chunk
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """One (BLOCK_M, BLOCK_N) tile of the pre-activation gates: linear1(A1) + linear2(A2)."""
-    return (_linear_tile(a1_ptr, stride_a1, w1_ptr, b1_ptr, rows, row_mask, gate_cols, col_mask, k1,
-                         BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION)
-            + _linear_tile(a2_ptr, stride_a2, w2_ptr, b2_ptr, rows, row_mask, gate_cols, col_mask, k2,
-                           BLOCK_M, BLOCK_N, BLOCK_K, DOT_PRECISION))
+    return _linear_tile(
+        a1_ptr,
+        stride_a1,
+        w1_ptr,
+        b1_ptr,
+        rows,
+        row_mask,
+        gate_cols,
+        col_mask,
+        k1,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_PRECISION,
+    ) + _linear_tile(
+        a2_ptr,
+        stride_a2,
+        w2_ptr,
+        b2_ptr,
+        rows,
+        row_mask,
+        gate_cols,
+        col_mask,
+        k2,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
 
 
 @triton.jit
 def _cells_forward_tile(
     tile,  # index of this program's block of BLOCK_N samples
-    u_part, u_parts,  # this program computes reduced-width chunks u_part, u_part + u_parts, ... (if DO_U)
-    gate_part, gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
+    u_part,
+    u_parts,  # this program computes reduced-width chunks u_part, u_part + u_parts, ... (if DO_U)
+    gate_part,
+    gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
     ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into their own
     pooled_ptr,  # (N, C) fp32
-    h_ptr, c_ptr,  # (L, N, C) state dtype, contiguous: previous state
-    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr,  # cell 0 ih path: (R, C), (R,), (4C, R), (4C,)
-    whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,  # cell 0 hh path: same shapes
+    h_ptr,
+    c_ptr,  # (L, N, C) state dtype, contiguous: previous state
+    wih1_ptr,
+    bih1_ptr,
+    wih2_ptr,
+    bih2_ptr,  # cell 0 ih path: (R, C), (R,), (4C, R), (4C,)
+    whh1_ptr,
+    bhh1_ptr,
+    whh2_ptr,
+    bhh2_ptr,  # cell 0 hh path: same shapes
     stacked_ptr,  # (L-1, 8C^2 + 8C) fp32: [wih (4C, C), bih (4C), whh (4C, C), bhh (4C)] per stacked cell
     masks_ptr,  # (L-1, N, C) dropout keep-masks (scaled) between cells, read if HAS_MASKS
-    h_new_ptr, c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
+    h_new_ptr,
+    c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
     scratch_ptr,  # (N, S) fp32 workspace
-    N, C, R, S,  # samples, channels, reduced width C/r, scratch row length
+    N,
+    C,
+    R,
+    S,  # samples, channels, reduced width C/r, scratch row length
     off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); slot k at + 2R k
     off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
     off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
     off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written if SAVE
-    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr, SAVE: tl.constexpr,
-    DO_U: tl.constexpr, DO_GATES: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    NUM_CELLS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_MASKS: tl.constexpr,
+    SAVE: tl.constexpr,
+    DO_U: tl.constexpr,
+    DO_GATES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs.
@@ -144,10 +242,36 @@ def _cells_forward_tile(
             rs = r0 + tl.arange(0, BLOCK_R)
             r_mask = rs < R
             rr_mask = row_mask[:, None] & r_mask[None, :]
-            u_ih = _linear_tile(pooled_ptr, C, wih1_ptr, bih1_ptr, rows, row_mask, rs, r_mask, C,
-                                BLOCK_N, BLOCK_R, BLOCK_K, DOT_PRECISION)
-            u_hh = _linear_tile(h_ptr, C, whh1_ptr, bhh1_ptr, rows, row_mask, rs, r_mask, C,
-                                BLOCK_N, BLOCK_R, BLOCK_K, DOT_PRECISION)
+            u_ih = _linear_tile(
+                pooled_ptr,
+                C,
+                wih1_ptr,
+                bih1_ptr,
+                rows,
+                row_mask,
+                rs,
+                r_mask,
+                C,
+                BLOCK_N,
+                BLOCK_R,
+                BLOCK_K,
+                DOT_PRECISION,
+            )
+            u_hh = _linear_tile(
+                h_ptr,
+                C,
+                whh1_ptr,
+                bhh1_ptr,
+                rows,
+                row_mask,
+                rs,
+                r_mask,
+                C,
+                BLOCK_N,
+                BLOCK_R,
+                BLOCK_K,
+                DOT_PRECISION,
+            )
             tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
             tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
         if DO_GATES:
@@ -156,10 +280,21 @@ def _cells_forward_tile(
         for cell in tl.static_range(NUM_CELLS):
             if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
                 a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
-                a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr, R
+                a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = (
+                    scratch_ptr + off_ru + R,
+                    S,
+                    whh2_ptr,
+                    bhh2_ptr,
+                    R,
+                )
             else:  # gates = Wih input + bih + Whh h[cell] + bhh
                 cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
-                a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_vs + (cell - 1) * 2 * C, cell_w, cell_w + 4 * C * C, C
+                a1_ptr, w1_ptr, b1_ptr, k1 = (
+                    scratch_ptr + off_vs + (cell - 1) * 2 * C,
+                    cell_w,
+                    cell_w + 4 * C * C,
+                    C,
+                )
                 a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
                 w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
             for col0 in range(gate_part * BLOCK_C, C, gate_parts * BLOCK_C):
@@ -168,17 +303,96 @@ def _cells_forward_tile(
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = cell * N * C + rows[:, None] * C + cs[None, :]
                 if SAVE and cell == 0:  # the V operands of cell 0's weight gradients: pooled, h[0]
-                    tl.store(scratch_rows + off_v0 + cs[None, :], tl.load(pooled_ptr + nc, mask=m), mask=m)
-                    tl.store(scratch_rows + off_v0 + C + cs[None, :], tl.load(h_ptr + nc, mask=m).to(tl.float32),
-                             mask=m)
-                gate_i = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                    rows, row_mask, cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
-                gate_f = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                    rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
-                gate_g = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                    rows, row_mask, 2 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
-                gate_o = _gate_tile(a1_ptr, S, w1_ptr, b1_ptr, k1, a2_ptr, stride_a2, w2_ptr, b2_ptr, k2,
-                                    rows, row_mask, 3 * C + cs, c_mask, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
+                    tl.store(
+                        scratch_rows + off_v0 + cs[None, :],
+                        tl.load(pooled_ptr + nc, mask=m),
+                        mask=m,
+                    )
+                    tl.store(
+                        scratch_rows + off_v0 + C + cs[None, :],
+                        tl.load(h_ptr + nc, mask=m).to(tl.float32),
+                        mask=m,
+                    )
+                gate_i = _gate_tile(
+                    a1_ptr,
+                    S,
+                    w1_ptr,
+                    b1_ptr,
+                    k1,
+                    a2_ptr,
+                    stride_a2,
+                    w2_ptr,
+                    b2_ptr,
+                    k2,
+                    rows,
+                    row_mask,
+                    cs,
+                    c_mask,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+                gate_f = _gate_tile(
+                    a1_ptr,
+                    S,
+                    w1_ptr,
+                    b1_ptr,
+                    k1,
+                    a2_ptr,
+                    stride_a2,
+                    w2_ptr,
+                    b2_ptr,
+                    k2,
+                    rows,
+                    row_mask,
+                    C + cs,
+                    c_mask,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+                gate_g = _gate_tile(
+                    a1_ptr,
+                    S,
+                    w1_ptr,
+                    b1_ptr,
+                    k1,
+                    a2_ptr,
+                    stride_a2,
+                    w2_ptr,
+                    b2_ptr,
+                    k2,
+                    rows,
+                    row_mask,
+                    2 * C + cs,
+                    c_mask,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+                gate_o = _gate_tile(
+                    a1_ptr,
+                    S,
+                    w1_ptr,
+                    b1_ptr,
+                    k1,
+                    a2_ptr,
+                    stride_a2,
+                    w2_ptr,
+                    b2_ptr,
+                    k2,
+                    rows,
+                    row_mask,
+                    3 * C + cs,
+                    c_mask,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
                 c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
                 act, _ = _activation_and_grad(c_new, ACTIVATION)
@@ -188,13 +402,17 @@ def _cells_forward_tile(
                     tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
                 elif cell == NUM_CELLS - 1:  # the backward's recomputation keeps only the attention
                     tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
-                if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy for the weight gradients
+                if (
+                    cell + 1 < NUM_CELLS
+                ):  # the next cell's input, and its h copy for the weight gradients
                     nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
                     if HAS_MASKS:
                         h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(tl.float32)
                     tl.store(nxt, h_new, mask=m)
                     if SAVE:
-                        tl.store(nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m)
+                        tl.store(
+                            nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m
+                        )
                 if SAVE:
                     gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
                     tl.store(gates, gate_i, mask=m)
@@ -206,14 +424,39 @@ def _cells_forward_tile(
 
 @triton.jit
 def _lstm_forward_kernel(
-    pooled_ptr, h_ptr, c_ptr,
-    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr, stacked_ptr, masks_ptr,
-    h_new_ptr, c_new_ptr, scratch_ptr,
-    N, C, R, S, off_ru, off_v0, off_vs, off_gates,  # see _cells_forward_tile
-    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
+    pooled_ptr,
+    h_ptr,
+    c_ptr,
+    wih1_ptr,
+    bih1_ptr,
+    wih2_ptr,
+    bih2_ptr,
+    whh1_ptr,
+    bhh1_ptr,
+    whh2_ptr,
+    bhh2_ptr,
+    stacked_ptr,
+    masks_ptr,
+    h_new_ptr,
+    c_new_ptr,
+    scratch_ptr,
+    N,
+    C,
+    R,
+    S,
+    off_ru,
+    off_v0,
+    off_vs,
+    off_gates,  # see _cells_forward_tile
+    NUM_CELLS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_MASKS: tl.constexpr,
     PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own slot;
     # REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading relu(u)
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     part, parts = tl.program_id(1), tl.num_programs(1)
@@ -221,34 +464,97 @@ def _lstm_forward_kernel(
         u_part, u_parts, ru_slot = 0, 1, part
     else:  # REDUCED splits u over the parts; GATES reads it from the one slot
         u_part, u_parts, ru_slot = part, parts, 0
-    _cells_forward_tile(tl.program_id(0), u_part, u_parts, part, parts, ru_slot, pooled_ptr, h_ptr, c_ptr,
-                        wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                        stacked_ptr, masks_ptr, h_new_ptr, c_new_ptr, scratch_ptr,
-                        N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                        NUM_CELLS, ACTIVATION, HAS_MASKS, False, PHASE != PHASE_GATES, PHASE != PHASE_REDUCED,
-                        BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K, DOT_PRECISION)
+    _cells_forward_tile(
+        tl.program_id(0),
+        u_part,
+        u_parts,
+        part,
+        parts,
+        ru_slot,
+        pooled_ptr,
+        h_ptr,
+        c_ptr,
+        wih1_ptr,
+        bih1_ptr,
+        wih2_ptr,
+        bih2_ptr,
+        whh1_ptr,
+        bhh1_ptr,
+        whh2_ptr,
+        bhh2_ptr,
+        stacked_ptr,
+        masks_ptr,
+        h_new_ptr,
+        c_new_ptr,
+        scratch_ptr,
+        N,
+        C,
+        R,
+        S,
+        off_ru,
+        off_v0,
+        off_vs,
+        off_gates,
+        NUM_CELLS,
+        ACTIVATION,
+        HAS_MASKS,
+        False,
+        PHASE != PHASE_GATES,
+        PHASE != PHASE_REDUCED,
+        BLOCK_N,
+        BLOCK_C,
+        BLOCK_R,
+        BLOCK_K,
+        DOT_PRECISION,
+    )
 
 
 @triton.jit
 def _lstm_backward_kernel(
-    pooled_ptr, h_ptr, c_ptr,
-    wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr, stacked_ptr, masks_ptr,
+    pooled_ptr,
+    h_ptr,
+    c_ptr,
+    wih1_ptr,
+    bih1_ptr,
+    wih2_ptr,
+    bih2_ptr,
+    whh1_ptr,
+    bhh1_ptr,
+    whh2_ptr,
+    bhh2_ptr,
+    stacked_ptr,
+    masks_ptr,
     scratch_ptr,  # (N, S) fp32: filled with the D and V operands of the weight-gradient kernel
     grad_a_ptr,  # (N, C) fp32: gradient of the attention (last cell's h) from the map
-    grad_h_new_ptr, grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
+    grad_h_new_ptr,
+    grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
     grad_pooled_ptr,  # (N, C) fp32 out
     attention_ptr,  # (N, C) fp32 out: the recomputed attention (last cell's h), for the input gradient
-    grad_h_ptr, grad_c_ptr,  # (L, N, C) out, state dtype: gradients of the previous state
-    N, C, R, S, off_ru, off_v0, off_vs, off_gates,  # see _cells_forward_tile
+    grad_h_ptr,
+    grad_c_ptr,  # (L, N, C) out, state dtype: gradients of the previous state
+    N,
+    C,
+    R,
+    S,
+    off_ru,
+    off_v0,
+    off_vs,
+    off_gates,  # see _cells_forward_tile
     off_du,  # scratch column of du_ih (R) followed by du_hh (R): gradients of the reduced paths
     off_dgates,  # scratch column of cell 0's gate gradients (4C); cell l at + 4C l
     off_carry,  # scratch column (C) of the gradient flowing into cell l-1's output from cell l
-    NUM_CELLS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_MASKS: tl.constexpr,
-    HAS_GRAD_H: tl.constexpr, HAS_GRAD_C: tl.constexpr,
+    NUM_CELLS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_MASKS: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr,
+    HAS_GRAD_C: tl.constexpr,
     PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in scratch
     # from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed gates and
     # their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column parts): ds, dh0
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     tile = tl.program_id(0)
@@ -257,20 +563,60 @@ def _lstm_backward_kernel(
     else:
         part, parts = tl.program_id(1), tl.num_programs(1)
     if PHASE == PHASE_FUSED or PHASE == PHASE_GATES:
-        _cells_forward_tile(tile, 0, 1, part, parts, 0, pooled_ptr, h_ptr, c_ptr,
-                            wih1_ptr, bih1_ptr, wih2_ptr, bih2_ptr, whh1_ptr, bhh1_ptr, whh2_ptr, bhh2_ptr,
-                            stacked_ptr, masks_ptr, attention_ptr, attention_ptr, scratch_ptr,
-                            N, C, R, S, off_ru, off_v0, off_vs, off_gates,
-                            NUM_CELLS, ACTIVATION, HAS_MASKS, True, PHASE == PHASE_FUSED, True,
-                            BLOCK_N, BLOCK_C, BLOCK_R, BLOCK_K, DOT_PRECISION)
+        _cells_forward_tile(
+            tile,
+            0,
+            1,
+            part,
+            parts,
+            0,
+            pooled_ptr,
+            h_ptr,
+            c_ptr,
+            wih1_ptr,
+            bih1_ptr,
+            wih2_ptr,
+            bih2_ptr,
+            whh1_ptr,
+            bhh1_ptr,
+            whh2_ptr,
+            bhh2_ptr,
+            stacked_ptr,
+            masks_ptr,
+            attention_ptr,
+            attention_ptr,
+            scratch_ptr,
+            N,
+            C,
+            R,
+            S,
+            off_ru,
+            off_v0,
+            off_vs,
+            off_gates,
+            NUM_CELLS,
+            ACTIVATION,
+            HAS_MASKS,
+            True,
+            PHASE == PHASE_FUSED,
+            True,
+            BLOCK_N,
+            BLOCK_C,
+            BLOCK_R,
+            BLOCK_K,
+            DOT_PRECISION,
+        )
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scratch_rows = scratch_ptr + rows[:, None] * S
     for step in tl.static_range(NUM_CELLS):
         cell = NUM_CELLS - 1 - step
         # pointwise LSTM backward: gate gradients of this cell, and dc_prev
-        for col0 in range(part * BLOCK_C, C if PHASE == PHASE_FUSED or PHASE == PHASE_GATES else 0,
-                          parts * BLOCK_C):
+        for col0 in range(
+            part * BLOCK_C,
+            C if PHASE == PHASE_FUSED or PHASE == PHASE_GATES else 0,
+            parts * BLOCK_C,
+        ):
             cs = col0 + tl.arange(0, BLOCK_C)
             m = row_mask[:, None] & (cs < C)[None, :]
             nc = cell * N * C + rows[:, None] * C + cs[None, :]
@@ -281,7 +627,9 @@ def _lstm_backward_kernel(
             if HAS_GRAD_C:
                 grad_c_cell += tl.load(grad_c_new_ptr + nc, mask=m, other=0.0).to(tl.float32)
             if cell == NUM_CELLS - 1:
-                grad_h_cell += tl.load(grad_a_ptr + rows[:, None] * C + cs[None, :], mask=m, other=0.0)
+                grad_h_cell += tl.load(
+                    grad_a_ptr + rows[:, None] * C + cs[None, :], mask=m, other=0.0
+                )
             else:
                 grad_h_cell += tl.load(scratch_rows + off_carry + cs[None, :], mask=m, other=0.0)
             gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
@@ -307,41 +655,147 @@ def _lstm_backward_kernel(
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = cell * N * C + rows[:, None] * C + cs[None, :]
-                grad_h_prev = _matmul_tile(dgates_ptr, S, 1, cell_w + 4 * C * C + 4 * C, C, 1,
-                                           rows, row_mask, cs, c_mask, 4 * C, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
+                grad_h_prev = _matmul_tile(
+                    dgates_ptr,
+                    S,
+                    1,
+                    cell_w + 4 * C * C + 4 * C,
+                    C,
+                    1,
+                    rows,
+                    row_mask,
+                    cs,
+                    c_mask,
+                    4 * C,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 tl.store(grad_h_ptr + nc, grad_h_prev.to(grad_h_ptr.dtype.element_ty), mask=m)
-                grad_input = _matmul_tile(dgates_ptr, S, 1, cell_w, C, 1,
-                                          rows, row_mask, cs, c_mask, 4 * C, BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
+                grad_input = _matmul_tile(
+                    dgates_ptr,
+                    S,
+                    1,
+                    cell_w,
+                    C,
+                    1,
+                    rows,
+                    row_mask,
+                    cs,
+                    c_mask,
+                    4 * C,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 if HAS_MASKS:
-                    grad_input = grad_input * tl.load(masks_ptr + nc - N * C, mask=m, other=0.0).to(tl.float32)
+                    grad_input = grad_input * tl.load(masks_ptr + nc - N * C, mask=m, other=0.0).to(
+                        tl.float32
+                    )
                 tl.store(scratch_rows + off_carry + cs[None, :], grad_input, mask=m)
             tl.debug_barrier()
         else:  # the reduced paths: du = (dgates W2) * relu'(u); ds = du_ih Wih1; dh0 = du_hh Whh1
-            for r0 in range(part * BLOCK_R, R if PHASE == PHASE_FUSED or PHASE == PHASE_REDUCED_GRAD else 0,
-                            parts * BLOCK_R):
+            for r0 in range(
+                part * BLOCK_R,
+                R if PHASE == PHASE_FUSED or PHASE == PHASE_REDUCED_GRAD else 0,
+                parts * BLOCK_R,
+            ):
                 rs = r0 + tl.arange(0, BLOCK_R)
                 r_mask = rs < R
                 rr_mask = row_mask[:, None] & r_mask[None, :]
-                du_ih = _matmul_tile(dgates_ptr, S, 1, wih2_ptr, R, 1, rows, row_mask, rs, r_mask, 4 * C,
-                                     BLOCK_N, BLOCK_R, BLOCK_K, DOT_PRECISION)
-                du_hh = _matmul_tile(dgates_ptr, S, 1, whh2_ptr, R, 1, rows, row_mask, rs, r_mask, 4 * C,
-                                     BLOCK_N, BLOCK_R, BLOCK_K, DOT_PRECISION)
+                du_ih = _matmul_tile(
+                    dgates_ptr,
+                    S,
+                    1,
+                    wih2_ptr,
+                    R,
+                    1,
+                    rows,
+                    row_mask,
+                    rs,
+                    r_mask,
+                    4 * C,
+                    BLOCK_N,
+                    BLOCK_R,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+                du_hh = _matmul_tile(
+                    dgates_ptr,
+                    S,
+                    1,
+                    whh2_ptr,
+                    R,
+                    1,
+                    rows,
+                    row_mask,
+                    rs,
+                    r_mask,
+                    4 * C,
+                    BLOCK_N,
+                    BLOCK_R,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 ru_ih = tl.load(scratch_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
                 ru_hh = tl.load(scratch_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0)
-                tl.store(scratch_rows + off_du + rs[None, :], tl.where(ru_ih > 0, du_ih, 0.0), mask=rr_mask)
-                tl.store(scratch_rows + off_du + R + rs[None, :], tl.where(ru_hh > 0, du_hh, 0.0), mask=rr_mask)
+                tl.store(
+                    scratch_rows + off_du + rs[None, :],
+                    tl.where(ru_ih > 0, du_ih, 0.0),
+                    mask=rr_mask,
+                )
+                tl.store(
+                    scratch_rows + off_du + R + rs[None, :],
+                    tl.where(ru_hh > 0, du_hh, 0.0),
+                    mask=rr_mask,
+                )
             tl.debug_barrier()
-            for col0 in range(part * BLOCK_C, C if PHASE == PHASE_FUSED or PHASE == PHASE_INPUT_GRAD else 0,
-                              parts * BLOCK_C):
+            for col0 in range(
+                part * BLOCK_C,
+                C if PHASE == PHASE_FUSED or PHASE == PHASE_INPUT_GRAD else 0,
+                parts * BLOCK_C,
+            ):
                 cs = col0 + tl.arange(0, BLOCK_C)
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = rows[:, None] * C + cs[None, :]
-                grad_pooled = _matmul_tile(scratch_ptr + off_du, S, 1, wih1_ptr, C, 1, rows, row_mask, cs, c_mask, R,
-                                           BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
+                grad_pooled = _matmul_tile(
+                    scratch_ptr + off_du,
+                    S,
+                    1,
+                    wih1_ptr,
+                    C,
+                    1,
+                    rows,
+                    row_mask,
+                    cs,
+                    c_mask,
+                    R,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 tl.store(grad_pooled_ptr + nc, grad_pooled, mask=m)
-                grad_h0 = _matmul_tile(scratch_ptr + off_du + R, S, 1, whh1_ptr, C, 1, rows, row_mask, cs, c_mask, R,
-                                       BLOCK_N, BLOCK_C, BLOCK_K, DOT_PRECISION)
+                grad_h0 = _matmul_tile(
+                    scratch_ptr + off_du + R,
+                    S,
+                    1,
+                    whh1_ptr,
+                    C,
+                    1,
+                    rows,
+                    row_mask,
+                    cs,
+                    c_mask,
+                    R,
+                    BLOCK_N,
+                    BLOCK_C,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
                 tl.store(grad_h_ptr + nc, grad_h0.to(grad_h_ptr.dtype.element_ty), mask=m)
 
 
@@ -349,8 +803,18 @@ def _lstm_backward_kernel(
 def _weight_grad_kernel(
     scratch_ptr,  # (N, S) fp32 from _lstm_backward_kernel: the D (output-gradient) and V (input) operands
     grad_w_ptr,  # flat fp32 out: every weight gradient flattened, in reference.weight_names order
-    N, C, R, S, off_ru, off_v0, off_vs, off_du, off_dgates,  # see the LSTM kernels
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    N,
+    C,
+    R,
+    S,
+    off_ru,
+    off_v0,
+    off_vs,
+    off_du,
+    off_dgates,  # see the LSTM kernels
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """Program (job, i, j) writes the (BLOCK_M, BLOCK_K) tile (i, j) of one weight gradient
@@ -380,16 +844,36 @@ def _weight_grad_kernel(
     k_mask = ks < k_size
     if (tl.program_id(1) * BLOCK_M < m_size) & (tl.program_id(2) * BLOCK_K < k_size):
         # A[m, n] = D[n, m] (D^T), B[n, k] = V[n, k]; the reduction runs over the samples
-        grad_w = _matmul_tile(scratch_ptr + d_col, 1, S, scratch_ptr + v_col, S, 1, ms, m_mask, ks, k_mask, N,
-                              BLOCK_M, BLOCK_K, BLOCK_N, DOT_PRECISION)
-        tl.store(grad_w_ptr + out + ms[:, None] * k_size + ks[None, :], grad_w,
-                 mask=m_mask[:, None] & k_mask[None, :])
+        grad_w = _matmul_tile(
+            scratch_ptr + d_col,
+            1,
+            S,
+            scratch_ptr + v_col,
+            S,
+            1,
+            ms,
+            m_mask,
+            ks,
+            k_mask,
+            N,
+            BLOCK_M,
+            BLOCK_K,
+            BLOCK_N,
+            DOT_PRECISION,
+        )
+        tl.store(
+            grad_w_ptr + out + ms[:, None] * k_size + ks[None, :],
+            grad_w,
+            mask=m_mask[:, None] & k_mask[None, :],
+        )
         if tl.program_id(2) == 0:
             grad_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for n0 in range(0, N, BLOCK_N):
                 ns = n0 + tl.arange(0, BLOCK_N)
-                d = tl.load(scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
-                            mask=(ns < N)[:, None] & m_mask[None, :], other=0.0)
+                d = tl.load(
+                    scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
+                    mask=(ns < N)[:, None] & m_mask[None, :],
+                    other=0.0,
+                )
                 grad_b += tl.sum(d, axis=0)
             tl.store(grad_w_ptr + out + m_size * k_size + ms, grad_b, mask=m_mask)
-

@@ -1,6 +1,7 @@
 """Triton kernels over the feature maps (N, C, H, W) of the DIA step: pool, scale epilogue, grad
 attention, grad input. Each walks H * W as one strided axis (maps dense in NCHW or
 channels_last); the host wrappers are in host.py, the step's math in docs/design.md §1."""
+
 from __future__ import annotations
 
 import triton
@@ -11,9 +12,13 @@ import triton.language as tl
 def _pool_kernel(
     x_ptr,  # (N, C, H, W) any float dtype, strides below
     pooled_ptr,  # (N, C) fp32, contiguous: mean over H, W
-    C, HW,  # channels, H*W
-    stride_xn, stride_xc, stride_xhw,  # x strides; stride_xhw = W stride (H stride = W * it)
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    C,
+    HW,  # channels, H*W
+    stride_xn,
+    stride_xc,
+    stride_xhw,  # x strides; stride_xhw = W stride (H stride = W * it)
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -48,11 +53,19 @@ def _scale_kernel(
     a_ptr,  # (N, C) fp32 attention, contiguous
     identity_ptr,  # (N, C, H, W) or x_ptr when HAS_IDENTITY is False (not read)
     out_ptr,  # (N, C, H, W) x's dtype, x's strides
-    N, C, HW,
-    stride_xn, stride_xc, stride_xhw,  # x and out strides
-    stride_in, stride_ic, stride_ihw,  # identity strides
-    HAS_IDENTITY: tl.constexpr, RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    N,
+    C,
+    HW,
+    stride_xn,
+    stride_xc,
+    stride_xhw,  # x and out strides
+    stride_in,
+    stride_ic,
+    stride_ihw,  # identity strides
+    HAS_IDENTITY: tl.constexpr,
+    RELU: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     n, cs, hw = _elementwise_tile(N, C, HW, BLOCK_C, BLOCK_HW)  # 1-D grid, see there
     mask = (cs[:, None] < C) & (hw[None, :] < HW)
@@ -74,10 +87,15 @@ def _grad_attention_kernel(
     out_ptr,  # (N, C, H, W) forward output (relu mask)
     grad_a_ptr,  # (N, C) fp32 out: sum over H, W of z * x
     grad_identity_ptr,  # (N, C, H, W) out: z, x's strides (not written without identity)
-    C, HW,
-    stride_xn, stride_xc, stride_xhw,  # strides shared by grad_out, x, out, grad_identity
-    RELU: tl.constexpr, HAS_IDENTITY: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    C,
+    HW,
+    stride_xn,
+    stride_xc,
+    stride_xhw,  # strides shared by grad_out, x, out, grad_identity
+    RELU: tl.constexpr,
+    HAS_IDENTITY: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -89,9 +107,13 @@ def _grad_attention_kernel(
         offsets = n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw
         z = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if RELU:
-            z = tl.where(tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, z)  # relu backward
+            z = tl.where(
+                tl.load(out_ptr + offsets, mask=mask, other=0.0) <= 0, 0.0, z
+            )  # relu backward
         if HAS_IDENTITY:
-            tl.store(grad_identity_ptr + offsets, z.to(grad_identity_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                grad_identity_ptr + offsets, z.to(grad_identity_ptr.dtype.element_ty), mask=mask
+            )
         acc += z * tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     tl.store(grad_a_ptr + n * C + cs, tl.sum(acc, axis=1), mask=c_mask)
 
@@ -103,10 +125,15 @@ def _grad_input_kernel(
     a_ptr,  # (N, C) fp32 attention
     grad_pooled_ptr,  # (N, C) fp32 gradient of the pooled mean
     grad_x_ptr,  # (N, C, H, W) out, x's dtype and strides: z * a + grad_pooled / HW
-    N, C, HW,
-    stride_xn, stride_xc, stride_xhw,
+    N,
+    C,
+    HW,
+    stride_xn,
+    stride_xc,
+    stride_xhw,
     RELU: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_HW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_HW: tl.constexpr,
 ):
     n, cs, hw = _elementwise_tile(N, C, HW, BLOCK_C, BLOCK_HW)  # 1-D grid, see there
     c_mask = cs < C
@@ -119,4 +146,3 @@ def _grad_input_kernel(
     gp = tl.load(grad_pooled_ptr + n * C + cs, mask=c_mask, other=0.0)
     gx = z * a[:, None] + gp[:, None] / HW
     tl.store(grad_x_ptr + offsets, gx.to(grad_x_ptr.dtype.element_ty), mask=mask)
-
