@@ -16,6 +16,7 @@ def _no_backend_override(monkeypatch):
 
 def pytest_report_header(config):
     return (
-        f"dia_fused bench: device={DEVICE} ({torch.cuda.get_device_name() if ON_GPU else 'no GPU'}), "
+        f"dia_fused bench: device={DEVICE} "
+        f"({torch.cuda.get_device_name() if ON_GPU else 'no GPU'}), "
         f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', 'unset')}"
     )

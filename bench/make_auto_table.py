@@ -2,8 +2,8 @@
 sessions: per GPU and measured step, each backend's median time (pytest-benchmark JSON written by
 `pytest bench/test_step_bench.py --benchmark-json=...`, e.g. by bench/gpu_session.sh).
 
-    python bench/make_auto_table.py bench/results/2026-11-26_h100            # -> dia_fused/auto_backend.json
-    python bench/make_auto_table.py RESULTS... -o table.json                 # elsewhere (DIA_FUSED_AUTO_TABLE)
+    python bench/make_auto_table.py bench/results/2026-11-26_h100 # -> dia_fused/auto_backend.json
+    python bench/make_auto_table.py RESULTS... -o table.json      # elsewhere (DIA_FUSED_AUTO_TABLE)
 
 GPUs already in the output table and absent from the new results are kept; a GPU present in both
 is replaced by the new measurements. CPU results are ignored (auto never picks the interpreter).

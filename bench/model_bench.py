@@ -11,8 +11,8 @@ pytorchcv_dia / pytorchcv_dia_accelerated, and pytorchcv_dia_accelerated_{train,
 
 Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train,infer}_ms for fp32
 (dia_fused = backend "auto"; dia_triton / dia_cuda where that backend runs), the same with a `bf16_`
-prefix for autocast, ratios to plain, auto's backend per DIA unit ({,bf16_}dia_fused_{train,infer}_backends),
-plus device, versions and the settings.
+prefix for autocast, ratios to plain, auto's backend per DIA unit
+({,bf16_}dia_fused_{train,infer}_backends), plus device, versions and the settings.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Per-kernel profile of one fused DIA step under Nsight Compute: time, DRAM bytes, L2 hit rate.
 
-    ncu --profile-from-start off --print-units base --csv --page raw --metrics \\
-        gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \\
+    METRICS=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct
+    ncu --profile-from-start off --print-units base --csv --page raw --metrics $METRICS \\
         python bench/profile_step.py run --backend triton > ncu_triton.csv
-    python bench/profile_step.py summarize ncu_triton.csv      # one table: kernel, us, MB, GB/s, L2 %
+    python bench/profile_step.py summarize ncu_triton.csv    # one table: kernel, us, MB, GB/s, L2 %
 
 `run` compiles and warms up outside the profiled range (cudaProfilerStart/Stop), then profiles one
 forward and one backward of the step. The summary compares each kernel's DRAM traffic with what the
@@ -60,7 +60,8 @@ def run(args) -> int:
 
 
 def read_ncu_csv(path: str) -> List[Dict[str, float]]:
-    """Rows of `ncu --csv --page raw --print-units base`: kernel name and the METRICS, in launch order."""
+    """Rows of `ncu --csv --page raw --print-units base`: kernel name and the METRICS, in launch
+    order."""
     with open(path, newline="") as f:
         lines = [
             line for line in f if line.startswith('"')
@@ -95,14 +96,17 @@ def summarize(rows: List[Dict[str, float]]) -> str:
         moved = row["read"] + row["write"]
         name = row["kernel"].split("(")[0][:48]
         lines.append(
-            f"| {name} | {row['ns'] / 1e3:.1f} | {row['read'] / 1e6:.2f} | {row['write'] / 1e6:.2f} | "
+            f"| {name} | {row['ns'] / 1e3:.1f} | {row['read'] / 1e6:.2f} | "
+            f"{row['write'] / 1e6:.2f} | "
             f"{moved / seconds / 1e9 if seconds else 0:.0f} | {row['l2_hit']:.1f} |"
         )
     total_ns = sum(r["ns"] for r in rows)
     total = sum(r["read"] + r["write"] for r in rows)
     lines.append(
-        f"| all {len(rows)} kernels | {total_ns / 1e3:.1f} | {sum(r['read'] for r in rows) / 1e6:.2f} | "
-        f"{sum(r['write'] for r in rows) / 1e6:.2f} | {total / (total_ns * 1e-9) / 1e9 if total_ns else 0:.0f} | |"
+        f"| all {len(rows)} kernels | {total_ns / 1e3:.1f} | "
+        f"{sum(r['read'] for r in rows) / 1e6:.2f} | "
+        f"{sum(r['write'] for r in rows) / 1e6:.2f} | "
+        f"{total / (total_ns * 1e-9) / 1e9 if total_ns else 0:.0f} | |"
     )
     return "\n".join(lines)
 

@@ -1,8 +1,9 @@
 """BENCHMARKS.md from the files a GPU session leaves in one results folder (bench/gpu_session.sh):
 env.txt, model_bench.json (bench/model_bench.py) and step_bench*.json (pytest
-bench/test_step_bench.py --benchmark-json, possibly in several parts). Ratios first: the model-level ratios to plain ResNet-164 against the targets,
-then one DIA step per shape: the speed-up of each implementation over the eager reference and
-the share of the device's peak memory bandwidth.
+bench/test_step_bench.py --benchmark-json, possibly in several parts). Ratios first: the
+model-level ratios to plain ResNet-164 against the targets, then one DIA step per shape: the
+speed-up of each implementation over the eager reference and the share of the device's peak memory
+bandwidth.
 
     python bench/summarize.py bench/results/2026-11-25_h100 > BENCHMARKS.md
 """
@@ -59,7 +60,8 @@ def model_table(result: dict) -> List[str]:
 
 
 def _auto_choice(result: dict) -> str:
-    """auto's backend per DIA unit as model_bench recorded it, e.g. 'train cuda/cuda/triton, infer ...'."""
+    """auto's backend per DIA unit as model_bench recorded it, e.g. 'train cuda/cuda/triton, infer
+    ...'."""
     phases = [
         f"{phase} {result[f'dia_fused_{phase}_backends']}"
         for phase in ("train", "infer")
@@ -140,9 +142,11 @@ def summarize(folder: str) -> str:
         lines += ["```", env.strip(), "```", ""]
     if model is not None:
         lines += [
-            f"## DIA-ResNet-{model.get('depth')}: time per step, as a ratio to plain ResNet-{model.get('depth')}",
+            f"## DIA-ResNet-{model.get('depth')}: time per step, as a ratio to plain "
+            f"ResNet-{model.get('depth')}",
             "",
-            f"Device {model.get('device')}, torch {model.get('torch')}, triton {model.get('triton')}, "
+            f"Device {model.get('device')}, torch {model.get('torch')}, "
+            f"triton {model.get('triton')}, "
             f"median of {model.get('steps')} steps after {model.get('warmup')} warm-up; target for "
             f"dia_fused: <= {TARGET_RATIO:.2f}x (✓ where met).",
             "",

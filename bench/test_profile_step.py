@@ -6,7 +6,8 @@ import pytest
 import profile_step
 
 HEADER = (
-    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size","Grid Size",'
+    '"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream",'
+    '"Block Size","Grid Size",'
     '"Device","CC","dram__bytes_read.sum","dram__bytes_write.sum","gpu__time_duration.sum",'
     '"lts__t_sector_hit_rate.pct"'
 )
@@ -48,6 +49,6 @@ def test_missing_metrics_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         profile_step.main(["summarize", str(path)])
     assert (
-        "metrics ['dram__bytes_read.sum', 'dram__bytes_write.sum', 'lts__t_sector_hit_rate.pct'] missing"
-        in capsys.readouterr().err
+        "metrics ['dram__bytes_read.sum', 'dram__bytes_write.sum', "
+        "'lts__t_sector_hit_rate.pct'] missing" in capsys.readouterr().err
     )

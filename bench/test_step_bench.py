@@ -1,6 +1,6 @@
-"""One DIA step, forward and forward+backward, for every available backend (eager, and replayed from a
-CUDA graph), the eager reference and torch.compile(reference), over CIFAR and ImageNet stage shapes,
-fp32 and bf16.
+"""One DIA step, forward and forward+backward, for every available backend (eager, and replayed
+from a CUDA graph), the eager reference and torch.compile(reference), over CIFAR and ImageNet stage
+shapes, fp32 and bf16.
 
 On a GPU: the real shapes. On a CPU-only machine: the eager reference on scaled-down CIFAR shapes
 (batch 8) and one compiled-reference shape, so that `pytest bench/` stays short there.
@@ -63,8 +63,8 @@ def compiled_reference_step(x, h, c, w, idt):
     return _compiled_reference(x, h, c, w, identity=idt, relu=True)
 
 
-# "<backend>_graph": the same step captured in a CUDA graph and replayed, i.e. without host overhead:
-# what the kernels cost on the GPU, where the eager numbers may be bounded by the host
+# "<backend>_graph": the same step captured in a CUDA graph and replayed, i.e. without host
+# overhead: what the kernels cost on the GPU, where the eager numbers may be bounded by the host
 IMPLEMENTATIONS = (
     ["reference", "compiled_reference"]
     + fused_backends()
@@ -104,7 +104,8 @@ def cases():
                     and not ON_GPU
                     and (shape != SHAPES[-1] or dtype != torch.float32)
                 ):
-                    continue  # CPU: one compiled shape (inductor compiles take tens of seconds here)
+                    # CPU: one compiled shape (inductor compiles take tens of seconds here)
+                    continue
                 # on CPU the inductor compile is slow (the GPU phases run these whole)
                 marks = [pytest.mark.slow] if impl == "compiled_reference" and not ON_GPU else []
                 yield pytest.param(

@@ -63,7 +63,8 @@ def test_summary_from_model_bench_and_step_bench(tmp_path):
     (tmp_path / "env.txt").write_text("gpu: none (CPU test)\n")
     text = summarize.summarize(str(tmp_path))
     assert (
-        "| dia_fused (auto: train reference/reference/reference, infer reference/reference/reference) |"
+        "| dia_fused (auto: train reference/reference/reference, "
+        "infer reference/reference/reference) |"
         in text
         and "| plain | 1.00x" in text
     )

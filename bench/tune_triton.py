@@ -32,7 +32,8 @@ CANDIDATES = [
     "split_min=0",
     "split_min=1000000000",
 ]
-# more programs per map (channels_last N=128 C=64 pools with 128 programs by default), or wider tiles
+# more programs per map (channels_last N=128 C=64 pools with 128 programs by default), or wider
+# tiles
 MAP_CANDIDATES = [
     "num_warps=8",
     "tile=8192,num_warps=8",
@@ -174,7 +175,8 @@ def main(argv=None) -> int:
             first = False
     reference = {tuple(r["shape"]): r for r in records if "reference_forward_ms" in r}
     print(
-        f"{'shape':>18} {'candidate (lstm | map / precision)':>56} {'ok':>3} {'fwd ms':>8} {'x ref':>6} "
+        f"{'shape':>18} {'candidate (lstm | map / precision)':>56} {'ok':>3} "
+        f"{'fwd ms':>8} {'x ref':>6} "
         f"{'fwd+bwd ms':>10} {'x ref':>6}"
     )
     for r in records:
@@ -196,7 +198,8 @@ def main(argv=None) -> int:
     if good:
         best = min(good, key=lambda k: sum(r["triton_forward_backward_ms"] for r in good[k]))
         print(
-            f"best over all shapes (sum of forward+backward times, tolerance rule met): lstm {best[0]} | "
+            f"best over all shapes (sum of forward+backward times, tolerance rule met): "
+            f"lstm {best[0]} | "
             f"map {best[1]} / {best[2]}"
         )
     if opts.json:

@@ -120,7 +120,8 @@ def main(argv=None) -> int:
             print(
                 f"  {name:<10} available; step N={n} C={c} {h}x{w} fp32: "
                 f"max error vs float64 {r['max_error']:.2e} (out {r['out_error']:.2e}), "
-                f"forward {r['forward_ms']:.3f} ms, forward+backward {r['forward_backward_ms']:.3f} ms"
+                f"forward {r['forward_ms']:.3f} ms, "
+                f"forward+backward {r['forward_backward_ms']:.3f} ms"
             )
     device = devices[-1]
     n, c, h, w = SHAPES[device.type]
@@ -136,7 +137,8 @@ def main(argv=None) -> int:
             else f"{how}: no measurements for {name} in {table} (bench/make_auto_table.py)"
         )
     print(
-        f"\nbackend='auto' on {device} ({how}): a training step N={n} C={c} {h}x{w} fp32 runs {auto}"
+        f"\nbackend='auto' on {device} ({how}): "
+        f"a training step N={n} C={c} {h}x{w} fp32 runs {auto}"
     )
     print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
     return 1 if failures else 0

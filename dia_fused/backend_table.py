@@ -84,7 +84,8 @@ def validate(table, path: str = "table") -> None:
                     )
             if step.get("dtype") not in DTYPE_FALLBACK:
                 raise ValueError(
-                    f"{where}.dtype: expected one of {sorted(DTYPE_FALLBACK)}, got {step.get('dtype')!r}"
+                    f"{where}.dtype: expected one of {sorted(DTYPE_FALLBACK)}, "
+                    f"got {step.get('dtype')!r}"
                 )
             if step.get("pass") not in PASSES:
                 raise ValueError(
@@ -100,7 +101,8 @@ def validate(table, path: str = "table") -> None:
                 )
             ):
                 raise ValueError(
-                    f"{where}.ms: expected {{backend: positive milliseconds}} over {BACKEND_NAMES}, "
+                    f"{where}.ms: expected {{backend: positive milliseconds}} "
+                    f"over {BACKEND_NAMES}, "
                     f"got {ms!r}"
                 )
 

@@ -1,8 +1,9 @@
 """Convert DIA models of other codebases to dia_fused models with the same weights.
 
     convert(model)                          official DIANet CIFAR models (dia_resnet bottleneck,
-                                            dia_preresnet, dia_wrn, dia_resnext) and pytorchcv DIA models
-                                            (diaresnet*_cifar*, diapreresnet*_cifar*, ImageNet diaresnet*)
+                                            dia_preresnet, dia_wrn, dia_resnext) and pytorchcv DIA
+                                            models (diaresnet*_cifar*, diapreresnet*_cifar*,
+                                            ImageNet diaresnet*)
     load_official_state_dict(name, sd)      an official checkpoint into the matching dia_fused model
 
 The residual branches are matched module by module in execution order, so differences in module
@@ -171,7 +172,8 @@ def _check_lstm_keys(stage: str, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def _block_prefix(name: str) -> str:
-    """'layer1.ModuleList.3.downsample.0' -> 'layer1.ModuleList.3.' (the residual block's prefix)."""
+    """'layer1.ModuleList.3.downsample.0' -> 'layer1.ModuleList.3.' (the residual block's
+    prefix)."""
     match = re.match(r"^(.*?(?:ModuleList\.\d+|unit\d+|blocks\.\d+))\.", name)
     return match.group(1) + "." if match else name
 
@@ -223,7 +225,8 @@ def _target_for(model: nn.Module, backend: str):
     units = _stage_units(model)
     if not units:
         raise TypeError(
-            f"model: expected an official DIANet or pytorchcv DIA model with shared DIA-LSTM units, "
+            f"model: expected an official DIANet or pytorchcv DIA model "
+            f"with shared DIA-LSTM units, "
             f"got {kind} without any"
         )
     reduction, num_cells = _reduction(units[0])
@@ -246,7 +249,8 @@ def _target_for(model: nn.Module, backend: str):
             )
             if depth is None:
                 raise ValueError(
-                    f"model: pytorchcv DIAResNet with stage sizes {counts} has no dia_fused ImageNet "
+                    f"model: pytorchcv DIAResNet with stage sizes {counts} "
+                    f"has no dia_fused ImageNet "
                     f"equivalent (depths {sorted(IMAGENET_LAYERS)})"
                 )
             second = next(iter(stages[1].children()))

@@ -34,7 +34,8 @@ def reduced_width(channels: int, reduction: int) -> int:
 
 
 class ReducedLinear(nn.Module):
-    """Linear(C, C/r) -> ReLU -> Linear(C/r, 4C); the official `small_cell` (keys `seq.0`, `seq.2`)."""
+    """Linear(C, C/r) -> ReLU -> Linear(C/r, 4C); the official `small_cell` (keys `seq.0`,
+    `seq.2`)."""
 
     def __init__(self, in_features: int, hidden: int, out_features: int):
         super().__init__()
@@ -198,7 +199,8 @@ class DIALSTM(nn.Module):
 
 class DIASE(nn.Module):
     """DIA-SE (paper Table 1): one SE module, Linear(C, C/r) -> ReLU -> Linear(C/r, C) -> sigmoid,
-    shared by all blocks of a stage. Same call as DIALSTM; it has no recurrent state (returns None)."""
+    shared by all blocks of a stage. Same call as DIALSTM; it has no recurrent state (returns
+    None)."""
 
     def __init__(self, channels: int, reduction: int = 16):
         super().__init__()

@@ -194,7 +194,8 @@ def _resolve(
     dtype = getattr(torch, dtype_name) if dtype_name else None
     if requested == "auto":
         for name in auto_order(device, step, table_path):
-            # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic choice
+            # Triton on CPU tensors is the interpreter: a correctness tool, never an automatic
+            # choice
             if name == "triton" and device.type == "cpu":
                 continue
             if (

@@ -139,7 +139,8 @@ class OfficialBottleneck(nn.Module):
 
 
 class OfficialNet(nn.Module):
-    """The official dia_resnet (pre=False, class ResNet) / dia_preresnet (pre=True, class PreResNet)."""
+    """The official dia_resnet (pre=False, class ResNet) / dia_preresnet (pre=True, class
+    PreResNet)."""
 
     def __init__(self, depth, num_classes, pre):
         super().__init__()

@@ -1,6 +1,6 @@
-"""The CUDA backend without a GPU: its kernels compiled for the CPU (python_tests/emulation) under its
-unchanged host wrapper (dia_fused/kernels/cuda_dia_step.py), against the float64 reference with the
-tolerance rule of docs/design.md §4, over outputs, state and every gradient.
+"""The CUDA backend without a GPU: its kernels compiled for the CPU (python_tests/emulation) under
+its unchanged host wrapper (dia_fused/kernels/cuda_dia_step.py), against the float64 reference with
+the tolerance rule of docs/design.md §4, over outputs, state and every gradient.
 
 Shapes are small (every emulated thread is an OS thread) but chosen for the edges of the kernels:
 C not a multiple of the GEMM tiles or of the vector width, N over one 32-sample tile, H*W = 1,

@@ -37,6 +37,6 @@ def test_check_runs_every_available_cpu_backend_against_float64(capsys, monkeypa
         line = next(line for line in backends if line.strip().startswith(name + " "))
         assert "max error vs float64" in line and "forward+backward" in line, line
     assert (
-        "backend='auto' on cpu (cuda > triton > reference): a training step N=8 C=64 16x16 fp32 runs reference"
-        in out
+        "backend='auto' on cpu (cuda > triton > reference): "
+        "a training step N=8 C=64 16x16 fp32 runs reference" in out
     )

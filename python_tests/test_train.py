@@ -432,9 +432,10 @@ def test_killed_run_resumes_to_the_uninterrupted_state(cifar_dir, tmp_path):
     assert_same_state(a["state_dict"], b["state_dict"])
     for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
-    strip = lambda rows: [
-        {k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows
-    ]  # noqa: E731
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
     assert strip(read_log(reference)) == strip(read_log(killed))
 
 

@@ -2,7 +2,6 @@
 every gradient). On CPU under the Triton interpreter with tiny shapes; the same file runs on a
 GPU."""
 
-
 import pytest
 import torch
 
@@ -362,8 +361,9 @@ def test_default_map_tiles():
 
 
 def test_split_path_launches(monkeypatch, launch_log):
-    # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4 launches);
-    # backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7 launches)
+    # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4
+    # launches); backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7
+    # launches)
     from dia_fused.kernels.triton import host as triton_dia_step
 
     settings = triton_dia_step.KernelSettings(
@@ -454,7 +454,8 @@ def test_bad_setting_makes_the_backend_unavailable_with_the_reason(monkeypatch, 
         (
             "DIA_FUSED_TRITON_DOT_PRECISION",
             "fp64",
-            "DIA_FUSED_TRITON_DOT_PRECISION: expected one of ('ieee', 'tf32x3', 'tf32'), got 'fp64'",
+            "DIA_FUSED_TRITON_DOT_PRECISION: expected one of ('ieee', 'tf32x3', 'tf32'), "
+            "got 'fp64'",
         ),
         (
             "DIA_FUSED_TRITON_LSTM",

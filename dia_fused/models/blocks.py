@@ -2,8 +2,8 @@
 
 Every block maps x to (branch, identity): the branch output after its last BatchNorm and the
 shortcut (None when skip connections are ablated). The stage adds them: through the shared DIA unit
-(modules.DIAStage) or, without DIA, directly (PlainStage); SE models put a per-block SE module at the
-end of the branch.
+(modules.DIAStage) or, without DIA, directly (PlainStage); SE models put a per-block SE module at
+the end of the branch.
 """
 
 from __future__ import annotations
@@ -149,9 +149,9 @@ def preact_block(
     shortcut_from_preact=False,
 ):
     """Pre-activation block: bn-relu, then 1x1-bn-relu-3x3-bn-relu-1x1 (bottleneck, x4 channels) or
-    3x3-bn-relu-3x3 (basic), + the official DIA code's extra BN at the end of the branch (so the unit
-    pools normalised features). The projection shortcut (no BN) reads x (official DIANet) or the
-    pre-activated x (`shortcut_from_preact`, pytorchcv)."""
+    3x3-bn-relu-3x3 (basic), + the official DIA code's extra BN at the end of the branch (so the
+    unit pools normalised features). The projection shortcut (no BN) reads x (official DIANet) or
+    the pre-activated x (`shortcut_from_preact`, pytorchcv)."""
     cout = planes * 4 if bottleneck else planes
     if bottleneck:
         layers = [

@@ -24,8 +24,8 @@ from .blocks import (
 )
 
 
-# Per-block SE of the SE baselines, (reduction, bias): the paper's SE parameter counts (Table 3) match
-# r=16 with biases for ResNet/PreResNet and r=4 without biases for WRN and ResNeXt.
+# Per-block SE of the SE baselines, (reduction, bias): the paper's SE parameter counts (Table 3)
+# match r=16 with biases for ResNet/PreResNet and r=4 without biases for WRN and ResNeXt.
 SE_RESNET, SE_WIDE = (16, True), (4, False)
 
 

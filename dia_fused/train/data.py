@@ -233,11 +233,14 @@ def synthetic_dataset(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     images, labels = _generated_images(train_size + test_size, num_classes, seed)
-    as_set = lambda sl: ImageSet(
-        torch.from_numpy(images[sl].copy()),  # noqa: E731
-        torch.from_numpy(labels[sl].copy()),
-        num_classes,
-    )
+
+    def as_set(sl):
+        return ImageSet(
+            torch.from_numpy(images[sl].copy()),
+            torch.from_numpy(labels[sl].copy()),
+            num_classes,
+        )
+
     return as_set(slice(0, train_size)), as_set(slice(train_size, None))
 
 

@@ -3,23 +3,23 @@
 
 Launches per step on the fused path (any number of stacked cells; N, C, H*W of any size):
 
-    forward   1. pool            s = mean_HW x                                   reads x once
+    forward   1. pool            s = mean_HW x                            reads x once
               2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples
-              3. scale epilogue  out = relu?(x * a + identity)                   reads x (+ identity) once,
+              3. scale epilogue  out = relu?(x * a + identity)            reads x (+ identity) once,
                                  last-pooled rows first (L2)
-    backward  1. grad attention  da = sum_HW z * x, writes d_identity = z       reads grad_out, x (+ out)
+    backward  1. grad attention  da = sum_HW z * x, writes d_identity = z reads grad_out, x (+ out)
               2. LSTM backward   recomputes the gates, then dgates, ds, dh, dc per sample tile
               3. weight grads    dW = D^T V over all samples (one program per output tile:
                                  deterministic, no atomics), biases = column sums of D
-              4. grad input      dx = z * a + ds / HW      reads d_identity (= z), else grad_out (+ out),
-                                 in the reverse of 1.'s order (L2)
+              4. grad input      dx = z * a + ds / HW                     reads d_identity (= z),
+                                 else grad_out (+ out), in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
 with C * C/r >= LSTMConfig.split_min (ImageNet stages 3-4 by default) take the split path instead,
 where each LSTM phase is its own launch spread over GEMM-like grids (sample tiles x reduced-width or
-channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates and
-their gradients, du, ds and dh0, weight grads, grad input (7). One program per sample tile would run
-all of a large unit's matmuls on a handful of SMs.
+channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates
+and their gradients, du, ds and dh0, weight grads, grad input (7). One program per sample tile would
+run all of a large unit's matmuls on a handful of SMs.
 
 The small LSTM runs in fp32 whatever the input dtype (the recurrent state is fp32 for fp32 and half
 inputs); its matmuls use `tl.dot` with IEEE fp32 precision (no TF32), so the numbers follow the
@@ -68,7 +68,8 @@ _override = SettingsOverride(KernelSettings)
 
 def current_settings() -> KernelSettings:
     """The settings a call without `settings=` runs with: those of the innermost use_settings(),
-    else the defaults with the DIA_FUSED_TRITON_* variables applied (ValueError naming a bad one)."""
+    else the defaults with the DIA_FUSED_TRITON_* variables applied (ValueError naming a bad
+    one)."""
     override = _override.value
     return override if override is not None else settings_of.from_environment(INTERPRETED)
 
@@ -244,8 +245,8 @@ def _check(x: Tensor, config: MapConfig) -> None:
     (programs,) = _elementwise_grid(n, channels, height * width, block_c, block_hw)
     if programs > MAX_GRID_X:
         raise ValueError(
-            f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the triton "
-            f"backend's map kernels cover ({MAX_GRID_X}), got shape {tuple(x.shape)}; use "
+            f"x: {programs} tiles of {block_c} channels x {block_hw} positions are more than the "
+            f"triton backend's map kernels cover ({MAX_GRID_X}), got shape {tuple(x.shape)}; use "
             f"backend='reference' for such maps"
         )
 
@@ -254,7 +255,8 @@ def _lstm_operands(
     pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], dropout_masks: Optional[Tensor]
 ):
     """Kernel operands of the LSTM kernels: contiguous state, the 8 cell-0 tensors, the stacked
-    cells packed into one fp32 buffer (one copy, only when there are stacked cells) and the masks."""
+    cells packed into one fp32 buffer (one copy, only when there are stacked cells) and the
+    masks."""
     cell0 = [w.contiguous() for w in weights[: reference.CELL0_WEIGHTS]]
     stacked = (
         torch.cat([w.reshape(-1).float() for w in weights[reference.CELL0_WEIGHTS :]])

@@ -194,7 +194,8 @@ def _cells_forward_tile(
     u_parts,  # this program computes reduced-width chunks u_part, u_part + u_parts, ... (if DO_U)
     gate_part,
     gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
-    ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into their own
+    ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into
+    # their own
     pooled_ptr,  # (N, C) fp32
     h_ptr,
     c_ptr,  # (L, N, C) state dtype, contiguous: previous state
@@ -206,7 +207,8 @@ def _cells_forward_tile(
     bhh1_ptr,
     whh2_ptr,
     bhh2_ptr,  # cell 0 hh path: same shapes
-    stacked_ptr,  # (L-1, 8C^2 + 8C) fp32: [wih (4C, C), bih (4C), whh (4C, C), bhh (4C)] per stacked cell
+    stacked_ptr,  # (L-1, 8C^2 + 8C) fp32: [wih (4C, C), bih (4C), whh (4C, C), bhh (4C)] per
+    # stacked cell
     masks_ptr,  # (L-1, N, C) dropout keep-masks (scaled) between cells, read if HAS_MASKS
     h_new_ptr,
     c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
@@ -218,7 +220,8 @@ def _cells_forward_tile(
     off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); slot k at + 2R k
     off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
     off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
-    off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written if SAVE
+    off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written
+    # if SAVE
     NUM_CELLS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_MASKS: tl.constexpr,
@@ -275,7 +278,8 @@ def _cells_forward_tile(
             tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
             tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
         if DO_GATES:
-            tl.debug_barrier()  # relu(u) written above is read by other threads of this program below
+            # relu(u) written above is read by other threads of this program below
+            tl.debug_barrier()
     if DO_GATES:
         for cell in tl.static_range(NUM_CELLS):
             if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
@@ -451,8 +455,9 @@ def _lstm_forward_kernel(
     NUM_CELLS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_MASKS: tl.constexpr,
-    PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own slot;
-    # REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading relu(u)
+    PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own
+    # slot; REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading
+    # relu(u)
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -529,7 +534,8 @@ def _lstm_backward_kernel(
     grad_h_new_ptr,
     grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
     grad_pooled_ptr,  # (N, C) fp32 out
-    attention_ptr,  # (N, C) fp32 out: the recomputed attention (last cell's h), for the input gradient
+    attention_ptr,  # (N, C) fp32 out: the recomputed attention (last cell's h), for the input
+    # gradient
     grad_h_ptr,
     grad_c_ptr,  # (L, N, C) out, state dtype: gradients of the previous state
     N,
@@ -548,9 +554,10 @@ def _lstm_backward_kernel(
     HAS_MASKS: tl.constexpr,
     HAS_GRAD_H: tl.constexpr,
     HAS_GRAD_C: tl.constexpr,
-    PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in scratch
-    # from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed gates and
-    # their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column parts): ds, dh0
+    PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in
+    # scratch from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed
+    # gates and their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column
+    # parts): ds, dh0
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -801,7 +808,8 @@ def _lstm_backward_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    scratch_ptr,  # (N, S) fp32 from _lstm_backward_kernel: the D (output-gradient) and V (input) operands
+    scratch_ptr,  # (N, S) fp32 from _lstm_backward_kernel: the D (output-gradient) and V (input)
+    # operands
     grad_w_ptr,  # flat fp32 out: every weight gradient flattened, in reference.weight_names order
     N,
     C,
