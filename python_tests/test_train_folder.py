@@ -171,6 +171,8 @@ def test_kill_loop_keeps_model_best_and_the_next_start_removes_stale_temp_files(
             else args(folder, epochs, *(("--overwrite",) if folder.exists() else ()))
         )
         before = load(folder / CKPT)["epoch"] if (folder / CKPT).exists() else 0
+        # temporary files already there (planted, or left by the last kill) are not this start's
+        left = set(temp_files(folder)) if folder.exists() else set()
         best_mtime = (folder / BEST).stat().st_mtime_ns if (folder / BEST).exists() else 0
         proc = subprocess.Popen(
             [sys.executable, "-m", "dia_fused.train", *cmd],
@@ -182,7 +184,7 @@ def test_kill_loop_keeps_model_best_and_the_next_start_removes_stale_temp_files(
         mode, started = round_ % 3, False
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
-            ours = folder.exists() and [f for f in temp_files(folder) if f not in planted]
+            ours = folder.exists() and [f for f in temp_files(folder) if f not in left]
             best_now = (folder / BEST).stat().st_mtime_ns if (folder / BEST).exists() else 0
             epoch_now = load(folder / CKPT)["epoch"] if (folder / CKPT).exists() else 0
             started = started or bool(ours) or best_now != best_mtime or epoch_now > before
