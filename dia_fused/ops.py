@@ -505,7 +505,7 @@ def _weight_grads(grad_weights, weights: Sequence[Tensor]) -> List[Tensor]:
     """Each weight's gradient in its shape and dtype, from one flat fp32 tensor (views) or one
     fp32 tensor per weight; cast only where the weight is not fp32."""
     if isinstance(grad_weights, Tensor):
-        grad_weights = grad_weights.split([w.numel() for w in weights])
+        grad_weights = grad_weights.split_with_sizes([w.numel() for w in weights])
     return [
         g.view(w.shape) if g.dtype == w.dtype else g.view(w.shape).to(w.dtype)
         for g, w in zip(grad_weights, weights)
