@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
+import time
 
 import torch
 
@@ -48,20 +50,35 @@ def versions() -> dict:
     return info
 
 
-def step_timer(name: str, inputs, backward: bool) -> "torch.utils.benchmark.Timer":
+def step_seconds(name: str, inputs, backward: bool, min_run_time: float) -> float:
+    """Median seconds of one step (with its backward when `backward`) on backend `name`: blocks of
+    calls, each block timed between device synchronisations, until `min_run_time` has passed.
+    Timed here rather than with torch.utils.benchmark, whose import pulls in
+    torch.utils.cpp_extension and its warning on a CUDA build of torch without a GPU."""
     x, h, c, weights = inputs.args()
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
 
     def run():
         out, h1, c1 = ops.dia_step(x, h, c, weights, inputs.identity, True, "sigmoid", None, name)
         if backward:
             torch.autograd.backward((out, h1, c1), (out, h1, c1))
 
-    # imported here, not at the top: torch.utils.benchmark imports torch.utils.cpp_extension, whose
-    # import warns on a CUDA build of torch without a GPU ("No CUDA runtime is found"); --no-check
-    # times nothing
-    from torch.utils import benchmark
-
-    return benchmark.Timer("run()", globals={"run": run})
+    run()  # warm-up: compilation, caches
+    sync()
+    start = time.perf_counter()
+    run()
+    sync()
+    per_block = max(1, int(min_run_time / 10 / max(time.perf_counter() - start, 1e-9)))
+    samples, spent = [], 0.0
+    while spent < min_run_time or len(samples) < 3:
+        start = time.perf_counter()
+        for _ in range(per_block):
+            run()
+        sync()
+        block = time.perf_counter() - start
+        samples.append(block / per_block)
+        spent += block
+    return statistics.median(samples)
 
 
 def check_backend(name: str, device: torch.device) -> dict:
@@ -77,8 +94,8 @@ def check_backend(name: str, device: torch.device) -> dict:
     errors = compare_backend(step, inputs, torch.float32)
     timed = inputs.to().requires_grad_()
     min_run = 0.05 if interpreted else 0.2
-    fwd = step_timer(name, timed, backward=False).blocked_autorange(min_run_time=min_run).median
-    fwd_bwd = step_timer(name, timed, backward=True).blocked_autorange(min_run_time=min_run).median
+    fwd = step_seconds(name, timed, backward=False, min_run_time=min_run)
+    fwd_bwd = step_seconds(name, timed, backward=True, min_run_time=min_run)
     return {
         "shape": shape,
         "max_error": max(errors.values()),

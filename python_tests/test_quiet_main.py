@@ -7,17 +7,20 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Python's warnings ("...Warning: ...") and the glog-style lines of torch's logging ("W1201 ...")
 WARNING_LINE = re.compile(r"warning|^[WE]\d{4} ", re.IGNORECASE)
 
 
-def test_main_without_checks_prints_no_warning():
+@pytest.mark.parametrize("args", [["--no-check"], []], ids=["listing", "checked-and-timed"])
+def test_main_prints_no_warning(args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for name in ("PYTHONWARNINGS", "DIA_FUSED_BACKEND", "TORCH_LOGS"):
         env.pop(name, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "dia_fused", "--no-check"],
+        [sys.executable, "-m", "dia_fused", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
