@@ -21,7 +21,6 @@ formula in the form functorch requires, through the custom ops (with vmap rules)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import operator
 from typing import List, Optional, Sequence, Tuple
@@ -327,17 +326,9 @@ def _eager(x, h, c, identity, dropout_masks, weights) -> bool:
 # The fused backends' host wrappers, the custom op, and the one autograd formula.
 
 
-def _autocast_off(device_type: str):
-    """Autocast disabled inside (fp32 LSTM math whatever autocast says), entered only where it is
-    on: entering a context costs more than the rest of a check."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return contextlib.nullcontext()
-
-
 def _host_forward(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
     """The kernel module's (out, h_new, c_new, pooled), possibly aliasing inputs."""
-    with _autocast_off(x.device.type):
+    with reference.autocast_off(x.device.type):  # fp32 LSTM math
         return _kernel_module(backend).forward(
             x, h, c, weights, identity, relu, activation, dropout_masks
         )
@@ -361,7 +352,7 @@ def _host_backward(
 ):
     """The kernel module's (grad_x, grad_identity or None, grad_h, grad_c, grad_weights):
     grad_weights one flat fp32 tensor (weight order) or one fp32 tensor per weight."""
-    with _autocast_off(x.device.type):
+    with reference.autocast_off(x.device.type):  # fp32 LSTM math
         return _kernel_module(backend).backward(
             grad_out,
             grad_h_new,
