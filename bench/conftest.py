@@ -6,12 +6,16 @@ import pytest
 import torch
 
 from bench_utils import DEVICE, ON_GPU
+from dia_fused import ops
 
 
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     # each benchmark names its backend; an override from the environment would mislabel results
     monkeypatch.delenv("DIA_FUSED_BACKEND", raising=False)
+    ops.clear_plans()  # plans record availability, which benchmarks fake with stubs
+    yield
+    ops.clear_plans()
 
 
 def pytest_report_header(config):

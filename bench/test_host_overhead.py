@@ -1,69 +1,188 @@
-"""Host-side cost of the fused backends' Python wrappers per DIA step, kernels stubbed out: the part
-of a step that CUDA graphs remove and that eager training pays 54 times per ResNet-164 pass.
-Runs on any machine (the Triton kernels are replaced, so no GPU and no interpreter is involved);
-extra_info has the per-call time in microseconds."""
+"""Host-side cost of a fused DIA step, kernels stubbed out: the part of a step that CUDA graphs
+remove and that eager training pays 54 times per ResNet-164 pass.
+
+Measured as issue #20 prescribes, so that numbers from a shared machine compare: tiny tensors
+(N=1, C=64, 1x1), one thread, thread CPU time (time.thread_time_ns: time stolen by other processes
+does not count), the cases interleaved round by round, best of the rounds. Each case is reported as
+a ratio to `nn.LSTMCell(64, 64)` measured in the same rounds, for both fused backends: the Triton
+kernels are replaced by no-ops, the cuda backend's compiled extension by Python functions that
+allocate its outputs (the C++ bindings allocate them too). No GPU and no interpreter is involved.
+
+`python bench/test_host_overhead.py` prints the table (BENCHMARKS.md, "Host overhead").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+from typing import Callable, Dict, Iterator, List
 
 import pytest
 import torch
+from torch import nn
 
-from dia_fused import DIALSTM, ops
-from dia_fused.testing import random_step_inputs
+from dia_fused import DIALSTM
+from dia_fused.kernels import cuda_dia_step
 
-pytest.importorskip("triton")
-from dia_fused.kernels.triton import host as triton_dia_step  # noqa: E402
+CHANNELS = 64
+BACKENDS = ("triton", "cuda")
+# the Done-when bounds of issue #20: the unit's host cost per step over nn.LSTMCell's
+MAX_NO_GRAD_RATIO = 1.3
+MAX_FORWARD_BACKWARD_RATIO = 1.2
 
 
 class _NoLaunch:
+    """A Triton kernel whose launches do nothing."""
+
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
 
 
-@pytest.fixture
-def stubbed(monkeypatch):
-    for name in dir(triton_dia_step):
-        if name.endswith("_kernel"):
-            monkeypatch.setattr(triton_dia_step, name, _NoLaunch())
-    monkeypatch.setattr(
-        triton_dia_step, "unavailable_reason", lambda device: None
-    )  # CPU tensors, no interpreter
-    inputs = random_step_inputs(128, 64, 32, 32, reduction=4)
-    out, h_new, c_new, pooled = triton_dia_step.forward(
-        *inputs.args(), inputs.identity, True, "sigmoid", None
-    )
-    return inputs, out, pooled
+class _StubExtension:
+    """dia_fused._C's functions, allocating their outputs without running anything (one CPU
+    tensor each, as the bindings' at::empty)."""
+
+    @staticmethod
+    def forward_fused(x, h0, c0, weights, identity, relu, code):
+        return torch.empty_like(x), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(h0)
+
+    @staticmethod
+    def backward_fused(grad_out, gh0, gc0, x, out, pooled, h0, c0, weights, identity_given, *_):
+        grad_identity = torch.empty_like(x) if identity_given else None
+        grads = [torch.empty_like(w) for w in weights]
+        return (torch.empty_like(x), grad_identity, torch.empty_like(h0), torch.empty_like(c0)) + (
+            *grads,
+        )
 
 
-@pytest.mark.parametrize("direction", ["forward", "backward", "dia_step_no_grad", "unit_no_grad"])
-def test_triton_host_wrapper_overhead(benchmark, stubbed, direction):
-    """forward / backward: the host wrappers alone; dia_step_no_grad: the whole path of an eager
-    inference step, ops.dia_step (checks, backend choice, the op's implementation) included;
-    unit_no_grad: the same step through DIALSTM (its weight reads and zero state added)."""
-    inputs, out, pooled = stubbed
-    x, h, c, w = inputs.args()
-    grad_out = torch.empty_like(out)
-    if direction == "unit_no_grad":
-        unit = DIALSTM(x.shape[1], reduction=4, backend="triton").eval()
+@contextlib.contextmanager
+def stubbed_kernels() -> Iterator[None]:
+    """Both fused backends available for CPU tensors, with stubbed kernels."""
+    from dia_fused.kernels.triton import host as triton_host
 
-        def call():
+    patches = [(cuda_dia_step, "_extension_for", lambda x: _StubExtension())]
+    patches += [(cuda_dia_step, "unavailable_reason", lambda device: None)]
+    patches += [(cuda_dia_step, "_sm_count", lambda device: 132)]
+    patches += [(triton_host, "unavailable_reason", lambda device: None)]
+    patches += [(triton_host, n, _NoLaunch()) for n in dir(triton_host) if n.endswith("_kernel")]
+    saved = [(module, name, getattr(module, name)) for module, name, _ in patches]
+    clear = getattr(sys.modules.get("dia_fused.ops"), "clear_plans", lambda: None)
+    try:
+        for module, name, value in patches:
+            setattr(module, name, value)
+        clear()  # plans made before the stubs hold the real availability
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        clear()
+
+
+def _cases() -> Dict[str, Callable[[], None]]:
+    torch.manual_seed(0)
+    x = torch.randn(1, CHANNELS, 1, 1)
+    x_grad = x.clone().requires_grad_()
+    cell = nn.LSTMCell(CHANNELS, CHANNELS)
+    cell_input, cell_input_grad = x.view(1, CHANNELS), x.view(1, CHANNELS).clone().requires_grad_()
+    units = {name: DIALSTM(CHANNELS, backend=name).eval() for name in BACKENDS}
+
+    def no_grad(call):
+        def run():
             with torch.no_grad():
-                unit(x, identity=inputs.identity)
-    elif direction == "forward":
+                call()
 
-        def call():
-            triton_dia_step.forward(x, h, c, w, inputs.identity, True, "sigmoid", None)
-    elif direction == "dia_step_no_grad":
+        return run
 
-        def call():
-            with torch.no_grad():
-                ops.dia_step(x, h, c, w, inputs.identity, True, "sigmoid", None, "triton")
-    else:
+    cases = {
+        "nn.LSTMCell no_grad": no_grad(lambda: cell(cell_input)),
+        "nn.LSTMCell fwd+bwd": lambda: cell(cell_input_grad)[0].sum().backward(),
+    }
+    for name, unit in units.items():
+        cases[f"{name} no_grad"] = no_grad(lambda unit=unit: unit(x))
+        cases[f"{name} fwd+bwd"] = lambda unit=unit: unit(x_grad)[0].sum().backward()
+    return cases
 
-        def call():
-            triton_dia_step.backward(
-                grad_out, None, None, x, out, pooled, h, c, w, True, True, "sigmoid", None
-            )
 
-    benchmark.group = "host wrapper overhead (kernels stubbed), N=128 C=64 32x32"
-    benchmark.pedantic(call, rounds=200, iterations=5, warmup_rounds=5)
-    benchmark.extra_info["per_call_us"] = benchmark.stats.stats.median * 1e6
-    assert benchmark.stats.stats.median < 0.01  # a hang or a pathological slowdown, not a target
+def measure(rounds: int = 30, calls: int = 40) -> Dict[str, float]:
+    """Best-of-`rounds` thread CPU time per call in microseconds of each case, interleaved."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with stubbed_kernels():
+            cases = _cases()
+            best = {name: float("inf") for name in cases}
+            for call in cases.values():  # warm-up: plans, caches, lazy imports
+                for _ in range(3):
+                    call()
+            for _ in range(rounds):
+                for name, call in cases.items():
+                    start = time.thread_time_ns()
+                    for _ in range(calls):
+                        call()
+                    best[name] = min(best[name], (time.thread_time_ns() - start) / calls / 1e3)
+            return best
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ratios(best: Dict[str, float]) -> Dict[str, float]:
+    return {
+        name: us / best["nn.LSTMCell " + name.split(" ", 1)[1]]
+        for name, us in best.items()
+        if not name.startswith("nn.")
+    }
+
+
+def functions_entered(backend: str = "triton") -> int:
+    """Python functions entered (sys.setprofile 'call' events) by one no-grad unit step."""
+    with stubbed_kernels():
+        unit = DIALSTM(CHANNELS, backend=backend).eval()
+        x = torch.randn(1, CHANNELS, 1, 1)
+        events: List[str] = []
+
+        def profile(frame, event, arg):
+            if event == "call":
+                events.append(frame.f_code.co_name)
+
+        with torch.no_grad():
+            for _ in range(3):
+                unit(x)
+            sys.setprofile(profile)
+            unit(x)
+            sys.setprofile(None)
+    return len(events)
+
+
+def table(best: Dict[str, float]) -> str:
+    lines = ["| case | us per call (best of rounds) | ratio to nn.LSTMCell |", "|---|---|---|"]
+    ratio = ratios(best)
+    for name, us in best.items():
+        lines.append(f"| {name} | {us:.1f} | {ratio.get(name, 1.0):.2f}x |")
+    return "\n".join(lines)
+
+
+pytest.importorskip("triton")
+
+
+def test_unit_host_cost_against_lstm_cell(record_property):
+    """The fused unit's host cost per step, as a ratio to nn.LSTMCell(64, 64) in the same run:
+    without grad at most 1.3x, forward+backward at most 1.2x (issue #20). Best of interleaved
+    rounds of thread CPU time: robust to other processes on the machine."""
+    best = measure(rounds=12, calls=25)
+    ratio = ratios(best)
+    for name, value in ratio.items():
+        record_property(name, round(value, 3))
+    print("\n" + table(best))
+    for backend in BACKENDS:
+        assert ratio[f"{backend} no_grad"] <= MAX_NO_GRAD_RATIO, table(best)
+        assert ratio[f"{backend} fwd+bwd"] <= MAX_FORWARD_BACKWARD_RATIO, table(best)
+
+
+if __name__ == "__main__":
+    result = measure()
+    print(table(result))
+    for backend in BACKENDS:
+        print(
+            f"Python functions entered per no-grad step ({backend}): {functions_entered(backend)}"
+        )

@@ -56,6 +56,23 @@ def check_identity(identity, x: Tensor) -> None:
     check_same_device("identity", identity, "x", x)
 
 
+def check_unit_input(x, channels: int, identity, relu) -> bool:
+    """The input of a DIA unit (modules.py): x of the unit's channels, the shortcut, and the
+    post-activation flag; returns relu with its default (on when an identity is given)."""
+    check_tensor("x", x, dims=4)
+    if x.shape[1] != channels:
+        raise ValueError(
+            f"x: expected {channels} channels (N, {channels}, H, W), got shape {tuple(x.shape)}"
+        )
+    if identity is not None:
+        check_identity(identity, x)
+    if relu is None:
+        return identity is not None
+    if not isinstance(relu, bool):
+        raise TypeError(f"relu: expected a bool or None, got {type(relu).__name__}")
+    return relu
+
+
 def check_step_args(
     x: Tensor,
     h: Tensor,

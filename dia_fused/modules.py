@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from ._checks import check_choice, check_identity, check_positive_int, check_tensor
+from ._checks import check_choice, check_positive_int, check_unit_input
 from .reference import CELL_ACTIVATIONS, state_dtype
 
 Tensor = torch.Tensor
@@ -63,21 +63,6 @@ def linear_weights(layer: nn.Module) -> Tuple[Tensor, Tensor]:
         else:
             hook(layer, ())
     return layer.weight, layer.bias
-
-
-def _check_unit_input(x, channels: int, identity, relu) -> bool:
-    check_tensor("x", x, dims=4)
-    if x.shape[1] != channels:
-        raise ValueError(
-            f"x: expected {channels} channels (N, {channels}, H, W), got shape {tuple(x.shape)}"
-        )
-    if identity is not None:
-        check_identity(identity, x)
-    if relu is None:
-        return identity is not None
-    if not isinstance(relu, bool):
-        raise TypeError(f"relu: expected a bool or None, got {type(relu).__name__}")
-    return relu
 
 
 class DIALSTM(nn.Module):
@@ -169,13 +154,16 @@ class DIALSTM(nn.Module):
         identity: Optional[Tensor] = None,
         relu: Optional[bool] = None,
     ) -> Tuple[Tensor, State]:
-        relu = _check_unit_input(x, self.channels, identity, relu)
+        # the input checks run once per input signature, in ops.dia_step's plan (unit_channels)
         if state is None:
-            state = self.initial_state(x)
+            h = c = None  # zeros, made by the step
         elif not isinstance(state, (tuple, list)) or len(state) != 2:
             raise TypeError(f"state: expected a tuple (h, c) or None, got {type(state).__name__}")
+        else:
+            h, c = state
         masks = None
         if self.training and self.num_cells > 1 and self.dropout > 0:
+            check_unit_input(x, self.channels, identity, relu)  # the masks take x's shape
             keep = 1.0 - self.dropout
             masks = torch.empty(
                 (self.num_cells - 1, x.shape[0], self.channels),
@@ -185,14 +173,15 @@ class DIALSTM(nn.Module):
             masks = masks.bernoulli_(keep).div_(keep)
         out, h, c = ops.dia_step(
             x,
-            state[0],
-            state[1],
+            h,
+            c,
             self.flat_weights(),
             identity,
             relu,
             self.cell_activation,
             masks,
             self.backend,
+            unit_channels=self.channels,
         )
         return out, (h, c)
 
@@ -216,7 +205,7 @@ class DIASE(nn.Module):
     def forward(
         self, x: Tensor, state=None, identity: Optional[Tensor] = None, relu: Optional[bool] = None
     ) -> Tuple[Tensor, None]:
-        relu = _check_unit_input(x, self.channels, identity, relu)
+        relu = check_unit_input(x, self.channels, identity, relu)
         a = torch.sigmoid(self.fc(x.mean(dim=(2, 3))))
         out = x * a[:, :, None, None]
         if identity is not None:

@@ -39,10 +39,14 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def autocasting(device_type: str) -> bool:
+    """Whether autocast is on for `device_type` (meta, for shape propagation, has no autocast)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_off(device_type: str):
-    """A context with autocast disabled on `device_type`: entered only where autocast is on, and
-    nothing to disable where the device type has no autocast (meta: shape propagation)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+    """A context with autocast disabled on `device_type`: entered only where autocast is on."""
+    if autocasting(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

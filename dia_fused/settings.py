@@ -70,6 +70,32 @@ def raw(name: str) -> Optional[str]:
     return environ.decodevalue(value) or None if value is not None else None
 
 
+# the variables a step's plan depends on (ops.py): their text is part of the plan's signature
+STEP_VARIABLES = (
+    ENV_BACKEND,
+    ENV_AUTO_TABLE,
+    ENV_TRITON_LSTM,
+    ENV_TRITON_MAP,
+    ENV_TRITON_DOT_PRECISION,
+    ENV_CUDA_PATH,
+    ENV_ARCH_LIST,
+)
+_encoded_step_variables: Optional[tuple] = None
+
+
+def step_texts() -> tuple:
+    """The raw values (None where unset) of STEP_VARIABLES, read on every step: one C-level pass
+    over os.environ's backing dict (see raw())."""
+    global _encoded_step_variables
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if data is None:
+        return tuple(map(environ.get, STEP_VARIABLES))
+    if _encoded_step_variables is None:
+        _encoded_step_variables = tuple(map(environ.encodekey, STEP_VARIABLES))
+    return tuple(map(data.get, _encoded_step_variables))
+
+
 def backend_for_auto() -> str:
     """The backend `auto` stands for: DIA_FUSED_BACKEND when set (validated), else "auto"."""
     value = raw(ENV_BACKEND)

@@ -10,7 +10,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import cuda_emulation  # noqa: E402
+from dia_fused import ops  # noqa: E402
 from dia_fused.kernels import cuda_dia_step  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_step_plans():
+    """Step plans record which backends are available, and tests fake that (monkeypatch): each
+    test starts without plans, and leaves none behind."""
+    ops.clear_plans()
+    yield
+    ops.clear_plans()
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from dia_fused import backend_table, ops
+from dia_fused import backend_table, backends, ops
 from dia_fused.modules import DIALSTM
 
 sys.path.insert(
@@ -50,9 +50,9 @@ def table(tmp_path, monkeypatch):
             json.dumps({"format": 1, "devices": {GPU: {"source": "test", "steps": steps}}})
         )
         monkeypatch.setenv(backend_table.ENV_TABLE, str(path))
-        monkeypatch.setattr(ops, "_device_name", lambda device: GPU)
+        monkeypatch.setattr(backends, "_device_name", lambda device: GPU)
         monkeypatch.setattr(
-            ops,
+            backends,
             "backend_unavailable_reason",
             lambda name, device: None if name in available else "not here (test)",
         )
@@ -97,7 +97,7 @@ def test_without_a_measurement_auto_keeps_the_static_order(table, monkeypatch):
         ops.auto_order("cpu", (64, 1024, "float32", True)) == ops.AUTO_ORDER
     )  # the table is for GPUs
     table()
-    monkeypatch.setattr(ops, "_device_name", lambda device: "another GPU")
+    monkeypatch.setattr(backends, "_device_name", lambda device: "another GPU")
     assert ops.resolve_backend("auto", "cuda:0", (64, 1024, "float32", True)) == "cuda"
 
 
@@ -262,7 +262,7 @@ def test_auto_takes_the_dtype_into_account_on_a_gpu(monkeypatch):
     from dia_fused.kernels import cuda_dia_step
 
     monkeypatch.delenv(ops.ENV_BACKEND, raising=False)
-    monkeypatch.setattr(ops, "_device_name", lambda device: "a GPU without measurements")
+    monkeypatch.setattr(backends, "_device_name", lambda device: "a GPU without measurements")
     monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
     if ops.triton_host is not None:
         monkeypatch.setattr(ops.triton_host, "unavailable_reason", lambda device: None)
@@ -284,7 +284,7 @@ def test_auto_takes_the_dtype_into_account_on_a_gpu(monkeypatch):
     )
     resolve = ops.resolve_backend  # CPU tensors whose steps are resolved as on cuda:0
     monkeypatch.setattr(
-        ops,
+        backends,
         "resolve_backend",
         lambda requested, device, step=None, dtype=None: resolve(requested, "cuda:0", step, dtype),
     )

@@ -13,7 +13,15 @@ from .cuda_build import ACTIVATION_CODES
 # the input dtypes both fused backends take (float64 runs through the reference backend)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["ACTIVATION_CODES", "SUPPORTED_DTYPES", "SettingsOverride"]
+__all__ = ["ACTIVATION_CODES", "SUPPORTED_DTYPES", "SettingsOverride", "overriding_settings"]
+
+_overrides = []  # every SettingsOverride, in creation order
+
+
+def overriding_settings() -> tuple:
+    """The settings of every kernel module's innermost use_settings() block (None outside one):
+    part of a step plan's signature (ops.py), so that a block takes effect on its first step."""
+    return tuple([override.value for override in _overrides])
 
 
 class SettingsOverride:
@@ -26,6 +34,7 @@ class SettingsOverride:
     def __init__(self, settings_type: type):
         self.settings_type = settings_type
         self.value: Optional[object] = None
+        _overrides.append(self)
 
     @contextlib.contextmanager
     def use(self, settings) -> Iterator[object]:

@@ -101,7 +101,7 @@ def unavailable_reason(device) -> Optional[str]:
 
 
 # Host-side arithmetic in plain Python: triton.cdiv / next_power_of_2 are constexpr functions that
-# cost microseconds per call on the host, and the launch plan is recomputed every step.
+# cost microseconds per call on the host, and a launch plan is made for every step without one.
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -267,6 +267,44 @@ def _lstm_operands(
     return [pooled, h.contiguous(), c.contiguous(), *cell0, stacked, masks]
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """What a step's launches need that depends only on its signature (shapes, layout of x,
+    settings): made per call, or once per signature by the caller's step plan (dia_fused/ops.py)
+    and passed as `launch=`."""
+
+    settings: KernelSettings
+    block_c: int  # map tile: channels
+    block_hw: int  # map tile: positions of H*W
+    blocks: LSTMBlocks
+    split: bool  # the split LSTM path (_split_path)
+    groups: int  # column groups of the fused forward
+    forward_layout: ScratchLayout
+    backward_layout: ScratchLayout
+
+
+def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings) -> LaunchPlan:
+    """The launch plan of steps on maps like `x` (checked here: dtype, grid size)."""
+    _check(x, settings.map)
+    n, channels, height, width = x.shape
+    blocks = LSTMBlocks.of(channels, hidden, settings.lstm)
+    split = _split_path(channels, hidden, num_cells, settings.lstm)
+    groups = 1 if split else blocks.forward_groups(channels, num_cells, settings.lstm)
+    block_c, block_hw = _map_blocks(
+        channels, height * width, layouts.is_channels_last(x), settings.map
+    )
+    return LaunchPlan(
+        settings,
+        block_c,
+        block_hw,
+        blocks,
+        split,
+        groups,
+        ScratchLayout.forward(channels, hidden, num_cells, groups),
+        ScratchLayout.backward(channels, hidden, num_cells),
+    )
+
+
 def forward(
     x: Tensor,
     h: Tensor,
@@ -277,12 +315,14 @@ def forward(
     activation: str,
     dropout_masks: Optional[Tensor],
     settings: Optional[KernelSettings] = None,
+    launch: Optional[LaunchPlan] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
-    `settings` default: current_settings()."""
-    settings = settings or current_settings()
-    map_config, lstm_config = settings.map, settings.lstm
-    _check(x, map_config)
+    `settings` default: current_settings(); `launch` (made with them) default: launch_plan()."""
+    if launch is None:
+        launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
+    settings = launch.settings
+    map_config = settings.map
     x = layouts.canonical(x)
     identity = None if identity is None else layouts.canonical(identity)
     n, channels, height, width = x.shape
@@ -294,7 +334,7 @@ def forward(
     if n == 0:
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x), map_config)
+    block_c, block_hw = launch.block_c, launch.block_hw
     _pool_kernel[(n, _cdiv(channels, block_c))](
         x,
         pooled,
@@ -305,11 +345,13 @@ def forward(
         BLOCK_HW=block_hw,
         num_warps=map_config.num_warps,
     )
-    blocks = LSTMBlocks.of(channels, hidden, lstm_config)
+    blocks, split, groups, layout = (
+        launch.blocks,
+        launch.split,
+        launch.groups,
+        launch.forward_layout,
+    )
     tiles = _cdiv(n, blocks.n)
-    split = _split_path(channels, hidden, num_cells, lstm_config)
-    groups = 1 if split else blocks.forward_groups(channels, num_cells, lstm_config)
-    layout = ScratchLayout.forward(channels, hidden, num_cells, groups)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
     phases = (
@@ -374,12 +416,15 @@ def backward(
     activation: str,
     dropout_masks: Optional[Tensor],
     settings: Optional[KernelSettings] = None,
+    launch: Optional[LaunchPlan] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
     """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights): grad_weights is ONE flat fp32
     tensor, every weight's gradient flattened in weight order (ops.py splits it into views).
     `settings` default: current_settings(); pass the forward's."""
-    settings = settings or current_settings()
-    map_config, lstm_config = settings.map, settings.lstm
+    if launch is None:
+        launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
+    settings = launch.settings
+    map_config = settings.map
     x = layouts.canonical(x)  # as the forward saw it: `out` has these strides
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
@@ -391,10 +436,10 @@ def backward(
     grad_weights = torch.empty(
         sum(w.numel() for w in weights), device=x.device, dtype=torch.float32
     )
-    layout = ScratchLayout.backward(channels, hidden, num_cells)
+    layout = launch.backward_layout
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     strides = _map_strides(x)
-    block_c, block_hw = _map_blocks(channels, hw, layouts.is_channels_last(x), map_config)
+    block_c, block_hw = launch.block_c, launch.block_hw
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         _grad_attention_kernel[(n, _cdiv(channels, block_c))](
@@ -412,7 +457,7 @@ def backward(
             BLOCK_HW=block_hw,
             num_warps=map_config.num_warps,
         )
-        blocks = LSTMBlocks.of(channels, hidden, lstm_config)
+        blocks = launch.blocks
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         tiles = _cdiv(n, blocks.n)
@@ -425,9 +470,7 @@ def backward(
             **blocks.kwargs(),
         )
         r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
-        if _split_path(
-            channels, hidden, num_cells, lstm_config
-        ):  # relu(u) first, by the forward kernel's phase
+        if launch.split:  # relu(u) first, by the forward kernel's phase
             _lstm_forward_kernel[(tiles, r_parts)](
                 *operands,
                 grad_a,
