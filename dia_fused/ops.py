@@ -43,11 +43,16 @@ from .backends import (  # noqa: F401  (the public names of the dispatch live he
     step_key,
     step_unavailable_reason,
 )
-from .kernels import overriding_settings
 from .settings import ENV_BACKEND
-from .step_autograd import EagerStep as _EagerStep
+from .step_autograd import apply_eager_step
 from .step_autograd import FunctorchStep as _FunctorchStep
-from .step_op import StepOptions, host_forward, step_backward, step_forward  # noqa: F401
+from .step_op import (  # noqa: F401  (step_forward: patched by tests that count its calls)
+    StepOptions,
+    host_forward,
+    settings_environment,
+    step_backward,
+    step_forward,
+)
 
 Tensor = torch.Tensor
 
@@ -158,8 +163,8 @@ def _signature(grad, x, h, c, weights, identity, relu, activation, masks, backen
         or (unit_channels is not None and unit_channels.__class__ is not int)
     ):
         return None
-    key = [grad, relu, activation, backend, unit_channels, settings.step_texts()]
-    key += (overriding_settings(), x.__class__, x.shape, x.stride(), x.dtype, x.device)
+    key = [grad, relu, activation, backend, unit_channels, settings_environment()]
+    key += (x.__class__, x.shape, x.stride(), x.dtype, x.device)
     if identity is not None:
         key += (identity.__class__, identity.shape, identity.stride(), identity.dtype)
         key.append(identity.device)
@@ -245,9 +250,10 @@ def _new_plan(
         identity is not None,
         relu,
         activation,
-        kernel_settings,
-        launch,
-        None if views is None else tuple(views),
+        settings=kernel_settings,
+        launch=launch,
+        environment=settings_environment(),
+        weight_grad_views=None if views is None else tuple(views),
     )
     custom_op = any(t is not None and type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
     return _FusedPlan(state, options, dropout_masks is None, custom_op)
@@ -298,7 +304,7 @@ class _FusedPlan:
                 o.backend, o.relu, o.activation, x, h, c, identity, dropout_masks, *weights
             )
         elif grad:
-            out, h_new, c_new, _ = _EagerStep.apply(o, x, h, c, identity, dropout_masks, *weights)
+            out, h_new, c_new, _ = apply_eager_step(o, x, h, c, identity, dropout_masks, *weights)
         else:  # nothing to record: EagerStep's forward without the autograd node
             out, h_new, c_new, _ = host_forward(
                 o.backend, x, h, c, weights, identity, o.relu, o.activation, dropout_masks,

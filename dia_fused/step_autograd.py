@@ -164,6 +164,14 @@ class EagerStep(torch.autograd.Function):
         return (None, grad_x, grad_h, grad_c, grad_identity, None, *grad_weights)
 
 
+# EagerStep.apply without torch.autograd.Function.apply's Python preamble: that detects a
+# setup_context (EagerStep has none) and unwraps tensors of finished torch.func transforms, one
+# call per argument (the route runs outside transforms, on the tensors the step was given); the
+# two cost more than the rest of a recorded step's forward on the host (bench/test_host_overhead).
+# What is left is the C++ apply that Function.apply ends with.
+apply_eager_step = super(torch.autograd.Function, EagerStep).apply
+
+
 class FunctorchStep(torch.autograd.Function):
     """The step under torch.func transforms: the same autograd formula as the custom op, written
     with setup_context (which functorch requires) and with its forward and backward through the

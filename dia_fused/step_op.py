@@ -12,7 +12,8 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from . import backends
+from . import backends, settings
+from .kernels import overriding_settings
 from .reference import autocasting
 
 Tensor = torch.Tensor
@@ -27,6 +28,9 @@ class StepOptions(NamedTuple):
     activation: str
     settings: object = None  # the forward's kernel settings; None: the module's current ones
     launch: object = None  # the kernel module's launch plan for such steps, where it has one
+    # what the settings were made from (settings_environment()): the backward uses them only
+    # while it has not changed, else the settings current then, like an unplanned backward
+    environment: Optional[tuple] = None
     # (size, stride, offset) of each weight's gradient in the flat fp32 gradient (as_strided views);
     # only where every weight is fp32
     weight_grad_views: Optional[Tuple[Tuple[tuple, tuple, int], ...]] = None
@@ -43,6 +47,12 @@ class SavedStep(NamedTuple):
     dropout_masks: Optional[Tensor]  # (L-1, N, C) or None
     weights: Sequence[Tensor]  # flat, reference.weight_names(L) order
     options: StepOptions
+
+
+def settings_environment() -> tuple:
+    """What kernel settings are made from besides the code: the DIA_FUSED_* variables' text and
+    the use_settings blocks in force."""
+    return settings.step_texts(), overriding_settings()
 
 
 def host_forward(
@@ -80,12 +90,15 @@ def host_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
     """The kernel module's (grad_x, grad_identity or None, grad_h, grad_c, grad_weights) for
     `saved`: grad_weights one flat fp32 tensor (weight order) or one fp32 tensor per weight."""
     options = saved.options
+    settings, launch = options.settings, options.launch
+    if options.environment is not None and settings_environment() != options.environment:
+        settings, launch = None, None
     device_type = saved.x.device.type
     if autocasting(device_type):  # fp32 LSTM math
         with torch.autocast(device_type, enabled=False):
             return host_backward(grad_out, grad_h_new, grad_c_new, saved)
     # the launch plan, where the kernel module has one, follows the settings
-    launch = () if options.launch is None else (options.launch,)
+    launch = () if launch is None else (launch,)
     return backends.kernel_module(options.backend).backward(
         grad_out,
         grad_h_new,
@@ -100,7 +113,7 @@ def host_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
         options.relu,
         options.activation,
         saved.dropout_masks,
-        options.settings,
+        settings,
         *launch,
     )
 

@@ -4,6 +4,7 @@ and the backends' availability are patched, the table is a file in tmp_path."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -298,3 +299,39 @@ def test_auto_takes_the_dtype_into_account_on_a_gpu(monkeypatch):
     with pytest.raises(ops.BackendUnavailableError, match="float64"):
         DIALSTM(8, reduction=2, backend="cuda").double()(x)
     assert calls == [torch.float32]
+
+
+def test_import_leaves_triton_until_a_triton_step_needs_it():
+    """`import dia_fused` (and a step that auto sends to another backend) does not import triton;
+    asking about the triton backend does, and answers as before."""
+    code = "\n".join(
+        [
+            "import sys, torch, dia_fused",
+            "assert 'triton' not in sys.modules, 'import dia_fused imported triton'",
+            "unit = dia_fused.DIALSTM(8, reduction=2)",
+            "with torch.no_grad():",
+            "    unit(torch.randn(2, 8, 3, 3))",
+            "assert 'triton' not in sys.modules, 'a reference step imported triton'",
+            "reason = dia_fused.backend_unavailable_reason('triton', 'cpu')",
+            "assert 'TRITON_INTERPRET=1' in reason, reason",
+            "assert 'triton' in sys.modules",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", ops.ENV_BACKEND)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(ops.__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_without_the_triton_package_the_reason_says_how_to_install_it(monkeypatch):
+    monkeypatch.setattr(backends, "triton_installed", lambda: False)
+    monkeypatch.setattr(backends, "_triton_host", None)
+    assert backends.backend_unavailable_reason("triton", "cuda:0") == backends.TRITON_MISSING
+    assert "triton" not in ops.available_backends("cpu")
+    with pytest.raises(ops.BackendUnavailableError, match="pip install triton"):
+        ops.resolve_backend("triton", "cpu")
+    unit = DIALSTM(8, reduction=2, backend="triton")
+    with pytest.raises(ops.BackendUnavailableError, match="pip install triton"):
+        unit(torch.randn(2, 8, 3, 3))

@@ -148,7 +148,7 @@ def test_eager_steps_skip_the_dispatcher_with_the_same_results(cuda_on_cpu, monk
         direct, _ = unit(x, identity=identity)
     with torch.inference_mode():
         unit(x, identity=identity)
-    eager = train_step()  # autograd through ops._EagerStep
+    eager = train_step()  # autograd through step_autograd.EagerStep
     assert calls == []
     with Recorder():  # a mode sees the ops whole
         dispatched = train_step()
@@ -168,3 +168,75 @@ def test_double_backward_is_an_error_not_zeros(cuda_on_cpu):
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="marked with @once_differentiable"):
         grad_x.sum().backward()
+
+
+def test_each_check_runs_once_per_input_signature(cuda_on_cpu, monkeypatch):
+    """The step plan: the first step with a signature runs the checks and the backend choice,
+    later ones go straight to the kernels; a new signature (shape, dtype, layout, options) is
+    checked again."""
+    checked = []
+    real_check = ops.check_step_args
+    monkeypatch.setattr(ops, "check_step_args", lambda *a: checked.append(1) or real_check(*a))
+    unit = DIALSTM(12, reduction=3, backend="cuda")
+    x = torch.randn(2, 12, 3, 2)
+    with torch.no_grad():
+        first, _ = unit(x)
+        for _ in range(3):
+            again, _ = unit(x)
+        assert len(checked) == 1 and torch.equal(first, again)
+        unit(x.contiguous(memory_format=torch.channels_last))  # new strides
+        unit(x, identity=x)  # new options
+        unit(x[:1])  # new shape
+    unit(x)  # recorded by autograd: its own plan
+    assert len(checked) == 5
+    assert cuda_on_cpu.launches.count("forward_fused") == 8
+
+
+def test_a_changed_variable_dtype_or_shape_takes_effect_on_the_next_step(cuda_on_cpu, monkeypatch):
+    """What a plan recorded follows the DIA_FUSED_* variables, use_settings blocks, the dtype and
+    the shape of the next step: nothing is stale, and errors come back on every bad step."""
+    from dia_fused.kernels import cuda_dia_step
+
+    torch.manual_seed(0)
+    unit = DIALSTM(12, reduction=3, backend="cuda")
+    auto = DIALSTM(12, reduction=3)
+    auto.load_state_dict(unit.state_dict())
+    x = torch.randn(2, 12, 3, 2)
+    launches = cuda_on_cpu.launches
+    with torch.no_grad():
+        expected, _ = unit(x)
+        assert launches == ["forward_fused"]
+        monkeypatch.setenv("DIA_FUSED_CUDA_PATH", "split")
+        launches.clear()
+        assert max_abs_error(unit(x)[0], expected) < 1e-5
+        assert "forward_fused" not in launches and "pool" in launches
+        for _ in range(2):  # a bad value fails every step, not only the first
+            monkeypatch.setenv("DIA_FUSED_CUDA_PATH", "sideways")
+            with pytest.raises(ValueError, match="DIA_FUSED_CUDA_PATH: expected one of"):
+                unit(x)
+        monkeypatch.delenv("DIA_FUSED_CUDA_PATH")
+        with cuda_dia_step.use_settings(cuda_dia_step.KernelSettings(path="split")):
+            launches.clear()
+            unit(x)
+            assert "forward_fused" not in launches
+        launches.clear()
+        auto(x)  # the cuda backend is available here (cuda_on_cpu): auto takes it
+        assert launches == ["forward_fused"]
+        monkeypatch.setenv("DIA_FUSED_BACKEND", "reference")
+        launches.clear()
+        assert max_abs_error(auto(x)[0], expected) < 1e-5
+        assert launches == []
+        monkeypatch.setenv("DIA_FUSED_BACKEND", "bogus")
+        with pytest.raises(ValueError, match="DIA_FUSED_BACKEND"):
+            auto(x)
+        with pytest.raises(ops.BackendUnavailableError, match="float64"):
+            unit.double()(x.double())  # a new dtype the named backend cannot run
+        unit.float()
+        with pytest.raises(ValueError, match="expected 12 channels"):
+            unit(torch.randn(2, 8, 3, 2))  # a new shape, checked before any kernel
+        y = torch.randn(3, 12, 1, 5)
+        reference = DIALSTM(12, reduction=3, backend="reference")
+        reference.load_state_dict(unit.state_dict())
+        assert max_abs_error(unit(y)[0], reference(y)[0]) < 1e-5
+        with pytest.raises(ValueError, match="H\\*W >= 1"):
+            unit(torch.randn(2, 12, 0, 3))

@@ -130,3 +130,38 @@ def test_plain_eager_steps_do_not_take_the_transform_route(backend, inputs, monk
     with torch.no_grad():
         step(inputs, backend)
     assert x.grad is not None
+
+
+@pytest.mark.parametrize("cotangent", ["constant", "depends on the output"])
+def test_a_second_derivative_through_eager_autograd_raises(backend, inputs, cotangent):
+    """create_graph=True on an eager step gives gradients that carry the step, whatever the
+    incoming gradient: differentiating them again raises. A constant cotangent (out.sum()) once
+    gave gradients without grad_fn, so the second derivative silently had no term."""
+    x = inputs.x.clone().requires_grad_()
+    weights = [w.clone().requires_grad_() for w in inputs.weights]
+    out = step(inputs, backend, x, weights=weights)[0]
+    loss = out.sum() if cotangent == "constant" else out.square().sum()
+    grad_x, *grad_weights = torch.autograd.grad(loss, [x, *weights], create_graph=True)
+    assert grad_x.requires_grad and all(g.requires_grad for g in grad_weights)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        grad_x.square().sum().backward()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(grad_weights[0].sum(), weights[0])
+
+
+def test_a_gradient_penalty_is_refused_not_dropped(backend):
+    """A gradient penalty (WGAN-GP style) on the unit's input gradient: the loss holds a term that
+    needs the second derivative, so backward raises instead of training without it."""
+    from dia_fused import DIALSTM
+
+    torch.manual_seed(0)
+    unit = DIALSTM(16, reduction=4, backend=backend)
+    x = torch.randn(2, 16, 2, 2, requires_grad=True)
+    out, _ = unit(x)
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    loss = out.square().mean() + grad_x.square().sum()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        loss.backward()
+    plain_out, _ = unit(x)  # without create_graph nothing changes: a first derivative
+    plain_out.sum().backward()
+    assert x.grad is not None and all(p.grad is not None for p in unit.parameters())
