@@ -118,7 +118,7 @@ def dia_step(
             unit_channels,
         )
     except (AttributeError, TypeError):  # not a tensor, not a sequence: the checks say which
-        grad, key = False, None
+        grad, key = None, None
     plan = _plans.get(key) if key is not None else None
     if plan is None:
         plan = _new_plan(
@@ -129,6 +129,9 @@ def dia_step(
             if len(_plans) >= MAX_PLANS:
                 _plans.clear()
             _plans[key] = plan
+    if grad is None:  # arguments without a signature, which passed the checks
+        masks = None if plan.no_masks else dropout_masks  # (ignored for one cell)
+        grad = torch.is_grad_enabled() and _requires_grad(x, h, c, weights, identity, masks)
     return plan.run(grad, x, h, c, weights, identity, dropout_masks)
 
 
@@ -187,16 +190,21 @@ _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
 
 
 def _zero_state(x: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """(h, c) zeros for a step on x. A plan keeps them for all its steps: every backend only reads
-    its input state (never returns or writes it), so they stay zeros; made outside inference
-    mode, so that steps autograd records may save them."""
+    """(h, c) zeros for a step on x, in the state dtype."""
     shape = (reference.num_cells_of(weights), x.shape[0], x.shape[1])
     dtype = reference.state_dtype(x.dtype)
+    return (
+        torch.zeros(shape, dtype=dtype, device=x.device),
+        torch.zeros(shape, dtype=dtype, device=x.device),
+    )
+
+
+def _kept_zero_state(x: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    """The zero state a plan keeps for all its steps: every backend only reads its input state
+    (never returns or writes it), so it stays zeros. Made outside inference mode, so that steps
+    autograd records may save it."""
     with torch.inference_mode(False):
-        return (
-            torch.zeros(shape, dtype=dtype, device=x.device),
-            torch.zeros(shape, dtype=dtype, device=x.device),
-        )
+        return _zero_state(x, weights)
 
 
 def _checked(x, h, c, weights, identity, relu, activation, dropout_masks, unit_channels):
@@ -223,6 +231,8 @@ def _new_plan(
     h, c, relu, dropout_masks = _checked(
         x, h, c, weights, identity, relu, activation, dropout_masks, unit_channels
     )
+    if grad is None:
+        grad = torch.is_grad_enabled() and _requires_grad(x, h, c, weights, identity, dropout_masks)
     if isinstance(backend, str) and backend == "auto":
         backend = settings.backend_for_auto()
     # only auto looks at the step's shape (so a named backend never specialises on it)
@@ -230,7 +240,7 @@ def _new_plan(
     if backend == "auto" and x.is_cuda:
         step = (x.shape[1], x.shape[2] * x.shape[3], backends.dtype_name(x.dtype), grad)
     name = backends.resolve_backend(backend, x.device, step, x.dtype)
-    state = _zero_state(x, weights) if zero_state else None
+    state = _kept_zero_state(x, weights) if zero_state else None
     if name == "reference":
         return _ReferencePlan(state, relu, activation, dropout_masks is None)
     tensors = (x, h, c, identity, dropout_masks, *weights)

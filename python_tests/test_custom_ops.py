@@ -240,3 +240,23 @@ def test_a_changed_variable_dtype_or_shape_takes_effect_on_the_next_step(cuda_on
         assert max_abs_error(unit(y)[0], reference(y)[0]) < 1e-5
         with pytest.raises(ValueError, match="H\\*W >= 1"):
             unit(torch.randn(2, 12, 0, 3))
+
+
+def test_a_backward_runs_with_the_settings_current_when_it_runs(cuda_on_cpu):
+    """As without a plan: a use_settings block around the forward alone does not reach its
+    backward (autograd runs that later, outside the block); one around both does."""
+    from dia_fused.kernels import cuda_dia_step
+
+    unit = DIALSTM(12, reduction=3, backend="cuda")
+    x = torch.randn(2, 12, 3, 2, requires_grad=True)
+    split = cuda_dia_step.KernelSettings(path="split")
+    for around_backward in (False, True):
+        cuda_on_cpu.launches.clear()
+        with cuda_dia_step.use_settings(split):
+            out, _ = unit(x)
+            if around_backward:
+                out.sum().backward()
+        if not around_backward:
+            out.sum().backward()
+        assert "forward_fused" not in cuda_on_cpu.launches
+        assert ("backward_fused" in cuda_on_cpu.launches) is not around_backward
