@@ -1,6 +1,6 @@
 """CUDA backend of the DIA-LSTM step: the loader of the extension compiled from csrc/ and its host
 wrapper, `forward` and `backward` of the kernel-module contract (docs/design.md §2), shared with
-the Triton backend so that ops.py defines one custom op for both.
+the Triton backend so that step_op.py defines one custom op for both.
 
 Loading: `dia_fused._C` when it was built ahead of time (`pip install --no-build-isolation .` with
 a CUDA build of torch), else a JIT build with torch.utils.cpp_extension.load (ninja), compiled on

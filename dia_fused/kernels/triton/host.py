@@ -1,5 +1,5 @@
 """Host wrappers of the Triton backend: `forward` / `backward` of the kernel-module contract
-(docs/design.md §2; shared with the CUDA backend, ops.py wraps both in the same custom op).
+(docs/design.md §2; shared with the CUDA backend, step_op.py wraps both in the same custom op).
 
 Launches per step on the fused path (any number of stacked cells; N, C, H*W of any size):
 
@@ -419,7 +419,7 @@ def backward(
     launch: Optional[LaunchPlan] = None,
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, Tensor]:
     """(grad_x, grad_identity or None, grad_h, grad_c, grad_weights): grad_weights is ONE flat fp32
-    tensor, every weight's gradient flattened in weight order (ops.py splits it into views).
+    tensor, every weight's gradient flattened in weight order (the autograd formula splits it).
     `settings` default: current_settings(); pass the forward's."""
     if launch is None:
         launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
