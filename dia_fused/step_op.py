@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from . import backends, settings
-from .kernels import overriding_settings
+from .kernels import kernel_state
 from .reference import autocasting
 
 Tensor = torch.Tensor
@@ -50,9 +50,9 @@ class SavedStep(NamedTuple):
 
 
 def settings_environment() -> tuple:
-    """What kernel settings are made from besides the code: the DIA_FUSED_* variables' text and
-    the use_settings blocks in force."""
-    return settings.step_texts(), overriding_settings()
+    """What a step's kernel settings (and its plan) are made from besides the arguments: the
+    DIA_FUSED_* variables' text, the use_settings blocks in force, availability changes."""
+    return settings.step_texts(), kernel_state()
 
 
 def host_forward(

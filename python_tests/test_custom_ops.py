@@ -260,3 +260,21 @@ def test_a_backward_runs_with_the_settings_current_when_it_runs(cuda_on_cpu):
             out.sum().backward()
         assert "forward_fused" not in cuda_on_cpu.launches
         assert ("backward_fused" in cuda_on_cpu.launches) is not around_backward
+
+
+def test_reset_build_makes_auto_choose_again(emu, monkeypatch):
+    """A plan assumes availability fixed, except across cuda_dia_step.reset_build() (retrying a
+    failed build): after it, auto's next step chooses again."""
+    from dia_fused.kernels import cuda_dia_step
+
+    monkeypatch.delenv("DIA_FUSED_BACKEND", raising=False)
+    monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: "not built (test)")
+    unit = DIALSTM(12, reduction=3)
+    x = torch.randn(2, 12, 3, 2)
+    with torch.no_grad():
+        unit(x)
+        assert emu.launches == []  # the reference
+        monkeypatch.setattr(cuda_dia_step, "unavailable_reason", lambda device: None)
+        cuda_dia_step.reset_build()
+        unit(x)
+    assert emu.launches == ["forward_fused"]

@@ -13,15 +13,30 @@ from .cuda_build import ACTIVATION_CODES
 # the input dtypes both fused backends take (float64 runs through the reference backend)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-__all__ = ["ACTIVATION_CODES", "SUPPORTED_DTYPES", "SettingsOverride", "overriding_settings"]
+__all__ = [
+    "ACTIVATION_CODES",
+    "SUPPORTED_DTYPES",
+    "SettingsOverride",
+    "availability_changed",
+    "kernel_state",
+]
 
 _overrides = []  # every SettingsOverride, in creation order
+_availability_changes = 0
 
 
-def overriding_settings() -> tuple:
-    """The settings of every kernel module's innermost use_settings() block (None outside one):
-    part of a step plan's signature (ops.py), so that a block takes effect on its first step."""
-    return tuple([override.value for override in _overrides])
+def availability_changed() -> None:
+    """For a kernel module whose availability may change (cuda_dia_step.reset_build): step plans
+    made before are not used again."""
+    global _availability_changes
+    _availability_changes += 1
+
+
+def kernel_state() -> tuple:
+    """What step plans depend on in the kernel modules besides the environment: the settings of
+    every innermost use_settings() block (None outside one) and the count of availability
+    changes. Part of a plan's signature (ops.py): a block takes effect on its first step."""
+    return (_availability_changes, *[override.value for override in _overrides])
 
 
 class SettingsOverride:

@@ -31,7 +31,7 @@ import torch
 
 from .. import reference
 from .. import settings as env
-from . import SUPPORTED_DTYPES, SettingsOverride, cuda_build, layouts
+from . import SUPPORTED_DTYPES, SettingsOverride, availability_changed, cuda_build, layouts
 from .cuda_build import ACTIVATION_CODES, FUSED_MAX_CHANNELS, FUSED_THREADS
 
 Tensor = torch.Tensor
@@ -175,6 +175,7 @@ def reset_build() -> Optional[str]:
     with _lock:
         reason, _load_error = _load_error, None
         _ready_devices.clear()
+    availability_changed()  # step plans that chose another backend choose again
     return reason
 
 
