@@ -75,7 +75,10 @@ def weight_grads(grad_weights, saved: SavedStep) -> List[Tensor]:
     fp32 tensor per weight; cast only where the weight is not fp32."""
     views = saved.options.weight_grad_views
     if views is not None and isinstance(grad_weights, Tensor):  # planned: fp32 weights
-        return [grad_weights.as_strided(*view) for view in views]  # the cheapest views
+        base = grad_weights.storage_offset()  # as_strided offsets count from the storage
+        if base == 0:
+            return [grad_weights.as_strided(*view) for view in views]  # the cheapest views
+        return [grad_weights.as_strided(size, stride, base + at) for size, stride, at in views]
     weights = saved.weights
     if isinstance(grad_weights, Tensor):
         grad_weights = grad_weights.split_with_sizes([w.numel() for w in weights])

@@ -278,3 +278,21 @@ def test_reset_build_makes_auto_choose_again(emu, monkeypatch):
         cuda_dia_step.reset_build()
         unit(x)
     assert emu.launches == ["forward_fused"]
+
+
+def test_planned_weight_gradient_views_follow_the_flat_gradient_anywhere_in_its_storage():
+    from dia_fused.step_autograd import weight_grads
+    from dia_fused.step_op import SavedStep, StepOptions
+
+    weights = [torch.randn(3, 4), torch.randn(3), torch.randn(2, 3)]
+    views, offset = [], 0
+    for w in weights:
+        views.append((tuple(w.shape), w.stride(), offset))
+        offset += w.numel()
+    options = StepOptions("triton", False, False, "sigmoid", weight_grad_views=tuple(views))
+    saved = SavedStep(None, None, None, None, None, None, weights, options)
+    for start in (0, 7):  # a gradient carved from a larger buffer
+        flat = torch.arange(100.0)[start : start + offset]
+        expected = flat.split_with_sizes([w.numel() for w in weights])
+        for got, want, w in zip(weight_grads(flat, saved), expected, weights):
+            assert torch.equal(got, want.view(w.shape))
