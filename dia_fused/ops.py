@@ -199,12 +199,20 @@ def _zero_state(x: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
     )
 
 
-def _kept_zero_state(x: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
-    """The zero state a plan keeps for all its steps: every backend only reads its input state
-    (never returns or writes it), so it stays zeros. Made outside inference mode, so that steps
-    autograd records may save it."""
-    with torch.inference_mode(False):
-        return _zero_state(x, weights)
+class _ZeroState:
+    """The zero state of a plan's steps. Kept for all of them where that is safe (every backend
+    only reads its input state, never returns or writes it, so it stays zeros), made outside
+    inference mode so that steps autograd records may save it; made per step where a dispatch
+    mode (FakeTensorMode, ...) or a tensor subclass would make it belong to one call."""
+
+    def __init__(self, x: Tensor, weights: Sequence[Tensor], keep: bool):
+        self.kept = None
+        if keep:
+            with torch.inference_mode(False):
+                self.kept = _zero_state(x, weights)
+
+    def get(self, x: Tensor, weights: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+        return self.kept if self.kept is not None else _zero_state(x, weights)
 
 
 def _checked(x, h, c, weights, identity, relu, activation, dropout_masks, unit_channels):
@@ -240,10 +248,14 @@ def _new_plan(
     if backend == "auto" and x.is_cuda:
         step = (x.shape[1], x.shape[2] * x.shape[3], backends.dtype_name(x.dtype), grad)
     name = backends.resolve_backend(backend, x.device, step, x.dtype)
-    state = _kept_zero_state(x, weights) if zero_state else None
+    tensors = (x, h, c, identity, dropout_masks, *weights)
+    custom_op = any(t is not None and type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
+    state = None
+    if zero_state:
+        keep = not custom_op and not is_in_torch_dispatch_mode()
+        state = _ZeroState(x, weights, keep)
     if name == "reference":
         return _ReferencePlan(state, relu, activation, dropout_masks is None)
-    tensors = (x, h, c, identity, dropout_masks, *weights)
     views, offset = [], 0
     for w in weights:  # each weight's gradient in the flat fp32 gradient, as an as_strided view
         views.append((tuple(w.shape), w.contiguous().stride(), offset))
@@ -265,7 +277,6 @@ def _new_plan(
         environment=settings_environment(),
         weight_grad_views=None if views is None else tuple(views),
     )
-    custom_op = any(t is not None and type(t) not in _PLAIN_TENSOR_TYPES for t in tensors)
     return _FusedPlan(state, options, dropout_masks is None, custom_op)
 
 
@@ -275,7 +286,7 @@ class _ReferencePlan:
 
     def run(self, grad, x, h, c, weights, identity, dropout_masks):
         if h is None:
-            h, c = self.state
+            h, c = self.state.get(x, weights)
         return reference.dia_lstm_step(
             x,
             h,
@@ -301,7 +312,7 @@ class _FusedPlan:
 
     def run(self, grad, x, h, c, weights, identity, dropout_masks):
         if h is None:
-            h, c = self.state
+            h, c = self.state.get(x, weights)
         if self.no_masks:
             dropout_masks = None
         o = self.options

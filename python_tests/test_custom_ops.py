@@ -296,3 +296,19 @@ def test_planned_weight_gradient_views_follow_the_flat_gradient_anywhere_in_its_
         expected = flat.split_with_sizes([w.numel() for w in weights])
         for got, want, w in zip(weight_grads(flat, saved), expected, weights):
             assert torch.equal(got, want.view(w.shape))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cuda"])
+def test_a_zero_state_made_under_a_fake_mode_stays_in_that_mode(cuda_on_cpu, backend):
+    """Plans keep the zero initial state only where it is a plain tensor: one made under a
+    FakeTensorMode belongs to that mode and is made again under the next."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    unit = DIALSTM(8, reduction=2, backend=backend)
+    for _ in range(2):
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            out, (h, _) = unit(mode.from_tensor(torch.randn(2, 8, 3, 3)))
+            assert isinstance(out, FakeTensor) and out.fake_mode is mode
+            assert isinstance(h, FakeTensor) and h.fake_mode is mode
+    out, _ = unit(torch.randn(2, 8, 3, 3))
+    assert type(out) is torch.Tensor and torch.isfinite(out).all()
