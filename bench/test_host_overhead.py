@@ -34,11 +34,15 @@ MAX_NO_GRAD_RATIO = 1.3
 MAX_FORWARD_BACKWARD_RATIO = 1.2
 
 
+def _no_launch(*args, **kwargs) -> None:
+    pass
+
+
 class _NoLaunch:
-    """A Triton kernel whose launches do nothing."""
+    """A Triton kernel whose launches do nothing (as cheaply as a Python call can)."""
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: None
+        return _no_launch
 
 
 class _StubExtension:
@@ -63,7 +67,8 @@ def stubbed_kernels() -> Iterator[None]:
     """Both fused backends available for CPU tensors, with stubbed kernels."""
     from dia_fused.kernels.triton import host as triton_host
 
-    patches = [(cuda_dia_step, "_extension_for", lambda x: _StubExtension())]
+    extension = _StubExtension()
+    patches = [(cuda_dia_step, "_extension_for", lambda x: extension)]
     patches += [(cuda_dia_step, "unavailable_reason", lambda device: None)]
     patches += [(cuda_dia_step, "_sm_count", lambda device: 132)]
     patches += [(triton_host, "unavailable_reason", lambda device: None)]
