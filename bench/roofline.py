@@ -1,0 +1,854 @@
+"""Traffic model of one DIA step: every launch the Triton and CUDA backends make, its grid, the
+bytes it loads and stores, its serial work per CTA, and from these a predicted time on a named GPU
+(rules in docs/design.md §6.3). No GPU is needed: the model is plain arithmetic over the launch
+geometry, and python_tests/test_roofline_bytes.py checks its byte counts of the Triton kernels
+against what the kernels really load and store under TRITON_INTERPRET=1, so that it cannot drift
+from them.
+
+    python bench/roofline.py             # the table of the benchmark shapes
+    python bench/roofline.py --check     # exit 1 when a shape's prediction exceeds 1.5x its floor
+
+The floor of a step is its minimum bytes (every input read once, every output written once) at
+90% of the HBM bandwidth plus `launch_us` per launch the modelled implementation makes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
+
+BENCHMARK_SHAPES = [
+    (128, 64, 32, 32),
+    (128, 128, 16, 16),
+    (128, 256, 8, 8),
+    (32, 256, 56, 56),
+    (32, 512, 28, 28),
+    (32, 1024, 14, 14),
+    (32, 2048, 7, 7),
+]
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+CHECK_RATIO = 1.5  # --check: predicted forward+backward time at most this times the floor
+HBM_EFFICIENCY = 0.9  # share of the peak HBM bandwidth a streaming kernel reaches
+
+
+@dataclass(frozen=True)
+class GPU:
+    """What the prediction needs of a device (docs/design.md §6.3 gives the sources)."""
+
+    name: str
+    hbm_bytes_per_us: float  # peak HBM bandwidth
+    sms: int
+    launch_us: float  # cost of one launch in an eager step (the floor charges the same)
+    dram_latency_us: float  # a dependent DRAM load: one tile in flight moves tile/latency
+    l2_latency_us: float  # a dependent L2 hit (the LSTM operands live in L2)
+    l2_bytes_per_us: float  # L2 bandwidth, all SMs together
+    fma_per_sm_per_us: float  # fp32 FMA lanes x clock (IEEE dots run on them, not tensor cores)
+    warps_per_sm: int
+
+
+H100 = GPU(
+    name="H100 SXM",
+    hbm_bytes_per_us=3.35e6,
+    sms=132,
+    launch_us=2.0,
+    dram_latency_us=0.8,
+    l2_latency_us=0.35,
+    l2_bytes_per_us=10e6,
+    fma_per_sm_per_us=128 * 1755.0,
+    warps_per_sm=64,
+)
+LSTM_CTAS_PER_SM = 2  # 8 warps at ~128 registers each: two LSTM CTAs fit on an SM
+EMPTY_CTA_US = 0.05  # a CTA that only checks its bounds and exits
+
+
+@dataclass(frozen=True)
+class Step:
+    """One DIA step as the benchmarks run it (bench/test_step_bench.py): an identity, relu, the
+    gradients of out, h' and c' all given."""
+
+    n: int
+    c: int
+    h: int
+    w: int
+    dtype: str = "float32"
+    channels_last: bool = False
+    cells: int = 1
+    reduction: int = 4
+    identity: bool = True
+    relu: bool = True
+    grad_state: bool = True
+    masks: bool = False
+
+    @property
+    def hw(self) -> int:
+        return self.h * self.w
+
+    @property
+    def r(self) -> int:
+        return max(1, self.c // self.reduction)
+
+    @property
+    def e(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def map_bytes(self) -> int:
+        return self.n * self.c * self.hw * self.e
+
+    def weight_elems(self) -> int:
+        c, r = self.c, self.r
+        return 2 * (r * c + r + 4 * c * r + 4 * c) + (self.cells - 1) * 2 * (4 * c * c + 4 * c)
+
+    def label(self) -> str:
+        layout = "cl" if self.channels_last else "nchw"
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
+        return f"{self.n}x{self.c}x{self.h}x{self.w} {short} {layout}"
+
+
+@dataclass
+class Launch:
+    """One kernel launch: requested bytes (what its loads and stores ask for, counted per masked
+    element: what the interpreter test checks), its DRAM bytes (first touches only: repeated reads
+    of a small operand hit L2), and its serial critical path per CTA."""
+
+    kernel: str
+    grid: Tuple[int, ...]
+    loads: int = 0
+    stores: int = 0
+    dram: int = 0
+    serial_us: float = 0.0  # latency-bound span: CTAs' dependent-load chains over the SMs
+    l2: int = 0  # bytes served by L2 (requested minus DRAM)
+    predicted_us: float = 0.0
+
+    @property
+    def ctas(self) -> int:
+        return math.prod(self.grid)
+
+
+# ------------------------------------------------------------------------------------------------
+# Request counting: mirrors of the kernels' loops (one function per kernel)
+# ------------------------------------------------------------------------------------------------
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+@dataclass
+class _Program:
+    """Requests of one CTA, by buffer (buffer -> bytes), and its k-steps of dependent dots."""
+
+    loads: Counter = field(default_factory=Counter)
+    stores: Counter = field(default_factory=Counter)
+    steps: int = 0
+    fma: int = 0
+
+    def matmul(self, a: str, ea: int, b: str, eb: int, rows: int, k: int, cols: int, blocks):
+        """_matmul_tile: A (rows valid, K) and B (K, cols valid), BLOCK_K at a time."""
+        block_m, block_n, block_k = blocks
+        self.loads[a] += rows * k * ea
+        self.loads[b] += k * cols * eb
+        steps = _cdiv(k, block_k)
+        self.steps += steps
+        self.fma += steps * block_m * block_n * block_k
+
+    def linear(self, a: str, ea: int, w: str, rows: int, k: int, cols: int, blocks):
+        self.matmul(a, ea, w, 4, rows, k, cols, blocks)
+        self.loads[w + ".bias"] += cols * 4
+
+
+def triton_map_blocks(step: Step, config: MapConfig) -> Tuple[int, int]:
+    """host._map_blocks: (BLOCK_C, BLOCK_HW) of the map kernels."""
+    if step.channels_last:
+        block_c = min(_next_power_of_2(step.c), config.c_block)
+        return block_c, max(1, min(_next_power_of_2(step.hw), config.tile // block_c))
+    block_hw = min(_next_power_of_2(step.hw), config.hw_block, config.tile)
+    return max(1, min(_next_power_of_2(step.c), config.tile // block_hw, config.c_block)), block_hw
+
+
+@dataclass(frozen=True)
+class _LSTMGeometry:
+    bn: int
+    bc: int
+    br: int
+    bk: int
+    groups: int
+    split: bool
+    wg: Tuple[int, int, int]  # weight-grad BLOCK_M, BLOCK_K, BLOCK_N
+
+
+def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _LSTMGeometry:
+    """host.LSTMBlocks / _split_path / forward_groups, and the weight-grad tile."""
+    bc = max(16, min(config.block_c, _next_power_of_2(step.c)))
+    split = step.cells == 1 and step.c * step.r >= config.split_min
+    groups = (
+        1 if (split or step.cells > 1) else max(1, min(config.forward_groups, _cdiv(step.c, bc)))
+    )
+    return _LSTMGeometry(
+        bn=config.block_n,
+        bc=bc,
+        br=max(16, min(config.block_r, _next_power_of_2(step.r))),
+        bk=64 if interpreted else config.block_k,
+        groups=groups,
+        split=split,
+        wg=(64, 64, 64) if interpreted else (64, 64, 32),
+    )
+
+
+def _scratch_size(step: Step, forward: bool, groups: int) -> int:
+    c, r, cells = step.c, step.r, step.cells
+    if forward:
+        return 2 * r * groups + 2 * c * (cells - 1)
+    return 4 * r + 2 * c + 4 * c * cells + 2 * c * (cells - 1) + 4 * c * cells + c
+
+
+def _cells_forward(
+    p: _Program, s: Step, g: _LSTMGeometry, tile, u_part, u_parts, part, parts, save, do_u, do_gates
+):
+    """_cells_forward_tile."""
+    es, nr = 4, min(g.bn, s.n - tile * g.bn)  # state dtype: fp32 for fp32 and half inputs
+    c, r = s.c, s.r
+    if do_u:
+        for r0 in range(u_part * g.br, r, u_parts * g.br):
+            rc = min(g.br, r - r0)
+            p.linear("pooled", 4, "wih1", nr, c, rc, (g.bn, g.br, g.bk))
+            p.linear("h", es, "whh1", nr, c, rc, (g.bn, g.br, g.bk))
+            p.stores["scratch"] += 2 * nr * rc * 4
+    if not do_gates:
+        return
+    for cell in range(s.cells):
+        for col0 in range(part * g.bc, c, parts * g.bc):
+            cc = min(g.bc, c - col0)
+            if save and cell == 0:
+                p.loads["pooled"] += nr * cc * 4
+                p.loads["h"] += nr * cc * es
+                p.stores["scratch"] += 2 * nr * cc * 4
+            for _gate in range(4):
+                if cell == 0:
+                    p.linear("scratch", 4, "wih2", nr, r, cc, (g.bn, g.bc, g.bk))
+                    p.linear("scratch", 4, "whh2", nr, r, cc, (g.bn, g.bc, g.bk))
+                else:
+                    p.linear("scratch", 4, "stacked", nr, c, cc, (g.bn, g.bc, g.bk))
+                    p.linear("h", es, "stacked", nr, c, cc, (g.bn, g.bc, g.bk))
+            p.loads["c"] += nr * cc * es
+            if not save:
+                p.stores["state"] += 2 * nr * cc * es
+            elif cell == s.cells - 1:
+                p.stores["attention"] += nr * cc * 4
+            if cell + 1 < s.cells:
+                if s.masks:
+                    p.loads["masks"] += nr * cc * es
+                p.stores["scratch"] += nr * cc * 4
+                if save:
+                    p.loads["h"] += nr * cc * es
+                    p.stores["scratch"] += nr * cc * 4
+            if save:
+                p.stores["scratch"] += 4 * nr * cc * 4
+
+
+def _lstm_backward(p: _Program, s: Step, g: _LSTMGeometry, tile, part, parts, phase):
+    """_lstm_backward_kernel; phase in fused, gates, reduced_grad, input_grad."""
+    es, nr = 4, min(g.bn, s.n - tile * g.bn)
+    c, r = s.c, s.r
+    if phase in ("fused", "gates"):
+        _cells_forward(p, s, g, tile, 0, 1, part, parts, True, phase == "fused", True)
+    for step in range(s.cells):
+        cell = s.cells - 1 - step
+        for col0 in range(part * g.bc, c if phase in ("fused", "gates") else 0, parts * g.bc):
+            cc = min(g.bc, c - col0)
+            if s.grad_state:
+                p.loads["grad_state"] += 2 * nr * cc * es
+            p.loads["grad_a" if cell == s.cells - 1 else "scratch"] += nr * cc * 4
+            p.loads["scratch"] += 4 * nr * cc * 4
+            p.loads["c"] += nr * cc * es
+            p.stores["scratch"] += 4 * nr * cc * 4
+            p.stores["grad_c"] += nr * cc * es
+        if cell > 0:
+            for col0 in range(0, c, g.bc):
+                cc = min(g.bc, c - col0)
+                for _ in range(2):
+                    p.matmul("scratch", 4, "stacked", 4, nr, 4 * c, cc, (g.bn, g.bc, g.bk))
+                p.stores["grad_h"] += nr * cc * es
+                if s.masks:
+                    p.loads["masks"] += nr * cc * es
+                p.stores["scratch"] += nr * cc * 4
+        else:
+            for r0 in range(
+                part * g.br, r if phase in ("fused", "reduced_grad") else 0, parts * g.br
+            ):
+                rc = min(g.br, r - r0)
+                p.matmul("scratch", 4, "wih2", 4, nr, 4 * c, rc, (g.bn, g.br, g.bk))
+                p.matmul("scratch", 4, "whh2", 4, nr, 4 * c, rc, (g.bn, g.br, g.bk))
+                p.loads["scratch"] += 2 * nr * rc * 4
+                p.stores["scratch"] += 2 * nr * rc * 4
+            for col0 in range(
+                part * g.bc, c if phase in ("fused", "input_grad") else 0, parts * g.bc
+            ):
+                cc = min(g.bc, c - col0)
+                p.matmul("scratch", 4, "wih1", 4, nr, r, cc, (g.bn, g.bc, g.bk))
+                p.stores["grad_pooled"] += nr * cc * 4
+                p.matmul("scratch", 4, "whh1", 4, nr, r, cc, (g.bn, g.bc, g.bk))
+                p.stores["grad_h"] += nr * cc * es
+
+
+def _weight_grad(p: _Program, s: Step, g: _LSTMGeometry, job: int, i: int, j: int):
+    """_weight_grad_kernel program (job, i, j)."""
+    c, r = s.c, s.r
+    bm, bk, bn = g.wg
+    if job < 4:
+        m_size, k_size = (r, c) if job % 2 == 0 else (4 * c, r)
+    else:
+        m_size, k_size = 4 * c, c
+    if not (i * bm < m_size and j * bk < k_size):
+        return
+    mv, kv = min(bm, m_size - i * bm), min(bk, k_size - j * bk)
+    p.matmul("scratch", 4, "scratch", 4, mv, s.n, kv, (bm, bk, bn))
+    p.stores["grad_w"] += mv * kv * 4
+    if j == 0:
+        p.loads["scratch"] += mv * s.n * 4
+        p.steps += _cdiv(s.n, bn)
+        p.stores["grad_w"] += mv * 4
+
+
+def _launch_of(kernel: str, grid, programs: Sequence[_Program]) -> Tuple[Launch, List[_Program]]:
+    launch = Launch(kernel=kernel, grid=tuple(grid))
+    for p in programs:
+        launch.loads += sum(p.loads.values())
+        launch.stores += sum(p.stores.values())
+    return launch, list(programs)
+
+
+# ------------------------------------------------------------------------------------------------
+# The Triton backend
+# ------------------------------------------------------------------------------------------------
+
+
+def _buffer_bytes(s: Step) -> Dict[str, int]:
+    """Sizes of the (N, C)-sized and weight buffers: the DRAM bytes of a launch touching them."""
+    nc4 = s.n * s.c * 4
+    c, r, cells = s.c, s.r, s.cells
+    return {
+        "pooled": nc4,
+        "h": cells * nc4,
+        "c": cells * nc4,
+        "state": 2 * cells * nc4,
+        "grad_state": 2 * cells * nc4,
+        "grad_c": cells * nc4,
+        "grad_h": cells * nc4,
+        "grad_a": nc4,
+        "attention": nc4,
+        "grad_pooled": nc4,
+        "masks": max(0, cells - 1) * nc4,
+        "wih1": r * c * 4,
+        "whh1": r * c * 4,
+        "wih2": 4 * c * r * 4,
+        "whh2": 4 * c * r * 4,
+        "wih1.bias": r * 4,
+        "whh1.bias": r * 4,
+        "wih2.bias": 16 * c,
+        "whh2.bias": 16 * c,
+        "stacked": max(0, cells - 1) * (8 * c * c + 8 * c) * 4,
+        "stacked.bias": max(0, cells - 1) * 8 * c * 4,
+        "grad_w": s.weight_elems() * 4,
+    }
+
+
+def _lstm_launch(kernel, grid, programs, s: Step, scratch_bytes: int, gpu: GPU) -> Launch:
+    launch, _ = _launch_of(kernel, grid, programs)
+    sizes = dict(_buffer_bytes(s), scratch=scratch_bytes)
+    requested, stored = Counter(), Counter()
+    for p in programs:
+        requested.update(p.loads)
+        stored.update(p.stores)
+    dram = sum(min(b, sizes[k]) for k, b in requested.items())
+    dram += sum(min(b, sizes[k]) for k, b in stored.items())
+    launch.dram = dram
+    launch.l2 = launch.loads + launch.stores - dram
+    times = [_lstm_cta_us(p, gpu) for p in programs]
+    launch.serial_us = _makespan(times, gpu.sms * LSTM_CTAS_PER_SM)
+    return launch
+
+
+def _lstm_cta_us(p: "_Program", gpu: GPU) -> float:
+    """One LSTM CTA: each k-step waits for its operands from L2, then runs its dot on the SM's
+    fp32 lanes; a CTA without work costs its scheduling only."""
+    if not p.steps:
+        return EMPTY_CTA_US
+    return p.steps * gpu.l2_latency_us + p.fma / gpu.fma_per_sm_per_us
+
+
+def _makespan(times: Sequence[float], slots: int) -> float:
+    """A greedy scheduler's span of CTAs of these durations over `slots` resident places: the
+    longest CTA, or the total work spread over the places, whichever is larger."""
+    return max(max(times, default=0.0), sum(times) / slots)
+
+
+def _map_launch(
+    kernel,
+    grid,
+    s: Step,
+    loads: int,
+    stores: int,
+    dram: int,
+    tiles_per_cta: int,
+    num_warps: int,
+    gpu: GPU,
+) -> Launch:
+    launch = Launch(kernel=kernel, grid=tuple(grid), loads=loads, stores=stores, dram=dram)
+    launch.l2 = loads + stores - dram
+    resident = gpu.sms * max(1, gpu.warps_per_sm // (2 * num_warps))  # registers: half the warps
+    launch.serial_us = _makespan([tiles_per_cta * gpu.dram_latency_us] * launch.ctas, resident)
+    return launch
+
+
+def triton_launches(
+    s: Step,
+    backward: bool,
+    settings: Optional[KernelSettings] = None,
+    interpreted: bool = False,
+    gpu: GPU = H100,
+) -> List[Launch]:
+    """The launches of host.forward (backward=False) or host.backward, in order."""
+    settings = settings or KernelSettings()
+    mc = settings.map
+    bc, bhw = triton_map_blocks(s, mc)
+    n, c, hw = s.n, s.c, s.hw
+    nc4, maps = n * c * 4, s.map_bytes
+    hw_blocks, c_blocks = _cdiv(hw, bhw), _cdiv(c, bc)
+    elementwise_grid = (n * c_blocks * hw_blocks,)
+    g = triton_lstm_geometry(s, settings.lstm, interpreted)
+    tiles = _cdiv(n, g.bn)
+    r_parts, c_parts = _cdiv(s.r, g.br), _cdiv(c, g.bc)
+    launches = []
+    if not backward:
+        launches.append(
+            _map_launch(
+                "_pool_kernel",
+                (n, c_blocks),
+                s,
+                maps,
+                nc4,
+                maps + nc4,
+                hw_blocks,
+                mc.num_warps,
+                gpu,
+            )
+        )
+        scratch = n * _scratch_size(s, True, g.groups) * 4
+        phases = [("reduced", r_parts), ("gates", c_parts)] if g.split else [("fused", g.groups)]
+        for phase, parts in phases:
+            programs = []
+            for tile in range(tiles):
+                for part in range(parts):
+                    p = _Program()
+                    if phase == "fused":
+                        _cells_forward(p, s, g, tile, 0, 1, part, parts, False, True, True)
+                    else:
+                        _cells_forward(
+                            p,
+                            s,
+                            g,
+                            tile,
+                            part,
+                            parts,
+                            part,
+                            parts,
+                            False,
+                            phase == "reduced",
+                            phase == "gates",
+                        )
+                    programs.append(p)
+            launches.append(
+                _lstm_launch("_lstm_forward_kernel", (tiles, parts), programs, s, scratch, gpu)
+            )
+        loads = maps * (2 if s.identity else 1) + hw_blocks * nc4
+        launches.append(
+            _map_launch(
+                "_scale_kernel",
+                elementwise_grid,
+                s,
+                loads,
+                maps,
+                loads - hw_blocks * nc4 + nc4 + maps,
+                1,
+                mc.num_warps,
+                gpu,
+            )
+        )
+        return launches
+    # backward
+    ga_loads = maps * (3 if s.relu else 2)
+    ga_stores = nc4 + (maps if s.identity else 0)
+    launches.append(
+        _map_launch(
+            "_grad_attention_kernel",
+            (n, c_blocks),
+            s,
+            ga_loads,
+            ga_stores,
+            ga_loads + ga_stores,
+            hw_blocks,
+            mc.num_warps,
+            gpu,
+        )
+    )
+    scratch = n * _scratch_size(s, False, 1) * 4
+    if g.split:
+        programs = []
+        for tile in range(tiles):
+            for part in range(r_parts):
+                p = _Program()
+                _cells_forward(p, s, g, tile, part, r_parts, part, r_parts, False, True, False)
+                programs.append(p)
+        launches.append(
+            _lstm_launch("_lstm_forward_kernel", (tiles, r_parts), programs, s, scratch, gpu)
+        )
+        phases = [("gates", c_parts), ("reduced_grad", r_parts), ("input_grad", c_parts)]
+    else:
+        phases = [("fused", 1)]
+    for phase, parts in phases:
+        programs = []
+        for tile in range(tiles):
+            for part in range(parts):
+                p = _Program()
+                _lstm_backward(p, s, g, tile, part, parts, phase)
+                programs.append(p)
+        launches.append(
+            _lstm_launch("_lstm_backward_kernel", (tiles, parts), programs, s, scratch, gpu)
+        )
+    jobs = 4 + 2 * (s.cells - 1)
+    wg_grid = (jobs, _cdiv(4 * c, g.wg[0]), _cdiv(max(c, s.r), g.wg[1]))
+    programs = []
+    for job in range(jobs):
+        for i in range(wg_grid[1]):
+            for j in range(wg_grid[2]):
+                p = _Program()
+                _weight_grad(p, s, g, job, i, j)
+                programs.append(p)
+    launches.append(_lstm_launch("_weight_grad_kernel", wg_grid, programs, s, scratch, gpu))
+    z_loads = maps * (2 if (s.relu and not s.identity) else 1)
+    gi_loads = z_loads + 2 * hw_blocks * nc4
+    launches.append(
+        _map_launch(
+            "_grad_input_kernel",
+            elementwise_grid,
+            s,
+            gi_loads,
+            maps,
+            z_loads + 2 * nc4 + maps,
+            1,
+            mc.num_warps,
+            gpu,
+        )
+    )
+    return launches
+
+
+# ------------------------------------------------------------------------------------------------
+# The CUDA backend (csrc/): modelled from its launch code, not checked by an interpreter
+# ------------------------------------------------------------------------------------------------
+
+CUDA_STREAM_THREADS, CUDA_STREAM_ROW_LANES, CUDA_FUSED_THREADS = 256, 64, 512
+CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32, 32)
+
+
+def _cuda_vec(s: Step) -> int:
+    """16-byte accesses when the contiguous axis divides into them (aligned allocations)."""
+    vec = 16 // s.e
+    return vec if (s.c if s.channels_last else s.hw) % vec == 0 else 1
+
+
+def _cuda_stream(kernel: str, s: Step, streams: int, loads: int, stores: int, gpu: GPU) -> Launch:
+    """A streaming pass of csrc (pool, scale, grad attention, grad input): `streams` maps moved per
+    element in flight. channels_last: (N, channel tiles) blocks each walking all H*W rows, 256/lanes
+    rows at a time; NCHW: one warp per (n, c) plane, 8 per block."""
+    vec = _cuda_vec(s)
+    if s.channels_last:
+        lanes = min(_cdiv(s.c, vec), CUDA_STREAM_ROW_LANES)
+        grid = (s.n, _cdiv(s.c, lanes * vec))
+        rows_at_once = CUDA_STREAM_THREADS // lanes
+        steps = _cdiv(s.hw, rows_at_once)
+    else:
+        grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // 32),)
+        steps = _cdiv(s.hw, 32 * vec)
+    launch = Launch(kernel, grid, loads=loads, stores=stores, dram=loads + stores)
+    resident = gpu.sms * (gpu.warps_per_sm // (CUDA_STREAM_THREADS // 32))
+    launch.serial_us = _makespan([steps * gpu.dram_latency_us] * launch.ctas, resident)
+    return launch
+
+
+def _cuda_gemm(kernel: str, grid, k: int, loads: int, stores: int, dram: int, gpu: GPU) -> Launch:
+    """A GemmTile launch (32x32 tile, k 32 per shared-memory stage, 128 threads)."""
+    launch = Launch(kernel, tuple(grid), loads=loads, stores=stores, dram=dram)
+    launch.l2 = max(0, loads + stores - dram)
+    bm, bn, bk = CUDA_GEMM
+    per_step = gpu.l2_latency_us + bm * bn * bk / (gpu.fma_per_sm_per_us / 4)  # 128 of 512 lanes
+    resident = gpu.sms * 4
+    launch.serial_us = _makespan([_cdiv(k, bk) * per_step] * launch.ctas, resident)
+    return launch
+
+
+def cuda_fused_path(s: Step, gpu: GPU = H100) -> bool:
+    """cuda_dia_step._fused_path with path='auto'."""
+    fits = s.cells == 1 and s.c <= CUDA_FUSED_MAX_CHANNELS and 2 * s.r <= CUDA_FUSED_THREADS
+    return fits and (s.n >= gpu.sms // 2 or s.c * s.hw <= CUDA_FUSED_SMALL_MAP)
+
+
+def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
+    """The launches of cuda_dia_step.forward / backward (one cell)."""
+    if s.cells != 1:
+        raise ValueError(f"cells: the cuda model covers one cell, got {s.cells}")
+    n, c, r, maps, nc4 = s.n, s.c, s.r, s.map_bytes, s.n * s.c * 4
+    w = s.weight_elems() * 4
+    cell_fma = 2 * c * r + 8 * c * r  # one sample's cell 0: two reduced and two gate linears
+    if cuda_fused_path(s, gpu):
+        vec = _cuda_vec(s)
+        passes = 2 if not backward else 2
+        per_sample = s.map_bytes // n
+        in_flight = CUDA_FUSED_THREADS * vec * s.e
+        lstm_fma = cell_fma * (2 if backward else 1)
+        weights_l2 = n * w * (2 if backward else 1)
+        launch = Launch(
+            "fused_backward_kernel" if backward else "fused_forward_kernel",
+            (n,),
+            loads=maps * (5 if backward else 3) + weights_l2,
+            stores=maps * (2 if backward else 1),
+        )
+        launch.dram = maps * (6 if backward else 3) + w
+        launch.l2 = launch.loads + launch.stores - launch.dram
+        per_block = passes * _cdiv(per_sample, in_flight) * gpu.dram_latency_us
+        per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
+        launch.serial_us = _cdiv(n, gpu.sms) * per_block
+        launches = [launch]
+        if backward:
+            launches.append(_cuda_weight_grad(s, gpu))
+        return launches
+    tiles = _cdiv(n, CUDA_GEMM[0])
+    if not backward:
+        return [
+            _cuda_stream("pool_kernel", s, 1, maps, nc4, gpu),
+            _cuda_gemm(
+                "reduced_linear_kernel",
+                (_cdiv(r, 32), tiles, 2),
+                c,
+                2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
+                2 * n * r * 4,
+                2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
+                gpu,
+            ),
+            _cuda_gemm(
+                "gate_forward_kernel",
+                (_cdiv(4 * c, 32), tiles),
+                2 * r,
+                2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles,
+                2 * nc4 * 2,
+                2 * n * r * 4 + 8 * c * r * 4 + 4 * nc4,
+                gpu,
+            ),
+            _cuda_stream("scale_residual_kernel", s, 2, maps * 2, maps, gpu),
+        ]
+    return [
+        _cuda_stream("grad_attention_kernel", s, 3, maps * 3, maps + nc4, gpu),
+        _cuda_gemm(
+            "reduced_linear_kernel",
+            (_cdiv(r, 32), tiles, 2),
+            c,
+            2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
+            2 * n * r * 4,
+            2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
+            gpu,
+        ),
+        _cuda_gemm(
+            "gate_backward_kernel",
+            (_cdiv(4 * c, 32), tiles),
+            2 * r,
+            2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles + 4 * nc4,
+            4 * n * c * 4 + 2 * nc4,
+            2 * n * r * 4 + 8 * c * r * 4 + 8 * nc4,
+            gpu,
+        ),
+        _cuda_gemm(
+            "hidden_grad_kernel",
+            (_cdiv(r, 32), tiles, 2),
+            4 * c,
+            2 * n * 4 * c * 4 * _cdiv(r, 32) + 8 * c * r * 4 * tiles,
+            2 * n * r * 4,
+            4 * nc4 + 8 * c * r * 4 + 2 * n * r * 4,
+            gpu,
+        ),
+        _cuda_gemm(
+            "input_grad_kernel",
+            (_cdiv(c, 32), tiles, 2),
+            r,
+            2 * n * r * 4 * _cdiv(c, 32) + 2 * r * c * 4 * tiles,
+            2 * nc4,
+            2 * n * r * 4 + 2 * r * c * 4 + 2 * nc4,
+            gpu,
+        ),
+        _cuda_weight_grad(s, gpu),
+        _cuda_stream("grad_input_kernel", s, 1, maps + 2 * nc4, maps, gpu),
+    ]
+
+
+def _cuda_weight_grad(s: Step, gpu: GPU) -> Launch:
+    c, r, n = s.c, s.r, s.n
+    problems = [(4 * c, r), (4 * c, r), (r, c), (r, c)]
+    tiles = sum(_cdiv(m, 32) * _cdiv(k + 1, 32) for m, k in problems)
+    loads = sum(_cdiv(k + 1, 32) * m * n * 4 + _cdiv(m, 32) * k * n * 4 for m, k in problems)
+    dram = 2 * n * 4 * c * 4 + 2 * n * r * 4 + 2 * n * c * 4 + s.weight_elems() * 4
+    return _cuda_gemm("weight_grad_kernel", (tiles,), n, loads, s.weight_elems() * 4, dram, gpu)
+
+
+# ------------------------------------------------------------------------------------------------
+# Prediction, floor, table
+# ------------------------------------------------------------------------------------------------
+
+
+def predict(launches: List[Launch], gpu: GPU = H100) -> float:
+    """Predicted microseconds of a list of launches: each one's launch cost plus the largest of
+    its DRAM time (at HBM_EFFICIENCY of peak), its L2 time and its serial critical path."""
+    total = 0.0
+    for launch in launches:
+        launch.predicted_us = gpu.launch_us + max(
+            launch.dram / (HBM_EFFICIENCY * gpu.hbm_bytes_per_us),
+            launch.l2 / gpu.l2_bytes_per_us,
+            launch.serial_us,
+        )
+        total += launch.predicted_us
+    return total
+
+
+def minimum_bytes(s: Step, backward: bool) -> int:
+    """Bytes any implementation must move: each input read once, each output written once."""
+    maps, nc4 = s.map_bytes, s.n * s.c * 4
+    w = s.weight_elems() * 4
+    state = 2 * s.cells * nc4
+    if not backward:  # x, identity -> out; h, c, weights -> h', c'
+        return maps * (2 + s.identity) + 2 * state + w
+    # grad_out, x, out (relu mask) -> grad_x, grad_identity; h, c, pooled, grad_h', grad_c'
+    # -> grad_h, grad_c, grad_w
+    return maps * (3 + s.relu + s.identity) + 3 * state + nc4 + 2 * w
+
+
+def launches_of(s: Step, backend: str, backward: bool, gpu: GPU = H100) -> List[Launch]:
+    if backend == "triton":
+        return triton_launches(s, backward, gpu=gpu)
+    if backend == "cuda":
+        return cuda_launches(s, backward, gpu)
+    raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
+
+
+@dataclass
+class Row:
+    step: Step
+    backend: str
+    forward_us: float
+    backward_us: float
+    floor_us: float
+    launches: int
+    lstm_us: float  # the LSTM launches of the backward
+
+    @property
+    def ratio(self) -> float:
+        return (self.forward_us + self.backward_us) / self.floor_us
+
+
+def row(s: Step, backend: str, gpu: GPU = H100) -> Row:
+    fwd, bwd = launches_of(s, backend, False, gpu), launches_of(s, backend, True, gpu)
+    f_us, b_us = predict(fwd, gpu), predict(bwd, gpu)
+    count = len(fwd) + len(bwd)
+    floor = (minimum_bytes(s, False) + minimum_bytes(s, True)) / (
+        HBM_EFFICIENCY * gpu.hbm_bytes_per_us
+    ) + gpu.launch_us * count
+    lstm = sum(x.predicted_us for x in bwd if not _is_map_kernel(x.kernel))
+    return Row(s, backend, f_us, b_us, floor, count, lstm)
+
+
+def _is_map_kernel(kernel: str) -> bool:
+    return any(k in kernel for k in ("pool", "scale", "grad_attention", "grad_input"))
+
+
+def benchmark_steps() -> List[Step]:
+    return [
+        Step(*shape, dtype=dtype, channels_last=cl)
+        for shape in BENCHMARK_SHAPES
+        for dtype in ("float32", "bfloat16")
+        for cl in (False, True)
+    ]
+
+
+def table(rows: List[Row]) -> List[str]:
+    lines = [
+        "| step | backend | launches | floor us | fwd us | bwd us | bwd LSTM us | pred/floor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        mark = "" if r.ratio <= CHECK_RATIO else " ✗"
+        lines.append(
+            f"| {r.step.label()} | {r.backend} | {r.launches} | {r.floor_us:.1f} | "
+            f"{r.forward_us:.1f} | {r.backward_us:.1f} | {r.lstm_us:.1f} | {r.ratio:.2f}{mark} |"
+        )
+    return lines
+
+
+def launch_table(s: Step, backend: str, gpu: GPU = H100) -> List[str]:
+    lines = [
+        f"{s.label()} {backend}",
+        "| pass | kernel | grid | CTAs | loads MB | stores MB | DRAM MB | serial us | pred us |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, backward in (("fwd", False), ("bwd", True)):
+        launches = launches_of(s, backend, backward, gpu)
+        predict(launches, gpu)
+        for x in launches:
+            lines.append(
+                f"| {name} | {x.kernel} | {x.grid} | {x.ctas} | {x.loads / 1e6:.2f} | "
+                f"{x.stores / 1e6:.2f} | {x.dram / 1e6:.2f} | {x.serial_us:.1f} | "
+                f"{x.predicted_us:.1f} |"
+            )
+    return lines
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=f"exit 1 when a prediction exceeds {CHECK_RATIO}x the floor",
+    )
+    parser.add_argument("--backend", choices=("triton", "cuda", "both"), default="both")
+    parser.add_argument(
+        "--launches", metavar="NxCxHxW", help="also list every launch of this shape (fp32 NCHW)"
+    )
+    args = parser.parse_args(argv)
+    backends = ("triton", "cuda") if args.backend == "both" else (args.backend,)
+    rows = [row(s, b) for s in benchmark_steps() for b in backends]
+    print(f"Predicted forward+backward on {H100.name} (model estimates, not measurements)")
+    print("\n".join(table(rows)))
+    if args.launches:
+        shape = tuple(int(v) for v in args.launches.split("x"))
+        for b in backends:
+            print()
+            print("\n".join(launch_table(Step(*shape), b)))
+    failing = [r for r in rows if r.ratio > CHECK_RATIO]
+    if args.check:
+        print(f"\n{len(rows) - len(failing)} of {len(rows)} steps within {CHECK_RATIO}x the floor")
+        return 1 if failing else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
