@@ -15,6 +15,7 @@ The floor of a step is its minimum bytes (every input read once, every output wr
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -766,6 +767,7 @@ class Row:
         return (self.forward_us + self.backward_us) / self.floor_us
 
 
+@functools.lru_cache(maxsize=None)
 def row(s: Step, backend: str, gpu: GPU = H100) -> Row:
     fwd, bwd = launches_of(s, backend, False, gpu), launches_of(s, backend, True, gpu)
     f_us, b_us = predict(fwd, gpu), predict(bwd, gpu)
