@@ -67,7 +67,7 @@ H100 = GPU(
     fma_per_sm_per_us=128 * 1755.0,
     warps_per_sm=64,
 )
-LSTM_CTAS_PER_SM = 2  # 8 warps at ~128 registers each: two LSTM CTAs fit on an SM
+LSTM_CTAS_PER_SM = 1  # 8 warps at 116-206 registers (python_tests/triton_aot.py, sm_90): one fits
 EMPTY_CTA_US = 0.05  # a CTA that only checks its bounds and exits
 
 
@@ -171,6 +171,34 @@ class _Program:
         self.loads[w + ".bias"] += cols * 4
 
 
+SUM_SPLITS_BLOCK = 1024  # host.SUM_SPLITS_BLOCK
+
+
+def hw_split_plan(step: Step, block_c: int, block_hw: int, config: MapConfig) -> Tuple[int, int]:
+    """host.hw_split_plan: (splits, positions per split) of H*W for pool and grad attention."""
+    programs, hw_tiles = step.n * _cdiv(step.c, block_c), _cdiv(step.hw, block_hw)
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
+    return _cdiv(step.hw, per_split), per_split
+
+
+def _sum_splits_launches(s: Step, splits: int, gpu: GPU) -> List[Launch]:
+    """_sum_splits_kernel after a reduction split over H*W: reads the (splits, N, C) sums."""
+    if splits <= 1:
+        return []
+    nc4 = s.n * s.c * 4
+    launch = Launch(
+        "_sum_splits_kernel",
+        (_cdiv(s.n * s.c, SUM_SPLITS_BLOCK),),
+        loads=splits * nc4,
+        stores=nc4,
+        dram=nc4,  # the partial sums were just written: L2
+    )
+    launch.l2 = launch.loads
+    launch.serial_us = splits * gpu.l2_latency_us
+    return [launch]
+
+
 def triton_map_blocks(step: Step, config: MapConfig) -> Tuple[int, int]:
     """host._map_blocks: (BLOCK_C, BLOCK_HW) of the map kernels."""
     if step.channels_last:
@@ -189,11 +217,17 @@ class _LSTMGeometry:
     groups: int
     split: bool
     wg: Tuple[int, int, int]  # weight-grad BLOCK_M, BLOCK_K, BLOCK_N
+    split_k: int  # split path: reductions longer than this (whole k-steps) split over CTAs
+
+    def splits(self, reduction: int) -> int:
+        """host.split_k_launches: how many splits a phase's reduction takes."""
+        return _cdiv(reduction, self.split_k) if self.split else 1
 
 
 def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _LSTMGeometry:
     """host.LSTMBlocks / _split_path / forward_groups, and the weight-grad tile."""
     bc = max(16, min(config.block_c, _next_power_of_2(step.c)))
+    bk = 64 if interpreted else config.block_k
     split = step.cells == 1 and step.c * step.r >= config.split_min
     groups = (
         1 if (split or step.cells > 1) else max(1, min(config.forward_groups, _cdiv(step.c, bc)))
@@ -202,10 +236,11 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
         bn=config.block_n,
         bc=bc,
         br=max(16, min(config.block_r, _next_power_of_2(step.r))),
-        bk=64 if interpreted else config.block_k,
+        bk=bk,
         groups=groups,
         split=split,
         wg=(64, 64, 64) if interpreted else (64, 64, 32),
+        split_k=_cdiv(config.split_k, bk) * bk,
     )
 
 
@@ -216,34 +251,89 @@ def _scratch_size(step: Step, forward: bool, groups: int) -> int:
     return 4 * r + 2 * c + 4 * c * cells + 2 * c * (cells - 1) + 4 * c * cells + c
 
 
+DIRECT, PARTIAL, FINISH = 0, 1, 2  # lstm_kernels.SplitK
+
+
+def _split_length(k: int, split: int, splits: int, bk: int) -> int:
+    """lstm_kernels._split_range: how much of a reduction of length k split `split` covers."""
+    chunk = _cdiv(_cdiv(k, splits), bk) * bk
+    begin = split * chunk
+    return max(0, min(begin + chunk, k) - begin)
+
+
+SPLIT_UNROLL = 8  # lstm_kernels.SPLIT_UNROLL
+
+
+def _sum_partials(p: _Program, splits: int, rows: int, cols: int):
+    p.loads["partials"] += splits * rows * cols * 4
+    p.steps += _cdiv(splits, SPLIT_UNROLL)  # one L2 round trip per SPLIT_UNROLL splits
+
+
 def _cells_forward(
-    p: _Program, s: Step, g: _LSTMGeometry, tile, u_part, u_parts, part, parts, save, do_u, do_gates
+    p: _Program,
+    s: Step,
+    g: _LSTMGeometry,
+    tile,
+    u_part,
+    u_parts,
+    part,
+    parts,
+    save,
+    do_u,
+    do_gates,
+    mode=DIRECT,
+    split=0,
+    splits=1,
 ):
     """_cells_forward_tile."""
     es, nr = 4, min(g.bn, s.n - tile * g.bn)  # state dtype: fp32 for fp32 and half inputs
     c, r = s.c, s.r
     if do_u:
+        k = _split_length(c, split, splits, g.bk)
         for r0 in range(u_part * g.br, r, u_parts * g.br):
             rc = min(g.br, r - r0)
-            p.linear("pooled", 4, "wih1", nr, c, rc, (g.bn, g.br, g.bk))
-            p.linear("h", es, "whh1", nr, c, rc, (g.bn, g.br, g.bk))
-            p.stores["scratch"] += 2 * nr * rc * 4
+            if mode == FINISH:
+                _sum_partials(p, splits, nr, rc)
+                _sum_partials(p, splits, nr, rc)
+                p.loads["wih1.bias"] += rc * 4
+                p.loads["whh1.bias"] += rc * 4
+            else:
+                p.matmul("pooled", 4, "wih1", 4, nr, k, rc, (g.bn, g.br, g.bk))
+                p.matmul("h", es, "whh1", 4, nr, k, rc, (g.bn, g.br, g.bk))
+                if mode == DIRECT:
+                    p.loads["wih1.bias"] += rc * 4
+                    p.loads["whh1.bias"] += rc * 4
+            p.stores["partials" if mode == PARTIAL else "scratch"] += 2 * nr * rc * 4
     if not do_gates:
         return
     for cell in range(s.cells):
+        k = _split_length(r if cell == 0 else c, split, splits, g.bk)
         for col0 in range(part * g.bc, c, parts * g.bc):
             cc = min(g.bc, c - col0)
-            if save and cell == 0:
+            if save and cell == 0 and mode != PARTIAL:
                 p.loads["pooled"] += nr * cc * 4
                 p.loads["h"] += nr * cc * es
                 p.stores["scratch"] += 2 * nr * cc * 4
             for _gate in range(4):
+                if mode == FINISH:
+                    _sum_partials(p, splits, nr, cc)
+                    p.loads["wih2.bias"] += cc * 4
+                    p.loads["whh2.bias"] += cc * 4
+                    continue
                 if cell == 0:
-                    p.linear("scratch", 4, "wih2", nr, r, cc, (g.bn, g.bc, g.bk))
-                    p.linear("scratch", 4, "whh2", nr, r, cc, (g.bn, g.bc, g.bk))
+                    p.matmul("scratch", 4, "wih2", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                    p.matmul("scratch", 4, "whh2", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                    bias = "wih2.bias", "whh2.bias"
                 else:
-                    p.linear("scratch", 4, "stacked", nr, c, cc, (g.bn, g.bc, g.bk))
-                    p.linear("h", es, "stacked", nr, c, cc, (g.bn, g.bc, g.bk))
+                    p.matmul("scratch", 4, "stacked", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                    p.matmul("h", es, "stacked", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                    bias = "stacked.bias", "stacked.bias"
+                if mode == DIRECT:
+                    for b in bias:
+                        p.loads[b] += cc * 4
+            if mode == PARTIAL:
+                p.stores["partials"] += 4 * nr * cc * 4
+                continue
             p.loads["c"] += nr * cc * es
             if not save:
                 p.stores["state"] += 2 * nr * cc * es
@@ -260,15 +350,29 @@ def _cells_forward(
                 p.stores["scratch"] += 4 * nr * cc * 4
 
 
-def _lstm_backward(p: _Program, s: Step, g: _LSTMGeometry, tile, part, parts, phase):
+def _lstm_backward(
+    p: _Program,
+    s: Step,
+    g: _LSTMGeometry,
+    tile,
+    part,
+    parts,
+    phase,
+    mode=DIRECT,
+    split=0,
+    splits=1,
+):
     """_lstm_backward_kernel; phase in fused, gates, reduced_grad, input_grad."""
     es, nr = 4, min(g.bn, s.n - tile * g.bn)
     c, r = s.c, s.r
     if phase in ("fused", "gates"):
-        _cells_forward(p, s, g, tile, 0, 1, part, parts, True, phase == "fused", True)
+        _cells_forward(
+            p, s, g, tile, 0, 1, part, parts, True, phase == "fused", True, mode, split, splits
+        )
     for step in range(s.cells):
         cell = s.cells - 1 - step
-        for col0 in range(part * g.bc, c if phase in ("fused", "gates") else 0, parts * g.bc):
+        pointwise = phase in ("fused", "gates") and mode != PARTIAL
+        for col0 in range(part * g.bc, c if pointwise else 0, parts * g.bc):
             cc = min(g.bc, c - col0)
             if s.grad_state:
                 p.loads["grad_state"] += 2 * nr * cc * es
@@ -286,35 +390,46 @@ def _lstm_backward(p: _Program, s: Step, g: _LSTMGeometry, tile, part, parts, ph
                 if s.masks:
                     p.loads["masks"] += nr * cc * es
                 p.stores["scratch"] += nr * cc * 4
-        else:
-            for r0 in range(
-                part * g.br, r if phase in ("fused", "reduced_grad") else 0, parts * g.br
-            ):
-                rc = min(g.br, r - r0)
-                p.matmul("scratch", 4, "wih2", 4, nr, 4 * c, rc, (g.bn, g.br, g.bk))
-                p.matmul("scratch", 4, "whh2", 4, nr, 4 * c, rc, (g.bn, g.br, g.bk))
+            continue
+        k = _split_length(4 * c, split, splits, g.bk)
+        for r0 in range(part * g.br, r if phase in ("fused", "reduced_grad") else 0, parts * g.br):
+            rc = min(g.br, r - r0)
+            if mode == FINISH:
+                _sum_partials(p, splits, nr, rc)
+                _sum_partials(p, splits, nr, rc)
+            else:
+                p.matmul("scratch", 4, "wih2", 4, nr, k, rc, (g.bn, g.br, g.bk))
+                p.matmul("scratch", 4, "whh2", 4, nr, k, rc, (g.bn, g.br, g.bk))
+            if mode == PARTIAL:
+                p.stores["partials"] += 2 * nr * rc * 4
+            else:
                 p.loads["scratch"] += 2 * nr * rc * 4
                 p.stores["scratch"] += 2 * nr * rc * 4
-            for col0 in range(
-                part * g.bc, c if phase in ("fused", "input_grad") else 0, parts * g.bc
-            ):
-                cc = min(g.bc, c - col0)
-                p.matmul("scratch", 4, "wih1", 4, nr, r, cc, (g.bn, g.bc, g.bk))
+        k = _split_length(r, split, splits, g.bk)
+        for col0 in range(part * g.bc, c if phase in ("fused", "input_grad") else 0, parts * g.bc):
+            cc = min(g.bc, c - col0)
+            if mode == FINISH:
+                _sum_partials(p, splits, nr, cc)
+                _sum_partials(p, splits, nr, cc)
+            else:
+                p.matmul("scratch", 4, "wih1", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                p.matmul("scratch", 4, "whh1", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+            if mode == PARTIAL:
+                p.stores["partials"] += 2 * nr * cc * 4
+            else:
                 p.stores["grad_pooled"] += nr * cc * 4
-                p.matmul("scratch", 4, "whh1", 4, nr, r, cc, (g.bn, g.bc, g.bk))
                 p.stores["grad_h"] += nr * cc * es
 
 
-def _weight_grad(p: _Program, s: Step, g: _LSTMGeometry, job: int, i: int, j: int):
-    """_weight_grad_kernel program (job, i, j)."""
+def _weight_grad(p: _Program, s: Step, g: _LSTMGeometry, job: int, tile: int):
+    """_weight_grad_kernel program for `tile` (row-major) of weight gradient `job`."""
     c, r = s.c, s.r
     bm, bk, bn = g.wg
     if job < 4:
         m_size, k_size = (r, c) if job % 2 == 0 else (4 * c, r)
     else:
         m_size, k_size = 4 * c, c
-    if not (i * bm < m_size and j * bk < k_size):
-        return
+    i, j = divmod(tile, _cdiv(k_size, bk))
     mv, kv = min(bm, m_size - i * bm), min(bk, k_size - j * bk)
     p.matmul("scratch", 4, "scratch", 4, mv, s.n, kv, (bm, bk, bn))
     p.stores["grad_w"] += mv * kv * 4
@@ -322,6 +437,17 @@ def _weight_grad(p: _Program, s: Step, g: _LSTMGeometry, job: int, i: int, j: in
         p.loads["scratch"] += mv * s.n * 4
         p.steps += _cdiv(s.n, bn)
         p.stores["grad_w"] += mv * 4
+
+
+def _weight_grad_jobs(s: Step, g: _LSTMGeometry):
+    """(job, tiles) of host.weight_grad_tiles, in grid order."""
+    bm, bk = g.wg[:2]
+    w1 = _cdiv(s.r, bm) * _cdiv(s.c, bk)
+    w2 = _cdiv(4 * s.c, bm) * _cdiv(s.r, bk)
+    stacked = _cdiv(4 * s.c, bm) * _cdiv(s.c, bk)
+    return [(0, w1), (1, w2), (2, w1), (3, w2)] + [
+        (4 + k, stacked) for k in range(2 * (s.cells - 1))
+    ]
 
 
 def _launch_of(kernel: str, grid, programs: Sequence[_Program]) -> Tuple[Launch, List[_Program]]:
@@ -367,9 +493,11 @@ def _buffer_bytes(s: Step) -> Dict[str, int]:
     }
 
 
-def _lstm_launch(kernel, grid, programs, s: Step, scratch_bytes: int, gpu: GPU) -> Launch:
+def _lstm_launch(
+    kernel, grid, programs, s: Step, scratch_bytes: int, gpu: GPU, partial_bytes: int = 0
+) -> Launch:
     launch, _ = _launch_of(kernel, grid, programs)
-    sizes = dict(_buffer_bytes(s), scratch=scratch_bytes)
+    sizes = dict(_buffer_bytes(s), scratch=scratch_bytes, partials=partial_bytes)
     requested, stored = Counter(), Counter()
     for p in programs:
         requested.update(p.loads)
@@ -415,6 +543,30 @@ def _map_launch(
     return launch
 
 
+def _phase_launches(kernel, s, g, tiles, parts, reduction, width, scratch, program, gpu):
+    """host.split_k_launches of one LSTM phase: DIRECT, or PARTIAL then FINISH; `program(p, tile,
+    part, mode, split, splits)` walks one CTA."""
+    splits = g.splits(reduction)
+    if splits <= 1:
+        plan = [(DIRECT, 1)]
+    else:
+        plan = [(PARTIAL, splits), (FINISH, 1)]
+    launches = []
+    for mode, grid_splits in plan:
+        programs = []
+        for tile in range(tiles):
+            for part in range(parts):
+                for split in range(grid_splits):
+                    p = _Program()
+                    program(p, tile, part, mode, split, splits)
+                    programs.append(p)
+        partials = splits * s.n * width * 4
+        launches.append(
+            _lstm_launch(kernel, (tiles, parts, grid_splits), programs, s, scratch, gpu, partials)
+        )
+    return launches
+
+
 def triton_launches(
     s: Step,
     backward: bool,
@@ -434,46 +586,55 @@ def triton_launches(
     tiles = _cdiv(n, g.bn)
     r_parts, c_parts = _cdiv(s.r, g.br), _cdiv(c, g.bc)
     launches = []
+    splits, per_split = hw_split_plan(s, bc, bhw, mc)
+    split_tiles = _cdiv(per_split, bhw)  # tiles of H*W per program of pool / grad attention
+    partials = splits * nc4 if splits > 1 else 0
     if not backward:
         launches.append(
             _map_launch(
                 "_pool_kernel",
-                (n, c_blocks),
+                (n, c_blocks, splits),
                 s,
                 maps,
-                nc4,
-                maps + nc4,
-                hw_blocks,
+                max(nc4, partials),
+                maps + max(nc4, partials),
+                split_tiles,
                 mc.num_warps,
                 gpu,
             )
         )
+        launches += _sum_splits_launches(s, splits, gpu)
         scratch = n * _scratch_size(s, True, g.groups) * 4
-        phases = [("reduced", r_parts), ("gates", c_parts)] if g.split else [("fused", g.groups)]
-        for phase, parts in phases:
-            programs = []
-            for tile in range(tiles):
-                for part in range(parts):
-                    p = _Program()
-                    if phase == "fused":
-                        _cells_forward(p, s, g, tile, 0, 1, part, parts, False, True, True)
-                    else:
-                        _cells_forward(
-                            p,
-                            s,
-                            g,
-                            tile,
-                            part,
-                            parts,
-                            part,
-                            parts,
-                            False,
-                            phase == "reduced",
-                            phase == "gates",
-                        )
-                    programs.append(p)
-            launches.append(
-                _lstm_launch("_lstm_forward_kernel", (tiles, parts), programs, s, scratch, gpu)
+        if g.split:
+            phases = [("reduced", r_parts, c, 2 * s.r), ("gates", c_parts, s.r, 4 * c)]
+        else:
+            phases = [("fused", g.groups, 0, 0)]
+        for phase, parts, reduction, width in phases:
+
+            def program(p, tile, part, mode, split, splits, phase=phase, parts=parts):
+                if phase == "fused":
+                    _cells_forward(p, s, g, tile, 0, 1, part, parts, False, True, True)
+                else:
+                    u = phase == "reduced"
+                    _cells_forward(
+                        p,
+                        s,
+                        g,
+                        tile,
+                        part,
+                        parts,
+                        part,
+                        parts,
+                        False,
+                        u,
+                        not u,
+                        mode,
+                        split,
+                        splits,
+                    )
+
+            launches += _phase_launches(
+                "_lstm_forward_kernel", s, g, tiles, parts, reduction, width, scratch, program, gpu
             )
         loads = maps * (2 if s.identity else 1) + hw_blocks * nc4
         launches.append(
@@ -492,53 +653,67 @@ def triton_launches(
         return launches
     # backward
     ga_loads = maps * (3 if s.relu else 2)
-    ga_stores = nc4 + (maps if s.identity else 0)
+    ga_stores = max(nc4, partials) + (maps if s.identity else 0)
     launches.append(
         _map_launch(
             "_grad_attention_kernel",
-            (n, c_blocks),
+            (n, c_blocks, splits),
             s,
             ga_loads,
             ga_stores,
             ga_loads + ga_stores,
-            hw_blocks,
+            split_tiles,
             mc.num_warps,
             gpu,
         )
     )
+    launches += _sum_splits_launches(s, splits, gpu)
     scratch = n * _scratch_size(s, False, 1) * 4
     if g.split:
-        programs = []
-        for tile in range(tiles):
-            for part in range(r_parts):
-                p = _Program()
-                _cells_forward(p, s, g, tile, part, r_parts, part, r_parts, False, True, False)
-                programs.append(p)
-        launches.append(
-            _lstm_launch("_lstm_forward_kernel", (tiles, r_parts), programs, s, scratch, gpu)
+
+        def reduced(p, tile, part, mode, split, splits):
+            _cells_forward(
+                p,
+                s,
+                g,
+                tile,
+                part,
+                r_parts,
+                part,
+                r_parts,
+                False,
+                True,
+                False,
+                mode,
+                split,
+                splits,
+            )
+
+        launches += _phase_launches(
+            "_lstm_forward_kernel", s, g, tiles, r_parts, c, 2 * s.r, scratch, reduced, gpu
         )
-        phases = [("gates", c_parts), ("reduced_grad", r_parts), ("input_grad", c_parts)]
+        phases = [
+            ("gates", c_parts, s.r, 4 * c),
+            ("reduced_grad", r_parts, 4 * c, 2 * s.r),
+            ("input_grad", c_parts, s.r, 2 * c),
+        ]
     else:
-        phases = [("fused", 1)]
-    for phase, parts in phases:
-        programs = []
-        for tile in range(tiles):
-            for part in range(parts):
-                p = _Program()
-                _lstm_backward(p, s, g, tile, part, parts, phase)
-                programs.append(p)
-        launches.append(
-            _lstm_launch("_lstm_backward_kernel", (tiles, parts), programs, s, scratch, gpu)
+        phases = [("fused", 1, 0, 0)]
+    for phase, parts, reduction, width in phases:
+
+        def program(p, tile, part, mode, split, splits, phase=phase, parts=parts):
+            _lstm_backward(p, s, g, tile, part, parts, phase, mode, split, splits)
+
+        launches += _phase_launches(
+            "_lstm_backward_kernel", s, g, tiles, parts, reduction, width, scratch, program, gpu
         )
-    jobs = 4 + 2 * (s.cells - 1)
-    wg_grid = (jobs, _cdiv(4 * c, g.wg[0]), _cdiv(max(c, s.r), g.wg[1]))
     programs = []
-    for job in range(jobs):
-        for i in range(wg_grid[1]):
-            for j in range(wg_grid[2]):
-                p = _Program()
-                _weight_grad(p, s, g, job, i, j)
-                programs.append(p)
+    for job, tiles_of_job in _weight_grad_jobs(s, g):
+        for tile in range(tiles_of_job):
+            p = _Program()
+            _weight_grad(p, s, g, job, tile)
+            programs.append(p)
+    wg_grid = (len(programs),)
     launches.append(_lstm_launch("_weight_grad_kernel", wg_grid, programs, s, scratch, gpu))
     z_loads = maps * (2 if (s.relu and not s.identity) else 1)
     gi_loads = z_loads + 2 * hw_blocks * nc4

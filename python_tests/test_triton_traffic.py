@@ -7,7 +7,7 @@ masks, both layouts, identity/relu on and off, absent state gradients)."""
 import contextlib
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import List
 
 import pytest
@@ -77,20 +77,32 @@ def counting():
         interpreter.GridExecutor.__call__ = call
 
 
+FUSED, SPLIT = LSTMConfig(split_min=1 << 30), LSTMConfig()
 CASES = {
-    # name: (roofline.Step, split_min of the LSTM configuration)
-    "fused-odd-c": (roofline.Step(3, 20, 3, 5, reduction=4), 65536),
+    # name: (roofline.Step, the LSTM configuration)
+    "fused-odd-c": (roofline.Step(3, 20, 3, 5, reduction=4), FUSED),
     "fused-bf16-cl-no-identity": (
         roofline.Step(17, 24, 2, 3, dtype="bfloat16", channels_last=True, identity=False),
-        65536,
+        FUSED,
     ),
     "fused-no-relu-no-state-grads": (
         roofline.Step(2, 12, 1, 1, reduction=3, relu=False, grad_state=False),
-        65536,
+        FUSED,
     ),
-    "fused-relu-no-identity": (roofline.Step(2, 70, 9, 9, reduction=7, identity=False), 65536),
-    "stacked-3-cells-masks": (roofline.Step(2, 8, 2, 2, reduction=2, cells=3, masks=True), 65536),
-    "split-path": (roofline.Step(18, 72, 2, 2, reduction=2), 1),
+    "fused-relu-no-identity": pytest.param(
+        roofline.Step(2, 70, 9, 9, reduction=7, identity=False), FUSED, marks=pytest.mark.slow
+    ),
+    "stacked-3-cells-masks": (roofline.Step(2, 8, 2, 2, reduction=2, cells=3, masks=True), FUSED),
+    "split-path": pytest.param(
+        roofline.Step(18, 72, 2, 2, reduction=2), SPLIT, marks=pytest.mark.slow
+    ),
+    # pool and grad attention split H*W (2 samples: fewer programs than MapConfig.min_ctas)
+    "channels-last-hw-split": (roofline.Step(2, 20, 6, 6, channels_last=True), SPLIT),
+    # every phase split over K (the interpreter's k-step is 64: splits of 64)
+    "split-k-every-phase": (
+        roofline.Step(3, 72, 1, 2, reduction=1),
+        LSTMConfig(split_min=1, split_k=16, block_c=16, block_r=16),
+    ),
 }
 
 
@@ -137,17 +149,20 @@ def run_step(s: roofline.Step, settings: KernelSettings):
     return forward.launches, backward.launches
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_model_counts_the_bytes_the_kernels_move(case):
-    s, split_min = CASES[case]
-    settings = KernelSettings(lstm=LSTMConfig(split_min=split_min))
+@pytest.mark.parametrize(
+    "s, lstm",
+    list(CASES.values()),
+    ids=list(CASES),
+)
+def test_model_counts_the_bytes_the_kernels_move(s, lstm):
     from dia_fused.kernels.triton import host
 
-    settings = KernelSettings(lstm=settings.lstm, map=host.current_settings().map)
+    # small map tiles: several tiles of H*W per sample in channels_last too
+    settings = KernelSettings(lstm=lstm, map=replace(host.current_settings().map, tile=256))
     counted = run_step(s, settings)
     for backward, launches in enumerate(counted):
         model = roofline.triton_launches(s, bool(backward), settings, interpreted=True)
-        assert [m.kernel for m in model] == [c.kernel for c in launches]
+        assert [(m.kernel, m.grid) for m in model] == [(c.kernel, c.grid) for c in launches]
         for m, c in zip(model, launches):
             assert (m.kernel, m.grid, m.loads, m.stores) == (c.kernel, c.grid, c.loads, c.stores)
 
