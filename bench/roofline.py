@@ -68,6 +68,7 @@ H100 = GPU(
     warps_per_sm=64,
 )
 LSTM_CTAS_PER_SM = 1  # 8 warps at 116-206 registers (python_tests/triton_aot.py, sm_90): one fits
+TRITON_NUM_STAGES = 3  # Triton's default software-pipelining depth on sm_80 / sm_90
 EMPTY_CTA_US = 0.05  # a CTA that only checks its bounds and exits
 
 
@@ -150,11 +151,15 @@ def _next_power_of_2(n: int) -> int:
 
 @dataclass
 class _Program:
-    """Requests of one CTA, by buffer (buffer -> bytes), and its k-steps of dependent dots."""
+    """Requests of one CTA, by buffer (buffer -> bytes), and its latency chain: `steps` dependent
+    L2 round trips (loops of plain loads), `loops` software-pipelined dot loops of `k_steps` steps
+    in all, and its FMAs."""
 
     loads: Counter = field(default_factory=Counter)
     stores: Counter = field(default_factory=Counter)
     steps: int = 0
+    loops: int = 0
+    k_steps: int = 0
     fma: int = 0
 
     def matmul(self, a: str, ea: int, b: str, eb: int, rows: int, k: int, cols: int, blocks):
@@ -163,7 +168,8 @@ class _Program:
         self.loads[a] += rows * k * ea
         self.loads[b] += k * cols * eb
         steps = _cdiv(k, block_k)
-        self.steps += steps
+        self.loops += steps > 0
+        self.k_steps += steps
         self.fma += steps * block_m * block_n * block_k
 
     def linear(self, a: str, ea: int, w: str, rows: int, k: int, cols: int, blocks):
@@ -512,11 +518,14 @@ def _lstm_launch(
 
 
 def _lstm_cta_us(p: "_Program", gpu: GPU) -> float:
-    """One LSTM CTA: each k-step waits for its operands from L2, then runs its dot on the SM's
-    fp32 lanes; a CTA without work costs its scheduling only."""
-    if not p.steps:
+    """One LSTM CTA: a dot loop is software-pipelined (Triton's default num_stages, cp.async in
+    the PTX): its first k-step waits a full L2 latency, each later one latency / (stages - 1);
+    a plain load loop waits a full latency per iteration; the FMAs run on the SM's fp32 lanes. A
+    CTA without work costs its scheduling only."""
+    if not (p.steps or p.k_steps):
         return EMPTY_CTA_US
-    return p.steps * gpu.l2_latency_us + p.fma / gpu.fma_per_sm_per_us
+    pipelined = p.loops + (p.k_steps - p.loops) / (TRITON_NUM_STAGES - 1)
+    return (p.steps + pipelined) * gpu.l2_latency_us + p.fma / gpu.fma_per_sm_per_us
 
 
 def _makespan(times: Sequence[float], slots: int) -> float:
@@ -919,9 +928,17 @@ def minimum_bytes(s: Step, backward: bool) -> int:
     return maps * (3 + s.relu + s.identity) + 3 * state + nc4 + 2 * w
 
 
-def launches_of(s: Step, backend: str, backward: bool, gpu: GPU = H100) -> List[Launch]:
+def launches_of(
+    s: Step,
+    backend: str,
+    backward: bool,
+    gpu: GPU = H100,
+    settings: Optional[KernelSettings] = None,
+) -> List[Launch]:
+    """The launches of one pass; `settings` (Triton only, default KernelSettings()) as the host
+    wrappers would get them."""
     if backend == "triton":
-        return triton_launches(s, backward, gpu=gpu)
+        return triton_launches(s, backward, settings, gpu=gpu)
     if backend == "cuda":
         return cuda_launches(s, backward, gpu)
     raise ValueError(f"backend: expected 'triton' or 'cuda', got {backend!r}")
@@ -943,8 +960,9 @@ class Row:
 
 
 @functools.lru_cache(maxsize=None)
-def row(s: Step, backend: str, gpu: GPU = H100) -> Row:
-    fwd, bwd = launches_of(s, backend, False, gpu), launches_of(s, backend, True, gpu)
+def row(s: Step, backend: str, gpu: GPU = H100, settings: Optional[KernelSettings] = None) -> Row:
+    fwd = launches_of(s, backend, False, gpu, settings)
+    bwd = launches_of(s, backend, True, gpu, settings)
     f_us, b_us = predict(fwd, gpu), predict(bwd, gpu)
     count = len(fwd) + len(bwd)
     floor = (minimum_bytes(s, False) + minimum_bytes(s, True)) / (
@@ -981,14 +999,16 @@ def table(rows: List[Row]) -> List[str]:
     return lines
 
 
-def launch_table(s: Step, backend: str, gpu: GPU = H100) -> List[str]:
+def launch_table(
+    s: Step, backend: str, gpu: GPU = H100, settings: Optional[KernelSettings] = None
+) -> List[str]:
     lines = [
         f"{s.label()} {backend}",
         "| pass | kernel | grid | CTAs | loads MB | stores MB | DRAM MB | serial us | pred us |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, backward in (("fwd", False), ("bwd", True)):
-        launches = launches_of(s, backend, backward, gpu)
+        launches = launches_of(s, backend, backward, gpu, settings)
         predict(launches, gpu)
         for x in launches:
             lines.append(
@@ -1008,18 +1028,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("--backend", choices=("triton", "cuda", "both"), default="both")
     parser.add_argument(
+        "--lstm",
+        metavar="FIELDS",
+        help="Triton LSTM settings as DIA_FUSED_TRITON_LSTM takes them, e.g. the kernels before "
+        "the split-K path: split_min=65536,block_c=64,block_r=64,block_k=32,split_k=1048576",
+    )
+    parser.add_argument(
+        "--map",
+        metavar="FIELDS",
+        help="Triton map settings (DIA_FUSED_TRITON_MAP), e.g. min_ctas=0",
+    )
+    parser.add_argument(
         "--launches", metavar="NxCxHxW", help="also list every launch of this shape (fp32 NCHW)"
     )
     args = parser.parse_args(argv)
     backends = ("triton", "cuda") if args.backend == "both" else (args.backend,)
-    rows = [row(s, b) for s in benchmark_steps() for b in backends]
+    settings = KernelSettings(lstm=LSTMConfig.from_env(args.lstm), map=MapConfig.from_env(args.map))
+    rows = [row(s, b, H100, settings) for s in benchmark_steps() for b in backends]
     print(f"Predicted forward+backward on {H100.name} (model estimates, not measurements)")
     print("\n".join(table(rows)))
     if args.launches:
         shape = tuple(int(v) for v in args.launches.split("x"))
         for b in backends:
             print()
-            print("\n".join(launch_table(Step(*shape), b)))
+            print("\n".join(launch_table(Step(*shape), b, H100, settings)))
     failing = [r for r in rows if r.ratio > CHECK_RATIO]
     if args.check:
         print(f"\n{len(rows) - len(failing)} of {len(rows)} steps within {CHECK_RATIO}x the floor")

@@ -150,6 +150,8 @@ def signature_of(kernel, args, constexprs):
             signature[name] = "i1"
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
             raise TypeError(f"{kernel.__name__}.{name}: unexpected argument {value!r}")
     for name, value in constexprs.items():
