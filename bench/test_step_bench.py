@@ -1,6 +1,9 @@
 """One DIA step, forward and forward+backward, for every available backend (eager, and replayed
 from a CUDA graph), the eager reference and torch.compile(reference), over CIFAR and ImageNet stage
-shapes, fp32 and bf16.
+shapes, fp32 and bf16, NCHW and (on a GPU) channels_last. Each fused time is recorded with its
+achieved bandwidth (the traffic model's minimum bytes over the time) and its ratio to the model's
+prediction (bench/roofline.py). test_timed_step_is_correct checks, once per shape, that the
+callable being timed computes the float64 reference's outputs and gradients.
 
 On a GPU: the real shapes. On a CPU-only machine: the eager reference on scaled-down CIFAR shapes
 (batch 8) and one compiled-reference shape, so that `pytest bench/` stays short there.

@@ -225,6 +225,7 @@ class ScratchLayout:
         )
 
 
+@functools.lru_cache(maxsize=1024)
 def split_k_launches(tiles: int, parts: int, reduction: int, config: LSTMConfig, split: bool):
     """[(MODE, grid, splits)] of one LSTM phase over a reduction of length `reduction`: one DIRECT
     launch, or on the split path when the reduction is longer than config.split_k (rounded up to
@@ -233,11 +234,11 @@ def split_k_launches(tiles: int, parts: int, reduction: int, config: LSTMConfig,
     k_step = _k_step(config)
     splits = _cdiv(reduction, _cdiv(config.split_k, k_step) * k_step) if split else 1
     if splits <= 1:
-        return [(SplitK.DIRECT, (tiles, parts, 1), 1)]
-    return [
+        return ((SplitK.DIRECT, (tiles, parts, 1), 1),)
+    return (
         (SplitK.PARTIAL, (tiles, parts, splits), splits),
         (SplitK.FINISH, (tiles, parts, 1), splits),
-    ]
+    )
 
 
 def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) -> bool:
