@@ -25,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dia_fused.kernels.cuda_build import HIDDEN_GRAD_SPLIT_K  # noqa: E402
 from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
 
 BENCHMARK_SHAPES = [
@@ -748,6 +749,7 @@ def triton_launches(
 
 CUDA_STREAM_THREADS, CUDA_STREAM_ROW_LANES, CUDA_FUSED_THREADS = 256, 64, 512
 CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32, 32)
+CUDA_HIDDEN_GRAD_SPLIT_K = HIDDEN_GRAD_SPLIT_K  # chunks of K = 4C of hidden_grad_kernel
 
 
 def _cuda_vec(s: Step) -> int:
@@ -756,19 +758,23 @@ def _cuda_vec(s: Step) -> int:
     return vec if (s.c if s.channels_last else s.hw) % vec == 0 else 1
 
 
-def _cuda_stream(kernel: str, s: Step, streams: int, loads: int, stores: int, gpu: GPU) -> Launch:
-    """A streaming pass of csrc (pool, scale, grad attention, grad input): `streams` maps moved per
-    element in flight. channels_last: (N, channel tiles) blocks each walking all H*W rows, 256/lanes
-    rows at a time; NCHW: one warp per (n, c) plane, 8 per block."""
+CUDA_UNROLL = {"pool": 4, "scale": 2, "grad_attention": 2, "grad_input": 2}  # Op::kUnroll
+
+
+def _cuda_stream(kernel: str, s: Step, unroll: int, loads: int, stores: int, gpu: GPU) -> Launch:
+    """A streaming pass of csrc (pool, scale, grad attention, grad input) whose threads each have
+    `unroll` accesses in flight (stream_accesses, Op::kUnroll). channels_last: (N, channel tiles)
+    blocks each walking all H*W rows, 256/lanes rows at a time; NCHW: one warp per (n, c) plane, 8
+    per block."""
     vec = _cuda_vec(s)
     if s.channels_last:
         lanes = min(_cdiv(s.c, vec), CUDA_STREAM_ROW_LANES)
         grid = (s.n, _cdiv(s.c, lanes * vec))
         rows_at_once = CUDA_STREAM_THREADS // lanes
-        steps = _cdiv(s.hw, rows_at_once)
+        steps = _cdiv(s.hw, rows_at_once * unroll)
     else:
         grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // 32),)
-        steps = _cdiv(s.hw, 32 * vec)
+        steps = _cdiv(s.hw, 32 * vec * unroll)
     launch = Launch(kernel, grid, loads=loads, stores=stores, dram=loads + stores)
     resident = gpu.sms * (gpu.warps_per_sm // (CUDA_STREAM_THREADS // 32))
     launch.serial_us = _makespan([steps * gpu.dram_latency_us] * launch.ctas, resident)
@@ -801,7 +807,6 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     cell_fma = 2 * c * r + 8 * c * r  # one sample's cell 0: two reduced and two gate linears
     if cuda_fused_path(s, gpu):
         vec = _cuda_vec(s)
-        passes = 2 if not backward else 2
         per_sample = s.map_bytes // n
         in_flight = CUDA_FUSED_THREADS * vec * s.e
         lstm_fma = cell_fma * (2 if backward else 1)
@@ -814,7 +819,10 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         )
         launch.dram = maps * (6 if backward else 3) + w
         launch.l2 = launch.loads + launch.stores - launch.dram
-        per_block = passes * _cdiv(per_sample, in_flight) * gpu.dram_latency_us
+        unrolls = ("grad_attention", "grad_input") if backward else ("pool", "scale")
+        per_block = sum(
+            _cdiv(per_sample, in_flight * CUDA_UNROLL[u]) * gpu.dram_latency_us for u in unrolls
+        )
         per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
         launch.serial_us = _cdiv(n, gpu.sms) * per_block
         launches = [launch]
@@ -824,7 +832,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     tiles = _cdiv(n, CUDA_GEMM[0])
     if not backward:
         return [
-            _cuda_stream("pool_kernel", s, 1, maps, nc4, gpu),
+            _cuda_stream("pool_kernel", s, CUDA_UNROLL["pool"], maps, nc4, gpu),
             _cuda_gemm(
                 "reduced_linear_kernel",
                 (_cdiv(r, 32), tiles, 2),
@@ -843,10 +851,12 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
                 2 * n * r * 4 + 8 * c * r * 4 + 4 * nc4,
                 gpu,
             ),
-            _cuda_stream("scale_residual_kernel", s, 2, maps * 2, maps, gpu),
+            _cuda_stream("scale_residual_kernel", s, CUDA_UNROLL["scale"], maps * 2, maps, gpu),
         ]
     return [
-        _cuda_stream("grad_attention_kernel", s, 3, maps * 3, maps + nc4, gpu),
+        _cuda_stream(
+            "grad_attention_kernel", s, CUDA_UNROLL["grad_attention"], maps * 3, maps + nc4, gpu
+        ),
         _cuda_gemm(
             "reduced_linear_kernel",
             (_cdiv(r, 32), tiles, 2),
@@ -865,15 +875,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
             2 * n * r * 4 + 8 * c * r * 4 + 8 * nc4,
             gpu,
         ),
-        _cuda_gemm(
-            "hidden_grad_kernel",
-            (_cdiv(r, 32), tiles, 2),
-            4 * c,
-            2 * n * 4 * c * 4 * _cdiv(r, 32) + 8 * c * r * 4 * tiles,
-            2 * n * r * 4,
-            4 * nc4 + 8 * c * r * 4 + 2 * n * r * 4,
-            gpu,
-        ),
+        *_cuda_hidden_grad(s, tiles, gpu),
         _cuda_gemm(
             "input_grad_kernel",
             (_cdiv(c, 32), tiles, 2),
@@ -884,8 +886,37 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
             gpu,
         ),
         _cuda_weight_grad(s, gpu),
-        _cuda_stream("grad_input_kernel", s, 1, maps + 2 * nc4, maps, gpu),
+        _cuda_stream("grad_input_kernel", s, CUDA_UNROLL["grad_input"], maps + 2 * nc4, maps, gpu),
     ]
+
+
+def _cuda_hidden_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
+    """hidden_grad_kernel over K = 4C in hidden_grad_splits(C) chunks (grid axis z: 2 paths x
+    chunks), then hidden_grad_finish_kernel adding the chunks in order when there are several."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = _cdiv(4 * c, CUDA_HIDDEN_GRAD_SPLIT_K)
+    partials = splits * 2 * n * r * 4
+    gemm = _cuda_gemm(
+        "hidden_grad_kernel",
+        (_cdiv(r, 32), tiles, 2 * splits),
+        min(4 * c, CUDA_HIDDEN_GRAD_SPLIT_K),
+        2 * n * 4 * c * 4 * _cdiv(r, 32) + 8 * c * r * 4 * tiles,
+        partials if splits > 1 else 2 * n * r * 4,
+        4 * nc4 + 8 * c * r * 4 + (partials if splits > 1 else 2 * n * r * 4),
+        gpu,
+    )
+    if splits == 1:
+        return [gemm]
+    finish = Launch(
+        "hidden_grad_finish_kernel",
+        (_cdiv(2 * n * r, CUDA_STREAM_THREADS),),
+        loads=partials + 2 * n * r * 4,
+        stores=2 * n * r * 4,
+        dram=4 * n * r * 4,
+    )
+    finish.l2 = partials
+    finish.serial_us = splits * gpu.l2_latency_us
+    return [gemm, finish]
 
 
 def _cuda_weight_grad(s: Step, gpu: GPU) -> Launch:

@@ -88,14 +88,14 @@ def captured_launches():
                 config=split_k,
                 channels=72,  # > 64: every phase splits (R = C with reduction 1)
                 reduction=1,
+                hw=(20, 20),  # 2 tiles of H*W for 4 samples: pool and grad attention split it
             ),
         ]
         for case in cases:
             inputs = random_step_inputs(
                 4,
                 case.get("channels", 40),
-                3,
-                3,
+                *case.get("hw", (3, 3)),
                 reduction=case.get("reduction", 4),
                 num_cells=case["num_cells"],
                 dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
