@@ -71,15 +71,23 @@ def _auto_choice(result: dict) -> str:
 
 
 def step_table(bench: dict) -> List[str]:
-    """One row per (shape, dtype, direction): time of each implementation and its speed-up over
-    the eager reference; % of peak bandwidth of the fastest fused backend."""
+    """One row per (shape, dtype, layout, direction): time of each implementation and its speed-up
+    over the eager reference; for the fastest fused backend its achieved bandwidth (the step's
+    minimum bytes over its time, bench/roofline.py), its share of peak, and its time over the
+    traffic model's prediction (above 1: slower than the model says, so the model or the kernel is
+    wrong there)."""
     cells: Dict[tuple, Dict[str, dict]] = defaultdict(dict)
     for b in bench.get("benchmarks", []):
         info = b.get("extra_info", {})
         if "impl" not in info:
             continue
         direction = "fwd+bwd" if "fwd_bwd" in b.get("name", "") else "fwd"
-        key = ("x".join(map(str, info["shape"])), info["dtype"].replace("torch.", ""), direction)
+        key = (
+            "x".join(map(str, info["shape"])),
+            info["dtype"].replace("torch.", ""),
+            info.get("layout", "nchw"),
+            direction,
+        )
         cells[key][info["impl"]] = info
     order = ["reference", "compiled_reference", "triton", "cuda", "triton_graph", "cuda_graph"]
     impls = sorted(
@@ -87,10 +95,12 @@ def step_table(bench: dict) -> List[str]:
         key=lambda i: order.index(i) if i in order else len(order),
     )
     lines = [
-        "| step | dtype | pass | " + " | ".join(impls) + " | best fused % of peak BW |",
-        "|---" * (len(impls) + 4) + "|",
+        "| step | dtype | layout | pass | "
+        + " | ".join(impls)
+        + " | best fused: GB/s, % of peak BW | measured / model |",
+        "|---" * (len(impls) + 6) + "|",
     ]
-    for (shape, dtype, direction), row in sorted(cells.items()):
+    for (shape, dtype, layout, direction), row in sorted(cells.items()):
         ref = row.get("reference", {}).get("per_call_ms")
         out = []
         for impl in impls:
@@ -104,11 +114,20 @@ def step_table(bench: dict) -> List[str]:
         fused = [row[i] for i in ("triton", "cuda", "triton_graph", "cuda_graph") if i in row]
         best = min(fused, key=lambda i: i["per_call_ms"]) if fused else None
         peak = (
-            f"{best['pct_peak_bandwidth']:.0f}% ({best['impl']})"
+            f"{best['GB_per_s']:.0f} GB/s, {best['pct_peak_bandwidth']:.0f}% ({best['impl']})"
             if best and "pct_peak_bandwidth" in best
             else "-"
         )
-        lines.append(f"| {shape} | {dtype} | {direction} | " + " | ".join(out) + f" | {peak} |")
+        ratio = (
+            f"{best['measured_over_predicted']:.2f} ({best['predicted_ms'] * 1e3:.0f} us)"
+            if best and "measured_over_predicted" in best
+            else "-"
+        )
+        lines.append(
+            f"| {shape} | {dtype} | {layout} | {direction} | "
+            + " | ".join(out)
+            + f" | {peak} | {ratio} |"
+        )
     return lines
 
 

@@ -70,7 +70,8 @@ def test_summary_from_model_bench_and_step_bench(tmp_path):
     )
     assert "| dia_reference |" in text
     step_rows = [line for line in text.splitlines() if line.startswith("| 8x256x8x8 | float32 |")]
-    assert {row.split(" | ")[2] for row in step_rows} == {"fwd", "fwd+bwd"}
+    assert {row.split(" | ")[2] for row in step_rows} == {"nchw"}
+    assert {row.split(" | ")[3] for row in step_rows} == {"fwd", "fwd+bwd"}
     assert "gpu: none (CPU test)" in text
 
 
@@ -79,3 +80,31 @@ def test_missing_results_are_named(tmp_path, capsys):
         summarize.main([str(tmp_path)])
     assert exit_.value.code == 2
     assert "neither model_bench.json nor step_bench*.json" in capsys.readouterr().err
+
+
+def test_step_table_reports_bandwidth_and_the_model_ratio():
+    def entry(impl, ms, **extra):
+        info = dict(impl=impl, shape=[2, 8, 4, 4], dtype="torch.bfloat16", layout="channels_last")
+        return {
+            "name": "test_dia_step[x-fwd_bwd]",
+            "extra_info": dict(info, per_call_ms=ms, **extra),
+        }
+
+    bench = {
+        "benchmarks": [
+            entry("reference", 2.0),
+            entry(
+                "triton",
+                0.5,
+                GB_per_s=1234.0,
+                pct_peak_bandwidth=37.0,
+                predicted_ms=0.25,
+                measured_over_predicted=2.0,
+            ),
+        ]
+    }
+    (row,) = [line for line in summarize.step_table(bench) if line.startswith("| 2x8x4x4")]
+    assert row == (
+        "| 2x8x4x4 | bfloat16 | channels_last | fwd+bwd | 2.000 ms | 4.0x (0.500 ms) | "
+        "1234 GB/s, 37% (triton) | 2.00 (250 us) |"
+    )

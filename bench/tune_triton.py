@@ -24,17 +24,19 @@ import sys
 
 CANDIDATES = [
     "",
-    "forward_groups=1",
-    "forward_groups=8",
     "block_n=32",
-    "block_c=32",
-    "block_c=32,block_k=16,num_warps=4",
-    "split_min=0",
-    "split_min=1000000000",
+    "block_c=64,block_r=64",
+    "block_k=32",
+    "block_k=32,num_warps=4",
+    "split_k=64",
+    "split_k=256",
+    "split_min=1000000000",  # the fused path (one program per sample tile) for one cell too
+    "split_min=1000000000,forward_groups=1",
 ]
-# more programs per map (channels_last N=128 C=64 pools with 128 programs by default), or wider
-# tiles
+# wider tiles, more programs per map, or no H*W split (min_ctas=0)
 MAP_CANDIDATES = [
+    "min_ctas=0",
+    "min_ctas=528",
     "num_warps=8",
     "tile=8192,num_warps=8",
     "hw_block=512,tile=8192,num_warps=8",

@@ -114,7 +114,14 @@ struct Cell0Workspace {
   float* hidden;       // (2, N, R) u = relu(W1 v + b1) of the ih (v = pooled) and hh (v = h0) paths
   float* grad_hidden;  // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
   float* grad_gates;   // (N, 4C)   d loss / d gates (pre-activation), i, f, g, o blocks of C
+  float* hidden_partials;  // (hidden_grad_splits(C), 2, N, R) split-K sums of grad_gates @ W2;
+                           // unused (may be nullptr) when hidden_grad_splits(C) == 1
 };
+
+// Chunks of K = 4C that the split path's hidden-gradient GEMM spreads over blocks.
+inline int hidden_grad_splits(int channels) {
+  return (4 * channels + kHiddenGradSplitK - 1) / kHiddenGradSplitK;
+}
 
 // ---------------------------------------------------------------------------------------------
 // Forward

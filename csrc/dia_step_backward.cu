@@ -258,29 +258,53 @@ __global__ void __launch_bounds__(GemmTile::kThreads) gate_backward_kernel(const
 
 struct HiddenGradParams {
   int n, channels, hidden;   // N, C, R
+  int splits;                // chunks of K = 4C, one block each (blockIdx.z / 2)
   const float* grad_gates;   // (N, 4C)
   const float* hidden_in;    // (2, N, R) u (relu mask)
   Cell0Weights weights;      // W2 (4C, R) of both paths are read
-  float* grad_hidden;        // (2, N, R)
+  float* grad_hidden;        // (2, N, R), written when splits == 1
+  float* partials;           // (splits, 2, N, R), written when splits > 1
 };
 
-// grid (ceil(R / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads):
-// grad_hidden_p = (u_p > 0) * (grad_gates @ W2_p).
+// grid (ceil(R / kN), ceil(N / kM), 2 paths x splits), block (GemmTile::kThreads):
+// grad_hidden_p = (u_p > 0) * (grad_gates @ W2_p), K = 4C in `splits` chunks of
+// kHiddenGradSplitK; with several chunks each block writes its chunk's partial product and
+// hidden_grad_finish_kernel adds them in chunk order (deterministic, no atomics).
 __global__ void __launch_bounds__(GemmTile::kThreads) hidden_grad_kernel(const HiddenGradParams p) {
   __shared__ GemmSmem smem;
-  const bool hh = blockIdx.z == 1;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int split = static_cast<int>(blockIdx.z) / 2;
+  const int k_begin = split * kHiddenGradSplitK;
+  const int k_size = min(4 * p.channels - k_begin, kHiddenGradSplitK);
   const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
   const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  const StridedLoad a{p.grad_gates, 4 * p.channels, 1};                        // A(n, r)
-  const StridedLoad b{hh ? p.weights.whh2 : p.weights.wih2, p.hidden, 1};      // B(r, j) = W2[r, j]
+  const float* w2 = hh ? p.weights.whh2 : p.weights.wih2;
+  const StridedLoad a{p.grad_gates + k_begin, 4 * p.channels, 1};                // A(n, r)
+  const StridedLoad b{w2 + static_cast<int64_t>(k_begin) * p.hidden, p.hidden, 1};  // B(r, j)
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
-  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.hidden, 4 * p.channels, smem);
+  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.hidden, k_size, smem);
   const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
+  const int64_t part = static_cast<int64_t>(split) * 2 * p.n * p.hidden;
   gemm_tile_store(acc, m0, n0, p.n, p.hidden, [&](int m, int col, float v) {
     const int64_t at = path + static_cast<int64_t>(m) * p.hidden + col;
-    p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? v : 0.0f;
+    if (p.splits == 1) {
+      p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? v : 0.0f;
+    } else {
+      p.partials[part + at] = v;
+    }
   });
+}
+
+// grid (ceil(2NR / kStreamThreads)), block (kStreamThreads): grad_hidden = (u > 0) * the sum of
+// the split-K partials, in chunk order.
+__global__ void __launch_bounds__(kStreamThreads) hidden_grad_finish_kernel(const HiddenGradParams p) {
+  const int64_t size = 2 * static_cast<int64_t>(p.n) * p.hidden;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= size) return;
+  float total = 0.0f;
+  for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
+  p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? total : 0.0f;
 }
 
 struct InputGradParams {
@@ -435,10 +459,18 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
   DIA_FUSED_LAUNCH(gate_grid, GemmTile::kThreads, 0, stream, gate_backward_kernel)(gate);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
-  const HiddenGradParams hid{n, channels, hidden, ws.grad_gates, ws.hidden, weights, ws.grad_hidden};
-  const dim3 hidden_grid((hidden + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);
+  const int splits = hidden_grad_splits(channels);
+  const HiddenGradParams hid{n,          channels,  hidden,         splits,
+                             ws.grad_gates, ws.hidden, weights, ws.grad_hidden, ws.hidden_partials};
+  const dim3 hidden_grid((hidden + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2 * splits);
   DIA_FUSED_LAUNCH(hidden_grid, GemmTile::kThreads, 0, stream, hidden_grad_kernel)(hid);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (splits > 1) {
+    const int64_t size = 2 * static_cast<int64_t>(n) * hidden;
+    const unsigned finish_blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+    DIA_FUSED_LAUNCH(finish_blocks, kStreamThreads, 0, stream, hidden_grad_finish_kernel)(hid);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
 
   const InputGradParams in{n, channels, hidden, hw, ws.grad_hidden, weights, grad_pooled_over_hw, grad_h0};
   const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);

@@ -135,18 +135,24 @@ std::vector<Tensor> empty_weight_grads(const std::vector<Tensor>& w) {
   return grads;
 }
 
-// The (2, N, R), (2, N, R), (N, 4C) fp32 workspace of the cell-0 backward, owned by tensors.
+// The (2, N, R), (2, N, R), (N, 4C), (splits, 2, N, R) fp32 workspace of the cell-0 backward,
+// owned by tensors.
 struct Cell0WorkspaceTensors {
-  Tensor hidden, grad_hidden, grad_gates;
+  Tensor hidden, grad_hidden, grad_gates, hidden_partials;
 
   Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32)
       : hidden(at::empty({2, n, hidden_size}, f32)),
         grad_hidden(at::empty({2, n, hidden_size}, f32)),
-        grad_gates(at::empty({n, 4 * channels}, f32)) {}
+        grad_gates(at::empty({n, 4 * channels}, f32)),
+        hidden_partials(at::empty(
+            {hidden_grad_splits(static_cast<int>(channels)) > 1
+                 ? hidden_grad_splits(static_cast<int>(channels)) * 2 * n * hidden_size
+                 : 1},
+            f32)) {}
 
   Cell0Workspace pointers() {
     return Cell0Workspace{hidden.data_ptr<float>(), grad_hidden.data_ptr<float>(),
-                          grad_gates.data_ptr<float>()};
+                          grad_gates.data_ptr<float>(), hidden_partials.data_ptr<float>()};
   }
 };
 

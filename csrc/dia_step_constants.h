@@ -11,5 +11,7 @@ enum class CellActivation : int { kSigmoid = 0, kTanh = 1, kRelu = 2 };
 constexpr int kFusedThreads = 512;
 // Largest C the one-block-per-sample kernels take (all per-sample vectors live in shared memory).
 constexpr int kFusedMaxChannels = 256;
+// K per block of the split cell-0 hidden-gradient GEMM (K = 4C).
+constexpr int kHiddenGradSplitK = 512;
 
 }  // namespace dia_fused

@@ -112,6 +112,17 @@ def _check_small(t: torch.Tensor, name: str, shape) -> None:
     assert t.is_contiguous(), f"{name}: not contiguous"
 
 
+def cell0_workspace(n: int, channels: int, hidden: int) -> List[torch.Tensor]:
+    """The cell-0 backward's fp32 workspace as the bindings allocate it (Cell0WorkspaceTensors)."""
+    splits = cuda_build.hidden_grad_splits(channels)
+    return [
+        torch.empty(2, n, hidden),
+        torch.empty(2, n, hidden),
+        torch.empty(n, 4 * channels),
+        torch.empty(splits * 2 * n * hidden if splits > 1 else 1),
+    ]
+
+
 class EmulatedExtension:
     """The functions of dia_fused._C, on CPU tensors, through the emulated kernels."""
 
@@ -252,7 +263,7 @@ class EmulatedExtension:
         grad_identity = torch.empty_like(x) if identity_given else None
         grad_h0, grad_c0 = torch.empty(n, channels), torch.empty(n, channels)
         grads = [torch.empty_like(t) for t in weights]
-        ws = [torch.empty(2, n, hidden), torch.empty(2, n, hidden), torch.empty(n, 4 * channels)]
+        ws = cell0_workspace(n, channels, hidden)
         self._call(
             "backward_fused",
             SCALAR_KIND[x.dtype],
@@ -311,7 +322,7 @@ class EmulatedExtension:
         w, hidden = self._weights(weights, channels)
         grad_pooled, grad_h0, grad_c0, h_new = (torch.empty(n, channels) for _ in range(4))
         grads = [torch.empty_like(t) for t in weights]
-        ws = [torch.empty(2, n, hidden), torch.empty(2, n, hidden), torch.empty(n, 4 * channels)]
+        ws = cell0_workspace(n, channels, hidden)
         self._call(
             "cell0_backward",
             n,

@@ -204,6 +204,19 @@ def test_deterministic(cuda_on_cpu):
         assert torch.equal(a, b)
 
 
+def test_deterministic_split_k_hidden_gradient(cuda_on_cpu):
+    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 3 chunks (the last short)
+    whose partial sums are added in chunk order: the same bits on every run."""
+    from dia_fused.kernels import cuda_build
+
+    assert cuda_build.hidden_grad_splits(260) == 3
+    inputs = random_step_inputs(33, 260, 1, 1, reduction=20, seed=13)
+    first = compare_backend_outputs(inputs)
+    second = compare_backend_outputs(inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
 def compare_backend_outputs(inputs):
     from dia_fused.testing import step_outputs_and_grads
 

@@ -220,7 +220,11 @@ def test_one_step_is_three_launches_forward_and_four_backward(
 ):
     from dia_fused.kernels.triton import host as triton_dia_step
 
-    settings = triton_dia_step.KernelSettings(map=triton_dia_step.current_settings().map)
+    # the fused path (one program per sample tile), which one-cell steps take below split_min
+    settings = triton_dia_step.KernelSettings(
+        lstm=triton_dia_step.LSTMConfig(split_min=1 << 30),
+        map=triton_dia_step.current_settings().map,
+    )
     inputs = random_step_inputs(
         4, 24, 3, 3, reduction=4, device=DEVICE, channels_last=channels_last
     )

@@ -49,6 +49,7 @@ def test_every_kernel_specialisation_compiles_for_sm90_and_sm80(records):
     kernels = {r["kernel"] for r in lines}
     assert kernels == {
         "_pool_kernel",
+        "_sum_splits_kernel",
         "_lstm_forward_kernel",
         "_scale_kernel",
         "_grad_attention_kernel",

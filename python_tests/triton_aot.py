@@ -49,7 +49,12 @@ def captured_launches():
     for name, kernel in kernels.items():
         setattr(T, name, Recorder(kernel))
     try:
-        fused, split = T.KernelSettings(), T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
+        # the one-cell fused path (taken by stacked cells, and by one cell only where
+        # split_min says), the default split path, and the split path with every phase split
+        # over K (PARTIAL and FINISH launches)
+        fused = T.KernelSettings(lstm=T.LSTMConfig(split_min=1 << 30))
+        split = T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
+        split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16))
         cases = [
             dict(
                 dtype=torch.float32,
@@ -74,14 +79,24 @@ def captured_launches():
             dict(
                 dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split
             ),
+            dict(
+                dtype=torch.bfloat16,
+                num_cells=1,
+                identity=True,
+                relu=True,
+                grads=True,
+                config=split_k,
+                channels=72,  # > 64: every phase splits (R = C with reduction 1)
+                reduction=1,
+                hw=(20, 20),  # 2 tiles of H*W for 4 samples: pool and grad attention split it
+            ),
         ]
         for case in cases:
             inputs = random_step_inputs(
                 4,
-                40,
-                3,
-                3,
-                reduction=4,
+                case.get("channels", 40),
+                *case.get("hw", (3, 3)),
+                reduction=case.get("reduction", 4),
                 num_cells=case["num_cells"],
                 dropout_p=0.5 if case["num_cells"] > 1 else 0.0,
                 identity=case["identity"],
@@ -135,6 +150,8 @@ def signature_of(kernel, args, constexprs):
             signature[name] = "i1"
         elif isinstance(value, int):
             signature[name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
             raise TypeError(f"{kernel.__name__}.{name}: unexpected argument {value!r}")
     for name, value in constexprs.items():

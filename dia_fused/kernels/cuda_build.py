@@ -31,6 +31,15 @@ ARCH_ENV = "TORCH_CUDA_ARCH_LIST"
 ACTIVATION_CODES = {"sigmoid": 0, "tanh": 1, "relu": 2}  # CellActivation
 FUSED_MAX_CHANNELS = 256  # the one-block-per-sample kernels hold a sample's C channels
 FUSED_THREADS = 512  # threads of those blocks
+# the cell-0 backward's du = dgates @ W2 (K = 4C) splits K into chunks of this many, one block per
+# chunk, the partial sums added in chunk order by a second kernel (bench/roofline.py)
+HIDDEN_GRAD_SPLIT_K = 512
+
+
+def hidden_grad_splits(channels: int) -> int:
+    """Chunks of the cell-0 backward's K = 4C reduction (csrc hidden_grad_splits)."""
+    return -(-4 * channels // HIDDEN_GRAD_SPLIT_K)
+
 
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
@@ -139,7 +148,9 @@ def constants_header() -> str:
         f"constexpr int kFusedThreads = {FUSED_THREADS};\n"
         f"// Largest C the one-block-per-sample kernels take (all per-sample vectors live in "
         f"shared memory).\n"
-        f"constexpr int kFusedMaxChannels = {FUSED_MAX_CHANNELS};\n\n"
+        f"constexpr int kFusedMaxChannels = {FUSED_MAX_CHANNELS};\n"
+        f"// K per block of the split cell-0 hidden-gradient GEMM (K = 4C).\n"
+        f"constexpr int kHiddenGradSplitK = {HIDDEN_GRAD_SPLIT_K};\n\n"
         f"}}  // namespace dia_fused\n"
     )
 

@@ -100,7 +100,7 @@ int emu_backward_fused(int kind, const int64_t* sizes, void* grad_out, const int
                        const float* pooled, const float* h0, const float* c0,
                        const float* const* w, int hidden, int relu, int activation,
                        float* grad_h0, float* grad_c0, float* const* grads, float* ws_hidden,
-                       float* ws_grad_hidden, float* ws_grad_gates) {
+                       float* ws_grad_hidden, float* ws_grad_gates, float* ws_hidden_partials) {
   const FeatureMap gom = map_of(grad_out, sizes, go_strides), xm = map_of(x, sizes, x_strides);
   const FeatureMap om = relu ? map_of(out, sizes, out_strides) : FeatureMap{nullptr, 0, 0, 0};
   const FeatureMap gxm = map_of(grad_x, sizes, gx_strides);
@@ -110,7 +110,8 @@ int emu_backward_fused(int kind, const int64_t* sizes, void* grad_out, const int
   return status(launch_fused_backward(
       static_cast<ScalarKind>(kind), layout, hidden, gom, xm, om, gxm, gim, grad_h_new, grad_c_new,
       pooled, h0, c0, weights_of(w), relu != 0, static_cast<CellActivation>(activation), grad_h0,
-      grad_c0, grads_of(grads), Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates}, nullptr));
+      grad_c0, grads_of(grads),
+      Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_attention(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,
@@ -131,12 +132,12 @@ int emu_cell0_backward(int n, int channels, int hidden, int hw, const float* poo
                        const float* grad_h_new, const float* grad_h_extra,
                        const float* grad_c_new, float* grad_pooled_over_hw, float* grad_h0,
                        float* grad_c0, float* h_new, float* const* grads, float* ws_hidden,
-                       float* ws_grad_hidden, float* ws_grad_gates) {
+                       float* ws_grad_hidden, float* ws_grad_gates, float* ws_hidden_partials) {
   return status(launch_cell0_backward(
       n, channels, hidden, hw, pooled, h0, c0, weights_of(w),
       static_cast<CellActivation>(activation), grad_h_new, grad_h_extra, grad_c_new,
       grad_pooled_over_hw, grad_h0, grad_c0, h_new, grads_of(grads),
-      Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates}, nullptr));
+      Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_input(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,

@@ -27,6 +27,9 @@ class MapConfig:
     hw_block: int = 256
     c_block: int = 64
     num_warps: int = 4
+    # pool and grad attention split H*W over more programs when their (N, C-blocks) grid is
+    # smaller than this: two waves of an H100's 132 SMs (bench/roofline.py)
+    min_ctas: int = 264
 
     @staticmethod
     def from_env(text: Optional[str], base: Optional["MapConfig"] = None) -> "MapConfig":
@@ -46,12 +49,13 @@ class LSTMConfig:
     (python_tests/triton_aot.py: no register spills)."""
 
     block_n: int = 16  # samples per program (tl.dot needs >= 16)
-    block_c: int = 64  # most gate columns per tile
-    block_r: int = 64  # most reduced-width columns per tile
-    block_k: int = 32  # reduction step of the matmuls
+    block_c: int = 32  # most gate columns per tile
+    block_r: int = 32  # most reduced-width columns per tile
+    block_k: int = 64  # reduction step of the matmuls
     num_warps: int = 8  # 4 warps spill on sm_90
     forward_groups: int = 4  # most column groups of the one-cell fused forward (per sample tile)
-    split_min: int = 65536  # one-cell steps with C * C/r at least this take the split path
+    split_min: int = 0  # one-cell steps with C * C/r at least this take the split path
+    split_k: int = 128  # split path: reductions longer than this split over CTAs (bench/roofline)
 
     @staticmethod
     def from_env(text: Optional[str], base: Optional["LSTMConfig"] = None) -> "LSTMConfig":
@@ -60,7 +64,7 @@ class LSTMConfig:
             LSTMConfig,
             env.ENV_TRITON_LSTM,
             text,
-            {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16},
+            {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16, "split_k": 16},
             base,
         )
 

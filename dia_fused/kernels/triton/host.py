@@ -48,14 +48,20 @@ from ..cuda_build import ACTIVATION_CODES
 from . import config as settings_of
 from .config import KernelSettings, LSTMConfig, MapConfig
 from .lstm_kernels import (
-    CELL0_JOBS,
     STACKED_CELL_JOBS,
     Phase,
+    SplitK,
     _lstm_backward_kernel,
     _lstm_forward_kernel,
     _weight_grad_kernel,
 )
-from .map_kernels import _grad_attention_kernel, _grad_input_kernel, _pool_kernel, _scale_kernel
+from .map_kernels import (
+    _grad_attention_kernel,
+    _grad_input_kernel,
+    _pool_kernel,
+    _scale_kernel,
+    _sum_splits_kernel,
+)
 
 Tensor = torch.Tensor
 
@@ -135,6 +141,11 @@ def _map_blocks(
     ), block_hw
 
 
+def _k_step(config: LSTMConfig) -> int:
+    """Reduction step of the LSTM matmuls: the interpreter is fastest with few, wide steps."""
+    return 64 if INTERPRETED else config.block_k
+
+
 @dataclass(frozen=True)
 class LSTMBlocks:
     n: int  # samples per LSTM program
@@ -146,8 +157,7 @@ class LSTMBlocks:
     @staticmethod
     @functools.lru_cache(maxsize=1024)
     def of(channels: int, hidden: int, config: LSTMConfig) -> "LSTMBlocks":
-        # the interpreter is fastest with few, wide steps
-        k = 64 if INTERPRETED else config.block_k
+        k = _k_step(config)
         return LSTMBlocks(
             n=config.block_n,
             c=max(16, min(config.block_c, _next_power_of_2(channels))),
@@ -215,10 +225,84 @@ class ScratchLayout:
         )
 
 
+@functools.lru_cache(maxsize=1024)
+def split_k_launches(tiles: int, parts: int, reduction: int, config: LSTMConfig, split: bool):
+    """[(MODE, grid, splits)] of one LSTM phase over a reduction of length `reduction`: one DIRECT
+    launch, or on the split path when the reduction is longer than config.split_k (rounded up to
+    whole k-steps), a PARTIAL launch over (tiles, parts, splits) and a FINISH launch over (tiles,
+    parts) that adds the splits in order (deterministic: no atomics)."""
+    k_step = _k_step(config)
+    splits = _cdiv(reduction, _cdiv(config.split_k, k_step) * k_step) if split else 1
+    if splits <= 1:
+        return ((SplitK.DIRECT, (tiles, parts, 1), 1),)
+    return (
+        (SplitK.PARTIAL, (tiles, parts, splits), splits),
+        (SplitK.FINISH, (tiles, parts, 1), splits),
+    )
+
+
 def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) -> bool:
     """Large one-cell steps run the LSTM as several GEMM-like launches (every phase spread over the
     reduced-width or channel chunks) instead of one program per sample tile doing all of it."""
     return num_cells == 1 and channels * hidden >= config.split_min
+
+
+def _partials(phases, n: int, tiles: int, config: LSTMConfig, split: bool, device) -> Tensor:
+    """One fp32 buffer for the split-K partials of every phase of the step (the phases run one
+    after another, so they share it): the largest splits x N x row length among them."""
+    size = max(
+        [
+            launches[0][2] * n * width
+            for _, parts, reduction, width in phases
+            for launches in [split_k_launches(tiles, parts, reduction, config, split)]
+            if launches[0][0] == SplitK.PARTIAL
+        ]
+        + [1]
+    )
+    return torch.empty(size, device=device, dtype=torch.float32)
+
+
+# (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step
+WEIGHT_GRAD_BLOCKS = (64, 64, 64) if INTERPRETED else (64, 64, 32)
+
+
+def weight_grad_tiles(channels: int, hidden: int, num_cells: int, block_m: int, block_k: int):
+    """Programs of _weight_grad_kernel: the output tiles of every weight gradient, none empty."""
+    w1 = _cdiv(hidden, block_m) * _cdiv(channels, block_k)
+    w2 = _cdiv(4 * channels, block_m) * _cdiv(hidden, block_k)
+    stacked = _cdiv(4 * channels, block_m) * _cdiv(channels, block_k)
+    return 2 * (w1 + w2) + STACKED_CELL_JOBS * (num_cells - 1) * stacked
+
+
+SUM_SPLITS_BLOCK = 1024  # elements per program of _sum_splits_kernel
+
+
+@functools.lru_cache(maxsize=1024)
+def hw_split_plan(
+    n: int, channels: int, hw: int, block_c: int, block_hw: int, config: MapConfig
+) -> Tuple[int, int]:
+    """(splits, positions per split) of H*W for the reducing map kernels (pool, grad attention):
+    when their (N, C-blocks) grid has fewer than config.min_ctas programs (channels_last maps with
+    few samples: one program per sample walks all of H*W), H*W splits over a third grid axis and
+    _sum_splits_kernel adds the per-split sums in order (deterministic)."""
+    programs, hw_tiles = n * _cdiv(channels, block_c), _cdiv(hw, block_hw)
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
+    return _cdiv(hw, per_split), per_split
+
+
+def _split_sums(splits: int, n: int, channels: int, out: Tensor) -> Tensor:
+    """Where a reducing map kernel writes: `out` itself, or (splits, N, C) fp32 partial sums."""
+    if splits == 1:
+        return out
+    return torch.empty((splits, n, channels), device=out.device, dtype=torch.float32)
+
+
+def _finish_split_sums(partials: Tensor, out: Tensor, splits: int, scale: float) -> None:
+    if splits > 1:
+        _sum_splits_kernel[(_cdiv(out.numel(), SUM_SPLITS_BLOCK),)](
+            partials, out, out.numel(), splits, scale, BLOCK=SUM_SPLITS_BLOCK
+        )
 
 
 def _like_x(x: Tensor) -> Tensor:
@@ -279,6 +363,8 @@ class LaunchPlan:
     blocks: LSTMBlocks
     split: bool  # the split LSTM path (_split_path)
     groups: int  # column groups of the fused forward
+    hw_splits: int  # H*W splits of the reducing map kernels (hw_split_plan)
+    hw_per_split: int  # positions of H*W per split
     forward_layout: ScratchLayout
     backward_layout: ScratchLayout
 
@@ -293,6 +379,9 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     block_c, block_hw = _map_blocks(
         channels, height * width, layouts.is_channels_last(x), settings.map
     )
+    hw_splits, hw_per_split = hw_split_plan(
+        n, channels, height * width, block_c, block_hw, settings.map
+    )
     return LaunchPlan(
         settings,
         block_c,
@@ -300,6 +389,8 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         blocks,
         split,
         groups,
+        hw_splits,
+        hw_per_split,
         ScratchLayout.forward(channels, hidden, num_cells, groups),
         ScratchLayout.backward(channels, hidden, num_cells),
     )
@@ -335,51 +426,68 @@ def forward(
         return out, h_new, c_new, pooled
     strides = _map_strides(x)
     block_c, block_hw = launch.block_c, launch.block_hw
-    _pool_kernel[(n, _cdiv(channels, block_c))](
+    hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
+    pool_out = _split_sums(hw_splits, n, channels, pooled)
+    _pool_kernel[(n, _cdiv(channels, block_c), hw_splits)](
         x,
-        pooled,
+        pool_out,
+        n,
         channels,
         hw,
+        hw_per_split,
+        1.0 / hw if hw_splits == 1 else 1.0,
         *strides,
         BLOCK_C=block_c,
         BLOCK_HW=block_hw,
         num_warps=map_config.num_warps,
     )
+    _finish_split_sums(pool_out, pooled, hw_splits, 1.0 / hw)
     blocks, split, groups, layout = (
         launch.blocks,
         launch.split,
         launch.groups,
         launch.forward_layout,
     )
+    lstm_config = settings.lstm
     tiles = _cdiv(n, blocks.n)
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
+    # (phase, parts, its reduction length, the row length of its split-K partials)
     phases = (
-        [(Phase.REDUCED, _cdiv(hidden, blocks.r)), (Phase.GATES, _cdiv(channels, blocks.c))]
+        [
+            (Phase.REDUCED, _cdiv(hidden, blocks.r), channels, 2 * hidden),
+            (Phase.GATES, _cdiv(channels, blocks.c), hidden, 4 * channels),
+        ]
         if split
-        else [(Phase.FUSED, groups)]
+        else [(Phase.FUSED, groups, 0, 0)]
     )
-    for phase, parts in phases:
-        _lstm_forward_kernel[(tiles, parts)](
-            *operands,
-            h_new,
-            c_new,
-            scratch,
-            n,
-            channels,
-            hidden,
-            layout.size,
-            layout.ru,
-            layout.v0,
-            layout.vs,
-            layout.gates,
-            NUM_CELLS=num_cells,
-            ACTIVATION=ACTIVATION_CODES[activation],
-            HAS_MASKS=dropout_masks is not None,
-            PHASE=phase,
-            DOT_PRECISION=settings.dot_precision,
-            **blocks.kwargs(),
-        )
+    partials = _partials(phases, n, tiles, lstm_config, split, x.device)
+    for phase, parts, reduction, width in phases:
+        for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, split):
+            _lstm_forward_kernel[grid](
+                *operands,
+                h_new,
+                c_new,
+                scratch,
+                partials,
+                width,
+                splits,
+                n,
+                channels,
+                hidden,
+                layout.size,
+                layout.ru,
+                layout.v0,
+                layout.vs,
+                layout.gates,
+                NUM_CELLS=num_cells,
+                ACTIVATION=ACTIVATION_CODES[activation],
+                HAS_MASKS=dropout_masks is not None,
+                PHASE=phase,
+                MODE=mode,
+                DOT_PRECISION=settings.dot_precision,
+                **blocks.kwargs(),
+            )
     idt = identity if identity is not None else x
     grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
     _scale_kernel[grid](
@@ -442,14 +550,18 @@ def backward(
     block_c, block_hw = launch.block_c, launch.block_hw
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        _grad_attention_kernel[(n, _cdiv(channels, block_c))](
+        hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
+        grad_a_out = _split_sums(hw_splits, n, channels, grad_a)
+        _grad_attention_kernel[(n, _cdiv(channels, block_c), hw_splits)](
             grad_out,
             x,
             out,
-            grad_a,
+            grad_a_out,
             grad_identity if identity_given else grad_a,
+            n,
             channels,
             hw,
+            hw_per_split,
             *strides,
             RELU=relu,
             HAS_IDENTITY=identity_given,
@@ -457,7 +569,8 @@ def backward(
             BLOCK_HW=block_hw,
             num_warps=map_config.num_warps,
         )
-        blocks = launch.blocks
+        _finish_split_sums(grad_a_out, grad_a, hw_splits, 1.0)
+        blocks, split, lstm_config = launch.blocks, launch.split, settings.lstm
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         tiles = _cdiv(n, blocks.n)
@@ -470,61 +583,76 @@ def backward(
             **blocks.kwargs(),
         )
         r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
-        if launch.split:  # relu(u) first, by the forward kernel's phase
-            _lstm_forward_kernel[(tiles, r_parts)](
-                *operands,
-                grad_a,
-                grad_a,
-                scratch,
-                n,
-                channels,
-                hidden,
-                layout.size,
-                layout.ru,
-                layout.v0,
-                layout.vs,
-                layout.gates,
-                PHASE=Phase.REDUCED,
-                **options,
-            )
-            phases = [
-                (Phase.GATES, c_parts),
-                (Phase.REDUCED_GRAD, r_parts),
-                (Phase.INPUT_GRAD, c_parts),
+        # (phase, parts, its reduction length, the row length of its split-K partials); on the
+        # split path relu(u) comes first, by the forward kernel's phase
+        forward_phases = [(Phase.REDUCED, r_parts, channels, 2 * hidden)] if split else []
+        phases = (
+            [
+                (Phase.GATES, c_parts, hidden, 4 * channels),
+                (Phase.REDUCED_GRAD, r_parts, 4 * channels, 2 * hidden),
+                (Phase.INPUT_GRAD, c_parts, hidden, 2 * channels),
             ]
-        else:
-            phases = [(Phase.FUSED, 1)]
-        for phase, parts in phases:
-            _lstm_backward_kernel[(tiles, parts)](
-                *operands,
-                scratch,
-                grad_a,
-                grad_a if grad_h_new is None else grad_h_new.contiguous(),
-                grad_a if grad_c_new is None else grad_c_new.contiguous(),
-                grad_pooled,
-                attention,
-                grad_h,
-                grad_c,
-                n,
-                channels,
-                hidden,
-                layout.size,
-                layout.ru,
-                layout.v0,
-                layout.vs,
-                layout.gates,
-                layout.du,
-                layout.dgates,
-                layout.carry,
-                HAS_GRAD_H=grad_h_new is not None,
-                HAS_GRAD_C=grad_c_new is not None,
-                PHASE=phase,
-                **options,
-            )
+            if split
+            else [(Phase.FUSED, 1, 0, 0)]
+        )
+        partials = _partials(forward_phases + phases, n, tiles, lstm_config, split, x.device)
+        for phase, parts, reduction, width in forward_phases:
+            for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, True):
+                _lstm_forward_kernel[grid](
+                    *operands,
+                    grad_a,
+                    grad_a,
+                    scratch,
+                    partials,
+                    width,
+                    splits,
+                    n,
+                    channels,
+                    hidden,
+                    layout.size,
+                    layout.ru,
+                    layout.v0,
+                    layout.vs,
+                    layout.gates,
+                    PHASE=phase,
+                    MODE=mode,
+                    **options,
+                )
+        for phase, parts, reduction, width in phases:
+            for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, split):
+                _lstm_backward_kernel[grid](
+                    *operands,
+                    scratch,
+                    partials,
+                    width,
+                    splits,
+                    grad_a,
+                    grad_a if grad_h_new is None else grad_h_new.contiguous(),
+                    grad_a if grad_c_new is None else grad_c_new.contiguous(),
+                    grad_pooled,
+                    attention,
+                    grad_h,
+                    grad_c,
+                    n,
+                    channels,
+                    hidden,
+                    layout.size,
+                    layout.ru,
+                    layout.v0,
+                    layout.vs,
+                    layout.gates,
+                    layout.du,
+                    layout.dgates,
+                    layout.carry,
+                    HAS_GRAD_H=grad_h_new is not None,
+                    HAS_GRAD_C=grad_c_new is not None,
+                    PHASE=phase,
+                    MODE=mode,
+                    **options,
+                )
     # over an empty batch this writes zeros: the gradient of a sum over no samples
-    wg_m, wg_k, wg_n = (64, 64, 64) if INTERPRETED else (64, 64, 32)
-    jobs = CELL0_JOBS + STACKED_CELL_JOBS * (num_cells - 1)
-    _weight_grad_kernel[(jobs, _cdiv(4 * channels, wg_m), _cdiv(max(channels, hidden), wg_k))](
+    wg_m, wg_k, wg_n = WEIGHT_GRAD_BLOCKS
+    _weight_grad_kernel[(weight_grad_tiles(channels, hidden, num_cells, wg_m, wg_k),)](
         scratch,
         grad_weights,
         n,

@@ -28,6 +28,23 @@ PHASE_REDUCED = tl.constexpr(Phase.REDUCED)
 PHASE_GATES = tl.constexpr(Phase.GATES)
 PHASE_REDUCED_GRAD = tl.constexpr(Phase.REDUCED_GRAD)
 PHASE_INPUT_GRAD = tl.constexpr(Phase.INPUT_GRAD)
+
+
+class SplitK:
+    """Host-side values of the LSTM kernels' MODE argument: a phase computed whole (DIRECT), or its
+    long reductions split over a grid axis: PARTIAL launches (grid (tiles, parts, splits)) write
+    one partial sum per split, then one FINISH launch (grid (tiles, parts)) adds them in split
+    order (deterministic) and runs the rest of the phase."""
+
+    DIRECT = 0
+    PARTIAL = 1
+    FINISH = 2
+
+
+MODE_DIRECT = tl.constexpr(SplitK.DIRECT)
+MODE_PARTIAL = tl.constexpr(SplitK.PARTIAL)
+MODE_FINISH = tl.constexpr(SplitK.FINISH)
+SPLIT_UNROLL = tl.constexpr(8)  # partial sums a FINISH program loads at once
 CELL0_JOBS = 4  # weight-gradient matmuls of cell 0: wih1, wih2, whh1, whh2 (each with its bias)
 STACKED_CELL_JOBS = 2  # per stacked cell: wih, whh
 
@@ -71,18 +88,20 @@ def _matmul_tile(
     row_mask,  # (BLOCK_M,) row indices of A and their validity
     cols,
     col_mask,  # (BLOCK_N,) column indices of B and their validity
-    K,  # reduction length
+    k_begin,
+    k_end,  # the reduction runs over k in [k_begin, k_end)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    """(BLOCK_M, BLOCK_N) fp32 tile of A @ B, accumulated over K in BLOCK_K steps with fp32 dots of
-    DOT_PRECISION (masked entries are zero, so padding never reaches a stored value)."""
+    """(BLOCK_M, BLOCK_N) fp32 tile of A @ B over k in [k_begin, k_end), accumulated in BLOCK_K
+    steps with fp32 dots of DOT_PRECISION (masked entries are zero, so padding never reaches a
+    stored value)."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_mask = ks < K
+        k_mask = ks < k_end
         a = tl.load(
             a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
             mask=row_mask[:, None] & k_mask[None, :],
@@ -108,6 +127,9 @@ def _linear_tile(
     cols,
     col_mask,
     K,
+    k_begin,
+    k_end,  # the part [k_begin, k_end) of the reduction over K (0, K: all of it)
+    WITH_BIAS: tl.constexpr,  # False for a split-K partial: the finishing pass adds the bias
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -125,13 +147,76 @@ def _linear_tile(
         row_mask,
         cols,
         col_mask,
-        K,
+        k_begin,
+        k_end,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
         DOT_PRECISION,
     )
-    return acc + tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if WITH_BIAS:
+        acc += _bias_row(b_ptr, cols, col_mask)
+    return acc
+
+
+@triton.jit
+def _bias_row(b_ptr, cols, col_mask):
+    """(1, BLOCK_N) fp32 row of a bias."""
+    return tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def _split_range(K, split, splits, BLOCK_K: tl.constexpr):
+    """[begin, end) of a reduction over K that split `split` of `splits` computes: whole BLOCK_K
+    steps each (the last split may be short or empty)."""
+    chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    begin = split * chunk
+    return begin, tl.minimum(begin + chunk, K)
+
+
+@triton.jit
+def _store_partial(
+    partial_ptr,  # (splits, N, P) fp32: the split-K partial sums of one phase
+    P,
+    N,
+    split,
+    rows,
+    row_mask,
+    cols,  # columns of the phase's output (slot offset included)
+    col_mask,
+    value,
+):
+    m = row_mask[:, None] & col_mask[None, :]
+    tl.store(partial_ptr + (split * N + rows[:, None]) * P + cols[None, :], value, mask=m)
+
+
+@triton.jit
+def _sum_partials(
+    partial_ptr,  # (splits, N, P) fp32
+    P,
+    N,
+    splits,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The sum over the splits of a phase's partials, always in split order: the same bits on
+    every run (no atomics). SPLIT_UNROLL loads per iteration, independent of each other, so that
+    they are in flight together."""
+    m = row_mask[:, None] & col_mask[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for split0 in range(0, splits, SPLIT_UNROLL):
+        for u in tl.static_range(SPLIT_UNROLL):
+            split = split0 + u + tl.zeros_like(cols)[None, :]  # (1, BLOCK_N): a tensor mask
+            acc += tl.load(
+                partial_ptr + (split * N + rows[:, None]) * P + cols[None, :],
+                mask=m & (split < splits),
+                other=0.0,
+            )
+    return acc
 
 
 @triton.jit
@@ -150,6 +235,9 @@ def _gate_tile(
     row_mask,
     gate_cols,
     col_mask,  # gate_cols: q*C + channel indices of one gate chunk
+    k_begin,
+    k_end,  # the part of both reductions computed (k1 == k2 in every use; 0, k1: all of it)
+    WITH_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,6 +254,9 @@ def _gate_tile(
         gate_cols,
         col_mask,
         k1,
+        k_begin,
+        k_end,
+        WITH_BIAS,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
@@ -180,6 +271,9 @@ def _gate_tile(
         gate_cols,
         col_mask,
         k2,
+        k_begin,
+        k_end,
+        WITH_BIAS,
         BLOCK_M,
         BLOCK_N,
         BLOCK_K,
@@ -196,6 +290,10 @@ def _cells_forward_tile(
     gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
     ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into
     # their own
+    split,
+    splits,  # split-K: this program reduces part `split` of `splits` of K (MODE PARTIAL)
+    partial_ptr,  # (splits, N, P) fp32 split-K partials of this launch's phase (MODE != DIRECT)
+    P,  # their row length: 2R (u: ih | hh) or 4C (gates of cell 0)
     pooled_ptr,  # (N, C) fp32
     h_ptr,
     c_ptr,  # (L, N, C) state dtype, contiguous: previous state
@@ -228,6 +326,7 @@ def _cells_forward_tile(
     SAVE: tl.constexpr,
     DO_U: tl.constexpr,
     DO_GATES: tl.constexpr,
+    MODE: tl.constexpr,  # DIRECT, or split-K PARTIAL / FINISH (one cell, one of DO_U, DO_GATES)
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -235,48 +334,69 @@ def _cells_forward_tile(
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs.
-    DO_U / DO_GATES select the phases (both: the fused step; one: a launch of the split path)."""
+    DO_U / DO_GATES select the phases (both: the fused step; one: a launch of the split path).
+    MODE PARTIAL computes only this split's part of the phase's matmuls into `partial_ptr`; MODE
+    FINISH sums those parts in split order and runs the rest of the phase (biases onwards)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scratch_rows = scratch_ptr + rows[:, None] * S
     off_ru = off_ru + ru_slot * 2 * R
     if DO_U:  # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
+        k_begin, k_end = _split_range(C, split, splits, BLOCK_K)
         for r0 in range(u_part * BLOCK_R, R, u_parts * BLOCK_R):
             rs = r0 + tl.arange(0, BLOCK_R)
             r_mask = rs < R
             rr_mask = row_mask[:, None] & r_mask[None, :]
-            u_ih = _linear_tile(
-                pooled_ptr,
-                C,
-                wih1_ptr,
-                bih1_ptr,
-                rows,
-                row_mask,
-                rs,
-                r_mask,
-                C,
-                BLOCK_N,
-                BLOCK_R,
-                BLOCK_K,
-                DOT_PRECISION,
-            )
-            u_hh = _linear_tile(
-                h_ptr,
-                C,
-                whh1_ptr,
-                bhh1_ptr,
-                rows,
-                row_mask,
-                rs,
-                r_mask,
-                C,
-                BLOCK_N,
-                BLOCK_R,
-                BLOCK_K,
-                DOT_PRECISION,
-            )
-            tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
-            tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
+            if MODE == MODE_FINISH:
+                u_ih = _sum_partials(
+                    partial_ptr, P, N, splits, rows, row_mask, rs, r_mask, BLOCK_N, BLOCK_R
+                ) + _bias_row(bih1_ptr, rs, r_mask)
+                u_hh = _sum_partials(
+                    partial_ptr, P, N, splits, rows, row_mask, R + rs, r_mask, BLOCK_N, BLOCK_R
+                ) + _bias_row(bhh1_ptr, rs, r_mask)
+            else:
+                u_ih = _linear_tile(
+                    pooled_ptr,
+                    C,
+                    wih1_ptr,
+                    bih1_ptr,
+                    rows,
+                    row_mask,
+                    rs,
+                    r_mask,
+                    C,
+                    k_begin,
+                    k_end,
+                    MODE == MODE_DIRECT,
+                    BLOCK_N,
+                    BLOCK_R,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+                u_hh = _linear_tile(
+                    h_ptr,
+                    C,
+                    whh1_ptr,
+                    bhh1_ptr,
+                    rows,
+                    row_mask,
+                    rs,
+                    r_mask,
+                    C,
+                    k_begin,
+                    k_end,
+                    MODE == MODE_DIRECT,
+                    BLOCK_N,
+                    BLOCK_R,
+                    BLOCK_K,
+                    DOT_PRECISION,
+                )
+            if MODE == MODE_PARTIAL:
+                _store_partial(partial_ptr, P, N, split, rows, row_mask, rs, r_mask, u_ih)
+                _store_partial(partial_ptr, P, N, split, rows, row_mask, R + rs, r_mask, u_hh)
+            else:
+                tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
+                tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
         if DO_GATES:
             # relu(u) written above is read by other threads of this program below
             tl.debug_barrier()
@@ -301,12 +421,14 @@ def _cells_forward_tile(
                 )
                 a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
                 w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
+            k_begin, k_end = _split_range(k1, split, splits, BLOCK_K)
             for col0 in range(gate_part * BLOCK_C, C, gate_parts * BLOCK_C):
                 cs = col0 + tl.arange(0, BLOCK_C)
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = cell * N * C + rows[:, None] * C + cs[None, :]
-                if SAVE and cell == 0:  # the V operands of cell 0's weight gradients: pooled, h[0]
+                if SAVE and cell == 0 and MODE != MODE_PARTIAL:
+                    # the V operands of cell 0's weight gradients: pooled, h[0]
                     tl.store(
                         scratch_rows + off_v0 + cs[None, :],
                         tl.load(pooled_ptr + nc, mask=m),
@@ -317,113 +439,220 @@ def _cells_forward_tile(
                         tl.load(h_ptr + nc, mask=m).to(tl.float32),
                         mask=m,
                     )
-                gate_i = _gate_tile(
-                    a1_ptr,
-                    S,
-                    w1_ptr,
-                    b1_ptr,
-                    k1,
-                    a2_ptr,
-                    stride_a2,
-                    w2_ptr,
-                    b2_ptr,
-                    k2,
-                    rows,
-                    row_mask,
-                    cs,
-                    c_mask,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                gate_f = _gate_tile(
-                    a1_ptr,
-                    S,
-                    w1_ptr,
-                    b1_ptr,
-                    k1,
-                    a2_ptr,
-                    stride_a2,
-                    w2_ptr,
-                    b2_ptr,
-                    k2,
-                    rows,
-                    row_mask,
-                    C + cs,
-                    c_mask,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                gate_g = _gate_tile(
-                    a1_ptr,
-                    S,
-                    w1_ptr,
-                    b1_ptr,
-                    k1,
-                    a2_ptr,
-                    stride_a2,
-                    w2_ptr,
-                    b2_ptr,
-                    k2,
-                    rows,
-                    row_mask,
-                    2 * C + cs,
-                    c_mask,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                gate_o = _gate_tile(
-                    a1_ptr,
-                    S,
-                    w1_ptr,
-                    b1_ptr,
-                    k1,
-                    a2_ptr,
-                    stride_a2,
-                    w2_ptr,
-                    b2_ptr,
-                    k2,
-                    rows,
-                    row_mask,
-                    3 * C + cs,
-                    c_mask,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
-                c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
-                act, _ = _activation_and_grad(c_new, ACTIVATION)
-                h_new = tl.sigmoid(gate_o) * act
-                if not SAVE:
-                    tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
-                    tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
-                elif cell == NUM_CELLS - 1:  # the backward's recomputation keeps only the attention
-                    tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
-                if (
-                    cell + 1 < NUM_CELLS
-                ):  # the next cell's input, and its h copy for the weight gradients
-                    nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
-                    if HAS_MASKS:
-                        h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(tl.float32)
-                    tl.store(nxt, h_new, mask=m)
+                if MODE == MODE_FINISH:
+                    gate_i = _finished_gate(
+                        partial_ptr,
+                        P,
+                        N,
+                        splits,
+                        rows,
+                        row_mask,
+                        cs,
+                        c_mask,
+                        b1_ptr,
+                        b2_ptr,
+                        BLOCK_N,
+                        BLOCK_C,
+                    )
+                    gate_f = _finished_gate(
+                        partial_ptr,
+                        P,
+                        N,
+                        splits,
+                        rows,
+                        row_mask,
+                        C + cs,
+                        c_mask,
+                        b1_ptr,
+                        b2_ptr,
+                        BLOCK_N,
+                        BLOCK_C,
+                    )
+                    gate_g = _finished_gate(
+                        partial_ptr,
+                        P,
+                        N,
+                        splits,
+                        rows,
+                        row_mask,
+                        2 * C + cs,
+                        c_mask,
+                        b1_ptr,
+                        b2_ptr,
+                        BLOCK_N,
+                        BLOCK_C,
+                    )
+                    gate_o = _finished_gate(
+                        partial_ptr,
+                        P,
+                        N,
+                        splits,
+                        rows,
+                        row_mask,
+                        3 * C + cs,
+                        c_mask,
+                        b1_ptr,
+                        b2_ptr,
+                        BLOCK_N,
+                        BLOCK_C,
+                    )
+                else:
+                    gate_i = _gate_tile(
+                        a1_ptr,
+                        S,
+                        w1_ptr,
+                        b1_ptr,
+                        k1,
+                        a2_ptr,
+                        stride_a2,
+                        w2_ptr,
+                        b2_ptr,
+                        k2,
+                        rows,
+                        row_mask,
+                        cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        MODE == MODE_DIRECT,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                    gate_f = _gate_tile(
+                        a1_ptr,
+                        S,
+                        w1_ptr,
+                        b1_ptr,
+                        k1,
+                        a2_ptr,
+                        stride_a2,
+                        w2_ptr,
+                        b2_ptr,
+                        k2,
+                        rows,
+                        row_mask,
+                        C + cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        MODE == MODE_DIRECT,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                    gate_g = _gate_tile(
+                        a1_ptr,
+                        S,
+                        w1_ptr,
+                        b1_ptr,
+                        k1,
+                        a2_ptr,
+                        stride_a2,
+                        w2_ptr,
+                        b2_ptr,
+                        k2,
+                        rows,
+                        row_mask,
+                        2 * C + cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        MODE == MODE_DIRECT,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                    gate_o = _gate_tile(
+                        a1_ptr,
+                        S,
+                        w1_ptr,
+                        b1_ptr,
+                        k1,
+                        a2_ptr,
+                        stride_a2,
+                        w2_ptr,
+                        b2_ptr,
+                        k2,
+                        rows,
+                        row_mask,
+                        3 * C + cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        MODE == MODE_DIRECT,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                if MODE == MODE_PARTIAL:
+                    _store_partial(partial_ptr, P, N, split, rows, row_mask, cs, c_mask, gate_i)
+                    _store_partial(partial_ptr, P, N, split, rows, row_mask, C + cs, c_mask, gate_f)
+                    _store_partial(
+                        partial_ptr, P, N, split, rows, row_mask, 2 * C + cs, c_mask, gate_g
+                    )
+                    _store_partial(
+                        partial_ptr, P, N, split, rows, row_mask, 3 * C + cs, c_mask, gate_o
+                    )
+                else:
+                    c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
+                    c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
+                    act, _ = _activation_and_grad(c_new, ACTIVATION)
+                    h_new = tl.sigmoid(gate_o) * act
+                    if not SAVE:
+                        tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
+                        tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
+                    elif cell == NUM_CELLS - 1:  # the backward's recomputation: the attention
+                        tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
+                    if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy (weight grads)
+                        nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
+                        if HAS_MASKS:
+                            h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(
+                                tl.float32
+                            )
+                        tl.store(nxt, h_new, mask=m)
+                        if SAVE:
+                            tl.store(
+                                nxt + C,
+                                tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32),
+                                mask=m,
+                            )
                     if SAVE:
-                        tl.store(
-                            nxt + C, tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32), mask=m
-                        )
-                if SAVE:
-                    gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
-                    tl.store(gates, gate_i, mask=m)
-                    tl.store(gates + C, gate_f, mask=m)
-                    tl.store(gates + 2 * C, gate_g, mask=m)
-                    tl.store(gates + 3 * C, gate_o, mask=m)
+                        gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
+                        tl.store(gates, gate_i, mask=m)
+                        tl.store(gates + C, gate_f, mask=m)
+                        tl.store(gates + 2 * C, gate_g, mask=m)
+                        tl.store(gates + 3 * C, gate_o, mask=m)
             tl.debug_barrier()
+
+
+@triton.jit
+def _finished_gate(
+    partial_ptr,
+    P,
+    N,
+    splits,
+    rows,
+    row_mask,
+    gate_cols,
+    col_mask,
+    b1_ptr,
+    b2_ptr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """A gate tile of cell 0 from its split-K partials: their sum plus both biases."""
+    return (
+        _sum_partials(
+            partial_ptr, P, N, splits, rows, row_mask, gate_cols, col_mask, BLOCK_N, BLOCK_C
+        )
+        + _bias_row(b1_ptr, gate_cols, col_mask)
+        + _bias_row(b2_ptr, gate_cols, col_mask)
+    )
 
 
 @triton.jit
@@ -444,6 +673,9 @@ def _lstm_forward_kernel(
     h_new_ptr,
     c_new_ptr,
     scratch_ptr,
+    partial_ptr,  # (splits, N, P) fp32: split-K partials (MODE != DIRECT)
+    P,
+    splits,
     N,
     C,
     R,
@@ -458,6 +690,7 @@ def _lstm_forward_kernel(
     PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own
     # slot; REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading
     # relu(u)
+    MODE: tl.constexpr,  # SplitK: DIRECT, PARTIAL (grid axis 2: the split) or FINISH
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
@@ -476,6 +709,10 @@ def _lstm_forward_kernel(
         part,
         parts,
         ru_slot,
+        tl.program_id(2),
+        splits,
+        partial_ptr,
+        P,
         pooled_ptr,
         h_ptr,
         c_ptr,
@@ -506,6 +743,7 @@ def _lstm_forward_kernel(
         False,
         PHASE != PHASE_GATES,
         PHASE != PHASE_REDUCED,
+        MODE,
         BLOCK_N,
         BLOCK_C,
         BLOCK_R,
@@ -530,6 +768,9 @@ def _lstm_backward_kernel(
     stacked_ptr,
     masks_ptr,
     scratch_ptr,  # (N, S) fp32: filled with the D and V operands of the weight-gradient kernel
+    partial_ptr,  # (splits, N, P) fp32: split-K partials of this launch's phase (MODE != DIRECT)
+    P,  # their row length: 4C (gates), 2R (du: ih | hh) or 2C (d pooled | dh0)
+    splits,
     grad_a_ptr,  # (N, C) fp32: gradient of the attention (last cell's h) from the map
     grad_h_new_ptr,
     grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
@@ -558,13 +799,14 @@ def _lstm_backward_kernel(
     # scratch from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed
     # gates and their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column
     # parts): ds, dh0
+    MODE: tl.constexpr,  # SplitK: DIRECT, PARTIAL (grid axis 2: the split) or FINISH
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    tile = tl.program_id(0)
+    tile, split = tl.program_id(0), tl.program_id(2)
     if PHASE == PHASE_FUSED:
         part, parts = 0, 1
     else:
@@ -577,6 +819,10 @@ def _lstm_backward_kernel(
             part,
             parts,
             0,
+            split,
+            splits,
+            partial_ptr,
+            P,
             pooled_ptr,
             h_ptr,
             c_ptr,
@@ -607,6 +853,7 @@ def _lstm_backward_kernel(
             True,
             PHASE == PHASE_FUSED,
             True,
+            MODE,
             BLOCK_N,
             BLOCK_C,
             BLOCK_R,
@@ -621,7 +868,7 @@ def _lstm_backward_kernel(
         # pointwise LSTM backward: gate gradients of this cell, and dc_prev
         for col0 in range(
             part * BLOCK_C,
-            C if PHASE == PHASE_FUSED or PHASE == PHASE_GATES else 0,
+            C if (PHASE == PHASE_FUSED or PHASE == PHASE_GATES) and MODE != MODE_PARTIAL else 0,
             parts * BLOCK_C,
         ):
             cs = col0 + tl.arange(0, BLOCK_C)
@@ -673,6 +920,7 @@ def _lstm_backward_kernel(
                     row_mask,
                     cs,
                     c_mask,
+                    0,
                     4 * C,
                     BLOCK_N,
                     BLOCK_C,
@@ -691,6 +939,7 @@ def _lstm_backward_kernel(
                     row_mask,
                     cs,
                     c_mask,
+                    0,
                     4 * C,
                     BLOCK_N,
                     BLOCK_C,
@@ -704,6 +953,7 @@ def _lstm_backward_kernel(
                 tl.store(scratch_rows + off_carry + cs[None, :], grad_input, mask=m)
             tl.debug_barrier()
         else:  # the reduced paths: du = (dgates W2) * relu'(u); ds = du_ih Wih1; dh0 = du_hh Whh1
+            k_begin, k_end = _split_range(4 * C, split, splits, BLOCK_K)
             for r0 in range(
                 part * BLOCK_R,
                 R if PHASE == PHASE_FUSED or PHASE == PHASE_REDUCED_GRAD else 0,
@@ -712,53 +962,70 @@ def _lstm_backward_kernel(
                 rs = r0 + tl.arange(0, BLOCK_R)
                 r_mask = rs < R
                 rr_mask = row_mask[:, None] & r_mask[None, :]
-                du_ih = _matmul_tile(
-                    dgates_ptr,
-                    S,
-                    1,
-                    wih2_ptr,
-                    R,
-                    1,
-                    rows,
-                    row_mask,
-                    rs,
-                    r_mask,
-                    4 * C,
-                    BLOCK_N,
-                    BLOCK_R,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                du_hh = _matmul_tile(
-                    dgates_ptr,
-                    S,
-                    1,
-                    whh2_ptr,
-                    R,
-                    1,
-                    rows,
-                    row_mask,
-                    rs,
-                    r_mask,
-                    4 * C,
-                    BLOCK_N,
-                    BLOCK_R,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                ru_ih = tl.load(scratch_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
-                ru_hh = tl.load(scratch_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0)
-                tl.store(
-                    scratch_rows + off_du + rs[None, :],
-                    tl.where(ru_ih > 0, du_ih, 0.0),
-                    mask=rr_mask,
-                )
-                tl.store(
-                    scratch_rows + off_du + R + rs[None, :],
-                    tl.where(ru_hh > 0, du_hh, 0.0),
-                    mask=rr_mask,
-                )
+                if MODE == MODE_FINISH:
+                    du_ih = _sum_partials(
+                        partial_ptr, P, N, splits, rows, row_mask, rs, r_mask, BLOCK_N, BLOCK_R
+                    )
+                    du_hh = _sum_partials(
+                        partial_ptr, P, N, splits, rows, row_mask, R + rs, r_mask, BLOCK_N, BLOCK_R
+                    )
+                else:
+                    du_ih = _matmul_tile(
+                        dgates_ptr,
+                        S,
+                        1,
+                        wih2_ptr,
+                        R,
+                        1,
+                        rows,
+                        row_mask,
+                        rs,
+                        r_mask,
+                        k_begin,
+                        k_end,
+                        BLOCK_N,
+                        BLOCK_R,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                    du_hh = _matmul_tile(
+                        dgates_ptr,
+                        S,
+                        1,
+                        whh2_ptr,
+                        R,
+                        1,
+                        rows,
+                        row_mask,
+                        rs,
+                        r_mask,
+                        k_begin,
+                        k_end,
+                        BLOCK_N,
+                        BLOCK_R,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                if MODE == MODE_PARTIAL:
+                    _store_partial(partial_ptr, P, N, split, rows, row_mask, rs, r_mask, du_ih)
+                    _store_partial(partial_ptr, P, N, split, rows, row_mask, R + rs, r_mask, du_hh)
+                else:
+                    ru_ih = tl.load(scratch_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
+                    ru_hh = tl.load(
+                        scratch_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0
+                    )
+                    tl.store(
+                        scratch_rows + off_du + rs[None, :],
+                        tl.where(ru_ih > 0, du_ih, 0.0),
+                        mask=rr_mask,
+                    )
+                    tl.store(
+                        scratch_rows + off_du + R + rs[None, :],
+                        tl.where(ru_hh > 0, du_hh, 0.0),
+                        mask=rr_mask,
+                    )
             tl.debug_barrier()
+            k_begin, k_end = _split_range(R, split, splits, BLOCK_K)
             for col0 in range(
                 part * BLOCK_C,
                 C if PHASE == PHASE_FUSED or PHASE == PHASE_INPUT_GRAD else 0,
@@ -768,42 +1035,60 @@ def _lstm_backward_kernel(
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = rows[:, None] * C + cs[None, :]
-                grad_pooled = _matmul_tile(
-                    scratch_ptr + off_du,
-                    S,
-                    1,
-                    wih1_ptr,
-                    C,
-                    1,
-                    rows,
-                    row_mask,
-                    cs,
-                    c_mask,
-                    R,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                tl.store(grad_pooled_ptr + nc, grad_pooled, mask=m)
-                grad_h0 = _matmul_tile(
-                    scratch_ptr + off_du + R,
-                    S,
-                    1,
-                    whh1_ptr,
-                    C,
-                    1,
-                    rows,
-                    row_mask,
-                    cs,
-                    c_mask,
-                    R,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                tl.store(grad_h_ptr + nc, grad_h0.to(grad_h_ptr.dtype.element_ty), mask=m)
+                if MODE == MODE_FINISH:
+                    grad_pooled = _sum_partials(
+                        partial_ptr, P, N, splits, rows, row_mask, cs, c_mask, BLOCK_N, BLOCK_C
+                    )
+                    grad_h0 = _sum_partials(
+                        partial_ptr, P, N, splits, rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C
+                    )
+                else:
+                    grad_pooled = _matmul_tile(
+                        scratch_ptr + off_du,
+                        S,
+                        1,
+                        wih1_ptr,
+                        C,
+                        1,
+                        rows,
+                        row_mask,
+                        cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                    grad_h0 = _matmul_tile(
+                        scratch_ptr + off_du + R,
+                        S,
+                        1,
+                        whh1_ptr,
+                        C,
+                        1,
+                        rows,
+                        row_mask,
+                        cs,
+                        c_mask,
+                        k_begin,
+                        k_end,
+                        BLOCK_N,
+                        BLOCK_C,
+                        BLOCK_K,
+                        DOT_PRECISION,
+                    )
+                if MODE == MODE_PARTIAL:
+                    _store_partial(
+                        partial_ptr, P, N, split, rows, row_mask, cs, c_mask, grad_pooled
+                    )
+                    _store_partial(
+                        partial_ptr, P, N, split, rows, row_mask, C + cs, c_mask, grad_h0
+                    )
+                else:
+                    tl.store(grad_pooled_ptr + nc, grad_pooled, mask=m)
+                    tl.store(grad_h_ptr + nc, grad_h0.to(grad_h_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
@@ -825,10 +1110,22 @@ def _weight_grad_kernel(
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    """Program (job, i, j) writes the (BLOCK_M, BLOCK_K) tile (i, j) of one weight gradient
-    dW = D^T V (M, K) summed over all N samples in a fixed order, and its bias gradient (column sums
-    of D) when j == 0. Jobs: 0 wih1, 1 wih2, 2 whh1, 3 whh2, then wih_l, whh_l per stacked cell."""
-    job = tl.program_id(0)
+    """Each program writes one (BLOCK_M, BLOCK_K) tile of one weight gradient dW = D^T V (M, K),
+    summed over all N samples in a fixed order, and its bias gradient (column sums of D) in the
+    first column of tiles. Jobs: 0 wih1, 1 wih2, 2 whh1, 3 whh2, then wih_l, whh_l per stacked
+    cell; the 1-D grid holds exactly their tiles (weight_grad_tiles), job after job, row-major."""
+    pid = tl.program_id(0)
+    w1_tiles = tl.cdiv(R, BLOCK_M) * tl.cdiv(C, BLOCK_K)  # W1 (R, C)
+    w2_tiles = tl.cdiv(4 * C, BLOCK_M) * tl.cdiv(R, BLOCK_K)  # W2 (4C, R)
+    path_tiles = w1_tiles + w2_tiles
+    if pid < 2 * path_tiles:
+        second = (pid % path_tiles >= w1_tiles).to(tl.int32)
+        job = 2 * (pid // path_tiles) + second
+        tile = pid % path_tiles - second * w1_tiles
+    else:
+        stacked_tiles = tl.cdiv(4 * C, BLOCK_M) * tl.cdiv(C, BLOCK_K)
+        job = 4 + (pid - 2 * path_tiles) // stacked_tiles
+        tile = (pid - 2 * path_tiles) % stacked_tiles
     cell0_block = R * C + R + 4 * C * R + 4 * C  # numel of one reduced path's 4 tensors
     if job < 4:
         path = job // 2  # 0: ih, 1: hh
@@ -846,42 +1143,44 @@ def _weight_grad_kernel(
         m_size, k_size = 4 * C, C
         d_col, v_col = off_dgates + cell * 4 * C, off_vs + (cell - 1) * 2 * C + which * C
         out = 2 * cell0_block + (job - 4) * (4 * C * C + 4 * C)
-    ms = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    ks = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_tiles = tl.cdiv(k_size, BLOCK_K)
+    tile_m, tile_k = tile // k_tiles, tile % k_tiles
+    ms = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
     m_mask = ms < m_size
     k_mask = ks < k_size
-    if (tl.program_id(1) * BLOCK_M < m_size) & (tl.program_id(2) * BLOCK_K < k_size):
-        # A[m, n] = D[n, m] (D^T), B[n, k] = V[n, k]; the reduction runs over the samples
-        grad_w = _matmul_tile(
-            scratch_ptr + d_col,
-            1,
-            S,
-            scratch_ptr + v_col,
-            S,
-            1,
-            ms,
-            m_mask,
-            ks,
-            k_mask,
-            N,
-            BLOCK_M,
-            BLOCK_K,
-            BLOCK_N,
-            DOT_PRECISION,
-        )
-        tl.store(
-            grad_w_ptr + out + ms[:, None] * k_size + ks[None, :],
-            grad_w,
-            mask=m_mask[:, None] & k_mask[None, :],
-        )
-        if tl.program_id(2) == 0:
-            grad_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
-            for n0 in range(0, N, BLOCK_N):
-                ns = n0 + tl.arange(0, BLOCK_N)
-                d = tl.load(
-                    scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
-                    mask=(ns < N)[:, None] & m_mask[None, :],
-                    other=0.0,
-                )
-                grad_b += tl.sum(d, axis=0)
-            tl.store(grad_w_ptr + out + m_size * k_size + ms, grad_b, mask=m_mask)
+    # A[m, n] = D[n, m] (D^T), B[n, k] = V[n, k]; the reduction runs over the samples
+    grad_w = _matmul_tile(
+        scratch_ptr + d_col,
+        1,
+        S,
+        scratch_ptr + v_col,
+        S,
+        1,
+        ms,
+        m_mask,
+        ks,
+        k_mask,
+        0,
+        N,
+        BLOCK_M,
+        BLOCK_K,
+        BLOCK_N,
+        DOT_PRECISION,
+    )
+    tl.store(
+        grad_w_ptr + out + ms[:, None] * k_size + ks[None, :],
+        grad_w,
+        mask=m_mask[:, None] & k_mask[None, :],
+    )
+    if tile_k == 0:
+        grad_b = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            d = tl.load(
+                scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
+                mask=(ns < N)[:, None] & m_mask[None, :],
+                other=0.0,
+            )
+            grad_b += tl.sum(d, axis=0)
+        tl.store(grad_w_ptr + out + m_size * k_size + ms, grad_b, mask=m_mask)

@@ -11,9 +11,12 @@ import triton.language as tl
 @triton.jit
 def _pool_kernel(
     x_ptr,  # (N, C, H, W) any float dtype, strides below
-    pooled_ptr,  # (N, C) fp32, contiguous: mean over H, W
+    pooled_ptr,  # (N, C) fp32, contiguous: mean over H, W; with HW splits (splits, N, C) sums
+    N,
     C,
     HW,  # channels, H*W
+    hw_per_split,  # positions of H*W per program along grid axis 2 (a multiple of BLOCK_HW)
+    scale,  # 1 / HW, or 1 for the partial sums of a split H*W (_sum_splits_kernel scales)
     stride_xn,
     stride_xc,
     stride_xhw,  # x strides; stride_xhw = W stride (H stride = W * it)
@@ -22,14 +25,33 @@ def _pool_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
     c_mask = cs < C
     acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
     base = x_ptr + n * stride_xn + cs[:, None] * stride_xc
-    for start in range(0, HW, BLOCK_HW):
+    end = tl.minimum(HW, (split + 1) * hw_per_split)
+    for start in range(split * hw_per_split, end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        mask = c_mask[:, None] & (hw[None, :] < HW)
+        mask = c_mask[:, None] & (hw[None, :] < end)
         acc += tl.load(base + hw[None, :] * stride_xhw, mask=mask, other=0.0).to(tl.float32)
-    tl.store(pooled_ptr + n * C + cs, tl.sum(acc, axis=1) / HW, mask=c_mask)
+    tl.store(pooled_ptr + (split * N + n) * C + cs, tl.sum(acc, axis=1) * scale, mask=c_mask)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    partial_ptr,  # (splits, M) fp32: per-split sums of a map reduction split over H*W
+    out_ptr,  # (M,) fp32: their sum in split order (deterministic), times scale
+    M,
+    splits,
+    scale,
+    BLOCK: tl.constexpr,
+):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < M
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(0, splits):
+        acc += tl.load(partial_ptr + split * M + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, acc * scale, mask=mask)
 
 
 @triton.jit
@@ -85,10 +107,12 @@ def _grad_attention_kernel(
     grad_out_ptr,  # (N, C, H, W) upstream gradient, x's strides
     x_ptr,  # (N, C, H, W)
     out_ptr,  # (N, C, H, W) forward output (relu mask)
-    grad_a_ptr,  # (N, C) fp32 out: sum over H, W of z * x
+    grad_a_ptr,  # (N, C) fp32 out: sum over H, W of z * x; with HW splits (splits, N, C) sums
     grad_identity_ptr,  # (N, C, H, W) out: z, x's strides (not written without identity)
+    N,
     C,
     HW,
+    hw_per_split,  # positions of H*W per program along grid axis 2 (a multiple of BLOCK_HW)
     stride_xn,
     stride_xc,
     stride_xhw,  # strides shared by grad_out, x, out, grad_identity
@@ -99,11 +123,13 @@ def _grad_attention_kernel(
 ):
     n = tl.program_id(0).to(tl.int64)  # N*C*H*W may pass 2^31
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(2)
     c_mask = cs < C
     acc = tl.zeros((BLOCK_C, BLOCK_HW), dtype=tl.float32)
-    for start in range(0, HW, BLOCK_HW):
+    end = tl.minimum(HW, (split + 1) * hw_per_split)
+    for start in range(split * hw_per_split, end, BLOCK_HW):
         hw = start + tl.arange(0, BLOCK_HW)
-        mask = c_mask[:, None] & (hw[None, :] < HW)
+        mask = c_mask[:, None] & (hw[None, :] < end)
         offsets = n * stride_xn + cs[:, None] * stride_xc + hw[None, :] * stride_xhw
         z = tl.load(grad_out_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         if RELU:
@@ -115,7 +141,7 @@ def _grad_attention_kernel(
                 grad_identity_ptr + offsets, z.to(grad_identity_ptr.dtype.element_ty), mask=mask
             )
         acc += z * tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_a_ptr + n * C + cs, tl.sum(acc, axis=1), mask=c_mask)
+    tl.store(grad_a_ptr + (split * N + n) * C + cs, tl.sum(acc, axis=1), mask=c_mask)
 
 
 @triton.jit
