@@ -66,6 +66,8 @@ def linear_weights(layer: nn.Module) -> Tuple[Tensor, Tensor]:
 
 
 def _check_unit_input(x, channels: int, identity, relu) -> bool:
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: no values to check
+        return identity is not None if relu is None else relu
     check_tensor("x", x, dims=4)
     if x.shape[1] != channels:
         raise ValueError(
@@ -170,31 +172,45 @@ class DIALSTM(nn.Module):
         relu: Optional[bool] = None,
     ) -> Tuple[Tensor, State]:
         relu = _check_unit_input(x, self.channels, identity, relu)
-        if state is None:
-            state = self.initial_state(x)
-        elif not isinstance(state, (tuple, list)) or len(state) != 2:
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
             raise TypeError(f"state: expected a tuple (h, c) or None, got {type(state).__name__}")
-        masks = None
-        if self.training and self.num_cells > 1 and self.dropout > 0:
-            keep = 1.0 - self.dropout
-            masks = torch.empty(
-                (self.num_cells - 1, x.shape[0], self.channels),
-                dtype=state_dtype(x.dtype),
-                device=x.device,
-            )
-            masks = masks.bernoulli_(keep).div_(keep)
-        out, h, c = ops.dia_step(
+        dropout = self.dropout if self.training and self.num_cells > 1 else 0.0
+        step = dialstm_step(
             x,
-            state[0],
-            state[1],
-            self.flat_weights(),
+            state,
             identity,
             relu,
+            self.flat_weights(),
+            self.num_cells,
+            self.channels,
+            dropout,
             self.cell_activation,
-            masks,
             self.backend,
         )
-        return out, (h, c)
+        # out read last: in a torch.fx graph the unit's (and its block's) last node is then its
+        # output, which create_feature_extractor takes as the module's
+        h, c = step[1], step[2]
+        return step[0], (h, c)
+
+
+@torch.fx.wrap  # one call in a torch.fx graph (symbolic_trace, create_feature_extractor)
+def dialstm_step(
+    x, state, identity, relu, weights, num_cells, channels, dropout, activation, backend
+):
+    """DIALSTM's step: zero state when `state` is None, dropout masks between cells when
+    `dropout` > 0, then ops.dia_step: (out, h, c)."""
+    if state is None:
+        shape = (num_cells, x.shape[0], channels)
+        h = torch.zeros(shape, dtype=state_dtype(x.dtype), device=x.device)
+        state = (h, h.clone())
+    masks = None
+    if dropout > 0:
+        keep = 1.0 - dropout
+        masks = torch.empty(
+            (num_cells - 1, x.shape[0], channels), dtype=state_dtype(x.dtype), device=x.device
+        )
+        masks = masks.bernoulli_(keep).div_(keep)
+    return ops.dia_step(x, state[0], state[1], weights, identity, relu, activation, masks, backend)
 
 
 class DIASE(nn.Module):

@@ -34,7 +34,7 @@ class TorchvisionBlock(BlockRules):
         return block.relu
 
     def channels(self, block) -> int:
-        return (block.bn3 if "conv3" in block._modules else block.bn2).num_features
+        return (block.conv3 if "conv3" in block._modules else block.conv2).out_channels
 
 
 RULES = TorchvisionBlock()

@@ -264,17 +264,25 @@ class DIANet(nn.Module):
         self.head = head
 
     def forward(self, x, return_attention: bool = False):
+        # `is True`, not truth: under torch.fx.symbolic_trace the flag is a Proxy (no bool), and
+        # the traced graph is the plain forward
+        wants_attention = return_attention is True
+        if not wants_attention and return_attention is not False:
+            if not isinstance(return_attention, torch.fx.Proxy):
+                raise TypeError(
+                    f"return_attention: expected a bool, got {type(return_attention).__name__}"
+                )
         x = self.stem(x)
         attention = []
         for stage in self.stages:
-            if return_attention:
+            if wants_attention:
                 x, attn = stage(x, return_attention=True)
                 if attn is not None:
                     attention.append(attn)
             else:
                 x = stage(x)
         logits = self.head(x)
-        return (logits, attention) if return_attention else logits
+        return (logits, attention) if wants_attention else logits
 
 
 class Head(nn.Module):
