@@ -109,7 +109,7 @@ def test_add_dia_keeps_keys_and_parameters_and_loads_plain_weights(tv, timm, nam
     plain_class = type(model)
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         plain_out = model(x)
     assert add_dia(model, reduction=16, backend="reference") is model
@@ -263,7 +263,7 @@ def test_timm_features_only_and_forward_intermediates(timm):
 def test_timm_grad_checkpointing_gives_the_unchecked_gradients(timm):
     torch.manual_seed(0)
     model = add_dia(timm.create_model("resnet18", num_classes=4), reduction=16).train()
-    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    x = torch.randn(2, 3, 16, 16, requires_grad=True)
     torch.manual_seed(2)
     out, grads = _outputs_and_grads(model, x)
     model.set_grad_checkpointing(True)
