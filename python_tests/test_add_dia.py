@@ -214,6 +214,44 @@ def test_detection_backbone_with_fpn_trains(tv):
     assert backbone.layer4[0].dia.w_ih[0].seq[2].weight.grad.abs().sum() > 0
 
 
+def test_faster_rcnn_with_a_dia_resnet50_backbone_one_cheap_training_step(tv):
+    """The default run's check: a DIA ResNet-50 through BackboneWithFPN into Faster R-CNN with
+    small heads and few proposals (the slow test below uses torchvision's own settings)."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+    from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+    torch.manual_seed(0)
+    backbone = add_dia(tv.resnet50(), reduction=16)
+    layers = {"layer1": "0", "layer2": "1", "layer3": "2", "layer4": "3"}
+    fpn = BackboneWithFPN(backbone, layers, [256, 512, 1024, 2048], out_channels=32)
+    model = FasterRCNN(
+        fpn,
+        min_size=64,
+        max_size=64,
+        box_head=TwoMLPHead(32 * 7 * 7, 32),
+        box_predictor=FastRCNNPredictor(32, 3),
+        rpn_pre_nms_top_n_train=50,
+        rpn_post_nms_top_n_train=20,
+        rpn_batch_size_per_image=32,
+        box_batch_size_per_image=16,
+    ).train()
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])},
+        {"boxes": torch.tensor([[10.0, 8.0, 60.0, 50.0]]), "labels": torch.tensor([2])},
+    ]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    loss = sum(model(images, targets).values())
+    assert torch.isfinite(loss)
+    loss.backward()
+    unit = backbone.layer3[0].dia.w_ih[0].seq[2].weight
+    assert unit.grad is not None and unit.grad.abs().sum() > 0
+    before = unit.detach().clone()
+    optimizer.step()
+    assert not torch.equal(unit, before)
+
+
 @pytest.mark.slow
 def test_faster_rcnn_with_a_dia_resnet50_backbone_trains_one_step(tv):
     from torchvision.models.detection import FasterRCNN, fasterrcnn_resnet50_fpn
