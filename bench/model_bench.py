@@ -5,6 +5,8 @@ backward, update) and inference, fp32 and bf16 autocast, median over timed steps
     python bench/model_bench.py --json bench/results/model_bench_h100.json
     python bench/model_bench.py --depth 20 --batch 4 --steps 3 --warmup 1   # quick CPU check
 
+With torchvision importable, also its resnet50 plain and after `dia_fused.add_dia` (reduction 16,
+backend auto): torchvision_resnet50 / torchvision_resnet50_dia, on the same 32x32 inputs.
 With pytorchcv installed, also its DIA model of the same depth (--pytorchcv-model, default
 diaresnet{depth}bn_cifar100) as shipped and after `dia_fused.accelerate` (in place, backend auto):
 pytorchcv_dia / pytorchcv_dia_accelerated, and pytorchcv_dia_accelerated_{train,infer}_speedup.
@@ -33,6 +35,7 @@ from dia_fused import DIALSTM
 from dia_fused.models import create_model
 
 PYTORCHCV = "pytorchcv"  # a pytorchcv model (--pytorchcv-model) instead of a dia_fused name
+TORCHVISION = "torchvision"  # torchvision's resnet50 (100 classes), plain or after add_dia
 VARIANTS = {  # key -> (model name prefix, options, compiled)
     "plain": ("resnet", {}, False),
     "se": ("se_resnet", {}, False),
@@ -43,6 +46,8 @@ VARIANTS = {  # key -> (model name prefix, options, compiled)
     "dia_compiled": ("dia_resnet", {"backend": "reference"}, True),
     "pytorchcv_dia": (PYTORCHCV, {}, False),
     "pytorchcv_dia_accelerated": (PYTORCHCV, {"accelerate": "auto"}, False),
+    "torchvision_resnet50": (TORCHVISION, {}, False),
+    "torchvision_resnet50_dia": (TORCHVISION, {"add_dia": 16}, False),
 }
 EXPLICIT_FUSED = {"dia_triton": "triton", "dia_cuda": "cuda"}  # run by default where available
 
@@ -51,6 +56,14 @@ def pytorchcv_installed() -> bool:
     try:
         import pytorchcv  # noqa: F401
     except ImportError:
+        return False
+    return True
+
+
+def torchvision_importable() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 (beside a CPU build of torch its C++ ops fail to load)
         return False
     return True
 
@@ -65,6 +78,7 @@ def default_variants(device) -> list:
             and torch.device(device).type == "cuda"
         )
         and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())
+        and (VARIANTS[key][0] != TORCHVISION or torchvision_importable())
     ]
 
 
@@ -86,6 +100,13 @@ def pytorchcv_model(name: str) -> nn.Module:
 
 def build_model(key, args):
     prefix, options, _ = VARIANTS[key]
+    if prefix == TORCHVISION:
+        import torchvision
+
+        model = torchvision.models.resnet50(num_classes=100)
+        if "add_dia" in options:  # in place, reduction 16, backend auto
+            dia_fused.add_dia(model, reduction=options["add_dia"])
+        return model
     if prefix != PYTORCHCV:
         return create_model(f"{prefix}{args.depth}", num_classes=100, **options)
     model = pytorchcv_model(args.pytorchcv_model)

@@ -1,6 +1,7 @@
 """dia_fused: the DIA-LSTM attention unit of DIANet with fused Triton and CUDA kernels."""
 
 from .accelerate import accelerate, fused_stages, restore
+from .adapters import add_dia, remove_dia
 from .modules import DIALSTM, DIASE, DIAStage
 from .ops import (
     BACKENDS,
@@ -26,5 +27,7 @@ __all__ = [
     "accelerate",
     "restore",
     "fused_stages",
+    "add_dia",
+    "remove_dia",
     "__version__",
 ]

@@ -59,6 +59,8 @@ def check_identity(identity, x: Tensor) -> None:
 def check_unit_input(x, channels: int, identity, relu) -> bool:
     """The input of a DIA unit (modules.py): x of the unit's channels, the shortcut, and the
     post-activation flag; returns relu with its default (on when an identity is given)."""
+    if isinstance(x, torch.fx.Proxy):  # torch.fx.symbolic_trace: no values to check
+        return identity is not None if relu is None else relu
     check_tensor("x", x, dims=4)
     if x.shape[1] != channels:
         raise ValueError(

@@ -27,15 +27,7 @@ from torch.overrides import TorchFunctionMode
 
 from .models import create_model
 from .models.blocks import DIANet
-from .models.networks import (
-    IMAGENET_LAYERS,
-    cifar_preresnet,
-    cifar_resnet,
-    cifar_resnext,
-    cifar_wrn,
-    imagenet_resnet,
-)
-from .accelerate import unwrap
+from .adapters import source_with_dia, unwrap
 from .modules import DIALSTM
 from .reference import weight_names
 
@@ -47,9 +39,9 @@ def convert(model: nn.Module, *, backend: str = "auto") -> DIANet:
     """The dia_fused equivalent of `model` (official DIANet or pytorchcv DIA, also inside
     DataParallel / DistributedDataParallel, also accelerated), same weights."""
     model = unwrap(model)
-    target, units, input_size = _target_for(model, backend)
-    _copy_layers(model, target, input_size)
-    _copy_units(units, target)
+    target, source, units, input_size = _target_for(model, backend)
+    _copy_layers(model, target, input_size, source)
+    _copy_units(units, target, source)
     return target.train(model.training)
 
 
@@ -196,7 +188,7 @@ def _shortcuts_last(items, is_shortcut):
 # --- the target architecture of a source model ----------------------------------------------------
 
 
-def _stage_units(model: nn.Module) -> List[nn.Module]:
+def _stage_units(model: nn.Module, source) -> List[nn.Module]:
     """The shared LSTM cell of every DIA stage of `model`, in stage order (deduplicated)."""
     seen, units = set(), []
     for _, module in model.named_modules():
@@ -204,132 +196,27 @@ def _stage_units(model: nn.Module) -> List[nn.Module]:
         if (
             isinstance(lstm, nn.Module)
             and id(lstm) not in seen
-            and type(module).__name__ in ("Attention", "DIAAttention")
+            and type(module).__name__ in source.ATTENTION_TYPES
         ):
             seen.add(id(lstm))
             units.append(lstm)
     return units
 
 
-def _reduction(lstm: nn.Module) -> Tuple[int, int]:
-    """(reduction, num_cells) of an official LSTMCell or a pytorchcv DIALSTMCell."""
-    if hasattr(lstm, "w_ih"):
-        first = lstm.w_ih[0].seq[0]
-        return first.in_features // first.out_features, lstm.nlayers
-    first = lstm.x_amps[0].fc1
-    return first.in_features // first.out_features, lstm.num_layers
-
-
 def _target_for(model: nn.Module, backend: str):
-    kind = type(model).__name__
-    units = _stage_units(model)
+    """(dia_fused model, the source's stage LSTMs, input size) for `model`, by its adapter."""
+    source = source_with_dia(model)
+    units = _stage_units(model, source) if source is not None else []
     if not units:
         raise TypeError(
             f"model: expected an official DIANet or pytorchcv DIA model "
             f"with shared DIA-LSTM units, "
-            f"got {kind} without any"
+            f"got {type(model).__name__} without any"
         )
-    reduction, num_cells = _reduction(units[0])
+    reduction, num_cells = source.lstm_options(units[0])
     common = dict(attention="dia", reduction=reduction, num_cells=num_cells, backend=backend)
-    if kind in ("CIFARDIAResNet", "CIFARDIAPreResNet", "DIAResNet"):
-        stages = [m for n, m in model.features.named_children() if n.startswith("stage")]
-        counts = [len(list(s.children())) for s in stages]
-        first = next(iter(stages[0].children()))
-        bottleneck = hasattr(first.body, "conv3")
-        num_classes = model.output.out_features
-        if kind == "DIAResNet":
-            block = "bottleneck" if bottleneck else "basic"
-            depth = next(
-                (
-                    d
-                    for d, (kind_, layers) in IMAGENET_LAYERS.items()
-                    if list(layers) == counts and kind_ == block
-                ),
-                None,
-            )
-            if depth is None:
-                raise ValueError(
-                    f"model: pytorchcv DIAResNet with stage sizes {counts} "
-                    f"has no dia_fused ImageNet "
-                    f"equivalent (depths {sorted(IMAGENET_LAYERS)})"
-                )
-            second = next(iter(stages[1].children()))
-            stride_in_1x1 = bottleneck and second.body.conv1.conv.stride == (2, 2)
-            return (
-                imagenet_resnet(depth, num_classes, stride_in_1x1=stride_in_1x1, **common),
-                units,
-                (1, 3, 224, 224),
-            )
-        depth = counts[0] * (9 if bottleneck else 6) + 2
-        block = "bottleneck" if bottleneck else "basic"
-        if kind == "CIFARDIAResNet":
-            stride_in_1x1 = bottleneck and next(
-                iter(stages[1].children())
-            ).body.conv1.conv.stride == (2, 2)
-            return (
-                cifar_resnet(
-                    depth, num_classes, block=block, stride_in_1x1=stride_in_1x1, **common
-                ),
-                units,
-                (1, 3, 32, 32),
-            )
-        return (
-            cifar_preresnet(
-                depth,
-                num_classes,
-                block=block,
-                extra_norm=False,
-                shortcut_from_preact=True,
-                **common,
-            ),
-            units,
-            (1, 3, 32, 32),
-        )
-    if kind == "ResNet" and hasattr(model, "layer1"):
-        blocks = model.layer1.ModuleList
-        if not hasattr(blocks[0], "conv3"):
-            raise ValueError(
-                "model: the official DIA ResNet with BasicBlock returns (out, GAP) instead of "
-                "(branch, residual) and is not a DIANet; only Bottleneck is supported"
-            )
-        return (
-            cifar_resnet(9 * len(blocks) + 2, model.fc.out_features, block="bottleneck", **common),
-            units,
-            (1, 3, 32, 32),
-        )
-    if kind == "PreResNet":
-        n = len(model.layer1.ModuleList)
-        return (
-            cifar_preresnet(9 * n + 2, model.fc.out_features, extra_norm=True, **common),
-            units,
-            (1, 3, 32, 32),
-        )
-    if kind == "WideResNet":
-        blocks = model.block1.ModuleList
-        widen = blocks[0].conv1.out_channels // 16
-        return (
-            cifar_wrn(
-                6 * len(blocks) + 4,
-                widen,
-                model.fc.out_features,
-                dropout=blocks[0].droprate,
-                **common,
-            ),
-            units,
-            (1, 3, 32, 32),
-        )
-    if kind == "CifarResNeXt":
-        return (
-            cifar_resnext(
-                model.depth, model.cardinality, model.widen_factor, model.num_classes, **common
-            ),
-            units,
-            (1, 3, 32, 32),
-        )
-    raise TypeError(
-        f"model: expected an official DIANet (ResNet, PreResNet, WideResNet, CifarResNeXt) or a "
-        f"pytorchcv DIA model (CIFARDIAResNet, CIFARDIAPreResNet, DIAResNet), got {kind}"
-    )
+    target, input_size = source.convert_target(model, common)
+    return target, source, units, input_size
 
 
 # --- weights --------------------------------------------------------------------------------------
@@ -389,9 +276,9 @@ def _execution_order(
     return _shortcuts_last(recorder.order, lambda n: any(f".{s}" in n for s in SHORTCUT_NAMES))
 
 
-def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:
-    lstm_types = tuple({type(u) for u in _stage_units(source)})
-    src = _execution_order(source, input_size, lstm_types + (DIALSTM,))
+def _copy_layers(model: nn.Module, target: nn.Module, input_size, source) -> None:
+    lstm_types = tuple({type(u) for u in _stage_units(model, source)})
+    src = _execution_order(model, input_size, lstm_types + (DIALSTM,))
     dst = _execution_order(target, input_size, (DIALSTM,))
     if len(src) != len(dst):
         raise ValueError(
@@ -409,27 +296,11 @@ def _copy_layers(source: nn.Module, target: nn.Module, input_size) -> None:
         dmod.load_state_dict(sstate)
 
 
-def _copy_units(units: List[nn.Module], target: DIANet) -> None:
+def _copy_units(units: List[nn.Module], target: DIANet, source) -> None:
     dia_units = [s.unit for s in target.stages if isinstance(getattr(s, "unit", None), DIALSTM)]
     if len(dia_units) != len(units):
         raise ValueError(
             f"model: {len(units)} shared DIA units in the source, {len(dia_units)} in the target"
         )
-    for source, unit in zip(units, dia_units):
-        unit.load_state_dict(_lstm_state(source))
-
-
-def _lstm_state(lstm: nn.Module) -> Dict[str, torch.Tensor]:
-    """An official LSTMCell's state dict as it is; a pytorchcv DIALSTMCell's renamed to it."""
-    if hasattr(lstm, "w_ih"):
-        return lstm.state_dict()
-    renamed = {}
-    for key, value in lstm.state_dict().items():
-        path, amp, *rest = key.split(".")  # x_amps.amp1.fc1.weight / x_amps.amp2.weight
-        target = {"x_amps": "w_ih", "h_amps": "w_hh"}[path]
-        cell = int(amp[len("amp") :]) - 1
-        if cell == 0:
-            renamed[f"{target}.0.seq.{0 if rest[0] == 'fc1' else 2}.{rest[1]}"] = value
-        else:
-            renamed[f"{target}.{cell}.{rest[0]}"] = value
-    return renamed
+    for lstm, unit in zip(units, dia_units):
+        unit.load_state_dict(source.lstm_state(lstm))

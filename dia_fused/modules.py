@@ -155,35 +155,45 @@ class DIALSTM(nn.Module):
         relu: Optional[bool] = None,
     ) -> Tuple[Tensor, State]:
         # the input checks run once per input signature, in ops.dia_step's plan (unit_channels)
-        if state is None:
-            h = c = None  # zeros, made by the step
-        elif not isinstance(state, (tuple, list)) or len(state) != 2:
+        if state is not None and (not isinstance(state, (tuple, list)) or len(state) != 2):
             raise TypeError(f"state: expected a tuple (h, c) or None, got {type(state).__name__}")
-        else:
-            h, c = state
-        masks = None
-        if self.training and self.num_cells > 1 and self.dropout > 0:
-            check_unit_input(x, self.channels, identity, relu)  # the masks take x's shape
-            keep = 1.0 - self.dropout
-            masks = torch.empty(
-                (self.num_cells - 1, x.shape[0], self.channels),
-                dtype=state_dtype(x.dtype),
-                device=x.device,
-            )
-            masks = masks.bernoulli_(keep).div_(keep)
-        out, h, c = ops.dia_step(
+        dropout = self.dropout if self.training and self.num_cells > 1 else 0.0
+        step = dialstm_step(
             x,
-            h,
-            c,
-            self.flat_weights(),
+            state,
             identity,
             relu,
+            self.flat_weights(),
+            self.num_cells,
+            self.channels,
+            dropout,
             self.cell_activation,
-            masks,
             self.backend,
-            unit_channels=self.channels,
         )
-        return out, (h, c)
+        # out read last: in a torch.fx graph the unit's (and its block's) last node is then its
+        # output, which create_feature_extractor takes as the module's
+        h, c = step[1], step[2]
+        return step[0], (h, c)
+
+
+@torch.fx.wrap  # one call in a torch.fx graph (symbolic_trace, create_feature_extractor)
+def dialstm_step(
+    x, state, identity, relu, weights, num_cells, channels, dropout, activation, backend
+):
+    """DIALSTM's step: dropout masks between cells when `dropout` > 0, then ops.dia_step, which
+    checks the unit's input and makes the zero state when `state` is None: (out, h, c)."""
+    h, c = (None, None) if state is None else state
+    masks = None
+    if dropout > 0:
+        check_unit_input(x, channels, identity, relu)  # the masks take x's shape
+        keep = 1.0 - dropout
+        masks = torch.empty(
+            (num_cells - 1, x.shape[0], channels), dtype=state_dtype(x.dtype), device=x.device
+        )
+        masks = masks.bernoulli_(keep).div_(keep)
+    return ops.dia_step(
+        x, h, c, weights, identity, relu, activation, masks, backend, unit_channels=channels
+    )
 
 
 class DIASE(nn.Module):

@@ -377,3 +377,32 @@ def test_list_models_names_are_unique_and_grammatical():
         assert name.startswith(prefix + spec["family"])
     paper = {"dia_resnet164", "dia_wrn52_4", "dia_resnext101_8x32", "dia_resnext50_32x4d"}
     assert paper <= set(names)
+
+
+def test_ean_block_mask_of_the_imagenet_zoo():
+    """dia_blocks (EAN): only the masked-in blocks use the stage's unit; the others add and
+    activate plainly with the state passing them; a stage without any gets no unit."""
+    from dia_fused.models.blocks import DIAStage, MaskedDIAStage, PlainStage
+
+    torch.manual_seed(0)
+    model = create_model("dia_resnet18", num_classes=5, dia_blocks=[[1, 0], [1, 1], [0, 0], [0, 1]])
+    assert [type(s) for s in model.stages] == [MaskedDIAStage, DIAStage, PlainStage, MaskedDIAStage]
+    assert model.attention_options["dia_blocks"] == [
+        [True, False],
+        [True, True],
+        [False] * 2,
+        [False, True],
+    ]
+    model.eval()
+    stage, x = model.stages[0], torch.randn(2, 64, 4, 4)
+    with torch.no_grad():
+        branch, identity = stage.blocks[0](x)
+        y, state = stage.unit(branch, None, identity=identity)
+        branch, identity = stage.blocks[1](y)
+        torch.testing.assert_close(stage(x), torch.relu(branch + identity))
+        _, attention = model(torch.randn(2, 3, 32, 32), return_attention=True)
+    assert [tuple(a.shape) for a in attention] == [(2, 1, 64), (2, 2, 128), (2, 1, 512)]
+    with pytest.raises(ValueError, match=r"dia_blocks: expected one mask per stage"):
+        create_model("dia_resnet18", dia_blocks=[[1, 0], [1, 1], [0, 0]])
+    with pytest.raises(ValueError, match=r"dia_blocks: used by a shared DIA unit"):
+        create_model("resnet18", dia_blocks=[[1, 0], [1, 1], [0, 0], [0, 1]])

@@ -18,8 +18,9 @@ The prefix is the attention (none: plain). Numbers have no leading zeros. E.g. `
 `dia_resnet50`, `dia_resnext50_32x4d`. A name the grammar does not allow is an error that lists
 the closest names. Options: attention (overrides the prefix), reduction (of the attention module:
 DIA-LSTM, DIA-SE or per-block SE), num_cells, cell_activation and backend (DIA-LSTM), dia_stages
-(stages with the shared unit), norm (False: no BatchNorm), skip (False: no skip connections), and
-the family's own (block, dropout, widen_factor, ...); one the model would not use is an error.
+(stages with the shared unit), dia_blocks (ImageNet: EAN's per-stage masks of the blocks that
+use the stage's unit), norm (False: no BatchNorm), skip (False: no skip connections), and the
+family's own (block, dropout, widen_factor, ...); one the model would not use is an error.
 """
 
 from __future__ import annotations

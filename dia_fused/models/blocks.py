@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from ..modules import DIALSTM, DIASE, DIAStage, block_output, reduced_width
+from ..modules import DIALSTM, DIASE, DIAStage, _attention_vector, block_output, reduced_width
 
 ATTENTIONS = ("none", "se", "dia", "dia_se")
 
@@ -237,8 +237,11 @@ def make_stage(
     cell_activation: str,
     backend: str,
     se_reduction: int = 16,
+    mask=None,
 ) -> nn.Module:
-    """The stage for `attention`: DIAStage with a DIALSTM / DIASE unit, or a PlainStage."""
+    """The stage for `attention`: DIAStage with a DIALSTM / DIASE unit (MaskedDIAStage when only
+    the blocks of `mask` use it), or a PlainStage."""
+    with_unit = with_unit and (mask is None or any(mask))
     if attention == "dia" and with_unit:
         unit = DIALSTM(
             channels,
@@ -247,10 +250,44 @@ def make_stage(
             cell_activation=cell_activation,
             backend=backend,
         )
+    elif attention == "dia_se" and with_unit:
+        unit = DIASE(channels, reduction=se_reduction)
+    else:
+        return PlainStage(blocks, relu=relu)
+    if mask is None or all(mask):
         return DIAStage(blocks, unit, relu=relu)
-    if attention == "dia_se" and with_unit:
-        return DIAStage(blocks, DIASE(channels, reduction=se_reduction), relu=relu)
-    return PlainStage(blocks, relu=relu)
+    return MaskedDIAStage(blocks, unit, mask, relu=relu)
+
+
+class MaskedDIAStage(DIAStage):
+    """A DIAStage whose unit only the blocks in `mask` use (EAN's per-block option, Huang et al.
+    2020): the other blocks add branch and shortcut (and ReLU) without attention, and the LSTM
+    state passes them unchanged. The attention vectors are those of the masked-in blocks."""
+
+    def __init__(self, blocks, unit: nn.Module, mask, relu: bool = True):
+        super().__init__(blocks, unit, relu=relu)
+        self.mask = tuple(bool(m) for m in mask)
+        if len(self.mask) != len(self.blocks):
+            raise ValueError(
+                f"mask: expected one bool per block ({len(self.blocks)}), got {len(self.mask)}"
+            )
+
+    def extra_repr(self) -> str:
+        return f"mask={self.mask}"
+
+    def forward(self, x, return_attention: bool = False):
+        state, attention = None, []
+        for index, (block, uses_unit) in enumerate(zip(self.blocks, self.mask)):
+            branch, identity = block_output(block(x), index, block)
+            if uses_unit:
+                x, state = self.unit(branch, state, identity=identity, relu=self.relu)
+                if return_attention:
+                    attention.append(_attention_vector(self.unit, branch, state))
+                continue
+            x = branch if identity is None else branch + identity
+            if self.relu:
+                x = torch.relu(x)
+        return (x, torch.stack(attention, dim=1)) if return_attention else x
 
 
 class DIANet(nn.Module):
@@ -264,17 +301,25 @@ class DIANet(nn.Module):
         self.head = head
 
     def forward(self, x, return_attention: bool = False):
+        # `is True`, not truth: under torch.fx.symbolic_trace the flag is a Proxy (no bool), and
+        # the traced graph is the plain forward
+        wants_attention = return_attention is True
+        if not wants_attention and return_attention is not False:
+            if not isinstance(return_attention, torch.fx.Proxy):
+                raise TypeError(
+                    f"return_attention: expected a bool, got {type(return_attention).__name__}"
+                )
         x = self.stem(x)
         attention = []
         for stage in self.stages:
-            if return_attention:
+            if wants_attention:
                 x, attn = stage(x, return_attention=True)
                 if attn is not None:
                     attention.append(attn)
             else:
                 x = stage(x)
         logits = self.head(x)
-        return (logits, attention) if return_attention else logits
+        return (logits, attention) if wants_attention else logits
 
 
 class Head(nn.Module):

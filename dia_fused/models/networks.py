@@ -121,9 +121,36 @@ def _check_stages(dia_stages, num_stages: int) -> tuple:
     return stages
 
 
-def _build(stem, stage_specs, head, *, attention, dia_stages, relu, unit_options, resolved):
+def _check_block_masks(dia_blocks, layers, attention):
+    """dia_blocks as one tuple of bools per stage, or None; errors name what is wrong."""
+    if dia_blocks is None:
+        return None
+    if attention not in ("dia", "dia_se"):
+        raise ValueError(
+            f"dia_blocks: used by a shared DIA unit, which the model (attention {attention!r}) "
+            f"does not have; got dia_blocks={dia_blocks!r}"
+        )
+    ok = isinstance(dia_blocks, (list, tuple)) and len(dia_blocks) == len(layers)
+    ok = ok and all(
+        isinstance(m, (list, tuple))
+        and len(m) == n
+        and all(isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)) for v in m)
+        for m, n in zip(dia_blocks, layers)
+    )
+    if not ok:
+        raise ValueError(
+            f"dia_blocks: expected one mask per stage of bools (or 0/1), one per block (blocks per "
+            f"stage {list(layers)}), got {dia_blocks!r}"
+        )
+    return [tuple(bool(v) for v in m) for m in dia_blocks]
+
+
+def _build(
+    stem, stage_specs, head, *, attention, dia_stages, relu, unit_options, resolved, masks=None
+):
     """stage_specs: [(blocks, channels)] in order; the unit options go to make_stage; `resolved`
-    (the attention options as built) is kept as the model's `attention_options`."""
+    (the attention options as built) is kept as the model's `attention_options`; `masks` the
+    per-stage block masks (dia_blocks) or None."""
     stages = [
         make_stage(
             blocks,
@@ -131,6 +158,7 @@ def _build(stem, stage_specs, head, *, attention, dia_stages, relu, unit_options
             attention=attention,
             with_unit=(i + 1) in dia_stages,
             relu=relu,
+            mask=None if masks is None else masks[i],
             **unit_options,
         )
         for i, (blocks, channels) in enumerate(stage_specs)
@@ -449,10 +477,12 @@ def imagenet_resnet(
     skip: bool = True,
     dia_stages: Sequence[int] = None,
     stride_in_1x1: bool = False,
+    dia_blocks: Sequence[Sequence[bool]] = None,
 ) -> DIANet:
     """ImageNet ResNet / ResNeXt (torchvision layout: stride on the 3x3 unless `stride_in_1x1`;
     `cardinality` groups of base_width * 2**stage channels). The paper's reduction ratios are
-    the DIA defaults: r=20, and r=10 for ResNet-152."""
+    the DIA defaults: r=20, and r=10 for ResNet-152. `dia_blocks`: EAN's per-block option, one
+    mask per stage of the blocks that use the stage's unit (default: all)."""
     for name, value in (("depth", depth), ("cardinality", cardinality), ("base_width", base_width)):
         check_positive_int(name, value)
     _check_flags(norm=norm, skip=skip, stride_in_1x1=stride_in_1x1)
@@ -461,6 +491,7 @@ def imagenet_resnet(
             f"depth: expected one of {sorted(IMAGENET_LAYERS)} (ImageNet ResNet), got {depth}"
         )
     block, layers = IMAGENET_LAYERS[depth]
+    masks = _check_block_masks(dia_blocks, layers, attention)
     if (cardinality > 1 or base_width != 64) and block != "bottleneck":
         raise ValueError(
             f"cardinality, base_width: ResNeXt needs bottleneck blocks (depth >= "
@@ -477,6 +508,8 @@ def imagenet_resnet(
         dia_reduction=10 if depth == 152 else 20,
         se=SE_RESNET,
     )
+    if masks is not None:
+        resolved["dia_blocks"] = [list(m) for m in masks]
     specs, cin = [], 64
     for i, (planes, count) in enumerate(zip((64, 128, 256, 512), layers)):
         blocks = []
@@ -517,4 +550,5 @@ def imagenet_resnet(
         relu=True,
         unit_options=unit_options,
         resolved=resolved,
+        masks=masks,
     )
