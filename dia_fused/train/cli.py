@@ -8,9 +8,9 @@ Examples:
         --epochs 180 --schedule 60 120 --gamma 0.1 --wd 1e-4 -c runs/dia164
     # ablations: no augmentation, reduction 16, DIA only in stage 3
     python -m dia_fused.train --preset resnet164 --no-augment --reduction 16 --dia-stages 3
-    # resume (continues exactly) / evaluate a checkpoint
-    python -m dia_fused.train --preset resnet164 --resume runs/dia164/checkpoint.pth.tar
-    python -m dia_fused.train --preset resnet164 -e --resume runs/dia164/model_best.pth.tar
+    # resume (continues exactly: the checkpoint's arguments are the defaults) / evaluate
+    python -m dia_fused.train --resume runs/dia164/checkpoint.pth.tar
+    python -m dia_fused.train -e --resume runs/dia164/model_best.pth.tar
     # 4 GPUs (--train-batch stays the global batch)
     torchrun --nproc_per_node 4 -m dia_fused.train --preset resnet164 -d cifar100 --data-dir ~/data
     # smoke test / throughput on generated CIFAR-shaped data
