@@ -687,3 +687,24 @@ def test_bad_input_is_one_error_line_with_exit_status_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr == f"error: checkpoint: no file at {str(tmp_path / 'missing.pth.tar')!r}\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--device", "bogus"), "error: --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+        (("--device", "meta"), "error: --device meta: meta tensors hold no data"),
+        (("-a", "nope"), "error: --arch: expected "),
+        (("--block-name", "Foo"), "error: --block-name: expected BasicBlock or Bottleneck"),
+        (("--resume", "missing.pth.tar"), "error: checkpoint: no file at 'missing.pth.tar'"),
+    ],
+)
+def test_command_reports_bad_input_in_one_line_with_status_2(tmp_path, capsys, extra, message):
+    """Before: tracebacks (RuntimeError of torch.device, ValueError of the device and model
+    checks, FileNotFoundError of the checkpoint)."""
+    from dia_fused.train.cli import command
+
+    assert command(args(tmp_path / "run", 1, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
