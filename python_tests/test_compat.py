@@ -454,16 +454,20 @@ def _hinted(error):
 
 
 @pytest.mark.parametrize(
-    "model", ["resnet11", "preresnet11", "wrn10_4", "resnext11_2x64", "resnet56"]
+    "model", ["resnet11", "preresnet11", "wrn10_4", "resnext11_2x64", "resnet20_bottleneck"]
 )
 def test_official_checkpoint_with_sorted_keys_loads_and_a_wrong_name_gets_the_right_one(
     cuda_calls_harmless, model
 ):
     """Keys sorted as strings (bn1 before conv1, as some converters write them) load by name; a
     wrong model name is refused naming the first differing keys and the name to use (before: a
-    shape error on the first sorted layer, or only layer counts)."""
+    shape error on the first sorted layer, or only layer counts). Depth 20 with bottlenecks also
+    fits basic blocks, which the name alone means: the hint adds block='bottleneck'."""
     torch.manual_seed(0)
-    source = official_dianet.randomise(official_dianet.OFFICIAL_MODELS[model](8)).eval()
+    make = official_dianet.OFFICIAL_MODELS.get(
+        model, lambda pool: official_dianet.ResNet(20, 10, "Bottleneck", pool=pool)
+    )
+    source = official_dianet.randomise(make(8)).eval()
     state = source.state_dict()
     checkpoint = {"state_dict": {f"module.{k}": state[k] for k in sorted(state)}}
     with pytest.raises(ValueError, match=r"by name: missing keys \[.*unexpected keys \[") as err:

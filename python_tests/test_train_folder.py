@@ -675,20 +675,6 @@ def test_best_model_is_tracked_through_an_accuracy_drop(tmp_path, monkeypatch):
     assert (last["epoch"], last["acc"], last["best_acc"]) == (3, 30.0, 50.0)
 
 
-def test_bad_input_is_one_error_line_with_exit_status_2(tmp_path):
-    """Before: `--resume` of a missing file was a FileNotFoundError traceback, exit status 1."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dia_fused.train", "--resume", str(tmp_path / "missing.pth.tar")],
-        env=env(),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr == f"error: checkpoint: no file at {str(tmp_path / 'missing.pth.tar')!r}\n"
-
-
 @pytest.mark.parametrize(
     "extra, message",
     [
