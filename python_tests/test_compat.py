@@ -3,6 +3,7 @@ DIANet CIFAR models (dia_resnet, dia_preresnet, dia_wrn, dia_resnext: their modu
 registration order re-created here from gbup-group/DIANet models/cifar), outputs
 compared in eval mode within 1e-5 (relative to the logits' magnitude)."""
 
+import argparse
 import copy
 import importlib.util
 import re
@@ -439,3 +440,100 @@ def test_wrn_checkpoint_needs_its_dropout_rate(cuda_calls_harmless):
     randomised = official_dianet.randomise(source).eval()
     loaded = load_official_state_dict("dia_wrn10_4", randomised.state_dict(), dropout=0.3)
     assert_same_outputs(randomised, loaded, torch.randn(2, 3, 32, 32))
+
+
+# --- official checkpoints matched by name (issue 22) ----------------------------------------------
+
+
+def _hinted(error):
+    """The (name, options) a mismatch error suggests."""
+    match = re.search(r"load_official_state_dict\('([^']+)', \.\.\.((?:, \w+=[^,)]+)*)\)", error)
+    assert match, error
+    options = dict(re.findall(r", (\w+)=([^,)]+)", match.group(2)))
+    return match.group(1), options
+
+
+@pytest.mark.parametrize(
+    "model", ["resnet11", "preresnet11", "wrn10_4", "resnext11_2x64", "resnet20_bottleneck"]
+)
+def test_official_checkpoint_with_sorted_keys_loads_and_a_wrong_name_gets_the_right_one(
+    cuda_calls_harmless, model
+):
+    """Keys sorted as strings (bn1 before conv1, as some converters write them) load by name; a
+    wrong model name is refused naming the first differing keys and the name to use (before: a
+    shape error on the first sorted layer, or only layer counts). Depth 20 with bottlenecks also
+    fits basic blocks, which the name alone means: the hint adds block='bottleneck'."""
+    torch.manual_seed(0)
+    make = official_dianet.OFFICIAL_MODELS.get(
+        model, lambda pool: official_dianet.ResNet(20, 10, "Bottleneck", pool=pool)
+    )
+    source = official_dianet.randomise(make(8)).eval()
+    state = source.state_dict()
+    checkpoint = {"state_dict": {f"module.{k}": state[k] for k in sorted(state)}}
+    with pytest.raises(ValueError, match=r"by name: missing keys \[.*unexpected keys \[") as err:
+        load_official_state_dict("dia_resnet20", checkpoint)
+    name, options = _hinted(str(err.value))
+    if "dropout" in options:
+        options["dropout"] = source.block1.ModuleList[0].droprate
+    options = {k: v if k == "dropout" else eval(v) for k, v in options.items()}
+    loaded = load_official_state_dict(name, checkpoint, backend="reference", **options)
+    assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
+
+
+def _blocks_in_string_order(state):
+    """The same keys with each stage's blocks in string order of their index (0, 1, 10, 2, ...),
+    every other key, and each block's own keys, in their order."""
+    stages = {}
+    for key in state:
+        match = re.match(r"(\w+)\.ModuleList\.(\d+)\.", key)
+        if match:
+            stages.setdefault(match.group(1), {}).setdefault(match.group(2), []).append(key)
+    keys, done = [], set()
+    for key in state:
+        match = re.match(r"(\w+)\.ModuleList\.", key)
+        if not match:
+            keys.append(key)
+        elif match.group(1) not in done:
+            done.add(match.group(1))
+            blocks = stages[match.group(1)]
+            keys += [k for index in sorted(blocks) for k in blocks[index]]
+    return {k: state[k] for k in keys}
+
+
+def test_blocks_of_a_stage_in_another_order_load_into_the_right_blocks(cuda_calls_harmless):
+    """Before: loaded by position into the wrong blocks (logits off by 0.43 on 1.65), no error."""
+    torch.manual_seed(0)
+    # 11 blocks per stage; 8x8 images (final pool window 2) keep it quick
+    source = official_dianet.ResNet(101, 10, "Bottleneck", pool=2)
+    source = official_dianet.randomise(source).eval()
+    shuffled = _blocks_in_string_order(source.state_dict())
+    order = [k.split(".")[2] for k in shuffled if k.startswith("layer1.ModuleList.")]
+    assert list(dict.fromkeys(order))[:4] == ["0", "1", "10", "2"]
+    loaded = load_official_state_dict("dia_resnet101_cifar", shuffled, backend="reference")
+    assert_same_outputs(source, loaded, torch.randn(2, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"ImageNet network.*dia_resnet101_cifar"):
+        load_official_state_dict("dia_resnet101", shuffled)
+
+
+def test_official_checkpoint_path_is_loaded_or_refused_clearly(tmp_path):
+    """Before: AttributeError: 'str' object has no attribute 'items'."""
+    source, checkpoint = official_checkpoint()
+    path = tmp_path / "checkpoint.pth.tar"
+    torch.save({"epoch": 3, "state_dict": checkpoint}, path)
+    for given in (str(path), path):
+        loaded = load_official_state_dict("dia_resnet11", given, backend="reference")
+        assert_same_outputs(source, loaded, torch.randn(2, 3, 32, 32))
+    with pytest.raises(FileNotFoundError, match="state_dict: no file at .*missing.pth.tar"):
+        load_official_state_dict("dia_resnet11", str(tmp_path / "missing.pth.tar"))
+    torch.save({"state_dict": checkpoint, "args": argparse.Namespace(depth=11)}, path)
+    with pytest.raises(ValueError, match=r"weights_only=True\) refuses.*weights_only=False"):
+        load_official_state_dict("dia_resnet11", str(path))
+    with pytest.raises(TypeError, match="state_dict: expected a state dict, .* got int"):
+        load_official_state_dict("dia_resnet11", 3)
+
+
+def test_official_basic_block_resnet_is_refused(cuda_calls_harmless):
+    """The official BasicBlock DIA ResNet computes another network; it is named, not loaded."""
+    source = official_dianet.ResNet(20, 10, "BasicBlock")
+    with pytest.raises(ValueError, match="official DIA ResNet with BasicBlock"):
+        load_official_state_dict("dia_resnet20", source.state_dict())

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import os
+import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -162,7 +164,7 @@ def test_malformed_dataset_errors(tmp_path):
         cwd=str(tmp_path),
         timeout=120,
     )
-    assert proc.returncode == 1 and "error:" in proc.stderr and "malformed" in proc.stderr
+    assert proc.returncode == 2 and "error:" in proc.stderr and "malformed" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
@@ -455,6 +457,41 @@ def test_resume_refuses_another_model(cifar_dir, tmp_path):
         )
 
 
+def test_evaluate_runs_the_model_in_eval_mode():
+    """Batch norm with running statistics unlike a batch's, and dropout: evaluate() called on a
+    model left in train mode gives the eval-mode loss and accuracy and leaves the statistics as
+    they were (the resume test compares evaluate() with itself, so it cannot tell)."""
+    from dia_fused.train.distributed import Context
+    from dia_fused.train.loop import evaluate
+
+    torch.manual_seed(0)
+    _, test = synthetic_dataset(4, 12, num_classes=3)
+    model = torch.nn.Sequential(
+        torch.nn.Flatten(),
+        torch.nn.Linear(3 * 32 * 32, 8),
+        torch.nn.BatchNorm1d(8),
+        torch.nn.Dropout(0.5),
+        torch.nn.Linear(8, 3),
+    )
+    bn = model[2]
+    with torch.no_grad():
+        bn.running_mean.uniform_(-2, 2)
+        bn.running_var.uniform_(0.5, 4)
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    stream = BatchStream(test, 4, train=False, augment=False, seed=0)
+    ctx = Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    model.train()
+    result = evaluate(model, stream, torch.nn.CrossEntropyLoss(), ctx)
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    model.eval()
+    with torch.no_grad():
+        batches = [(model(x), y) for x, y in stream.epoch(0)]
+    loss = sum(F.cross_entropy(out, y, reduction="sum").item() for out, y in batches) / 12
+    correct = sum((out.argmax(1) == y).sum().item() for out, y in batches)
+    assert result.loss == pytest.approx(loss, rel=1e-6)
+    assert result.acc == pytest.approx(100.0 * correct / 12)
+
+
 def test_evaluate_reproduces_the_logged_test_metrics(cifar_dir, tmp_path):
     main(tiny_args(cifar_dir, tmp_path, 1))
     row = read_log(tmp_path)[0]
@@ -466,6 +503,55 @@ def test_evaluate_reproduces_the_logged_test_metrics(cifar_dir, tmp_path):
     assert result["test_acc"] == pytest.approx(float(row["test_acc"]), rel=1e-5)
     assert result["test_loss"] == pytest.approx(float(row["test_loss"]), rel=1e-5)
     assert not os.path.exists(tmp_path / "eval" / "log.csv")
+
+
+def readme_smoke_command():
+    """The README's smoke training command, as its argument list."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        text = f.read()
+    match = re.search(r"python -m dia_fused\.train (-a dia_resnet .*?-c runs/smoke)", text, re.S)
+    assert match, "the README's smoke command (-c runs/smoke) is gone"
+    return shlex.split(match.group(1).replace("\\\n", " "))
+
+
+@pytest.mark.slow  # three runs of the README's smoke model (DIA-ResNet-20, 512 images)
+def test_resume_alone_continues_the_readme_smoke_run_bit_exactly(tmp_path, monkeypatch, capsys):
+    """The README's smoke command run for 2 epochs stops after the first; `--resume
+    runs/smoke/checkpoint.pth.tar` alone finishes it exactly as a run that never stopped."""
+    smoke = readme_smoke_command()
+    assert smoke[smoke.index("--epochs") + 1] == "1"
+    smoke[smoke.index("--epochs") + 1] = "2"
+    monkeypatch.chdir(tmp_path)
+    real = ckpt_io.save_epoch
+
+    class Stop(BaseException):
+        pass
+
+    def stop_after_first(folder, state, is_best):
+        real(folder, state, is_best)
+        raise Stop
+
+    monkeypatch.setattr(ckpt_io, "save_epoch", stop_after_first)
+    with pytest.raises(Stop):
+        main(smoke)
+    monkeypatch.setattr(ckpt_io, "save_epoch", real)
+    main(["--resume", "runs/smoke/checkpoint.pth.tar"])
+    assert "differ from the checkpoint's run" not in capsys.readouterr().out
+    resumed = ckpt_io.load_checkpoint("runs/smoke/checkpoint.pth.tar")
+    whole = smoke[: smoke.index("-c")] + ["-c", "runs/whole", "--manualSeed", str(resumed["seed"])]
+    main(whole)
+    reference = ckpt_io.load_checkpoint("runs/whole/checkpoint.pth.tar")
+    assert resumed["epoch"] == reference["epoch"] == 2
+    assert_same_state(reference["state_dict"], resumed["state_dict"])
+    for a, b in zip(
+        reference["optimizer"]["state"].values(), resumed["optimizer"]["state"].values()
+    ):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+    assert strip(read_log("runs/whole")) == strip(read_log("runs/smoke"))
 
 
 def _free_port():

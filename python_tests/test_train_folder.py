@@ -360,7 +360,7 @@ def test_distributed_environment_error_is_one_line(tmp_path):
         text=True,
         timeout=120,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (
         "error: environment RANK=5 without WORLD_SIZE: launch with "
         "torchrun, or unset the variable for one process"
@@ -403,3 +403,294 @@ def test_resume_compares_values_and_prints_what_changed(tmp_path, capsys):
     assert "--train-batch 20 -> 10" in out
     with pytest.raises(ValueError, match="another model .*reduction 4 vs 8"):
         main(resume(tmp_path, 4, "--reduction", "8"))
+
+
+# ---------------------------------------------------------------------------------------------
+# nothing silently wrong (issue 22): hyperparameters, non-finite runs, checksums, write errors
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [
+        ("--lr", "nan", "--lr: expected a finite number > 0, got nan"),
+        ("--lr", "inf", "--lr: expected a finite number > 0, got inf"),
+        ("--lr", "-0.1", "--lr: expected a finite number > 0"),
+        ("--momentum", "nan", "--momentum: expected a finite number >= 0 and < 1"),
+        ("--momentum", "-0.5", "--momentum: expected"),
+        ("--momentum", "1.5", "--momentum: expected"),
+        ("--wd", "-1e-4", "--weight-decay: expected a finite number >= 0"),
+        ("--wd", "inf", "--weight-decay: expected"),
+        ("--gamma", "0", "--gamma: expected a finite number > 0"),
+        ("--gamma", "nan", "--gamma: expected"),
+        ("--drop", "1", "--drop: expected a finite number >= 0 and < 1"),
+        ("--schedule", "-1", "--schedule: expected epochs >= 0"),
+        ("--reduction", "0", "--reduction: expected >= 1"),
+        ("--workers", "-1", "--workers: expected >= 0"),
+    ],
+)
+def test_out_of_range_hyperparameters_are_refused_before_anything(
+    tmp_path, capsys, flag, value, expected
+):
+    """Before: --lr nan trained, logged NaN losses, saved NaN weights as model_best, exit 0."""
+    with pytest.raises(SystemExit) as err:
+        main(args(tmp_path / "run", 1, f"{flag}={value}"))
+    assert err.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_start_epoch_beyond_epochs_is_refused_and_a_run_without_epochs_blocks_nothing(
+    tmp_path, capsys
+):
+    """Before: --start-epoch 5 --epochs 3 trained nothing, exited 0 and left a header-only log.csv
+    that made the next fresh run in the folder refused."""
+    with pytest.raises(SystemExit) as err:
+        main(args(tmp_path / "run", 3, "--start-epoch", "5"))
+    assert err.value.code == 2
+    assert "--start-epoch 5: expected < --epochs (3)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # what a run stopped in its first epoch leaves: log.csv with its header only
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text("epoch,lr,train_loss\n")
+    main(args(tmp_path / "run", 1))
+    assert [r["epoch"] for r in read_rows(tmp_path / "run" / "log.csv")] == ["1"]
+
+
+def _all_finite(ckpt):
+    import torch
+
+    return all(
+        bool(torch.isfinite(t).all()) for t in ckpt["state_dict"].values() if t.is_floating_point()
+    )
+
+
+@pytest.mark.parametrize("poisoned", ["loss", "weights"])
+def test_a_non_finite_epoch_stops_the_run_and_keeps_the_last_good_files(
+    tmp_path, monkeypatch, capsys, poisoned
+):
+    """Epoch 2 turns non-finite (its loss, or only the weights its last step leaves): the run
+    stops with a one-line error and exit status 1, and checkpoint.pth.tar, model_best.pth.tar and
+    log.csv keep epoch 1. Before: NaN weights were saved as both, exit 0."""
+    import torch
+
+    from dia_fused.train import cli
+
+    real = cli.train_epoch
+
+    def poisoning(model, stream, epoch, *a, **k):
+        fc = model.head.fc.weight
+        if epoch == 1 and poisoned == "loss":
+            with torch.no_grad():
+                fc.fill_(float("nan"))
+        result = real(model, stream, epoch, *a, **k)
+        if epoch == 1 and poisoned == "weights":
+            with torch.no_grad():
+                fc[0, 0] = float("inf")
+        return result
+
+    monkeypatch.setattr(cli, "train_epoch", poisoning)
+    with pytest.raises(
+        RuntimeError, match="epoch 2: the (training loss is nan|weights are not fin)"
+    ):
+        main(args(tmp_path, 2))
+    for name in (CKPT, BEST):
+        ckpt = load(tmp_path / name)
+        assert ckpt["epoch"] == 1 and _all_finite(ckpt), name
+    assert [r["epoch"] for r in read_rows(tmp_path / "log.csv")] == ["1"]
+    if poisoned == "weights":
+        return
+    capsys.readouterr()
+    assert cli.command(args(tmp_path / "again", 2)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: epoch 2: ")
+    assert "lower --lr" in err and "holds the last completed epoch (1)" in err
+
+
+def _corrupt_a_tensor(path):
+    """Flips one byte inside the stored bytes of the checkpoint's largest weight."""
+    import torch
+
+    ckpt = torch.load(path, weights_only=True)
+    weight = max(ckpt["state_dict"].values(), key=lambda t: t.numel())
+    data = bytearray(path.read_bytes())
+    at = data.find(weight.numpy().tobytes())
+    assert at > 0
+    data[at + weight.numel() * 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_checkpoints_carry_a_checksum_that_resume_and_evaluate_verify(tmp_path):
+    """Before: a checkpoint with corrupted tensor bytes loaded, and the run resumed from garbage."""
+    import torch
+
+    main(args(tmp_path / "run", 1))
+    kept = tmp_path / "official.pth.tar"  # a checkpoint without a checksum, as official files are
+    ckpt = torch.load(tmp_path / "run" / CKPT, weights_only=True)
+    torch.save({k: v for k, v in ckpt.items() if k != "tensor_sha256"}, kept)
+    _corrupt_a_tensor(tmp_path / "run" / CKPT)
+    with pytest.raises(ValueError, match="do not match the checksum .* corrupted"):
+        main(resume(tmp_path / "run", 2))
+    with pytest.raises(ValueError, match="do not match the checksum"):
+        main(args(tmp_path / "eval", 1, "-e", "--resume", str(tmp_path / "run" / CKPT)))
+    result = main(args(tmp_path / "eval", 1, "-e", "--resume", str(kept)))
+    assert result["test_acc"] == pytest.approx(ckpt["acc"])
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_keeps_the_last_epoch(
+    tmp_path, monkeypatch, capsys
+):
+    """A full disk during a save (torch's own error). Before: RuntimeError '[enforce fail at
+    inline_container.cc:672] . unexpected pos ...' as a traceback."""
+    import torch
+
+    from dia_fused.train import cli
+
+    real_save, calls = torch.save, [0]
+
+    def disk_full(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] <= 2:  # epoch 1: model_best and checkpoint
+            return real_save(obj, f, *a, **k)
+        f.write(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    assert cli.command(args(tmp_path, 2)) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: could not write ")
+    assert str(tmp_path / CKPT) in err or str(tmp_path / BEST) in err
+    assert "unexpected pos" in err and "MiB free" in err
+    assert "holds the last completed epoch (1)" in err
+    monkeypatch.setattr(torch, "save", real_save)
+    assert load(tmp_path / CKPT)["epoch"] == 1 and not temp_files(tmp_path)
+
+
+def test_an_unusable_output_folder_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """-c naming a file, or a folder that cannot be written: one line naming the path, before the
+    dataset is loaded (a missing dataset here). Before: the dataset error, or after the data a
+    raw FileExistsError / PermissionError traceback."""
+    import errno
+
+    no_data = ("-d", "cifar10", "--data-dir", str(tmp_path / "no-data"))
+    (tmp_path / "file").write_text("notes")
+    with pytest.raises(ValueError, match=rf"-c {tmp_path / 'file'}: is a file"):
+        main(args(tmp_path / "file", 1, *no_data))
+    with pytest.raises(ValueError, match=r"is a file, so the folder cannot be made"):
+        main(args(tmp_path / "file" / "run", 1, *no_data))
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root: permissions do not stop it; fail as a read-only mount
+        real_open = os.open
+
+        def read_only(path, flags, *a, **k):
+            if str(path).startswith(str(folder)) and flags & (os.O_WRONLY | os.O_RDWR):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+            return real_open(path, flags, *a, **k)
+
+        monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(ValueError, match=rf"-c {folder / 'run'}: cannot write there \(its parent"):
+        main(args(folder / "run", 1, *no_data))
+    folder.chmod(0o755)
+
+
+def test_files_are_created_under_the_umask(tmp_path):
+    """Before: checkpoints and log.csv were 0600 (mkstemp's mode survived the rename)."""
+    old = os.umask(0o027)
+    try:
+        main(args(tmp_path, 1))
+    finally:
+        os.umask(old)
+    for name in (CKPT, BEST, "log.csv"):
+        assert oct((tmp_path / name).stat().st_mode & 0o777) == oct(0o640), name
+
+
+def test_a_resume_with_another_model_flag_is_not_reported_as_a_missing_dataset(tmp_path):
+    """Before: `--resume CKPT --reduction 8` failed on the default dataset folder (cifar10 in
+    ./datasets), not on the flag."""
+    main(args(tmp_path, 1))
+    with pytest.raises(ValueError, match="another model .*reduction 4 vs 8") as err:
+        main(["--resume", str(tmp_path / CKPT), "--reduction", "8"])
+    assert "data_batch" not in str(err.value)
+
+
+class _Stop(BaseException):
+    """The run's process ends here (after the first epoch's files)."""
+
+
+def test_resume_alone_continues_the_run_bit_exactly(tmp_path, monkeypatch, capsys):
+    """`--resume CKPT` alone: the checkpoint's recorded arguments are the defaults. Before: it
+    failed on the default dataset folder. A flag given explicitly still wins, and is reported."""
+    main(args(tmp_path / "whole", 2))
+    real = ckpt_io.save_epoch
+
+    def stop_after_first(folder, state, is_best):
+        real(folder, state, is_best)
+        raise _Stop
+
+    monkeypatch.setattr(ckpt_io, "save_epoch", stop_after_first)
+    with pytest.raises(_Stop):
+        main(args(tmp_path / "run", 2))
+    monkeypatch.setattr(ckpt_io, "save_epoch", real)
+    capsys.readouterr()
+    main(["--resume", str(tmp_path / "run" / CKPT)])
+    assert "differ from the checkpoint's run" not in capsys.readouterr().out
+    a, b = load(tmp_path / "whole" / CKPT), load(tmp_path / "run" / CKPT)
+    assert a["epoch"] == b["epoch"] == 2
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert a["state_dict"][key].equal(b["state_dict"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert sa["momentum_buffer"].equal(sb["momentum_buffer"])
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in rows]
+
+    assert strip(read_rows(tmp_path / "whole" / "log.csv")) == strip(
+        read_rows(tmp_path / "run" / "log.csv")
+    )
+    main(["--resume", str(tmp_path / "run" / CKPT), "--epochs", "3", "--lr", "0.01"])
+    out = capsys.readouterr().out
+    assert "--epochs 2 -> 3" in out and "--lr 0.05 -> 0.01" in out
+    assert load(tmp_path / "run" / CKPT)["epoch"] == 3
+
+
+def test_best_model_is_tracked_through_an_accuracy_drop(tmp_path, monkeypatch):
+    """Test accuracies 50, 20, 30: model_best stays epoch 1 and every checkpoint records 50 as
+    the best (a best accuracy forgotten between epochs lets epoch 3 overwrite model_best)."""
+    from dia_fused.train import cli
+
+    real, scripted = cli.evaluate, iter([50.0, 20.0, 30.0])
+
+    def scripted_accuracy(*a, **k):
+        result = real(*a, **k)
+        result.acc = next(scripted)
+        return result
+
+    monkeypatch.setattr(cli, "evaluate", scripted_accuracy)
+    main(args(tmp_path, 3))
+    best, last = load(tmp_path / BEST), load(tmp_path / CKPT)
+    assert (best["epoch"], best["acc"]) == (1, 50.0)
+    assert (last["epoch"], last["acc"], last["best_acc"]) == (3, 30.0, 50.0)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (("--device", "bogus"), "error: --device: expected cpu, cuda or cuda:N, got 'bogus'"),
+        (("--device", "meta"), "error: --device meta: meta tensors hold no data"),
+        (("-a", "nope"), "error: --arch: expected "),
+        (("--block-name", "Foo"), "error: --block-name: expected BasicBlock or Bottleneck"),
+        (("--resume", "missing.pth.tar"), "error: checkpoint: no file at 'missing.pth.tar'"),
+    ],
+)
+def test_command_reports_bad_input_in_one_line_with_status_2(tmp_path, capsys, extra, message):
+    """Before: tracebacks (RuntimeError of torch.device, ValueError of the device and model
+    checks, FileNotFoundError of the checkpoint)."""
+    from dia_fused.train.cli import command
+
+    assert command(args(tmp_path / "run", 1, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()

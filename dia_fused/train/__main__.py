@@ -2,16 +2,7 @@
 
 import sys
 
-from ..ops import BackendUnavailableError
-from .cli import main
-from .data import DatasetError
-from .errors import TrainError
-from .interrupt import Interrupted
+from .cli import command
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (DatasetError, BackendUnavailableError, TrainError) as err:
-        sys.exit(f"error: {err}")  # user errors: the message says why
-    except Interrupted as err:  # the run said what it kept
-        sys.exit(err.exit_status)
+    sys.exit(command())

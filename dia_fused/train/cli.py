@@ -8,9 +8,9 @@ Examples:
         --epochs 180 --schedule 60 120 --gamma 0.1 --wd 1e-4 -c runs/dia164
     # ablations: no augmentation, reduction 16, DIA only in stage 3
     python -m dia_fused.train --preset resnet164 --no-augment --reduction 16 --dia-stages 3
-    # resume (continues exactly) / evaluate a checkpoint
-    python -m dia_fused.train --preset resnet164 --resume runs/dia164/checkpoint.pth.tar
-    python -m dia_fused.train --preset resnet164 -e --resume runs/dia164/model_best.pth.tar
+    # resume (continues exactly: the checkpoint's arguments are the defaults) / evaluate
+    python -m dia_fused.train --resume runs/dia164/checkpoint.pth.tar
+    python -m dia_fused.train -e --resume runs/dia164/model_best.pth.tar
     # 4 GPUs (--train-batch stays the global batch)
     torchrun --nproc_per_node 4 -m dia_fused.train --preset resnet164 -d cifar100 --data-dir ~/data
     # smoke test / throughput on generated CIFAR-shaped data
@@ -20,19 +20,22 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
 import random
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..ops import resolve_backend
+from ..ops import BackendUnavailableError, resolve_backend
 from . import checkpoint as ckpt_io
 from . import distributed, interrupt, runfolder
-from .data import DATASETS, BatchStream, load_datasets
+from .data import DATASETS, BatchStream, DatasetError, dataset_classes, load_datasets
+from .errors import NonFiniteError, TrainError, TrainingStopped, WriteError
 from .loop import PROGRESS_EVERY, evaluate, learning_rate, set_learning_rate, train_epoch
 from .modelspec import (
     ARCH_HELP,
@@ -261,32 +264,106 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parses in two passes so that --preset sets defaults and explicit flags override them."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    known, _ = pre.parse_known_args(argv)
-    parser = build_parser()
-    if known.preset:
-        parser.set_defaults(**PRESETS[known.preset])
-    args = parser.parse_args(argv)
-    positive = (
-        "epochs",
-        "train_batch",
-        "test_batch",
-        "synthetic_size",
-        "synthetic_classes",
-        "print_freq",
-    )
-    for name in positive + (("max_steps",) if args.max_steps is not None else ()):
+# flags a --resume does not take from the checkpoint's recorded arguments: where to resume from
+# and write to, what to do, and what the checkpoint itself decides (the epoch); the preset's
+# values are among the recorded ones
+_NOT_RESTORED = frozenset(
+    ("resume", "checkpoint", "overwrite", "evaluate", "start_epoch", "preset")
+)
+
+_POSITIVE_INTS = (
+    "epochs",
+    "train_batch",
+    "test_batch",
+    "synthetic_size",
+    "synthetic_classes",
+    "print_freq",
+    "depth",
+    "cardinality",
+    "widen_factor",
+)
+_OPTIONAL_POSITIVE_INTS = ("max_steps", "reduction", "num_cells")
+# (name, lowest, lowest allowed, highest, highest allowed) for the float hyperparameters
+_FLOAT_RANGES = (
+    ("lr", 0.0, False, None, False),
+    ("momentum", 0.0, True, 1.0, False),
+    ("weight_decay", 0.0, True, None, False),
+    ("gamma", 0.0, False, None, False),
+    ("drop", 0.0, True, 1.0, False),
+)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _range_text(low, low_ok, high, high_ok) -> str:
+    parts = [f"{'>=' if low_ok else '>'} {low:g}"] if low is not None else []
+    if high is not None:
+        parts.append(f"{'<=' if high_ok else '<'} {high:g}")
+    return "a finite number " + " and ".join(parts)
+
+
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses out-of-range values (parser.error: exit status 2) before anything is built."""
+    for name in _POSITIVE_INTS + tuple(
+        n for n in _OPTIONAL_POSITIVE_INTS if getattr(args, n) is not None
+    ):
         if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+            parser.error(f"{_flag(name)}: expected >= 1, got {getattr(args, name)}")
+    for name, low, low_ok, high, high_ok in _FLOAT_RANGES:
+        value = getattr(args, name)
+        ok = math.isfinite(value) and (value >= low if low_ok else value > low)
+        if ok and high is not None:
+            ok = value <= high if high_ok else value < high
+        if not ok:
+            parser.error(
+                f"{_flag(name)}: expected {_range_text(low, low_ok, high, high_ok)}, got {value}"
+            )
+    if any(m < 0 for m in args.schedule):
+        parser.error(f"--schedule: expected epochs >= 0, got {args.schedule}")
+    if args.workers < 0:
+        parser.error(f"--workers: expected >= 0, got {args.workers}")
     if args.start_epoch < 0:
         parser.error(f"--start-epoch: expected >= 0, got {args.start_epoch}")
+    if not args.resume and not args.evaluate and args.start_epoch >= args.epochs:
+        parser.error(
+            f"--start-epoch {args.start_epoch}: expected < --epochs ({args.epochs}); a run from "
+            f"epoch {args.start_epoch} to {args.epochs} trains nothing"
+        )
+
+
+def parse_arguments(
+    argv: Optional[Sequence[str]] = None,
+) -> Tuple[argparse.Namespace, Optional[Dict[str, Any]]]:
+    """(arguments, the --resume checkpoint or None). Defaults, lowest first: the parser's, the
+    --preset's, the arguments recorded in the --resume checkpoint (so that `--resume CKPT` alone
+    continues the run); flags given explicitly win over all of them."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    first = parser.parse_args(argv)  # usage errors first, and the --preset and --resume given
+    if first.preset:
+        parser.set_defaults(**PRESETS[first.preset])
+    resumed = None
+    if first.resume:
+        resumed = ckpt_io.load_checkpoint(_resume_file(first.resume))
+        saved = resumed.get("args") or {}
+        known = {action.dest for action in parser._actions}
+        parser.set_defaults(
+            **{k: v for k, v in saved.items() if k in known and k not in _NOT_RESTORED}
+        )
+    args = parser.parse_args(argv)
+    _check_values(parser, args)
+    # a resume from another working directory finds the data where the run found it
+    args.data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     if args.checkpoint is None:
         args.checkpoint = _resume_folder(args.resume) if args.resume else "checkpoint"
-    return args
+    return args, resumed
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The arguments of parse_arguments (--preset sets defaults, explicit flags override them)."""
+    return parse_arguments(argv)[0]
 
 
 def _resume_folder(path: str) -> str:
@@ -307,11 +384,11 @@ class _Printer:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = parse_args(argv)
+    args, resumed = parse_arguments(argv)
     ctx = distributed.init(args.device)
     try:
         with interrupt.handled():
-            return run(args, ctx)
+            return run(args, ctx, resumed)
     except interrupt.Interrupted as err:
         if ctx.is_main and not args.evaluate:
             print(f"\n==> {err}: {_last_epoch_note(args.checkpoint)}", file=sys.stderr, flush=True)
@@ -327,6 +404,20 @@ def _last_epoch_note(folder: str) -> str:
     except (FileNotFoundError, ValueError, KeyError):
         return f"no epoch had finished ({path} does not hold one)"
     return f"{path} holds the last completed epoch ({epoch}); continue with --resume {path}"
+
+
+def command(argv: Optional[Sequence[str]] = None) -> int:
+    """`python -m dia_fused.train`: runs main and returns the exit status; an error the user can
+    act on is one `error:` line on stderr (status 2 for bad input, 1 for a run that had to stop),
+    without a traceback."""
+    try:
+        main(argv)
+    except (DatasetError, BackendUnavailableError, TrainError, TrainingStopped) as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return getattr(err, "exit_status", 2)
+    except interrupt.Interrupted as err:  # the run said what it kept
+        return err.exit_status
+    return 0
 
 
 # flags that describe the model (compared through the model description) or that do not change
@@ -370,12 +461,53 @@ def changed_settings(saved: Dict[str, Any], args: argparse.Namespace) -> List[st
     return changes
 
 
-def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
+def _stop_if_not_finite(
+    train_loss: float, model: nn.Module, epoch: int, lr: float, args: argparse.Namespace
+) -> None:
+    """Raises NonFiniteError, before the epoch's files are written, when its training loss or the
+    weights it leaves (parameters and buffers) are NaN or infinite: the files of the last good
+    epoch stay as they are."""
+    bad = [
+        name
+        for name, t in model.state_dict().items()
+        if t.is_floating_point() and not bool(torch.isfinite(t).all())
+    ]
+    if math.isfinite(train_loss) and not bad:
+        return
+    what = (
+        f"the training loss is {train_loss}"
+        if not math.isfinite(train_loss)
+        else f"the weights are not finite ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})"
+    )
+    hint = "lower --lr" + (" or train without --amp fp16" if args.amp == "fp16" else "")
+    raise NonFiniteError(
+        f"epoch {epoch + 1}: {what} (LR {lr:g}); stopped without saving it: "
+        f"{_last_epoch_note(args.checkpoint)}; {hint}"
+    )
+
+
+@contextlib.contextmanager
+def _saving(folder: str):
+    """A failed write of the epoch's files says what the folder still holds."""
+    try:
+        yield
+    except WriteError as err:
+        raise WriteError(f"{err}: {_last_epoch_note(folder)}") from err
+
+
+def run(
+    args: argparse.Namespace,
+    ctx: distributed.Context,
+    resumed: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Trains (or evaluates, -e) as `args` say; `resumed`: the --resume checkpoint when already
+    loaded (parse_arguments), else it is loaded here."""
     say = _Printer(ctx)
     device = ctx.device
     resolve_backend(args.backend, device)  # an unusable --backend fails now, saying why
     resume_file = _resume_file(args.resume) if args.resume else None
-    resumed = ckpt_io.load_checkpoint(resume_file) if resume_file else None
+    if resume_file and resumed is None:
+        resumed = ckpt_io.load_checkpoint(resume_file)
     if not args.evaluate:  # before any work: a refused folder costs nothing
         runfolder.check(args.checkpoint, resume_file=resume_file, overwrite=args.overwrite)
 
@@ -383,7 +515,7 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     # keeps the checkpoint's.
     if resumed is not None and not args.evaluate:
         if "seed" not in resumed:
-            raise ValueError(
+            raise TrainError(
                 f"--resume {args.resume}: the checkpoint has no 'seed' (not written "
                 f"by dia_fused.train), so the run cannot continue exactly; evaluate "
                 f"it with -e"
@@ -398,19 +530,17 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         seed = args.manualSeed if args.manualSeed is not None else random.randint(1, 10000)
     seed = distributed.broadcast_object(ctx, seed)
 
-    say(f"==> Preparing dataset {args.dataset}")
-    train_set, test_set = load_datasets(
-        args.dataset, args.data_dir, args.synthetic_size, args.synthetic_classes
-    )
-    train_set, test_set = train_set.to(device), test_set.to(device)
-
-    spec = model_spec(args, train_set.num_classes)
+    # the model is described and compared with the checkpoint's before any data is read: a flag
+    # that differs from the run's is reported as that, not as a problem with the data
+    num_classes = dataset_classes(args.dataset, args.synthetic_classes)
+    spec = model_spec(args, num_classes)
     if resumed is not None and "model" in resumed:
         problem = spec_mismatch(resumed["model"], spec)
         if problem:
-            raise ValueError(
+            raise TrainError(
                 f"--resume {args.resume}: the command line describes another model "
-                f"than the checkpoint ({problem}); pass the flags of the original run"
+                f"than the checkpoint ({problem}); pass the flags of the original run, or "
+                f"leave them out (the checkpoint's are the defaults)"
             )
     if resumed is not None and not args.evaluate:
         changes = changed_settings(dict(resumed.get("args") or {}), args)
@@ -419,9 +549,19 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
                 f"==> resuming with settings that differ from the checkpoint's run: "
                 f"{', '.join(changes)} (the run no longer continues as the original would have)"
             )
+
+    say(f"==> Preparing dataset {args.dataset}")
+    train_set, test_set = load_datasets(
+        args.dataset, args.data_dir, args.synthetic_size, args.synthetic_classes
+    )
+    train_set, test_set = train_set.to(device), test_set.to(device)
+
     ckpt_io.seed_everything(seed)  # identical initial weights on every process
     say(f"==> creating model {spec['name']} {spec['options']}")
-    model = build_model(spec, backend=args.backend).to(device)
+    try:
+        model = build_model(spec, backend=args.backend).to(device)
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"the model flags ({spec['name']} {spec['options']}): {err}") from err
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     say(f"    Total params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
@@ -486,7 +626,7 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
     bare_model = model
     if args.sync_bn:
         if not (ctx.enabled and device.type == "cuda"):
-            raise ValueError(
+            raise TrainError(
                 "--sync-bn: needs torchrun with several GPU processes (PyTorch's "
                 "SyncBatchNorm runs on GPUs only)"
             )
@@ -543,6 +683,7 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
             desc=f"Train {epoch + 1}",
             print_freq=args.print_freq,
         )
+        _stop_if_not_finite(train.loss, bare_model, epoch, lr, args)
         test = evaluate(
             bare_model,
             test_stream,
@@ -575,7 +716,7 @@ def run(args: argparse.Namespace, ctx: distributed.Context) -> Dict[str, Any]:
         best_acc = max(best_acc, test.acc)
         rng = distributed.all_gather_object(ctx, ckpt_io.rng_state(device))
         # a signal now waits for the epoch's files: the last completed epoch is kept
-        with interrupt.deferred():
+        with interrupt.deferred(), _saving(args.checkpoint):
             if ctx.is_main:
                 # log row first: if the run dies before the checkpoint, the resume moves the
                 # row to log_superseded.csv and runs the epoch again

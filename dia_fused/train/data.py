@@ -269,6 +269,15 @@ def write_cifar_directory(
     return root
 
 
+def dataset_classes(dataset: str, synthetic_classes: int) -> int:
+    """The number of classes of --dataset, known before any file is read."""
+    if dataset == "synthetic":
+        return synthetic_classes
+    if dataset not in LAYOUTS:
+        raise ValueError(f"--dataset: expected one of {DATASETS}, got {dataset!r}")
+    return LAYOUTS[dataset].num_classes
+
+
 def load_datasets(
     dataset: str, data_dir: Optional[str], synthetic_size: int, synthetic_classes: int = 100
 ) -> Tuple[ImageSet, ImageSet]:

@@ -88,7 +88,10 @@ def read_environment() -> Tuple[int, int, int]:
 def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
     """--device if given, else the local GPU when there is one, else the CPU."""
     if requested:
-        device = torch.device(requested)
+        try:
+            device = torch.device(requested)
+        except RuntimeError as err:
+            raise TrainError(f"--device: expected cpu, cuda or cuda:N, got {requested!r}") from err
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", local_rank)
     elif torch.cuda.is_available():
@@ -96,13 +99,13 @@ def pick_device(requested: Optional[str], local_rank: int) -> torch.device:
     else:
         device = torch.device("cpu")
     if device.type == "meta":
-        raise ValueError(
+        raise TrainError(
             f"--device {requested}: meta tensors hold no data (shape propagation "
             f"only) and a run computes on data; expected cpu or cuda"
         )
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(
+            raise TrainError(
                 f"--device {requested}: CUDA is not available in this torch build or "
                 f"on this machine"
             )

@@ -30,6 +30,7 @@ from ..models import (
 )
 from ..ops import BACKEND_CHOICES
 from ..reference import CELL_ACTIVATIONS
+from .errors import TrainError
 
 ATTENTION_CHOICES = ("none", "se", "dia", "dia_se")
 FAMILIES = ("resnet", "preresnet", "wrn", "resnext")
@@ -54,7 +55,7 @@ def split_arch(arch: str):
 def _block(args: argparse.Namespace) -> str:
     name = args.block_name.lower()
     if name not in ("basicblock", "bottleneck"):
-        raise ValueError(
+        raise TrainError(
             f"--block-name: expected BasicBlock or Bottleneck, got {args.block_name!r}"
         )
     return "basic" if name == "basicblock" else "bottleneck"
@@ -88,7 +89,7 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
             options["block"] = _block(args)
         elif family == "preresnet":  # bottleneck only, like the official DIA PreResNet
             if _block(args) != "bottleneck":
-                raise ValueError(
+                raise TrainError(
                     f"--block-name: the PreResNet has Bottleneck blocks only, got "
                     f"{args.block_name!r}"
                 )
@@ -107,7 +108,7 @@ def model_spec(args: argparse.Namespace, num_classes: int) -> Dict[str, Any]:
         if _zoo_name(args.arch)["family"] == "wrn" and args.drop:
             options["dropout"] = args.drop
     else:
-        raise ValueError(
+        raise TrainError(
             f"--arch: expected {ARCH_HELP}; got {args.arch!r}. The paper's models: "
             f"{', '.join(sorted(list_models()))}"
         )

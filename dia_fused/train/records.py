@@ -7,6 +7,7 @@ import os
 from typing import Dict, List, Optional
 
 from .checkpoint import atomic_write_text
+from .errors import WriteError
 
 CSV_NAME = "log.csv"
 SUPERSEDED_NAME = "log_superseded.csv"
@@ -48,10 +49,13 @@ class CsvLog:
         missing = [c for c in COLUMNS if c not in row]
         if missing:
             raise ValueError(f"row: missing columns {missing}")
-        with open(self.path, "a", newline="") as f:
-            f.write(",".join(_fmt(row[c]) for c in COLUMNS) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.path, "a", newline="") as f:
+                f.write(",".join(_fmt(row[c]) for c in COLUMNS) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise WriteError(f"could not write {self.path} ({err.strerror or err})") from err
 
 
 def _append_superseded(path: str, rows: List[Dict[str, str]], resume_epoch: int) -> None:

@@ -2,9 +2,12 @@
 
 The rules, so that no run loses another's (or its own) results:
 
-* A folder that holds a run (log.csv, checkpoint.pth.tar or model_best.pth.tar) is written only by
-  that run continuing (--resume of a checkpoint in it) or when told (--overwrite, which deletes
-  the old run's files first). A fresh run, or a resume into another folder, is refused otherwise.
+* A folder that holds a run (log.csv with an epoch, checkpoint.pth.tar or model_best.pth.tar) is
+  written only by that run continuing (--resume of a checkpoint in it) or when told (--overwrite,
+  which deletes the old run's files first). A fresh run, or a resume into another folder, is
+  refused otherwise. A run that finished no epoch (log.csv with its header only) holds nothing.
+* -c must name a folder (or a path where one can be made) that this process can write to:
+  checked at start, before any data is loaded.
 * Temporary files of killed writes (`<name>.*.tmp`, see checkpoint._atomic_write) are removed at
   start.
 * History after the resumed epoch is moved aside, never deleted: log rows to log_superseded.csv
@@ -16,8 +19,10 @@ The rules, so that no run loses another's (or its own) results:
 
 from __future__ import annotations
 
+import errno
 import glob
 import os
+import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from . import checkpoint as ckpt_io
@@ -38,6 +43,42 @@ def run_files(folder: str) -> List[str]:
     return [name for name in RUN_FILES if os.path.isfile(os.path.join(folder, name))]
 
 
+def _holds_epochs(folder: str, name: str) -> bool:
+    """False for a log.csv with its header only (a run stopped before its first epoch ended)."""
+    if name != CSV_NAME:
+        return True
+    try:
+        with open(os.path.join(folder, name)) as f:
+            return sum(1 for line in f if line.strip()) > 1
+    except OSError:
+        return True
+
+
+def _check_writable(folder: str) -> None:
+    """Raises RunFolderError when `folder` is a file, lies under a file, or cannot be written
+    (tried with a temporary file in it, or in its nearest existing parent)."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise RunFolderError(f"-c {folder}: is a file; expected a folder for the run's files")
+    existing = os.path.abspath(folder)
+    while not os.path.isdir(existing):
+        parent = os.path.dirname(existing)
+        if os.path.exists(existing) or parent == existing:
+            raise RunFolderError(
+                f"-c {folder}: {existing} is a file, so the folder cannot be made; pass another -c"
+            )
+        existing = parent
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".dia_fused_write_check.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "read-only file system" if err.errno == errno.EROFS else err.strerror or str(err)
+        where = "" if existing == os.path.abspath(folder) else f" (its parent {existing})"
+        raise RunFolderError(
+            f"-c {folder}: cannot write there{where}: {reason}; pass a folder you can write to"
+        ) from err
+
+
 def stale_temp_files(folder: str) -> List[str]:
     """Temporary files left by writes that were killed before their os.replace."""
     found: List[str] = []
@@ -51,9 +92,10 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def check(folder: str, *, resume_file: Optional[str], overwrite: bool) -> None:
-    """Raises RunFolderError when this start may not write into `folder` (no side effects: every
-    process of a distributed run can call it)."""
-    present = run_files(folder) if os.path.isdir(folder) else []
+    """Raises RunFolderError when this start may not write into `folder` (no side effects but a
+    temporary file: every process of a distributed run can call it)."""
+    _check_writable(folder)
+    present = [n for n in run_files(folder) if _holds_epochs(folder, n)]
     resume_here = (
         resume_file is not None
         and os.path.isdir(folder)
@@ -67,11 +109,15 @@ def check(folder: str, *, resume_file: Optional[str], overwrite: bool) -> None:
         )
     if present and not resume_here and not overwrite:
         what = "a fresh run" if resume_file is None else f"--resume {resume_file}"
+        checkpoint = os.path.join(folder, ckpt_io.CHECKPOINT_NAME)
+        advice = (
+            f"continue that run with --resume {checkpoint}, pass another -c"
+            if os.path.isfile(checkpoint)
+            else "pass another -c (it holds no checkpoint to resume)"
+        )
         raise RunFolderError(
             f"-c {folder}: the folder already holds a run ({', '.join(present)}) and {what} "
-            f"would overwrite it; continue that run with --resume "
-            f"{os.path.join(folder, ckpt_io.CHECKPOINT_NAME)}, pass another -c, or pass "
-            f"--overwrite to replace it"
+            f"would overwrite it; {advice}, or pass --overwrite to replace it"
         )
 
 
@@ -155,7 +201,7 @@ def _repair_best(
         # it stays the best until a better model replaces it
         return max(best_acc, disk_acc)
     if "acc" in resumed and float(resumed["acc"]) >= best_acc:
-        ckpt_io.atomic_save(dict(resumed), path)
+        ckpt_io.atomic_save(ckpt_io.with_checksum(resumed), path)
         say(
             f"==> {ckpt_io.BEST_NAME} rebuilt from {resume_file} (epoch {int(resumed['epoch'])}, "
             f"the best so far: acc {best_acc:.2f})"
