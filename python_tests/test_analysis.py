@@ -134,6 +134,7 @@ def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():
         )
 
 
+@pytest.mark.slow  # ResNet-56 twice; resnet8 runs the same command in the default set (below)
 def test_gradients_cli_renders_figure_6(tmp_path):
     png = tmp_path / "gradients.png"
     result = analysis_main(
