@@ -73,9 +73,12 @@ def cuda_extensions():
             except Exception as err:  # auto: the install goes on, the build on first use reports
                 if mode == "1":
                     raise
+                # pip shows this only with -v: `python -m dia_fused` names the state afterwards
+                # (its "CUDA extension" line) and the cuda backend's reason (README, Install)
                 self.warn(
                     f"dia_fused: building {extension.name} failed ({err}); the cuda backend "
-                    f"will try again on first CUDA use and report why it cannot"
+                    f"will try again on first CUDA use and report why it cannot "
+                    f"(python -m dia_fused shows it)"
                 )
 
     return [ext], {"build_ext": BuildCudaExtension}

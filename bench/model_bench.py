@@ -2,14 +2,18 @@
 compiled), SE-ResNet-164 and plain ResNet-164 on CIFAR-100 shapes: one SGD train step (forward,
 backward, update) and inference, fp32 and bf16 autocast, median over timed steps after warm-up.
 
-    python bench/model_bench.py --json bench/results/model_bench_h100.json
-    python bench/model_bench.py --depth 20 --batch 4 --steps 3 --warmup 1   # quick CPU check
+    python bench/model_bench.py --json model_bench.json    # on a GPU: minutes (inductor compiles)
+    python bench/model_bench.py --quick --json quick.json   # quick CPU check: under a minute
 
 With torchvision importable, also its resnet50 plain and after `dia_fused.add_dia` (reduction 16,
 backend auto): torchvision_resnet50 / torchvision_resnet50_dia, on the same 32x32 inputs.
+--quick: depth 20, batch 4, 3 timed steps after 1 warm-up, fp32 only, without dia_compiled (the
+inductor compile of a whole model takes minutes on a CPU); an option given with it wins.
 With pytorchcv installed, also its DIA model of the same depth (--pytorchcv-model, default
-diaresnet{depth}bn_cifar100) as shipped and after `dia_fused.accelerate` (in place, backend auto):
-pytorchcv_dia / pytorchcv_dia_accelerated, and pytorchcv_dia_accelerated_{train,infer}_speedup.
+pytorchcv's CIFAR-100 DIA-ResNet of --depth: diaresnet164bn_cifar100, diaresnet20_cifar100, ...)
+as shipped and after `dia_fused.accelerate` (in place, backend auto): pytorchcv_dia /
+pytorchcv_dia_accelerated, and pytorchcv_dia_accelerated_{train,infer}_speedup; a depth pytorchcv
+has no model of leaves them out of the default variants.
 
 Keys: {plain,se,dia_fused,dia_triton,dia_cuda,dia_reference,dia_compiled}_{train,infer}_ms for fp32
 (dia_fused = backend "auto"; dia_triton / dia_cuda where that backend runs), the same with a `bf16_`
@@ -50,6 +54,9 @@ VARIANTS = {  # key -> (model name prefix, options, compiled)
     "torchvision_resnet50_dia": (TORCHVISION, {"add_dia": 16}, False),
 }
 EXPLICIT_FUSED = {"dia_triton": "triton", "dia_cuda": "cuda"}  # run by default where available
+# --quick: the settings it stands for (options given with it win) and the variants it leaves out
+QUICK = {"depth": 20, "batch": 4, "steps": 3, "warmup": 1, "bf16": False}
+QUICK_LEFT_OUT = ("dia_compiled",)
 
 
 def pytorchcv_installed() -> bool:
@@ -68,7 +75,7 @@ def torchvision_importable() -> bool:
     return True
 
 
-def default_variants(device) -> list:
+def default_variants(device, pytorchcv_model_name) -> list:
     return [
         key
         for key in VARIANTS
@@ -77,20 +84,39 @@ def default_variants(device) -> list:
             or dia_fused.backend_unavailable_reason(EXPLICIT_FUSED[key], device) is None
             and torch.device(device).type == "cuda"
         )
-        and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_installed())
+        and (VARIANTS[key][0] != PYTORCHCV or pytorchcv_model_name is not None)
         and (VARIANTS[key][0] != TORCHVISION or torchvision_importable())
     ]
 
 
-def pytorchcv_model(name: str) -> nn.Module:
-    """A pytorchcv DIA model by name, from its own module (pytorchcv's model_provider imports
-    every family, some of which need packages that are not installed)."""
+def _pytorchcv_factory(name: str):
+    """pytorchcv's constructor of DIA model `name`, or None; from the model's own module
+    (pytorchcv's model_provider imports every family, some of which need packages that are not
+    installed)."""
     import importlib
 
+    if not name.startswith("dia"):
+        return None
     family = "diapreresnet" if name.startswith("diapreresnet") else "diaresnet"
     module = family + ("_cifar" if name.endswith(("_cifar10", "_cifar100", "_svhn")) else "")
-    factory = getattr(importlib.import_module(f"pytorchcv.models.{module}"), name, None)
-    if not name.startswith("dia") or factory is None:
+    return getattr(importlib.import_module(f"pytorchcv.models.{module}"), name, None)
+
+
+def default_pytorchcv_model(depth: int):
+    """pytorchcv's CIFAR-100 DIA-ResNet of `depth` (bottleneck models carry `bn` in the name), or
+    None where pytorchcv is not installed or has no DIA-ResNet of that depth."""
+    if not pytorchcv_installed():
+        return None
+    for name in (f"diaresnet{depth}bn_cifar100", f"diaresnet{depth}_cifar100"):
+        if _pytorchcv_factory(name) is not None:
+            return name
+    return None
+
+
+def pytorchcv_model(name: str) -> nn.Module:
+    """A pytorchcv DIA model by name."""
+    factory = _pytorchcv_factory(name)
+    if factory is None:
         raise ValueError(
             f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
             f"diapreresnet*), got {name!r}"
@@ -248,11 +274,22 @@ def parse_args(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a CPU check in under a minute: "
+        + ", ".join(f"--{k} {v}" for k, v in QUICK.items())
+        + f", without {', '.join(QUICK_LEFT_OUT)} (options given with it win)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--depth", type=int, default=164, help="ResNet depth (bottleneck: 9n+2)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--depth", type=int, default=None, help="ResNet depth (bottleneck: 9n+2; default 164)"
+    )
+    parser.add_argument("--batch", type=int, default=None, help="default 128")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="timed steps (median reported; default 20)"
+    )
+    parser.add_argument("--warmup", type=int, default=None, help="default 5")
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -261,23 +298,50 @@ def parse_args(argv=None):
         help="default: all, dia_triton / dia_cuda where that backend runs on the device",
     )
     parser.add_argument(
-        "--no-bf16", dest="bf16", action="store_false", help="skip the bf16 autocast runs"
+        "--no-bf16",
+        dest="bf16",
+        action="store_false",
+        default=None,
+        help="skip the bf16 autocast runs",
     )
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument(
         "--pytorchcv-model",
         default=None,
-        help="the pytorchcv DIA model of the pytorchcv_dia variants (default: "
-        "diaresnet{depth}bn_cifar100)",
+        help="the pytorchcv DIA model of the pytorchcv_dia variants (default: pytorchcv's "
+        "CIFAR-100 DIA-ResNet of --depth)",
     )
     args = parser.parse_args(argv)
-    if args.pytorchcv_model is None:
-        args.pytorchcv_model = f"diaresnet{args.depth}bn_cifar100"
+    defaults = QUICK if args.quick else {"depth": 164, "batch": 128, "steps": 20, "warmup": 5}
+    for name, value in {"bf16": True, **defaults}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("batch", "steps", "depth"):
         if getattr(args, name) < 1:
             parser.error(f"--{name}: expected >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup: expected >= 0, got {args.warmup}")
+    if args.pytorchcv_model is None:
+        args.pytorchcv_model = default_pytorchcv_model(args.depth)
+    elif not pytorchcv_installed():
+        parser.error(
+            "--pytorchcv-model: pytorchcv is not installed "
+            "(pip install --no-deps pytorchcv==0.0.74)"
+        )
+    elif _pytorchcv_factory(args.pytorchcv_model) is None:
+        parser.error(
+            f"--pytorchcv-model: expected a pytorchcv DIA model name (diaresnet*, "
+            f"diapreresnet*), got {args.pytorchcv_model!r}"
+        )
     if args.variants is None:
-        args.variants = default_variants(args.device)
+        args.variants = default_variants(args.device, args.pytorchcv_model)
+        if args.quick:
+            args.variants = [key for key in args.variants if key not in QUICK_LEFT_OUT]
+    elif args.pytorchcv_model is None and any(VARIANTS[k][0] == PYTORCHCV for k in args.variants):
+        parser.error(
+            f"--variants pytorchcv_dia*: pytorchcv is not installed or has no DIA-ResNet of "
+            f"depth {args.depth}; name one with --pytorchcv-model"
+        )
     return args
 
 

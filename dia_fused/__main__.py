@@ -3,7 +3,7 @@ each available backend one DIALSTM step checked against the float64 reference an
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import platform
 import statistics
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from . import __version__, backend_table, ops, reference, settings
+from . import __version__, backend_table, command_line, ops, reference, settings
 from .testing import compare_backend, random_step_inputs
 
 # (N, C, H, W) of the check: the CIFAR stage-1 step on a GPU, small on CPU, tiny for the interpreter
@@ -45,9 +45,28 @@ def versions() -> dict:
         info[name] = settings.raw(name) or "unset (defaults)"
     table = backend_table.table_path()
     if settings.raw(settings.ENV_AUTO_TABLE) is None:
-        shipped = "" if os.path.exists(table) else f": none shipped, auto uses {STATIC_ORDER}"
-        info[settings.ENV_AUTO_TABLE] = f"unset ({table}{shipped})"
+        absent = (
+            ""
+            if os.path.exists(table)
+            else f": absent, auto uses {STATIC_ORDER}; bench/make_auto_table.py writes it"
+        )
+        info[settings.ENV_AUTO_TABLE] = f"unset ({table}{absent})"
+    info["CUDA extension"] = cuda_extension_state()
     return info
+
+
+def cuda_extension_state() -> str:
+    """Whether the ahead-of-time dia_fused._C is installed (found, not imported: importing it needs
+    a GPU-ready torch); pip shows a failed build of it only with -v."""
+    if importlib.util.find_spec("dia_fused._C") is not None:
+        return "dia_fused._C built ahead of time"
+    if torch.version.cuda is None:
+        return "none (a CPU build of torch: the cuda backend needs a CUDA build)"
+    return (
+        "dia_fused._C not built ahead of time (its build failed or was skipped at install: "
+        "DIA_FUSED_BUILD_CUDA=1 pip install -v --no-build-isolation . shows why); "
+        "the first CUDA step builds it"
+    )
 
 
 def step_seconds(name: str, inputs, backward: bool, min_run_time: float) -> float:
@@ -106,9 +125,13 @@ def check_backend(name: str, device: torch.device) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dia_fused", description=__doc__)
+    parser = command_line.ArgumentParser(prog="python -m dia_fused", description=__doc__)
     parser.add_argument("--no-check", action="store_true", help="only list versions and backends")
     args = parser.parse_args(argv)
+    try:  # a malformed DIA_FUSED_BACKEND is a user error: one line, before any output
+        settings.backend_for_auto()
+    except ValueError as err:
+        command_line.fail(str(err))
 
     print("dia_fused environment")
     info = versions()
@@ -157,6 +180,15 @@ def main(argv=None) -> int:
         f"\nbackend='auto' on {device} ({how}): "
         f"a training step N={n} C={c} {h}x{w} fp32 runs {auto}"
     )
+    if (
+        device.type == "cpu"
+        and settings.backend_for_auto() == "auto"
+        and ops.backend_unavailable_reason("triton", device) is None
+    ):
+        print(
+            "  (triton on CPU tensors is the Triton interpreter (TRITON_INTERPRET=1), a "
+            "correctness tool that auto never picks; backend='triton' runs it)"
+        )
     print(f"cell activations: {', '.join(reference.CELL_ACTIVATIONS)}")
     return 1 if failures else 0
 

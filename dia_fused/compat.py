@@ -30,6 +30,7 @@ from torch.overrides import TorchFunctionMode
 
 from .models import create_model, parse_name
 from .models.blocks import DIANet
+from .models.networks import IMAGENET_LAYERS
 from .adapters import source_with_dia, unwrap
 from .modules import DIALSTM
 from .reference import weight_names

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dia_fused.analysis import gini, gradients
+from dia_fused.analysis.cli import console_main
 from dia_fused.analysis.cli import main as analysis_main
 from dia_fused.train.cli import main as train_main
 from dia_fused.train.modelspec import build_model
@@ -133,6 +134,7 @@ def test_stage_output_gradients_are_the_gradients_of_the_stage_outputs():
         )
 
 
+@pytest.mark.slow  # ResNet-56 twice; resnet8 runs the same command in the default set (below)
 def test_gradients_cli_renders_figure_6(tmp_path):
     png = tmp_path / "gradients.png"
     result = analysis_main(
@@ -305,6 +307,102 @@ def test_gradients_checkpoint_error_is_one_line_on_the_command_line(tmp_path):
         text=True,
         timeout=300,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --dia-checkpoint")
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line: one error line (exit status 2) before any work, outputs next to checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _console_error(argv, capsys):
+    """The one stderr line and exit status of `python -m dia_fused.analysis argv`, in process."""
+    with pytest.raises(SystemExit) as exit_info:
+        console_main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return exit_info.value.code, lines[0]
+
+
+def test_gini_without_scikit_learn_names_the_extra_in_one_line(tmp_path):
+    """Run as a user would, with scikit-learn hidden: the install line, before any work (the
+    checkpoint does not even exist)."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    hide = "import sys; sys.modules['sklearn'] = None; import runpy; "
+    run = "runpy.run_module('dia_fused.analysis', run_name='__main__', alter_sys=True)"
+    proc = subprocess.run(
+        [sys.executable, "-c", hide + run, "gini", str(tmp_path / "none.pth.tar")],
+        env=dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", "")),
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: python -m dia_fused.analysis gini needs scikit-learn")
+    assert lines[0].endswith('pip install "dia_fused[analysis]"')
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_packages_are_named_before_any_work(tmp_path, monkeypatch, capsys):
+    import sys
+
+    _no_work(monkeypatch)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    code, line = _console_error(GRADIENT_ARGS + ["-o", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "gradients needs matplotlib" in line and "dia_fused[analysis]" in line
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["gini", "{tmp}/none.pth.tar"], "error: checkpoint: no file at"),
+        (GRADIENT_ARGS, "error: -o: without --dia-checkpoint or --plain-checkpoint"),
+        (GRADIENT_ARGS + ["-o", "{tmp}/g.png", "--batches", "0"], "--batches: expected >= 1"),
+        (GRADIENT_ARGS + ["-o", "{tmp}/g.png", "--device", "bogus"], "error: --device bogus"),
+        (["gini"], "required: checkpoint"),
+        (["gini", "{tmp}/x.pth.tar", "--mode", "bogus"], "--mode: invalid choice"),
+    ],
+)
+def test_bad_input_is_one_error_line_with_exit_status_2(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    _no_work(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    code, line = _console_error([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert code == 2 and message in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gini_checkpoint_without_a_model_description_is_one_line(tmp_path, monkeypatch, capsys):
+    from dia_fused.train import checkpoint as ckpt_io
+
+    _no_work(monkeypatch)
+    path = tmp_path / "bare.pth.tar"
+    ckpt_io.atomic_save({"state_dict": {}}, str(path))
+    code, line = _console_error(["gini", str(path)], capsys)
+    assert code == 2 and "no model description" in line
+
+
+def test_gradients_writes_next_to_the_checkpoint_not_into_the_current_folder(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    run.mkdir()
+    dia = _checkpoint(
+        run / "dia.pth.tar", "resnet8", {"block": "basic", "attention": "dia", "skip": False}
+    )
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    result = analysis_main(GRADIENT_ARGS + ["--dia-checkpoint", dia])
+    assert result["png"] == str(run / "gradients.png")
+    assert (run / "gradients.png").is_file() and (run / "gradients.npz").is_file()
+    assert list(cwd.iterdir()) == []

@@ -52,9 +52,11 @@ def assert_same_outputs(source, converted, x):
     "module, name, size",
     [
         ("diaresnet_cifar", "diaresnet20_cifar10", 32),
-        ("diaresnet_cifar", "diaresnet164bn_cifar100", 32),
+        pytest.param("diaresnet_cifar", "diaresnet164bn_cifar100", 32, marks=pytest.mark.slow),
         ("diapreresnet_cifar", "diapreresnet20_cifar10", 32),
-        ("diapreresnet_cifar", "diapreresnet164bn_cifar100", 32),
+        pytest.param(
+            "diapreresnet_cifar", "diapreresnet164bn_cifar100", 32, marks=pytest.mark.slow
+        ),
         pytest.param("diaresnet", "diaresnet50", 224, marks=pytest.mark.slow),  # ImageNet-sized
         pytest.param("diaresnet", "diaresnet18", 224, marks=pytest.mark.slow),
     ],

@@ -92,7 +92,7 @@ def test_four_chained_module_steps_match_the_reference_module():
         assert max_abs_error(a, b) <= 1e-4 * max(1.0, b.abs().max().item())
 
 
-@pytest.mark.parametrize("num_cells", [1, 2])
+@pytest.mark.parametrize("num_cells", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_opcheck_forward_and_backward_ops(num_cells):
     inputs = random_step_inputs(
         2, 8, 2, 2, reduction=2, num_cells=num_cells, dropout_p=0.5, device=DEVICE, seed=3

@@ -3,10 +3,13 @@
     # Figure 5: Gini importance between the layers of each stage of a trained DIANet
     python -m dia_fused.analysis gini runs/dia164/model_best.pth.tar --images 2000 -o gini.png
     # Figure 6: |gradient| at each stage output of a skip-free ResNet-56, with and without DIA
-    python -m dia_fused.analysis gradients -d cifar100 --data-dir ~/data -o gradients.png
+    python -m dia_fused.analysis gradients -d cifar100 --data-dir ~/data -o figures/gradients.png
     python -m dia_fused.analysis gradients --dia-checkpoint a.pth.tar --plain-checkpoint b.pth.tar
 
 Each command writes the PNG and, next to it, the numbers behind it (.npz) and prints a summary.
+By default the PNG goes next to the checkpoint (gini.png, gradients.png next to --dia-checkpoint,
+else --plain-checkpoint); without a checkpoint, -o names it. Both need the `analysis` extra
+(pip install "dia_fused[analysis]": matplotlib, scikit-learn).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import command_line
 from ..modules import DIAStage
 from ..ops import BACKEND_CHOICES, BackendUnavailableError
 from ..train import checkpoint as ckpt_io
@@ -80,7 +84,7 @@ def _add_data_args(p: argparse.ArgumentParser, dataset_default: Optional[str]) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = command_line.ArgumentParser(
         prog="python -m dia_fused.analysis",
         description="DIANet analysis figures (paper Figures 5, 6)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -155,7 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--max-values", type=int, default=200_000, help="|gradient| values kept per stage and model"
     )
-    r.add_argument("-o", "--out", default="gradients.png", help="PNG path")
+    r.add_argument(
+        "-o",
+        "--out",
+        default=None,
+        help="PNG path (default: gradients.png next to --dia-checkpoint, else "
+        "--plain-checkpoint; without a checkpoint it must be given)",
+    )
     return parser
 
 
@@ -171,17 +181,38 @@ def _data(dataset: str, data_dir: Optional[str], synthetic_size: Optional[int], 
     return train.to(device), test.to(device)
 
 
+def _device(name: Optional[str]):
+    try:
+        return pick_device(name, 0)
+    except (ValueError, RuntimeError) as err:  # RuntimeError: torch.device's parse
+        raise AnalysisError(f"--device {name}: {err}") from err
+
+
 def _stage_titles(model) -> List[str]:
     """'stage k' for the stages that return attention (those with a shared unit), in order."""
     return [f"stage {k + 1}" for k, stage in enumerate(model.stages) if isinstance(stage, DIAStage)]
 
 
+# the packages each command needs beyond the install's own: (module, distribution)
+NEEDS = {
+    "gini": (("sklearn", "scikit-learn"), ("matplotlib", "matplotlib")),
+    "gradients": (("matplotlib", "matplotlib"),),
+}
+
+
+def _beside(path: str, name: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(path)), name)
+
+
 def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "gini.png")
+    out = args.out or _beside(args.checkpoint, "gini.png")
     check_output(out)
-    ckpt = ckpt_io.load_checkpoint(args.checkpoint)
+    try:
+        ckpt = ckpt_io.load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise AnalysisError(str(err)) from err
     if "model" not in ckpt:
-        raise ValueError(
+        raise AnalysisError(
             f"{args.checkpoint}: no model description ('model' key): expected a "
             f"checkpoint written by python -m dia_fused.train"
         )
@@ -189,10 +220,16 @@ def run_gini(args: argparse.Namespace) -> Dict[str, Any]:
     dataset = args.dataset or saved_args.get("dataset", "cifar10")
     data_dir = args.data_dir or saved_args.get("data_dir")
     synthetic_size = args.synthetic_size or saved_args.get("synthetic_size")
-    device = pick_device(args.device, 0)
+    device = _device(args.device)
     spec = ckpt["model"]
     model = build_model(spec, backend=args.backend)
-    model.load_state_dict(ckpt_io.model_state_dict(ckpt))
+    try:
+        model.load_state_dict(ckpt_io.model_state_dict(ckpt))
+    except RuntimeError as err:  # load_state_dict's report of missing or reshaped keys
+        raise AnalysisError(
+            f"{args.checkpoint}: its weights do not fit its model description "
+            f"({spec.get('name')}): {str(err).splitlines()[0]}"
+        ) from err
     model.to(device)
     _, test = _data(dataset, data_dir, synthetic_size, device)
     stream = BatchStream(test, args.batch_size, train=False, augment=False, seed=args.seed)
@@ -315,8 +352,15 @@ def _gradient_model(
 
 
 def run_gradients(args: argparse.Namespace) -> Dict[str, Any]:
+    checkpoint = args.dia_checkpoint or args.plain_checkpoint
+    if args.out is None and checkpoint is None:
+        raise AnalysisError(
+            "-o: without --dia-checkpoint or --plain-checkpoint (next to which the figure goes), "
+            "name the PNG to write, e.g. -o figures/gradients.png"
+        )
+    args.out = args.out or _beside(checkpoint, "gradients.png")
     check_output(args.out)
-    device = pick_device(args.device, 0)
+    device = _device(args.device)
     train, _ = _data(args.dataset, args.data_dir, args.synthetic_size, device)
     num_classes = args.num_classes or train.num_classes
     stream = BatchStream(train, args.batch_size, train=False, augment=False, seed=args.seed)
@@ -369,22 +413,33 @@ def run_gradients(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    args = build_parser().parse_args(argv)
+    """Runs the command of `argv`. A bad command line exits (status 2, one line); a missing
+    package raises command_line.MissingPackageError and other bad input AnalysisError, each
+    before any work."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for name in ("batch_size", "images", "trees", "batches", "max_values"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {value}")
+            parser.error(f"--{name.replace('_', '-')}: expected >= 1, got {value}")
+    for module, package in NEEDS[args.command]:
+        command_line.require(module, package, "analysis", f"{parser.prog} {args.command}")
     if args.command == "gini":
         return run_gini(args)
     return run_gradients(args)
 
 
 def console_main(argv: Optional[Sequence[str]] = None) -> None:
-    """main, with the user errors in one line and no traceback."""
+    """main, with the user errors in one line (exit status 2) and no traceback."""
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except (AnalysisError, DatasetError, BackendUnavailableError) as err:
-        sys.exit(f"error: {err}")
+    except (
+        AnalysisError,
+        DatasetError,
+        BackendUnavailableError,
+        command_line.MissingPackageError,
+    ) as err:
+        command_line.fail(str(err))
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ family's own (block, dropout, widen_factor, ...); one the model would not use is
 from __future__ import annotations
 
 import difflib
+import inspect
 import re
 
 from .blocks import ATTENTIONS, DIANet, PlainStage
@@ -178,21 +179,36 @@ def create_model(name: str, num_classes: int = None, **options) -> DIANet:
     )
     if num_classes is None:
         num_classes = 1000 if imagenet else 10
-    if family == "resnet" and not imagenet:
-        return cifar_resnet(depth, num_classes, **options)
     if family == "resnet":
-        return imagenet_resnet(depth, num_classes, **options)
-    if family == "preresnet":
-        return cifar_preresnet(depth, num_classes, **options)
-    if family == "wrn":
-        return cifar_wrn(depth, spec["widen"], num_classes, **options)
-    if imagenet:
-        return imagenet_resnet(
-            depth, num_classes, cardinality=spec["cardinality"], base_width=spec["width"], **options
-        )
-    return cifar_resnext(
-        depth, spec["cardinality"], num_classes=num_classes, base_width=spec["width"], **options
-    )
+        build, args = (imagenet_resnet if imagenet else cifar_resnet), (depth, num_classes)
+    elif family == "preresnet":
+        build, args = cifar_preresnet, (depth, num_classes)
+    elif family == "wrn":
+        build, args = cifar_wrn, (depth, spec["widen"], num_classes)
+    elif imagenet:
+        build, args = imagenet_resnet, (depth, num_classes)
+        options.update(cardinality=spec["cardinality"], base_width=spec["width"])
+    else:
+        build, args = cifar_resnext, (depth, spec["cardinality"])
+        options.update(num_classes=num_classes, base_width=spec["width"])
+    _check_option_names(name, build, len(args), options)
+    return build(*args, **options)
+
+
+def _check_option_names(name: str, build, given_positionally: int, options: dict) -> None:
+    """TypeError naming an option the model `name` does not take (with the closest ones), rather
+    than the builder's own unexpected-keyword error."""
+    parameters = list(inspect.signature(build).parameters)[given_positionally:]
+    fixed = (*_NAME_OPTIONS[parse_name(name)["family"]], "num_classes")
+    takes = [p for p in parameters if p not in fixed]
+    for key in options:
+        if key not in parameters:
+            close = difflib.get_close_matches(key, takes, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise TypeError(
+                f"create_model({name!r}): unknown option {key!r}{hint} "
+                f"(the options of {name}: {', '.join(takes)})"
+            )
 
 
 __all__ = [
