@@ -247,19 +247,32 @@ def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) 
     return num_cells == 1 and channels * hidden >= config.split_min
 
 
-def _partials(phases, n: int, tiles: int, config: LSTMConfig, split: bool, device) -> Tensor:
-    """One fp32 buffer for the split-K partials of every phase of the step (the phases run one
-    after another, so they share it): the largest splits x N x row length among them."""
-    size = max(
-        [
-            launches[0][2] * n * width
-            for _, parts, reduction, width in phases
-            for launches in [split_k_launches(tiles, parts, reduction, config, split)]
-            if launches[0][0] == SplitK.PARTIAL
-        ]
-        + [1]
+def _lstm_launches(phases, tiles: int, config: LSTMConfig, split: bool):
+    """[(phase, row length of its split-K partials, split_k_launches)] of a sequence of LSTM
+    phases given as (phase, parts, its reduction length, the row length of its partials)."""
+    return tuple(
+        (phase, width, split_k_launches(tiles, parts, reduction, config, split))
+        for phase, parts, reduction, width in phases
     )
-    return torch.empty(size, device=device, dtype=torch.float32)
+
+
+def _partials_size(launches, n: int) -> int:
+    """Elements of the one fp32 buffer for the split-K partials of every phase of a step (the
+    phases run one after another, so they share it): the largest splits x N x row length among
+    them; 0 when no phase splits."""
+    return max(
+        [
+            phase_launches[0][2] * n * width
+            for _, width, phase_launches in launches
+            if phase_launches[0][0] == SplitK.PARTIAL
+        ]
+        + [0]
+    )
+
+
+def _partials(size: int, dummy: Tensor) -> Tensor:
+    """The split-K partials buffer of a step, or `dummy` (never read) when no phase splits."""
+    return torch.empty(size, device=dummy.device, dtype=torch.float32) if size else dummy
 
 
 # (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step
@@ -286,7 +299,9 @@ def hw_split_plan(
     few samples: one program per sample walks all of H*W), H*W splits over a third grid axis and
     _sum_splits_kernel adds the per-split sums in order (deterministic)."""
     programs, hw_tiles = n * _cdiv(channels, block_c), _cdiv(hw, block_hw)
-    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    splits = (
+        min(hw_tiles, _cdiv(config.min_ctas, programs)) if 0 < programs < config.min_ctas else 1
+    )
     per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
     return _cdiv(hw, per_split), per_split
 
@@ -365,6 +380,11 @@ class LaunchPlan:
     groups: int  # column groups of the fused forward
     hw_splits: int  # H*W splits of the reducing map kernels (hw_split_plan)
     hw_per_split: int  # positions of H*W per split
+    forward_lstm: tuple  # _lstm_launches of the forward's LSTM phases
+    backward_relu: tuple  # the backward's relu(u) recompute (split path: the forward kernel's)
+    backward_lstm: tuple  # _lstm_launches of the backward's LSTM phases
+    forward_partials: int  # _partials_size of the forward
+    backward_partials: int  # _partials_size of the backward
     forward_layout: ScratchLayout
     backward_layout: ScratchLayout
 
@@ -382,6 +402,23 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     hw_splits, hw_per_split = hw_split_plan(
         n, channels, height * width, block_c, block_hw, settings.map
     )
+    config, tiles = settings.lstm, _cdiv(n, blocks.n)
+    r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
+    # (phase, parts, its reduction length, the row length of its split-K partials)
+    reduced = (Phase.REDUCED, r_parts, channels, 2 * hidden)
+    forward_phases = [reduced, (Phase.GATES, c_parts, hidden, 4 * channels)]
+    backward_phases = [
+        (Phase.GATES, c_parts, hidden, 4 * channels),
+        (Phase.REDUCED_GRAD, r_parts, 4 * channels, 2 * hidden),
+        (Phase.INPUT_GRAD, c_parts, hidden, 2 * channels),
+    ]
+    forward_lstm = _lstm_launches(
+        forward_phases if split else [(Phase.FUSED, groups, 0, 0)], tiles, config, split
+    )
+    backward_relu = _lstm_launches([reduced] if split else [], tiles, config, True)
+    backward_lstm = _lstm_launches(
+        backward_phases if split else [(Phase.FUSED, 1, 0, 0)], tiles, config, split
+    )
     return LaunchPlan(
         settings,
         block_c,
@@ -391,6 +428,11 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         groups,
         hw_splits,
         hw_per_split,
+        forward_lstm,
+        backward_relu,
+        backward_lstm,
+        _partials_size(forward_lstm, n),
+        _partials_size(backward_relu + backward_lstm, n),
         ScratchLayout.forward(channels, hidden, num_cells, groups),
         ScratchLayout.backward(channels, hidden, num_cells),
     )
@@ -442,28 +484,12 @@ def forward(
         num_warps=map_config.num_warps,
     )
     _finish_split_sums(pool_out, pooled, hw_splits, 1.0 / hw)
-    blocks, split, groups, layout = (
-        launch.blocks,
-        launch.split,
-        launch.groups,
-        launch.forward_layout,
-    )
-    lstm_config = settings.lstm
-    tiles = _cdiv(n, blocks.n)
+    blocks, layout = launch.blocks, launch.forward_layout
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
-    # (phase, parts, its reduction length, the row length of its split-K partials)
-    phases = (
-        [
-            (Phase.REDUCED, _cdiv(hidden, blocks.r), channels, 2 * hidden),
-            (Phase.GATES, _cdiv(channels, blocks.c), hidden, 4 * channels),
-        ]
-        if split
-        else [(Phase.FUSED, groups, 0, 0)]
-    )
-    partials = _partials(phases, n, tiles, lstm_config, split, x.device)
-    for phase, parts, reduction, width in phases:
-        for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, split):
+    partials = _partials(launch.forward_partials, pooled)
+    for phase, width, phase_launches in launch.forward_lstm:
+        for mode, grid, splits in phase_launches:
             _lstm_forward_kernel[grid](
                 *operands,
                 h_new,
@@ -570,10 +596,9 @@ def backward(
             num_warps=map_config.num_warps,
         )
         _finish_split_sums(grad_a_out, grad_a, hw_splits, 1.0)
-        blocks, split, lstm_config = launch.blocks, launch.split, settings.lstm
+        blocks = launch.blocks
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        tiles = _cdiv(n, blocks.n)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
         options = dict(
             NUM_CELLS=num_cells,
@@ -582,22 +607,9 @@ def backward(
             DOT_PRECISION=settings.dot_precision,
             **blocks.kwargs(),
         )
-        r_parts, c_parts = _cdiv(hidden, blocks.r), _cdiv(channels, blocks.c)
-        # (phase, parts, its reduction length, the row length of its split-K partials); on the
-        # split path relu(u) comes first, by the forward kernel's phase
-        forward_phases = [(Phase.REDUCED, r_parts, channels, 2 * hidden)] if split else []
-        phases = (
-            [
-                (Phase.GATES, c_parts, hidden, 4 * channels),
-                (Phase.REDUCED_GRAD, r_parts, 4 * channels, 2 * hidden),
-                (Phase.INPUT_GRAD, c_parts, hidden, 2 * channels),
-            ]
-            if split
-            else [(Phase.FUSED, 1, 0, 0)]
-        )
-        partials = _partials(forward_phases + phases, n, tiles, lstm_config, split, x.device)
-        for phase, parts, reduction, width in forward_phases:
-            for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, True):
+        partials = _partials(launch.backward_partials, grad_a)
+        for phase, width, phase_launches in launch.backward_relu:
+            for mode, grid, splits in phase_launches:
                 _lstm_forward_kernel[grid](
                     *operands,
                     grad_a,
@@ -618,8 +630,8 @@ def backward(
                     MODE=mode,
                     **options,
                 )
-        for phase, parts, reduction, width in phases:
-            for mode, grid, splits in split_k_launches(tiles, parts, reduction, lstm_config, split):
+        for phase, width, phase_launches in launch.backward_lstm:
+            for mode, grid, splits in phase_launches:
                 _lstm_backward_kernel[grid](
                     *operands,
                     scratch,
