@@ -21,6 +21,8 @@ from ..modules import linear_weights
 from ..reference import state_dtype
 
 Tensor = torch.Tensor
+# the layers that convert and load_official_state_dict map one to one between a source and dia_fused
+MAPPED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 _FUSED_MIXINS: Dict[str, type] = {}
 _CLASSES: Dict[Tuple[type, type], type] = {}
 

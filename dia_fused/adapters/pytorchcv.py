@@ -11,6 +11,8 @@ its state_dict (the EMA caveat of the README).
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
@@ -271,3 +273,28 @@ def convert_target(model: nn.Module, common: dict):
         ),
         (1, 3, 32, 32),
     )
+
+
+SHORTCUT_NAME = "identity_conv"  # a unit's projection shortcut
+
+
+def layer_order(layers):
+    """The conv/norm/linear layers [(name, module)] in the order a forward ran them, in dia_fused's
+    order: pytorchcv runs a unit's shortcut before its body, dia_fused after, so each unit's
+    shortcut layers move after the unit's other layers."""
+    result, pending = [], []
+    for name, module in layers:
+        if f".{SHORTCUT_NAME}" in name:
+            pending.append((name, module))
+            continue
+        if pending and not name.startswith(_unit_prefix(pending[0][0])):
+            result += pending
+            pending = []
+        result.append((name, module))
+    return result + pending
+
+
+def _unit_prefix(name: str) -> str:
+    """'features.stage1.unit1.identity_conv.conv' -> 'features.stage1.unit1.'."""
+    match = re.match(r"^(.*?unit\d+)\.", name)
+    return match.group(1) + "." if match else name
