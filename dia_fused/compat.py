@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .adapters import official, source_with_dia, unwrap
-from .adapters.base import MAPPED_TYPES
+from .adapters.base import MAPPED_TYPES, lstm_options
 from .models.blocks import DIANet
 from .modules import DIALSTM
 
@@ -113,7 +113,7 @@ def _target_for(model: nn.Module, backend: str):
             f"with shared DIA-LSTM units, "
             f"got {type(model).__name__} without any"
         )
-    reduction, num_cells = source.lstm_options(units[0])
+    reduction, num_cells = lstm_options(units[0], source.LSTM_LAYOUT)
     common = dict(attention="dia", reduction=reduction, num_cells=num_cells, backend=backend)
     target, input_size = source.convert_target(model, common)
     return target, source, units, input_size

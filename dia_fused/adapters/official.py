@@ -22,12 +22,13 @@ from ..modules import DIALSTM
 from ..reference import weight_names
 from .base import (
     MAPPED_TYPES,
+    LSTMLayout,
     StepPlan,
     check_global_pool,
-    check_linear,
     check_relu,
     fused_mixin,
     hooks_on_bypassed,
+    lstm_layout,
     lstm_weights,
     original_class,
     plan_is_current,
@@ -108,7 +109,9 @@ def plan_stage(stage, attr: str, kind: str, backend: str, keep_rng_stream: bool)
     check_global_pool(getattr(stage, "GlobalAvg", None), f"model.{attr}.GlobalAvg")
     if relu:
         check_relu(getattr(stage, "relu", None), f"model.{attr}.relu")
-    paths, num_cells, channels = lstm_layout(stage.lstm, f"model.{attr}.lstm")
+    paths, num_cells, channels = lstm_layout(
+        stage.lstm, f"model.{attr}.lstm", LSTM_LAYOUT, _check_small_cells
+    )
     parts = [(("lstm",), stage.lstm), (("GlobalAvg",), stage.GlobalAvg)]
     if relu:
         parts.append((("relu",), stage.relu))
@@ -126,48 +129,27 @@ def plan_stage(stage, attr: str, kind: str, backend: str, keep_rng_stream: bool)
     )
 
 
-def lstm_layout(lstm, name):
-    """(Linear paths, num_cells, channels) of an official LSTMCell, or raises naming it."""
-    w_ih, w_hh = getattr(lstm, "w_ih", None), getattr(lstm, "w_hh", None)
-    num_cells = getattr(lstm, "nlayers", None)
-    if not (
-        isinstance(w_ih, nn.ModuleList)
-        and isinstance(w_hh, nn.ModuleList)
-        and isinstance(num_cells, int)
-        and len(w_ih) == len(w_hh) == num_cells >= 1
-        and isinstance(getattr(lstm, "dropout", None), nn.Dropout)
-    ):
-        raise ValueError(
-            f"{name}: expected the official LSTMCell (w_ih, w_hh: ModuleLists of nlayers cells, "
-            f"dropout: nn.Dropout), got {type(lstm).__name__}"
-        )
-    cell0 = []
-    for path in ("w_ih", "w_hh"):
+LSTM_LAYOUT = LSTMLayout(
+    description="the official LSTMCell (w_ih, w_hh: ModuleLists of nlayers cells, "
+    "dropout: nn.Dropout)",
+    sides=("w_ih", "w_hh"),
+    container=nn.ModuleList,
+    count="nlayers",
+    first_cell=(("0", "seq", "0"), ("0", "seq", "2")),  # small_cell
+    stacked_cell=str,
+)
+
+
+def _check_small_cells(lstm, name: str) -> None:
+    for path in LSTM_LAYOUT.sides:
         seq = getattr(getattr(lstm, path)[0], "seq", None)
         if not isinstance(seq, nn.Sequential) or len(seq) != 3 or not isinstance(seq[1], nn.ReLU):
             raise ValueError(f"{name}.{path}.0: expected small_cell (seq: Linear, ReLU, Linear)")
-        cell0.append(seq)
-    channels, hidden = cell0[0][0].in_features, cell0[0][0].out_features
-    for path, seq in zip(("w_ih", "w_hh"), cell0):
-        check_linear(seq[0], f"{name}.{path}.0.seq.0", channels, hidden)
-        check_linear(seq[2], f"{name}.{path}.0.seq.2", hidden, 4 * channels)
-    paths = [(path, "0", "seq", index) for path in ("w_ih", "w_hh") for index in ("0", "2")]
-    for cell in range(1, num_cells):
-        for path in ("w_ih", "w_hh"):
-            check_linear(getattr(lstm, path)[cell], f"{name}.{path}.{cell}", channels, 4 * channels)
-            paths.append((path, str(cell)))
-    return tuple(paths), num_cells, channels
 
 
 def lstm_state(lstm):
     """The LSTM's state dict under the official keys (dia_fused's DIALSTM uses them too)."""
     return lstm.state_dict()
-
-
-def lstm_options(lstm):
-    """(reduction, num_cells) of an official LSTMCell."""
-    first = lstm.w_ih[0].seq[0]
-    return first.in_features // first.out_features, lstm.nlayers
 
 
 @fused_mixin
