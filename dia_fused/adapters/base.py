@@ -114,6 +114,15 @@ def plan_is_current(module: nn.Module, plan: StepPlan) -> bool:
     return all(submodule(module, path) is part for path, part in plan.parts)
 
 
+def current_plan(module: nn.Module, replan: Callable[[nn.Module, StepPlan], StepPlan]) -> StepPlan:
+    """The fused module's plan (accelerate's), made again by `replan(module, plan)` and kept when
+    a submodule it was made from is no longer the module's (a swapped LSTM, a replica)."""
+    plan = module.__dict__["_dia_fused"]
+    if not plan_is_current(module, plan):
+        plan = module.__dict__["_dia_fused"] = replan(module, plan)
+    return plan
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks

@@ -26,12 +26,12 @@ from .base import (
     StepPlan,
     check_global_pool,
     check_relu,
+    current_plan,
     fused_mixin,
     hooks_on_bypassed,
     lstm_layout,
     lstm_weights,
     original_class,
-    plan_is_current,
     source_step,
 )
 
@@ -152,18 +152,17 @@ def lstm_state(lstm):
     return lstm.state_dict()
 
 
+def _replan(stage, plan_: StepPlan) -> StepPlan:
+    return plan_stage(stage, plan_.stage, plan_.source, plan_.backend, plan_.keep_rng_stream)
+
+
 @fused_mixin
 class FusedAttention:
     """Official `Attention`: for each block, (branch, residual) = block(x), then the fused step.
     A hook on the LSTM, the pooling or the ReLU runs the source forward (so the hook fires)."""
 
     def forward(self, x):
-        plan_ = self.__dict__["_dia_fused"]
-        if not plan_is_current(self, plan_):
-            plan_ = plan_stage(
-                self, plan_.stage, plan_.source, plan_.backend, plan_.keep_rng_stream
-            )
-            self.__dict__["_dia_fused"] = plan_
+        plan_ = current_plan(self, _replan)
         if hooks_on_bypassed(self, plan_):
             return original_class(self).forward(self, x)
         lstm = self._modules["lstm"]

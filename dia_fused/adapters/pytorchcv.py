@@ -21,12 +21,12 @@ from .base import (
     StepPlan,
     check_global_pool,
     check_relu,
+    current_plan,
     fused_mixin,
     hooks_on_bypassed,
     lstm_layout,
     lstm_weights,
     original_class,
-    plan_is_current,
     source_step,
 )
 
@@ -160,13 +160,10 @@ def _state(hc):
     )
 
 
-def _current_plan(unit) -> StepPlan:
-    plan_ = unit.__dict__["_dia_fused"]
-    if not plan_is_current(unit, plan_):  # a swapped attention / LSTM / activation, a replica
-        name = f"a unit of {plan_.stage}"
-        plan_ = plan_unit(unit, name, plan_.stage, plan_.backend, plan_.keep_rng_stream)
-        unit.__dict__["_dia_fused"] = plan_
-    return plan_
+def _replan(unit, plan_: StepPlan) -> StepPlan:
+    """After a swapped attention / LSTM / activation, in a replica."""
+    name = f"a unit of {plan_.stage}"
+    return plan_unit(unit, name, plan_.stage, plan_.backend, plan_.keep_rng_stream)
 
 
 @fused_mixin
@@ -175,7 +172,7 @@ class FusedResUnit:
     attention (or inside it) or on `activ` runs the source forward."""
 
     def forward(self, x, hc=None):
-        plan_ = _current_plan(self)
+        plan_ = current_plan(self, _replan)
         if hooks_on_bypassed(self, plan_):
             return original_class(self).forward(self, x, hc)
         identity = self.identity_conv(x) if self.resize_identity else x
@@ -191,7 +188,7 @@ class FusedPreResUnit:
     """pytorchcv DIAPreResUnit: body (and its pre-activation), identity, then the fused step."""
 
     def forward(self, x, hc=None):
-        plan_ = _current_plan(self)
+        plan_ = current_plan(self, _replan)
         if hooks_on_bypassed(self, plan_):
             return original_class(self).forward(self, x, hc)
         identity = x
