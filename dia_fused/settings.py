@@ -70,16 +70,10 @@ def raw(name: str) -> Optional[str]:
     return environ.decodevalue(value) or None if value is not None else None
 
 
-# the variables a step's plan depends on (ops.py): their text is part of the plan's signature
-STEP_VARIABLES = (
-    ENV_BACKEND,
-    ENV_AUTO_TABLE,
-    ENV_TRITON_LSTM,
-    ENV_TRITON_MAP,
-    ENV_TRITON_DOT_PRECISION,
-    ENV_CUDA_PATH,
-    ENV_ARCH_LIST,
-)
+# the variables a step's plan depends on (ops.py): their text is part of the plan's signature.
+# All but TRITON_INTERPRET (it counts once, when the kernels are defined) and VERBOSE_BUILD (output)
+NOT_PER_STEP = (ENV_TRITON_INTERPRET, ENV_VERBOSE_BUILD)
+STEP_VARIABLES = tuple(name for name in ALL if name not in NOT_PER_STEP)
 _encoded_step_variables: Optional[tuple] = None
 
 

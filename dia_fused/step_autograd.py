@@ -23,6 +23,7 @@ import torch
 from .step_op import (
     SavedStep,
     StepOptions,
+    backward_arguments,
     host_backward,
     host_forward,
     step_backward,
@@ -51,23 +52,8 @@ def _saved_step(ctx) -> SavedStep:
 
 
 def _op_kernel_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
-    o = saved.options
-    return step_backward(
-        grad_out,
-        grad_h_new,
-        grad_c_new,
-        saved.x,
-        saved.out,
-        saved.pooled,
-        saved.h,
-        saved.c,
-        saved.weights,
-        o.identity_given,
-        o.relu,
-        o.activation,
-        saved.dropout_masks,
-        o.backend,
-    )
+    arguments = backward_arguments(grad_out, grad_h_new, grad_c_new, saved)
+    return step_backward(*arguments, saved.options.backend)
 
 
 def weight_grads(grad_weights, saved: SavedStep) -> List[Tensor]:

@@ -99,7 +99,15 @@ def host_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
             return host_backward(grad_out, grad_h_new, grad_c_new, saved)
     # the launch plan, where the kernel module has one, follows the settings
     launch = () if launch is None else (launch,)
-    return backends.kernel_module(options.backend).backward(
+    arguments = backward_arguments(grad_out, grad_h_new, grad_c_new, saved)
+    return backends.kernel_module(options.backend).backward(*arguments, settings, *launch)
+
+
+def backward_arguments(grad_out, grad_h_new, grad_c_new, saved: SavedStep) -> tuple:
+    """The arguments that a kernel module's backward and the step_backward op both begin with:
+    the incoming gradients, then the saved step (tensors and options) in the op's order."""
+    options = saved.options
+    return (
         grad_out,
         grad_h_new,
         grad_c_new,
@@ -113,8 +121,6 @@ def host_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
         options.relu,
         options.activation,
         saved.dropout_masks,
-        settings,
-        *launch,
     )
 
 

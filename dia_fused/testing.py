@@ -1,5 +1,5 @@
-"""Helpers shared by the test suites and `python -m dia_fused`: random step inputs and the
-tolerance rule of docs/design.md §4.
+"""Helpers shared by the test suites and `python -m dia_fused`: random step inputs, random BN layers
+for comparing models, and the tolerance rule of docs/design.md §4.
 
 Tolerance rule: a backend's max error against the float64 reference is at most twice the error of
 the same-dtype PyTorch reference, plus a small absolute floor (scaled by the magnitude of the
@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 
 from . import ops, reference
 
@@ -232,3 +233,17 @@ def capture_cuda_graph(
     with torch.cuda.graph(graph):
         outputs = fn()
     return graph, outputs
+
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """`model` with non-trivial statistics and affine parameters in every BatchNorm2d (a fresh
+    model's are 0/1, which hides a swapped or missed norm when models are compared); in place."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.2 - 0.1)
+    return model

@@ -474,19 +474,6 @@ class CifarResNeXt(nn.Module):
         return self.classifier(x)
 
 
-def randomise(model, seed=0):
-    """Non-trivial BN statistics and affine parameters (the official init leaves BN at 1/0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.2 - 0.1)
-    return model
-
-
 # name -> factory taking the final pool window: the paper's models, and tiny ones for quick tests
 OFFICIAL_MODELS = {
     "resnet11": lambda pool: ResNet(11, 10, "Bottleneck", pool=pool),

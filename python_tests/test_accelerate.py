@@ -14,7 +14,7 @@ from torch import nn
 import dia_fused
 import official_dianet as official
 from dia_fused.accelerate import fused_stages, restore
-from dia_fused.testing import assert_within_tolerance
+from dia_fused.testing import assert_within_tolerance, randomise_norms
 
 pytorchcv = pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv==0.0.74")
 
@@ -38,12 +38,12 @@ def pytorchcv_model(name):
     model.features.final_pool = nn.AdaptiveAvgPool2d(
         1
     )  # its fixed window needs 32x32 / 224x224 images
-    return official.randomise(model)
+    return randomise_norms(model)
 
 
 # name -> (factory, input size, number of DIA stages)
 MODELS = {
-    f"official_{name}": (lambda make=make: official.randomise(make(pool=2)), 8, 3)
+    f"official_{name}": (lambda make=make: randomise_norms(make(pool=2)), 8, 3)
     for name, make in official.OFFICIAL_MODELS.items()
 }
 MODELS.update(
@@ -163,12 +163,12 @@ def test_accelerate_keeps_parameters_outputs_and_gradients(name):
 
 
 def test_accelerate_with_triton_under_the_interpreter():
-    make = lambda: official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2))  # noqa: E731
+    make = lambda: randomise_norms(official.ResNet(11, 10, "Bottleneck", pool=2))  # noqa: E731
     check_accelerate(make, 8, 3, backend="triton")
 
 
 def test_dataparallel_and_ddp_wrapped_models_are_accelerated_inside():
-    source = official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2)).eval()
+    source = randomise_norms(official.ResNet(11, 10, "Bottleneck", pool=2)).eval()
     reference = copy.deepcopy(source)
     wrapped = nn.DataParallel(source)  # without GPUs DataParallel calls the module directly
     assert dia_fused.accelerate(wrapped, backend="reference") is wrapped
@@ -189,7 +189,7 @@ def test_distributed_data_parallel_model_trains_like_the_source(tmp_path):
     dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        source = official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2))
+        source = randomise_norms(official.ResNet(11, 10, "Bottleneck", pool=2))
         reference = copy.deepcopy(source)
         ddp = nn.parallel.DistributedDataParallel(source)
         assert dia_fused.accelerate(ddp, backend="reference") is ddp
@@ -206,7 +206,7 @@ def test_distributed_data_parallel_model_trains_like_the_source(tmp_path):
 
 
 def test_idempotent_restore_deepcopy_and_pickle():
-    model = official.randomise(official.CifarResNeXt(2, 11, 10, 4, pool=2)).eval()
+    model = randomise_norms(official.CifarResNeXt(2, 11, 10, 4, pool=2)).eval()
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         expected = model(x)
@@ -226,7 +226,7 @@ def test_idempotent_restore_deepcopy_and_pickle():
 
 
 def test_fused_forward_runs_the_fused_step_not_the_source_lstm(monkeypatch):
-    model = official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2))
+    model = randomise_norms(official.ResNet(11, 10, "Bottleneck", pool=2))
     dia_fused.accelerate(model, backend="reference")
     calls = []
     monkeypatch.setattr(dia_fused.ops, "dia_step", lambda *a: calls.append(a) or (a[0], a[1], a[2]))
@@ -242,7 +242,7 @@ def test_dropout_of_the_official_lstm(keep):
     after each step is the source's too, so the WRN's own dropout that follows draws the same
     masks; without it the values of the step are the same but later masks differ."""
     torch.manual_seed(0)
-    model = official.randomise(official.WideResNet(10, 10, 4, dropRate=0.5, pool=2))
+    model = randomise_norms(official.WideResNet(10, 10, 4, dropRate=0.5, pool=2))
     for stage in (model.block1, model.block2, model.block3):  # two stacked cells, dropout 0.5
         size = stage.lstm.w_ih[0].seq[0].in_features
         stage.lstm, stage.nlayers = official.LSTMCell(size, size, 2, dropout=0.5), 2

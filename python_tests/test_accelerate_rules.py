@@ -11,6 +11,7 @@ from torch import nn
 import dia_fused
 import official_dianet as official
 from dia_fused.accelerate import fused_stages
+from dia_fused.testing import randomise_norms
 
 pytorchcv = pytest.importorskip("pytorchcv", reason="pip install --no-deps pytorchcv==0.0.74")
 
@@ -23,7 +24,7 @@ def cuda_calls_harmless(monkeypatch):
 
 def official_resnet():
     torch.manual_seed(0)
-    return official.randomise(official.ResNet(11, 10, "Bottleneck", pool=2))
+    return randomise_norms(official.ResNet(11, 10, "Bottleneck", pool=2))
 
 
 def pytorchcv_resnet():
@@ -32,7 +33,7 @@ def pytorchcv_resnet():
     torch.manual_seed(0)
     model = diaresnet20_cifar10()
     model.features.final_pool = nn.AdaptiveAvgPool2d(1)
-    return official.randomise(model)
+    return randomise_norms(model)
 
 
 SOURCES = {

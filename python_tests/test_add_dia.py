@@ -15,7 +15,7 @@ import dia_fused
 from dia_fused import add_dia, remove_dia
 from dia_fused.models import create_model
 from dia_fused.modules import DIALSTM, DIAStage
-from dia_fused.testing import assert_within_tolerance
+from dia_fused.testing import assert_within_tolerance, randomise_norms
 
 
 def _import(name):
@@ -60,17 +60,6 @@ MODELS = [
 ]
 
 
-def _randomise_norms(model, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-    return model
-
-
 class _SplitBlock(nn.Module):
     """The test's own (branch, identity) of a torchvision / timm block, for the zoo's DIAStage."""
 
@@ -105,7 +94,7 @@ def _stage_reference(stage, x):
 @pytest.mark.parametrize("name", MODELS)
 def test_add_dia_keeps_keys_and_parameters_and_loads_plain_weights(tv, timm, name):
     torch.manual_seed(0)
-    model = _randomise_norms(_make(tv, timm, name)).eval()
+    model = randomise_norms(_make(tv, timm, name)).eval()
     plain_class = type(model)
     params = dict(model.named_parameters())
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -179,7 +168,7 @@ def test_reference_and_triton_backends_agree_on_resnet18(tv, triton_stages):
     reference backend: the interpreter takes seconds per step there (4 s for one 512-channel
     backward)."""
     torch.manual_seed(0)
-    plain = _randomise_norms(tv.resnet18(num_classes=4)).eval()
+    plain = randomise_norms(tv.resnet18(num_classes=4)).eval()
     x = torch.randn(1, 3, 8, 8)
     models = {}
     for backend in ("reference", "triton"):
@@ -342,7 +331,7 @@ def test_fx_and_create_feature_extractor_of_zoo_and_add_dia_models(tv):
         out = extractor(x)
         torch.testing.assert_close(out["logits"], zoo(x), rtol=0, atol=0)
         torch.testing.assert_close(out["mid"], zoo.stages[1](zoo.stages[0](zoo.stem(x))))
-    model = add_dia(_randomise_norms(tv.resnet18(num_classes=10)), reduction=16).eval()
+    model = add_dia(randomise_norms(tv.resnet18(num_classes=10)), reduction=16).eval()
     traced = torch.fx.symbolic_trace(model)
     extractor = create_feature_extractor(model, {"layer2": "mid", "fc": "logits"})
     with torch.no_grad():
@@ -355,7 +344,7 @@ def test_fx_and_create_feature_extractor_of_zoo_and_add_dia_models(tv):
 
 def test_ean_mask_and_a_stage_without_dia(tv):
     torch.manual_seed(0)
-    model = _randomise_norms(tv.resnet18(num_classes=10)).eval()
+    model = randomise_norms(tv.resnet18(num_classes=10)).eval()
     plain = copy.deepcopy(model)
     add_dia(model, reduction=20, blocks=[[False, True], [1, 0], [0, 0], [True, True]])
     assert "dia" in model.layer1[1]._modules and "dia" in model.layer2[0]._modules
@@ -371,7 +360,7 @@ def test_ean_mask_and_a_stage_without_dia(tv):
 
 def test_blocks_run_one_by_one_carry_the_state(tv):
     """timm's checkpoint_seq and user code may call a stage's blocks in turn: same result."""
-    model = add_dia(_randomise_norms(tv.resnet18()), reduction=16).eval()
+    model = add_dia(randomise_norms(tv.resnet18()), reduction=16).eval()
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
         expected = model.layer1(x)
@@ -384,7 +373,7 @@ def test_blocks_run_one_by_one_carry_the_state(tv):
 
 
 def test_hooks_on_blocks_and_activation_still_fire(tv):
-    model = add_dia(_randomise_norms(tv.resnet18()), reduction=16).eval()
+    model = add_dia(randomise_norms(tv.resnet18()), reduction=16).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -398,7 +387,7 @@ def test_hooks_on_blocks_and_activation_still_fire(tv):
 
 
 def test_deepcopy_and_pickle_keep_dia(tv):
-    model = add_dia(_randomise_norms(tv.resnet18()), reduction=16).eval()
+    model = add_dia(randomise_norms(tv.resnet18()), reduction=16).eval()
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -430,7 +419,7 @@ def test_errors_name_what_is_supported_and_change_nothing(tv):
 
 @pytest.mark.slow
 def test_compile_export_and_onnx_of_an_add_dia_model(tv, tmp_path):
-    model = add_dia(_randomise_norms(tv.resnet18(num_classes=10)), reduction=16).eval()
+    model = add_dia(randomise_norms(tv.resnet18(num_classes=10)), reduction=16).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)

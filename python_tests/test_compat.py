@@ -16,6 +16,7 @@ import dia_fused
 import official_dianet
 from dia_fused.compat import convert, load_official_state_dict
 from dia_fused.modules import DIALSTM
+from dia_fused.testing import randomise_norms
 from test_reference import OfficialLSTMCell
 
 # only the pytorchcv conversions need it; the official-model tests run without
@@ -23,17 +24,6 @@ needs_pytorchcv = pytest.mark.skipif(
     importlib.util.find_spec("pytorchcv") is None,
     reason="pytorchcv is not installed: pip install --no-deps pytorchcv==0.0.74",
 )
-
-
-def randomise_norms(model):
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=gen) * 0.2 - 0.1)
-    return model
 
 
 def assert_same_outputs(source, converted, x):
@@ -374,7 +364,7 @@ def test_convert_official_resnext_that_calls_forward_directly(
     layer is matched (before: "7 conv/norm/linear layers run in the source, 63 in ...")."""
     torch.manual_seed(0)
     source = official_dianet.CifarResNeXt(cardinality, depth, 10, 4)
-    source = official_dianet.randomise(source).eval()
+    source = randomise_norms(source).eval()
     assert_same_outputs(source, convert(source, backend="reference"), torch.randn(2, 3, 32, 32))
 
 
@@ -391,7 +381,7 @@ def test_convert_official_resnext_that_calls_forward_directly(
 )
 def test_convert_dataparallel_wrapped_and_accelerated_models(cuda_calls_harmless, make):
     torch.manual_seed(0)
-    source = official_dianet.randomise(make()).eval()
+    source = randomise_norms(make()).eval()
     x = torch.randn(2, 3, 32, 32)
     assert_same_outputs(source, convert(nn.DataParallel(source), backend="reference"), x)
     accelerated = dia_fused.accelerate(nn.DataParallel(copy.deepcopy(source)), backend="reference")
@@ -439,7 +429,7 @@ def test_wrn_checkpoint_needs_its_dropout_rate(cuda_calls_harmless):
     source = official_dianet.WideResNet(10, 10, 4, dropRate=0.3)
     with pytest.raises(ValueError, match="dropout: .* does not record .* training outputs differ"):
         load_official_state_dict("dia_wrn10_4", source.state_dict())
-    randomised = official_dianet.randomise(source).eval()
+    randomised = randomise_norms(source).eval()
     loaded = load_official_state_dict("dia_wrn10_4", randomised.state_dict(), dropout=0.3)
     assert_same_outputs(randomised, loaded, torch.randn(2, 3, 32, 32))
 
@@ -469,7 +459,7 @@ def test_official_checkpoint_with_sorted_keys_loads_and_a_wrong_name_gets_the_ri
     make = official_dianet.OFFICIAL_MODELS.get(
         model, lambda pool: official_dianet.ResNet(20, 10, "Bottleneck", pool=pool)
     )
-    source = official_dianet.randomise(make(8)).eval()
+    source = randomise_norms(make(8)).eval()
     state = source.state_dict()
     checkpoint = {"state_dict": {f"module.{k}": state[k] for k in sorted(state)}}
     with pytest.raises(ValueError, match=r"by name: missing keys \[.*unexpected keys \[") as err:
@@ -507,7 +497,7 @@ def test_blocks_of_a_stage_in_another_order_load_into_the_right_blocks(cuda_call
     torch.manual_seed(0)
     # 11 blocks per stage; 8x8 images (final pool window 2) keep it quick
     source = official_dianet.ResNet(101, 10, "Bottleneck", pool=2)
-    source = official_dianet.randomise(source).eval()
+    source = randomise_norms(source).eval()
     shuffled = _blocks_in_string_order(source.state_dict())
     order = [k.split(".")[2] for k in shuffled if k.startswith("layer1.ModuleList.")]
     assert list(dict.fromkeys(order))[:4] == ["0", "1", "10", "2"]

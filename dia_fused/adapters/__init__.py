@@ -3,8 +3,10 @@
 Sources with DIA (accelerate, restore, convert use them): `official` (gbup-group/DIANet CIFAR
 models), `pytorchcv` (pytorchcv 0.0.74 DIA models). Each has `recognises(model)`, `plan(model,
 backend, keep_rng_stream)` -> [(module, fused mixin, base.StepPlan)], `lstm_state(lstm)` (its LSTM
-under the official keys), `lstm_options(lstm)`, `convert_target(model, backend)` and its
-`LSTM_TYPES`.
+under the official keys), `LSTM_LAYOUT` (base.LSTMLayout: where its Linears are),
+`convert_target(model, backend)`, `layer_order(layers)` (its layers as they ran, reordered to
+dia_fused's order) and its `LSTM_TYPES`; `official.load_checkpoint` reads the official checkpoints
+by key name.
 
 Sources without DIA (add_dia, remove_dia use them): `torchvision` and `timm` ResNets. Each has
 `block_rules(block)` -> residual.BlockRules or None: how to split a block into (branch, identity)

@@ -9,7 +9,7 @@ one codebase; this module holds none.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,8 @@ from ..modules import linear_weights
 from ..reference import state_dtype
 
 Tensor = torch.Tensor
+# the layers that convert and load_official_state_dict map one to one between a source and dia_fused
+MAPPED_TYPES = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 _FUSED_MIXINS: Dict[str, type] = {}
 _CLASSES: Dict[Tuple[type, type], type] = {}
 
@@ -112,6 +114,15 @@ def plan_is_current(module: nn.Module, plan: StepPlan) -> bool:
     return all(submodule(module, path) is part for path, part in plan.parts)
 
 
+def current_plan(module: nn.Module, replan: Callable[[nn.Module, StepPlan], StepPlan]) -> StepPlan:
+    """The fused module's plan (accelerate's), made again by `replan(module, plan)` and kept when
+    a submodule it was made from is no longer the module's (a swapped LSTM, a replica)."""
+    plan = module.__dict__["_dia_fused"]
+    if not plan_is_current(module, plan):
+        plan = module.__dict__["_dia_fused"] = replan(module, plan)
+    return plan
+
+
 def _hooked(module: nn.Module) -> bool:
     return bool(
         module._forward_hooks
@@ -179,6 +190,58 @@ def source_step(lstm: nn.Module, plan: StepPlan, weights, branch: Tensor, identi
         branch, state[0], state[1], weights, identity, plan.relu, "sigmoid", masks, plan.backend
     )
     return out, (h, c)
+
+
+@dataclass(frozen=True)
+class LSTMLayout:
+    """Where a source's LSTM cell stack keeps its Linears: two sides (input, hidden), each a
+    `container` of one module per cell, `count` cells, and a `dropout`; cell 0 of a side is a small
+    cell Linear(C, C // r), ReLU, Linear(C // r, 4C) at `first_cell` (two paths from the side),
+    stacked cell k a Linear(C, 4C) at `stacked_cell(k)`."""
+
+    description: str  # what the error says the LSTM should be
+    sides: Tuple[str, str]
+    container: type
+    count: str  # the attribute holding the number of cells
+    first_cell: Tuple[Tuple[str, ...], Tuple[str, ...]]
+    stacked_cell: Callable[[int], str]
+
+
+def lstm_layout(lstm, name: str, layout: LSTMLayout, check_first_cells: Callable) -> tuple:
+    """(Linear paths in reference.weight_names order, num_cells, channels) of a source LSTM laid
+    out as `layout`, or raises naming the first module that differs; `check_first_cells(lstm,
+    name)` checks the source's own structure of cell 0 (the ReLU) after the containers."""
+    containers = [getattr(lstm, side, None) for side in layout.sides]
+    num_cells = getattr(lstm, layout.count, None)
+    if not (
+        all(isinstance(c, layout.container) for c in containers)
+        and isinstance(num_cells, int)
+        and len(containers[0]) == len(containers[1]) == num_cells >= 1
+        and isinstance(getattr(lstm, "dropout", None), nn.Dropout)
+    ):
+        raise ValueError(f"{name}: expected {layout.description}, got {type(lstm).__name__}")
+    check_first_cells(lstm, name)
+    first = submodule(lstm, (layout.sides[0], *layout.first_cell[0]))
+    channels, hidden = first.in_features, first.out_features
+    paths = []
+
+    def add(path: Tuple[str, ...], in_features: int, out_features: int) -> None:
+        check_linear(submodule(lstm, path), ".".join((name, *path)), in_features, out_features)
+        paths.append(path)
+
+    for side in layout.sides:
+        add((side, *layout.first_cell[0]), channels, hidden)
+        add((side, *layout.first_cell[1]), hidden, 4 * channels)
+    for cell in range(1, num_cells):
+        for side in layout.sides:
+            add((side, layout.stacked_cell(cell)), channels, 4 * channels)
+    return tuple(paths), num_cells, channels
+
+
+def lstm_options(lstm, layout: LSTMLayout) -> Tuple[int, int]:
+    """(reduction, num_cells) of a source LSTM laid out as `layout`."""
+    first = submodule(lstm, (layout.sides[0], *layout.first_cell[0]))
+    return first.in_features // first.out_features, getattr(lstm, layout.count)
 
 
 def check_linear(module, name: str, in_features: int, out_features: int) -> None:

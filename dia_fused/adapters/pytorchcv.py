@@ -11,19 +11,22 @@ its state_dict (the EMA caveat of the README).
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 
 from .base import (
+    LSTMLayout,
     StepPlan,
     check_global_pool,
-    check_linear,
     check_relu,
+    current_plan,
     fused_mixin,
     hooks_on_bypassed,
+    lstm_layout,
     lstm_weights,
     original_class,
-    plan_is_current,
     source_step,
 )
 
@@ -85,7 +88,9 @@ def plan_unit(module, name: str, stage: str, backend: str, keep_rng_stream: bool
     relu = unit_class == "DIAResUnit"  # DIAPreResUnit: no activation after the residual add
     if relu:
         check_relu(getattr(module, "activ", None), f"{name}.activ")
-    paths, num_cells, channels = lstm_layout(attention.lstm, f"{name}.attention.lstm")
+    paths, num_cells, channels = lstm_layout(
+        attention.lstm, f"{name}.attention.lstm", LSTM_LAYOUT, _check_first_amps
+    )
     if getattr(attention, "num_layers", num_cells) != num_cells:
         raise ValueError(
             f"{name}.attention: num_layers {attention.num_layers} but its lstm has {num_cells} "
@@ -109,43 +114,25 @@ def plan_unit(module, name: str, stage: str, backend: str, keep_rng_stream: bool
     )
 
 
-def lstm_layout(lstm, name):
-    """(Linear paths, num_cells, channels) of pytorchcv's DIALSTMCell, or raises naming it."""
-    x_amps, h_amps = getattr(lstm, "x_amps", None), getattr(lstm, "h_amps", None)
-    num_cells = getattr(lstm, "num_layers", None)
-    if not (
-        isinstance(x_amps, nn.Sequential)
-        and isinstance(h_amps, nn.Sequential)
-        and isinstance(num_cells, int)
-        and len(x_amps) == len(h_amps) == num_cells >= 1
-        and isinstance(getattr(lstm, "dropout", None), nn.Dropout)
-    ):
-        raise ValueError(
-            f"{name}: expected pytorchcv's DIALSTMCell (x_amps, h_amps: Sequentials of num_layers "
-            f"amplifiers, dropout: nn.Dropout), got {type(lstm).__name__}"
-        )
-    first = x_amps.amp1 if hasattr(x_amps, "amp1") else None
+LSTM_LAYOUT = LSTMLayout(
+    description="pytorchcv's DIALSTMCell (x_amps, h_amps: Sequentials of num_layers amplifiers, "
+    "dropout: nn.Dropout)",
+    sides=("x_amps", "h_amps"),
+    container=nn.Sequential,
+    count="num_layers",
+    first_cell=(("amp1", "fc1"), ("amp1", "fc2")),  # FirstLSTMAmp
+    stacked_cell=lambda cell: f"amp{cell + 1}",
+)
+
+
+def _check_first_amps(lstm, name: str) -> None:
+    first = lstm.x_amps.amp1 if hasattr(lstm.x_amps, "amp1") else None
     if first is None or not isinstance(getattr(first, "fc1", None), nn.Linear):
         raise ValueError(f"{name}.x_amps.amp1: expected FirstLSTMAmp (fc1, activ, fc2)")
-    channels, hidden = first.fc1.in_features, first.fc1.out_features
-    paths = []
-    for path in ("x_amps", "h_amps"):
+    for path in LSTM_LAYOUT.sides:
         amp = getattr(getattr(lstm, path), "amp1", None)
         if not isinstance(getattr(amp, "activ", None), nn.ReLU):
             raise ValueError(f"{name}.{path}.amp1: expected FirstLSTMAmp (fc1, ReLU activ, fc2)")
-        check_linear(amp.fc1, f"{name}.{path}.amp1.fc1", channels, hidden)
-        check_linear(amp.fc2, f"{name}.{path}.amp1.fc2", hidden, 4 * channels)
-        paths += [(path, "amp1", "fc1"), (path, "amp1", "fc2")]
-    for cell in range(1, num_cells):
-        for path in ("x_amps", "h_amps"):
-            check_linear(
-                getattr(getattr(lstm, path), f"amp{cell + 1}", None),
-                f"{name}.{path}.amp{cell + 1}",
-                channels,
-                4 * channels,
-            )
-            paths.append((path, f"amp{cell + 1}"))
-    return tuple(paths), num_cells, channels
 
 
 def lstm_state(lstm):
@@ -162,12 +149,6 @@ def lstm_state(lstm):
     return renamed
 
 
-def lstm_options(lstm):
-    """(reduction, num_cells) of a DIALSTMCell."""
-    first = lstm.x_amps[0].fc1
-    return first.in_features // first.out_features, lstm.num_layers
-
-
 def _state(hc):
     """pytorchcv passes (list of h per cell, list of c per cell); a fused unit passes tensors."""
     if hc is None:
@@ -179,13 +160,10 @@ def _state(hc):
     )
 
 
-def _current_plan(unit) -> StepPlan:
-    plan_ = unit.__dict__["_dia_fused"]
-    if not plan_is_current(unit, plan_):  # a swapped attention / LSTM / activation, a replica
-        name = f"a unit of {plan_.stage}"
-        plan_ = plan_unit(unit, name, plan_.stage, plan_.backend, plan_.keep_rng_stream)
-        unit.__dict__["_dia_fused"] = plan_
-    return plan_
+def _replan(unit, plan_: StepPlan) -> StepPlan:
+    """After a swapped attention / LSTM / activation, in a replica."""
+    name = f"a unit of {plan_.stage}"
+    return plan_unit(unit, name, plan_.stage, plan_.backend, plan_.keep_rng_stream)
 
 
 @fused_mixin
@@ -194,7 +172,7 @@ class FusedResUnit:
     attention (or inside it) or on `activ` runs the source forward."""
 
     def forward(self, x, hc=None):
-        plan_ = _current_plan(self)
+        plan_ = current_plan(self, _replan)
         if hooks_on_bypassed(self, plan_):
             return original_class(self).forward(self, x, hc)
         identity = self.identity_conv(x) if self.resize_identity else x
@@ -210,7 +188,7 @@ class FusedPreResUnit:
     """pytorchcv DIAPreResUnit: body (and its pre-activation), identity, then the fused step."""
 
     def forward(self, x, hc=None):
-        plan_ = _current_plan(self)
+        plan_ = current_plan(self, _replan)
         if hooks_on_bypassed(self, plan_):
             return original_class(self).forward(self, x, hc)
         identity = x
@@ -271,3 +249,28 @@ def convert_target(model: nn.Module, common: dict):
         ),
         (1, 3, 32, 32),
     )
+
+
+SHORTCUT_NAME = "identity_conv"  # a unit's projection shortcut
+
+
+def layer_order(layers):
+    """The conv/norm/linear layers [(name, module)] in the order a forward ran them, in dia_fused's
+    order: pytorchcv runs a unit's shortcut before its body, dia_fused after, so each unit's
+    shortcut layers move after the unit's other layers."""
+    result, pending = [], []
+    for name, module in layers:
+        if f".{SHORTCUT_NAME}" in name:
+            pending.append((name, module))
+            continue
+        if pending and not name.startswith(_unit_prefix(pending[0][0])):
+            result += pending
+            pending = []
+        result.append((name, module))
+    return result + pending
+
+
+def _unit_prefix(name: str) -> str:
+    """'features.stage1.unit1.identity_conv.conv' -> 'features.stage1.unit1.'."""
+    match = re.match(r"^(.*?unit\d+)\.", name)
+    return match.group(1) + "." if match else name

@@ -76,6 +76,18 @@ class BlockRules:
         raise NotImplementedError
 
 
+def rules_by_class(block: nn.Module, module_name: str, blocks: dict) -> Optional[BlockRules]:
+    """`block`'s rules when its class is `module_name`.<a name in `blocks`> itself (a subclass may
+    have its own forward: not recognised) and it has every attribute that `blocks` lists for it,
+    else None. `blocks`: class name -> (rules, attributes). By name, so the source need not be
+    importable here."""
+    cls = type(block)
+    if cls.__module__ != module_name or cls.__qualname__ not in blocks:
+        return None
+    rules, attributes = blocks[cls.__qualname__]
+    return rules if all(hasattr(block, a) for a in attributes) else None
+
+
 def _record_of(x) -> Optional[_Record]:
     return x.__dict__.get("_dia_record") if isinstance(x, torch.Tensor) else None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .residual import BlockRules, block_mixin
+from .residual import BlockRules, block_mixin, rules_by_class
 
 NAME = "timm"
 MODULE = "timm.models.resnet"
@@ -69,15 +69,7 @@ BLOCKS = {
 
 def block_rules(block: nn.Module):
     """The rules for `block` if it is a timm ResNet block as timm defines it, else None."""
-    cls = type(block)
-    if cls.__module__ != MODULE or cls.__qualname__ not in BLOCKS:
-        return None
-    rules, attributes = BLOCKS[cls.__qualname__]
-    return None if any(not hasattr(block, a) for a in attributes) else rules
-
-
-def recognises_model(model: nn.Module) -> bool:
-    return type(model).__module__ == MODULE and type(model).__qualname__ == "ResNet"
+    return rules_by_class(block, MODULE, BLOCKS)
 
 
 for _rules, _ in BLOCKS.values():

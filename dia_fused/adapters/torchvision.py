@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .residual import BlockRules, block_mixin
+from .residual import BlockRules, block_mixin, rules_by_class
 
 NAME = "torchvision"
 MODULE = "torchvision.models.resnet"
@@ -39,21 +39,14 @@ class TorchvisionBlock(BlockRules):
 
 RULES = TorchvisionBlock()
 block_mixin(RULES)  # registered at import: unpickling finds it
+BASIC = ("conv1", "bn1", "relu", "conv2", "bn2", "downsample")
 BLOCKS = {
-    "BasicBlock": ("conv1", "bn1", "relu", "conv2", "bn2"),
-    "Bottleneck": ("conv1", "bn1", "relu", "conv2", "bn2", "conv3", "bn3"),
+    "BasicBlock": (RULES, BASIC),
+    "Bottleneck": (RULES, BASIC + ("conv3", "bn3")),
 }
 
 
 def block_rules(block: nn.Module):
     """The rules for `block` if it is a torchvision ResNet block as torchvision defines it, else
-    None (a subclass may have its own forward: not recognised)."""
-    cls = type(block)
-    if cls.__module__ != MODULE or cls.__qualname__ not in BLOCKS:
-        return None
-    missing = [a for a in (*BLOCKS[cls.__qualname__], "downsample") if not hasattr(block, a)]
-    return None if missing else RULES
-
-
-def recognises_model(model: nn.Module) -> bool:
-    return type(model).__module__ == MODULE and type(model).__qualname__ == "ResNet"
+    None."""
+    return rules_by_class(block, MODULE, BLOCKS)
