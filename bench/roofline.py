@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dia_fused.kernels.cuda_build import HIDDEN_GRAD_SPLIT_K  # noqa: E402
+from dia_fused.kernels.cuda_build import HIDDEN_GRAD_SPLIT_K, MAP_REDUCE_MIN_BLOCKS  # noqa: E402
 from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
 
 BENCHMARK_SHAPES = [
@@ -758,27 +758,80 @@ def _cuda_vec(s: Step) -> int:
     return vec if (s.c if s.channels_last else s.hw) % vec == 0 else 1
 
 
-CUDA_UNROLL = {"pool": 4, "scale": 2, "grad_attention": 2, "grad_input": 2}  # Op::kUnroll
+CUDA_UNROLL = {"pool": 4, "scale": 2, "grad_attention": 2, "grad_input": 2}  # Op::kUnroll base
+CUDA_MAP_REDUCE_MIN_BLOCKS = MAP_REDUCE_MIN_BLOCKS  # kMapReduceMinBlocks
 
 
-def _cuda_stream(kernel: str, s: Step, unroll: int, loads: int, stores: int, gpu: GPU) -> Launch:
+def _cuda_unroll(s: Step, kernel: str) -> int:
+    """stream_unroll: the base, doubled when an access is one 2-byte element."""
+    return CUDA_UNROLL[kernel] * (2 if s.e * _cuda_vec(s) < 4 else 1)
+
+
+def _cuda_plane_lanes(s: Step, unroll: int) -> int:
+    """stream_plane_lanes: lanes per NCHW plane, the fewest (a power of 2 up to 32) whose
+    accesses cover the plane at once."""
+    accesses = _cdiv(s.hw, _cuda_vec(s) * unroll)
+    return min(32, _next_power_of_2(accesses))
+
+
+def _cuda_row_lanes(s: Step) -> int:
+    return min(_cdiv(s.c, _cuda_vec(s)), CUDA_STREAM_ROW_LANES)
+
+
+def cuda_map_reduce_splits(s: Step) -> Tuple[int, int]:
+    """map_reduce_splits and map_split_rows: (splits, rows per split) of H*W of the channels_last
+    streaming passes; NCHW: (1, H*W)."""
+    if not s.channels_last:
+        return 1, s.hw
+    lanes = _cuda_row_lanes(s)
+    blocks = s.n * _cdiv(s.c, lanes * _cuda_vec(s))
+    rows_per_step = CUDA_STREAM_THREADS // lanes
+    steps = _cdiv(s.hw, rows_per_step)
+    splits = 1
+    if blocks < CUDA_MAP_REDUCE_MIN_BLOCKS:
+        splits = min(steps, _cdiv(CUDA_MAP_REDUCE_MIN_BLOCKS, blocks))
+        splits = _cdiv(steps, _cdiv(steps, splits))
+    return splits, _cdiv(steps, splits) * rows_per_step
+
+
+def _cuda_stream(kernel: str, s: Step, loads: int, stores: int, gpu: GPU) -> List[Launch]:
     """A streaming pass of csrc (pool, scale, grad attention, grad input) whose threads each have
-    `unroll` accesses in flight (stream_accesses, Op::kUnroll). channels_last: (N, channel tiles)
-    blocks each walking all H*W rows, 256/lanes rows at a time; NCHW: one warp per (n, c) plane, 8
-    per block."""
-    vec = _cuda_vec(s)
+    `_cuda_unroll` accesses in flight (stream_accesses, Op::kUnroll). channels_last: (N, channel
+    tiles, H*W splits) blocks, each walking its rows 256/lanes at a time, the reductions' split
+    sums added by sum_splits_kernel (the apply passes take the same splits); NCHW: a group of
+    _cuda_plane_lanes lanes per (n, c) plane."""
+    vec, unroll = _cuda_vec(s), _cuda_unroll(s, kernel)
+    reduction = kernel in ("pool", "grad_attention")
+    splits = 1
     if s.channels_last:
-        lanes = min(_cdiv(s.c, vec), CUDA_STREAM_ROW_LANES)
-        grid = (s.n, _cdiv(s.c, lanes * vec))
-        rows_at_once = CUDA_STREAM_THREADS // lanes
-        steps = _cdiv(s.hw, rows_at_once * unroll)
+        lanes = _cuda_row_lanes(s)
+        splits, rows = cuda_map_reduce_splits(s)
+        grid = (s.n, _cdiv(s.c, lanes * vec), splits)
+        steps = _cdiv(rows, (CUDA_STREAM_THREADS // lanes) * unroll)
     else:
-        grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // 32),)
-        steps = _cdiv(s.hw, 32 * vec * unroll)
-    launch = Launch(kernel, grid, loads=loads, stores=stores, dram=loads + stores)
+        lanes = _cuda_plane_lanes(s, unroll)
+        grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // lanes),)
+        steps = _cdiv(s.hw, lanes * vec * unroll)
+    nc4 = s.n * s.c * 4
+    # the (splits, N, C) partial sums replace the (N, C) sums
+    partials = (splits - 1) * nc4 if reduction else 0
+    name = "scale_residual_kernel" if kernel == "scale" else kernel + "_kernel"
+    launch = Launch(name, grid, loads=loads, stores=stores + partials, dram=loads + stores)
+    launch.l2 = partials
     resident = gpu.sms * (gpu.warps_per_sm // (CUDA_STREAM_THREADS // 32))
     launch.serial_us = _makespan([steps * gpu.dram_latency_us] * launch.ctas, resident)
-    return launch
+    if splits == 1 or not reduction:
+        return [launch]
+    finish = Launch(
+        "sum_splits_kernel",
+        (_cdiv(s.n * s.c, CUDA_STREAM_THREADS),),
+        loads=splits * nc4,
+        stores=nc4,
+        dram=0,  # the partial sums were just written: L2; the (N, C) sums are counted above
+    )
+    finish.l2 = finish.loads + finish.stores
+    finish.serial_us = splits * gpu.l2_latency_us
+    return [launch, finish]
 
 
 def _cuda_gemm(kernel: str, grid, k: int, loads: int, stores: int, dram: int, gpu: GPU) -> Launch:
@@ -821,7 +874,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         launch.l2 = launch.loads + launch.stores - launch.dram
         unrolls = ("grad_attention", "grad_input") if backward else ("pool", "scale")
         per_block = sum(
-            _cdiv(per_sample, in_flight * CUDA_UNROLL[u]) * gpu.dram_latency_us for u in unrolls
+            _cdiv(per_sample, in_flight * _cuda_unroll(s, u)) * gpu.dram_latency_us for u in unrolls
         )
         per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
         launch.serial_us = _cdiv(n, gpu.sms) * per_block
@@ -832,7 +885,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     tiles = _cdiv(n, CUDA_GEMM[0])
     if not backward:
         return [
-            _cuda_stream("pool_kernel", s, CUDA_UNROLL["pool"], maps, nc4, gpu),
+            *_cuda_stream("pool", s, maps, nc4, gpu),
             _cuda_gemm(
                 "reduced_linear_kernel",
                 (_cdiv(r, 32), tiles, 2),
@@ -851,12 +904,10 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
                 2 * n * r * 4 + 8 * c * r * 4 + 4 * nc4,
                 gpu,
             ),
-            _cuda_stream("scale_residual_kernel", s, CUDA_UNROLL["scale"], maps * 2, maps, gpu),
+            *_cuda_stream("scale", s, maps * 2, maps, gpu),
         ]
     return [
-        _cuda_stream(
-            "grad_attention_kernel", s, CUDA_UNROLL["grad_attention"], maps * 3, maps + nc4, gpu
-        ),
+        *_cuda_stream("grad_attention", s, maps * 3, maps + nc4, gpu),
         _cuda_gemm(
             "reduced_linear_kernel",
             (_cdiv(r, 32), tiles, 2),
@@ -886,7 +937,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
             gpu,
         ),
         _cuda_weight_grad(s, gpu),
-        _cuda_stream("grad_input_kernel", s, CUDA_UNROLL["grad_input"], maps + 2 * nc4, maps, gpu),
+        *_cuda_stream("grad_input", s, maps + 2 * nc4, maps, gpu),
     ]
 
 

@@ -141,10 +141,18 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
                                  float* pooled,  // (N, C) mean of x over H, W
                                  cudaStream_t stream);
 
+// Blocks along H*W of the streaming passes: channels_last maps with few (sample, channel tile)
+// blocks split H*W until about kMapReduceMinBlocks blocks stream. In the reductions (pool, grad
+// attention) each block writes its partial sums and a second launch adds them in split order (the
+// same bits every run, no atomics). 1 for NCHW maps (one lane group per plane fills the GPU).
+int map_reduce_splits(const MapLayout& layout);
+
 // pooled = mean over H, W of x.
 cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout,
-                        FeatureMap x,   // (N, C, H, W)
-                        float* pooled,  // (N, C)
+                        FeatureMap x,     // (N, C, H, W)
+                        float* pooled,    // (N, C)
+                        float* partials,  // (map_reduce_splits(layout), N, C) workspace; unused
+                                          // (may be nullptr) when that is 1
                         cudaStream_t stream);
 
 // Cell 0 of the LSTM over tiles of samples: two launches (reduced linears, then the 4C-wide
@@ -198,6 +206,8 @@ cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout,
                                   FeatureMap grad_identity,  // (N, C, H, W) written, or nullptr
                                   bool relu,
                                   float* grad_attention,     // (N, C) written
+                                  float* partials,  // (map_reduce_splits(layout), N, C) workspace;
+                                                    // unused (may be nullptr) when that is 1
                                   cudaStream_t stream);
 
 // Cell-0 backward over tiles of samples (recomputes the forward from pooled, h0, c0): five

@@ -95,10 +95,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const Fus
   // da = sum_HW z * x (and grad_identity = z)
   const GradAttentionOp<T, VEC> grad_att{p.grad_out, p.x, p.out, p.grad_identity, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_reduce<VEC>(grad_att, n, 0, C, HW, fused_row_lanes(C, VEC), scratch, grad_attention, 1.0f);
+    block_rows_reduce<VEC>(grad_att, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch,
+                           grad_attention, 1.0f);
   } else {
     for (int c = warp; c < C; c += warps) {
-      const float sum = warp_plane_reduce<VEC>(grad_att, n, c, HW, lane);
+      const float sum = plane_reduce<VEC>(grad_att, n, c, HW, lane, kWarpSize, true);
       if (lane == 0) grad_attention[c] = sum;
     }
   }
@@ -158,14 +159,14 @@ __global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const Fus
   // grad_x = z * a + d pooled / HW
   const GradInputOp<T, VEC> grad_in{p.grad_out, p.out, p.grad_x, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_apply<VEC>(grad_in, n, 0, C, HW, fused_row_lanes(C, VEC), attention, grad_pooled);
+    block_rows_apply<VEC>(grad_in, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, grad_pooled);
   } else {
     for (int c = warp; c < C; c += warps)
-      warp_plane_apply<VEC>(grad_in, n, c, HW, lane, attention[c], grad_pooled[c]);
+      plane_apply<VEC>(grad_in, n, c, HW, lane, kWarpSize, attention[c], grad_pooled[c]);
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads); splits as in pool_kernel.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
@@ -174,7 +175,9 @@ grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
                       const FeatureMap out,            // (N, C, H, W) (read when relu)
                       const FeatureMap grad_identity,  // (N, C, H, W); data nullptr if not wanted
                       bool relu,
-                      float* grad_attention) {         // (N, C)
+                      int split_rows,                  // rows of H*W per block along grid axis z
+                      float* grad_attention,           // (N, C), written when gridDim.z == 1
+                      float* partials) {               // (gridDim.z, N, C), when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
   const int C = layout.channels;
   const GradAttentionOp<T, VEC> op{grad_out, x, out, grad_identity, relu};
@@ -183,22 +186,30 @@ grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
     const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = blockIdx.x;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, layout.hw, lanes, scratch,
-                           grad_attention + n * C + c_begin, 1.0f);
+    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
+    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    float* sums = gridDim.z > 1 ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C
+                                : grad_attention + n * C;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch,
+                           sums + c_begin, 1.0f);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;  // whole warp: no barrier below
-    const float sum = warp_plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane);
-    if (lane == 0) grad_attention[plane] = sum;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, GradAttentionOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t planes = static_cast<int64_t>(layout.n) * C;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
+    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                                        lanes, plane < planes);
+    if (lane == 0 && plane < planes) grad_attention[plane] = sum;
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
+// grad_attention_kernel (channels inner), without partial sums.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
+                  int split_rows,                     // rows of H*W per block along grid axis z
                   const FeatureMap grad_out,          // (N, C, H, W)
                   const FeatureMap out,               // (N, C, H, W) (read when relu)
                   const float* attention,             // (N, C)
@@ -213,15 +224,16 @@ grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
     const int c_begin = static_cast<int>(block.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = block.x;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C,
-                          grad_pooled_over_hw + n * C);
+    const int hw_begin = static_cast<int>(block.z) * split_rows;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
+                          lanes, attention + n * C, grad_pooled_over_hw + n * C);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, GradInputOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
     if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                          attention[plane], grad_pooled_over_hw[plane]);
+    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
+                     attention[plane], grad_pooled_over_hw[plane]);
   }
 }
 
@@ -432,14 +444,22 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
 
 cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,
                                   FeatureMap x, FeatureMap out, FeatureMap grad_identity,
-                                  bool relu, float* grad_attention, cudaStream_t stream) {
-  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+                                  bool relu, float* grad_attention, float* partials,
+                                  cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
+  const cudaError_t err = dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_attention_kernel<T, VEC>)(
-        layout, grad_out, x, out, grad_identity, relu, grad_attention);
+    DIA_FUSED_LAUNCH(stream_grid(layout, GradAttentionOp<T, VEC>::kUnroll, splits), kStreamThreads,
+                     0, stream, grad_attention_kernel<T, VEC>)(layout, grad_out, x, out,
+                                                               grad_identity, relu, split_rows,
+                                                               grad_attention, partials);
     return cudaGetLastError();
   });
+  if (err != cudaSuccess || splits == 1) return err;
+  return launch_sum_splits(splits, static_cast<int64_t>(layout.n) * layout.channels, partials, 1.0f,
+                           grad_attention, stream);
 }
 
 cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const float* pooled,
@@ -484,11 +504,15 @@ cudaError_t launch_grad_input(ScalarKind kind, const MapLayout& layout, FeatureM
                               FeatureMap out, const float* attention,
                               const float* grad_pooled_over_hw, FeatureMap grad_x, bool relu,
                               cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_input_kernel<T, VEC>)(
-        layout, grad_out, out, attention, grad_pooled_over_hw, grad_x, relu);
+    DIA_FUSED_LAUNCH(stream_grid(layout, GradInputOp<T, VEC>::kUnroll, splits), kStreamThreads, 0,
+                     stream, grad_input_kernel<T, VEC>)(layout, split_rows, grad_out, out,
+                                                        attention, grad_pooled_over_hw, grad_x,
+                                                        relu);
     return cudaGetLastError();
   });
 }

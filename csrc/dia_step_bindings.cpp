@@ -135,6 +135,13 @@ std::vector<Tensor> empty_weight_grads(const std::vector<Tensor>& w) {
   return grads;
 }
 
+// The (map_reduce_splits(layout), N, C) partial sums of a pool / grad-attention reduction split
+// over H*W (one element when it is not split), fp32 beside `sums` (N, C).
+Tensor split_sums_workspace(const MapLayout& layout, const Tensor& sums) {
+  const int splits = map_reduce_splits(layout);
+  return at::empty({splits > 1 ? splits * sums.numel() : 1}, sums.options());
+}
+
 // The (2, N, R), (2, N, R), (N, 4C), (splits, 2, N, R) fp32 workspace of the cell-0 backward,
 // owned by tensors.
 struct Cell0WorkspaceTensors {
@@ -220,8 +227,10 @@ Tensor pool(const Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor pooled = at::empty({x.size(0), x.size(1)}, f32_like(x));
   const FeatureMap x_map = feature_map(x, "x");
-  check_launch(launch_pool(scalar_kind(x), map_layout(x, {x_map}), x_map, pooled.data_ptr<float>(),
-                           current_stream(x)),
+  const MapLayout layout = map_layout(x, {x_map});
+  Tensor partials = split_sums_workspace(layout, pooled);
+  check_launch(launch_pool(scalar_kind(x), layout, x_map, pooled.data_ptr<float>(),
+                           partials.data_ptr<float>(), current_stream(x)),
                "pool_kernel");
   return pooled;
 }
@@ -336,8 +345,10 @@ std::vector<Tensor> grad_attention(const Tensor& grad_out, const Tensor& x, cons
   const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
   const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
   const FeatureMap gi_map = identity_given ? feature_map(grad_identity, "grad_identity") : kNoMap;
-  check_launch(launch_grad_attention(scalar_kind(x), map_layout(x, {go_map, x_map, out_map, gi_map}),
-                                     go_map, x_map, out_map, gi_map, relu, da.data_ptr<float>(),
+  const MapLayout layout = map_layout(x, {go_map, x_map, out_map, gi_map});
+  Tensor partials = split_sums_workspace(layout, da);
+  check_launch(launch_grad_attention(scalar_kind(x), layout, go_map, x_map, out_map, gi_map, relu,
+                                     da.data_ptr<float>(), partials.data_ptr<float>(),
                                      current_stream(x)),
                "grad_attention_kernel");
   return {da, grad_identity};

@@ -13,5 +13,7 @@ constexpr int kFusedThreads = 512;
 constexpr int kFusedMaxChannels = 256;
 // K per block of the split cell-0 hidden-gradient GEMM (K = 4C).
 constexpr int kHiddenGradSplitK = 512;
+// Blocks the split H*W reductions (channels_last pool, grad attention) aim for.
+constexpr int kMapReduceMinBlocks = 1056;
 
 }  // namespace dia_fused

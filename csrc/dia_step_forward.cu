@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
 
   const PoolOp<T, VEC> pool{p.x};
   if (p.layout.channels_inner) {
-    block_rows_reduce<VEC>(pool, n, 0, C, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
+    block_rows_reduce<VEC>(pool, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
   } else {
     for (int c = warp; c < C; c += warps) {
-      const float sum = warp_plane_reduce<VEC>(pool, n, c, HW, lane);
+      const float sum = plane_reduce<VEC>(pool, n, c, HW, lane, kWarpSize, true);
       if (lane == 0) pooled[c] = sum * inv_hw;
     }
   }
@@ -79,18 +79,23 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
 
   const ScaleResidualOp<T, VEC> scale{p.x, p.identity, p.out, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_apply<VEC>(scale, n, 0, C, HW, fused_row_lanes(C, VEC), attention, nullptr);
+    block_rows_apply<VEC>(scale, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, nullptr);
   } else {
-    for (int c = warp; c < C; c += warps) warp_plane_apply<VEC>(scale, n, c, HW, lane, attention[c], 0.0f);
+    for (int c = warp; c < C; c += warps)
+      plane_apply<VEC>(scale, n, c, HW, lane, kWarpSize, attention[c], 0.0f);
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads). splits = gridDim.z
+// (channels inner only): block z sums rows [z * split_rows, (z + 1) * split_rows) of H*W into
+// partials[z] (unscaled) and sum_splits_kernel adds them in order.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 pool_kernel(const MapLayout layout,  // N, C, HW, walk order
             const FeatureMap x,      // (N, C, H, W)
-            float* pooled) {         // (N, C)
+            int split_rows,          // rows of H*W per block along grid axis z
+            float* pooled,           // (N, C), written when gridDim.z == 1
+            float* partials) {       // (gridDim.z, N, C), written when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
   const int C = layout.channels;
   const float inv_hw = 1.0f / static_cast<float>(layout.hw);
@@ -100,22 +105,30 @@ pool_kernel(const MapLayout layout,  // N, C, HW, walk order
     const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = blockIdx.x;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, layout.hw, lanes, scratch,
-                           pooled + n * C + c_begin, inv_hw);
+    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
+    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    const bool split = gridDim.z > 1;
+    float* out = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C : pooled + n * C;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch, out + c_begin,
+                           split ? 1.0f : inv_hw);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;  // whole warp: no barrier below
-    const float sum = warp_plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane);
-    if (lane == 0) pooled[plane] = sum * inv_hw;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, PoolOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t planes = static_cast<int64_t>(layout.n) * C;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
+    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                                        lanes, plane < planes);
+    if (lane == 0 && plane < planes) pooled[plane] = sum * inv_hw;
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
+// pool_kernel (channels inner), without partial sums.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
+                      int split_rows,            // rows of H*W per block along grid axis z
                       const FeatureMap x,        // (N, C, H, W)
                       const float* attention,    // (N, C)
                       const FeatureMap identity, // (N, C, H, W); data nullptr when absent
@@ -129,14 +142,16 @@ scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
     const int c_begin = static_cast<int>(block.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = block.x;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C, nullptr);
+    const int hw_begin = static_cast<int>(block.z) * split_rows;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
+                          lanes, attention + n * C, nullptr);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, ScaleResidualOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
     if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                          attention[plane], 0.0f);
+    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
+                     attention[plane], 0.0f);
   }
 }
 
@@ -199,7 +214,44 @@ cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* 
   return cudaGetLastError();
 }
 
+// grid (ceil(size / kStreamThreads)), block (kStreamThreads): out[i] = scale * the sum of
+// partials[s][i] over s in order.
+__global__ void __launch_bounds__(kStreamThreads)
+sum_splits_kernel(int splits,               // S
+                  int64_t size,             // N * C
+                  const float* partials,    // (S, N, C)
+                  float scale,
+                  float* out) {             // (N, C)
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= size) return;
+  float total = 0.0f;
+  for (int s = 0; s < splits; ++s) total += partials[s * size + at];
+  out[at] = total * scale;
+}
+
+cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
+                              float* out, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, sum_splits_kernel)(splits, size, partials,
+                                                                         scale, out);
+  return cudaGetLastError();
+}
+
 }  // namespace detail
+
+int map_reduce_splits(const MapLayout& layout) {
+  using namespace detail;
+  if (!layout.channels_inner) return 1;
+  const dim3 grid = stream_grid(layout, 1);
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
+  if (blocks >= kMapReduceMinBlocks) return 1;
+  const int rows_per_step = kStreamThreads / stream_row_lanes(layout.channels, layout.vec);
+  const int steps = (layout.hw + rows_per_step - 1) / rows_per_step;
+  const int wanted = static_cast<int>((kMapReduceMinBlocks + blocks - 1) / blocks);
+  const int splits = steps < wanted ? steps : wanted;
+  const int steps_per_split = (steps + splits - 1) / splits;
+  return (steps + steps_per_split - 1) / steps_per_split;
+}
 
 using namespace detail;
 
@@ -220,13 +272,19 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
 }
 
 cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout, FeatureMap x, float* pooled,
-                        cudaStream_t stream) {
-  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+                        float* partials, cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
+  const cudaError_t err = dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, pool_kernel<T, VEC>)(layout, x, pooled);
+    DIA_FUSED_LAUNCH(stream_grid(layout, PoolOp<T, VEC>::kUnroll, splits), kStreamThreads, 0, stream,
+                     pool_kernel<T, VEC>)(layout, x, split_rows, pooled, partials);
     return cudaGetLastError();
   });
+  if (err != cudaSuccess || splits == 1) return err;
+  return launch_sum_splits(splits, static_cast<int64_t>(layout.n) * layout.channels, partials,
+                           1.0f / static_cast<float>(layout.hw), pooled, stream);
 }
 
 cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* pooled,
@@ -244,11 +302,14 @@ cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* p
 cudaError_t launch_scale_residual(ScalarKind kind, const MapLayout& layout, FeatureMap x,
                                   const float* attention, FeatureMap identity, FeatureMap out,
                                   bool relu, cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, scale_residual_kernel<T, VEC>)(
-        layout, x, attention, identity, out, relu);
+    DIA_FUSED_LAUNCH(stream_grid(layout, ScaleResidualOp<T, VEC>::kUnroll, splits), kStreamThreads,
+                     0, stream, scale_residual_kernel<T, VEC>)(layout, split_rows, x, attention,
+                                                               identity, out, relu);
     return cudaGetLastError();
   });
 }

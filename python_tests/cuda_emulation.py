@@ -123,6 +123,9 @@ def cell0_workspace(n: int, channels: int, hidden: int) -> List[torch.Tensor]:
     ]
 
 
+MAX_LOGGED_LAUNCHES = 16  # kernel launches one entry point makes, at most (grids recorded)
+
+
 class EmulatedExtension:
     """The functions of dia_fused._C, on CPU tensors, through the emulated kernels."""
 
@@ -133,12 +136,18 @@ class EmulatedExtension:
         self.lib.emu_constants(constants)
         self.FUSED_MAX_CHANNELS, self.FUSED_THREADS = constants[0], constants[1]
         self.launches = []  # names of the entry points called, in order
+        self.grids = []  # (entry point, [(x, y, z) of each kernel launch it made]), in order
 
     def _call(self, name: str, *args) -> None:
         self.launches.append(name)
         self.lib.emu_reset_errors()
+        self.lib.emu_take_launch_grids(None, 0)
         if getattr(self.lib, "emu_" + name)(*args) != 0:
             raise RuntimeError(f"emulated {name} failed: {self.lib.emu_first_error().decode()}")
+        buffer = (ctypes.c_int * (3 * MAX_LOGGED_LAUNCHES))()
+        count = self.lib.emu_take_launch_grids(buffer, MAX_LOGGED_LAUNCHES)
+        grids = [tuple(buffer[3 * i : 3 * i + 3]) for i in range(min(count, MAX_LOGGED_LAUNCHES))]
+        self.grids.append((name, grids))
 
     @staticmethod
     def _map(t: Optional[torch.Tensor]):

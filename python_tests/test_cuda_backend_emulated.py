@@ -248,3 +248,54 @@ def test_weights_in_half_precision_get_grads_in_their_dtype(cuda_on_cpu):
     assert all(w.grad is not None and w.grad.dtype == torch.float16 for w in weights16)
     ref_out, _, _ = reference.dia_lstm_step(inputs.x, inputs.h, inputs.c, weights16)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def _map_reductions(emu, x, grad_out, out):
+    """pool and grad attention (relu, identity) of the emulated kernels, with the kernel grids
+    each made."""
+    pooled = emu.pool(x)
+    pool_grids = emu.grids[-1][1]
+    da, grad_identity = emu.grad_attention(grad_out, x, out, True, True)
+    return (pooled, da, grad_identity), (pool_grids, emu.grids[-1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_reductions_split_hw_deterministically(emu, dtype):
+    """channels_last with few (sample, channel tile) blocks: pool and grad attention spread H*W
+    over blocks along grid axis z, each writing partial sums, then a second launch adds them in
+    split order. Against float64, and the same bits on a second run."""
+    gen = torch.Generator().manual_seed(21)
+    shape = (2, 16, 32, 32)
+    x, grad_out, out = (
+        torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        for _ in range(3)
+    )
+    first, grids = _map_reductions(emu, x, grad_out, out)
+    for launches in grids:
+        assert len(launches) == 2 and launches[0][2] >= 4, launches  # split H*W, then the sum
+    z = grad_out.double() * (out.double() > 0)
+    expected = (x.double().mean((2, 3)), (z * x.double()).sum((2, 3)))
+    for got, want in zip(first[:2], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first[2].double(), z.to(dtype).double(), rtol=0, atol=0)
+    second, _ = _map_reductions(emu, x, grad_out, out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,hw", [(torch.float32, (5, 5)), (torch.bfloat16, (7, 7))])
+def test_small_nchw_planes_share_warps(emu, dtype, hw):
+    """Small unvectorized NCHW planes: a lane group smaller than a warp per plane, several planes
+    per warp, so the grid has fewer blocks than one warp per plane needs (8 planes per 256-thread
+    block). The results stay within tolerance of float64."""
+    gen = torch.Generator().manual_seed(22)
+    n, c = 3, 37  # 111 planes: the last warp is only partly filled
+    x, grad_out, out = (torch.randn(n, c, *hw, generator=gen).to(dtype) for _ in range(3))
+    (pooled, da, _), grids = _map_reductions(emu, x, grad_out, out)
+    one_warp_per_plane = -(-n * c // 8)
+    for launches in grids:
+        assert len(launches) == 1 and launches[0][0] < one_warp_per_plane, launches
+    z = grad_out.double() * (out.double() > 0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(pooled.double(), x.double().mean((2, 3)), rtol=tol, atol=tol)
+    torch.testing.assert_close(da.double(), (z * x.double()).sum((2, 3)), rtol=tol, atol=tol)
