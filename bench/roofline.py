@@ -763,8 +763,9 @@ CUDA_MAP_REDUCE_MIN_BLOCKS = MAP_REDUCE_MIN_BLOCKS  # kMapReduceMinBlocks
 
 
 def _cuda_unroll(s: Step, kernel: str) -> int:
-    """stream_unroll: the base, doubled when an access is one 2-byte element."""
-    return CUDA_UNROLL[kernel] * (2 if s.e * _cuda_vec(s) < 4 else 1)
+    """stream_unroll: the base, doubled up to 4 when an access is one 2-byte element."""
+    base = CUDA_UNROLL[kernel]
+    return 2 * base if s.e * _cuda_vec(s) < 4 and base < 4 else base
 
 
 def _cuda_plane_lanes(s: Step, unroll: int) -> int:

@@ -75,7 +75,7 @@ int fused_backward_smem_floats(int channels, int hidden, int vec) {
 
 // grid (N), block (kFusedThreads): block n does everything of sample n but the weight grads.
 template <class T, int VEC>
-__global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const FusedBackwardParams p) {
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const FusedBackwardParams p) {
   DIA_FUSED_DYNAMIC_SMEM(smem);
   const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
   float* pooled = smem;                      // (C)

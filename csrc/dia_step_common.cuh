@@ -322,11 +322,12 @@ inline int map_split_rows(const MapLayout& layout, int splits) {
   return (steps + splits - 1) / splits * rows_per_step;
 }
 
-// Accesses each thread of a streaming pass keeps in flight: `base`, doubled when an access is a
-// single 2-byte element, so that small unvectorized planes still move enough bytes per trip.
+// Accesses each thread of a streaming pass keeps in flight: `base`, doubled up to 4 when an access
+// is a single 2-byte element, so that small unvectorized planes still move enough bytes per trip
+// (more would need over 32 registers: spills at 8 blocks of 256 threads per SM).
 template <class T, int VEC>
 __host__ __device__ constexpr int stream_unroll(int base) {
-  return sizeof(T) * VEC < 4 ? 2 * base : base;
+  return sizeof(T) * VEC < 4 && base < 4 ? 2 * base : base;
 }
 
 // Runs f(T{}, std::integral_constant<int, VEC>{}) for the scalar type of `kind` and the vector
