@@ -25,7 +25,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dia_fused.kernels.cuda_build import HIDDEN_GRAD_SPLIT_K, MAP_REDUCE_MIN_BLOCKS  # noqa: E402
+from dia_fused.kernels.cuda_build import (  # noqa: E402
+    HIDDEN_GRAD_SPLIT_K,
+    MAP_REDUCE_MIN_BLOCKS,
+    REDUCED_LINEAR_SPLIT_K,
+)
 from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
 
 BENCHMARK_SHAPES = [
@@ -750,6 +754,8 @@ def triton_launches(
 CUDA_STREAM_THREADS, CUDA_STREAM_ROW_LANES, CUDA_FUSED_THREADS = 256, 64, 512
 CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32, 32)
 CUDA_HIDDEN_GRAD_SPLIT_K = HIDDEN_GRAD_SPLIT_K  # chunks of K = 4C of hidden_grad_kernel
+CUDA_REDUCED_LINEAR_SPLIT_K = REDUCED_LINEAR_SPLIT_K  # chunks of K = C of reduced_linear_kernel
+CUDA_FINISH_UNROLL = 8  # loads in flight per thread of the split-sum kernels (#pragma unroll 8)
 
 
 def _cuda_vec(s: Step) -> int:
@@ -831,7 +837,7 @@ def _cuda_stream(kernel: str, s: Step, loads: int, stores: int, gpu: GPU) -> Lis
         dram=0,  # the partial sums were just written: L2; the (N, C) sums are counted above
     )
     finish.l2 = finish.loads + finish.stores
-    finish.serial_us = splits * gpu.l2_latency_us
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
     return [launch, finish]
 
 
@@ -887,15 +893,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     if not backward:
         return [
             *_cuda_stream("pool", s, maps, nc4, gpu),
-            _cuda_gemm(
-                "reduced_linear_kernel",
-                (_cdiv(r, 32), tiles, 2),
-                c,
-                2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
-                2 * n * r * 4,
-                2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
-                gpu,
-            ),
+            *_cuda_reduced_linear(s, tiles, gpu),
             _cuda_gemm(
                 "gate_forward_kernel",
                 (_cdiv(4 * c, 32), tiles),
@@ -909,15 +907,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         ]
     return [
         *_cuda_stream("grad_attention", s, maps * 3, maps + nc4, gpu),
-        _cuda_gemm(
-            "reduced_linear_kernel",
-            (_cdiv(r, 32), tiles, 2),
-            c,
-            2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
-            2 * n * r * 4,
-            2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
-            gpu,
-        ),
+        *_cuda_reduced_linear(s, tiles, gpu),
         _cuda_gemm(
             "gate_backward_kernel",
             (_cdiv(4 * c, 32), tiles),
@@ -942,6 +932,46 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     ]
 
 
+def _cuda_split_k_finish(kernel: str, s: Step, splits: int, gpu: GPU) -> Launch:
+    """A finish kernel adding `splits` (2, N, R) split-K partial sums in order (8 loads in flight
+    per thread: #pragma unroll 8), reading u or writing it."""
+    size = 2 * s.n * s.r * 4
+    finish = Launch(
+        kernel,
+        (_cdiv(2 * s.n * s.r, CUDA_STREAM_THREADS),),
+        loads=splits * size + size,
+        stores=size,
+        dram=2 * size,
+    )
+    finish.l2 = splits * size
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
+    return finish
+
+
+def _cuda_reduced_linear(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
+    """reduced_linear_kernel over K = C in reduced_linear_splits(C) chunks (grid axis z: 2 paths x
+    chunks), then reduced_linear_finish_kernel adding the chunks in order when there are several."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = _cdiv(c, CUDA_REDUCED_LINEAR_SPLIT_K)
+    partials = splits * 2 * n * r * 4
+    out = partials if splits > 1 else 2 * n * r * 4
+    gemm = _cuda_gemm(
+        "reduced_linear_kernel",
+        (_cdiv(r, 32), tiles, 2 * splits),
+        min(c, CUDA_REDUCED_LINEAR_SPLIT_K),
+        2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
+        out,
+        2 * nc4 + 2 * r * c * 4 + out,
+        gpu,
+    )
+    if splits == 1:
+        return [gemm]
+    finish = _cuda_split_k_finish("reduced_linear_finish_kernel", s, splits, gpu)
+    finish.loads -= 2 * n * r * 4  # reads the biases, not u
+    finish.dram = 2 * n * r * 4
+    return [gemm, finish]
+
+
 def _cuda_hidden_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
     """hidden_grad_kernel over K = 4C in hidden_grad_splits(C) chunks (grid axis z: 2 paths x
     chunks), then hidden_grad_finish_kernel adding the chunks in order when there are several."""
@@ -959,16 +989,7 @@ def _cuda_hidden_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
     )
     if splits == 1:
         return [gemm]
-    finish = Launch(
-        "hidden_grad_finish_kernel",
-        (_cdiv(2 * n * r, CUDA_STREAM_THREADS),),
-        loads=partials + 2 * n * r * 4,
-        stores=2 * n * r * 4,
-        dram=4 * n * r * 4,
-    )
-    finish.l2 = partials
-    finish.serial_us = splits * gpu.l2_latency_us
-    return [gemm, finish]
+    return [gemm, _cuda_split_k_finish("hidden_grad_finish_kernel", s, splits, gpu)]
 
 
 def _cuda_weight_grad(s: Step, gpu: GPU) -> Launch:

@@ -114,13 +114,19 @@ struct Cell0Workspace {
   float* hidden;       // (2, N, R) u = relu(W1 v + b1) of the ih (v = pooled) and hh (v = h0) paths
   float* grad_hidden;  // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
   float* grad_gates;   // (N, 4C)   d loss / d gates (pre-activation), i, f, g, o blocks of C
-  float* hidden_partials;  // (hidden_grad_splits(C), 2, N, R) split-K sums of grad_gates @ W2;
-                           // unused (may be nullptr) when hidden_grad_splits(C) == 1
+  float* hidden_partials;  // (hidden_grad_splits(C), 2, N, R) split-K sums of grad_gates @ W2
+                           // and of the recomputed reduced linears (reduced_linear_splits(C)
+                           // <= that); unused (may be nullptr) when hidden_grad_splits(C) == 1
 };
 
 // Chunks of K = 4C that the split path's hidden-gradient GEMM spreads over blocks.
 inline int hidden_grad_splits(int channels) {
   return (4 * channels + kHiddenGradSplitK - 1) / kHiddenGradSplitK;
+}
+
+// Chunks of K = C that the split path's reduced linears spread over blocks.
+inline int reduced_linear_splits(int channels) {
+  return (channels + kReducedLinearSplitK - 1) / kReducedLinearSplitK;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -162,7 +168,8 @@ cudaError_t launch_cell0_forward(int n, int channels, int hidden,
                                  const float* h0,      // (N, C)
                                  const float* c0,      // (N, C)
                                  Cell0Weights weights, CellActivation activation,
-                                 float* hidden_ws,  // (2, N, R) workspace
+                                 float* hidden_ws,  // (1 + reduced_linear_splits(C), 2, N, R)
+                                                    // workspace: u, then the split-K sums
                                  float* h_new,      // (N, C)
                                  float* c_new,      // (N, C)
                                  cudaStream_t stream);

@@ -315,6 +315,7 @@ __global__ void __launch_bounds__(kStreamThreads) hidden_grad_finish_kernel(cons
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
   float total = 0.0f;
+#pragma unroll 8
   for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
   p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? total : 0.0f;
 }
@@ -469,7 +470,8 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
                                   float* grad_pooled_over_hw, float* grad_h0, float* grad_c0,
                                   float* h_new, Cell0WeightGrads weight_grads, Cell0Workspace ws,
                                   cudaStream_t stream) {
-  cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, ws.hidden, stream);
+  cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, ws.hidden,
+                                          ws.hidden_partials, stream);
   if (err != cudaSuccess) return err;
   const unsigned sample_tiles = (n + GemmTile::kM - 1) / GemmTile::kM;
 

@@ -251,7 +251,8 @@ std::vector<Tensor> cell0_forward(const Tensor& pooled, const Tensor& h0, const 
   check_f32_contiguous(h0, "h0", x_like, {N, C});
   check_f32_contiguous(c0, "c0", x_like, {N, C});
   const Cell0 cell = cell0_weights(weights, x_like);
-  Tensor hidden_ws = at::empty({2, N, cell.hidden}, pooled.options());
+  const int splits = reduced_linear_splits(static_cast<int>(C));  // u, then its split-K sums
+  Tensor hidden_ws = at::empty({1 + (splits > 1 ? splits : 0), 2, N, cell.hidden}, pooled.options());
   Tensor h_new = at::empty({N, C}, pooled.options());
   Tensor c_new = at::empty({N, C}, pooled.options());
   check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden,

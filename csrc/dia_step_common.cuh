@@ -670,13 +670,16 @@ __device__ __forceinline__ void sample_gate_preacts(const Cell0Weights& w, const
 cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
                               float* out, cudaStream_t stream);
 
-// u = relu(W1 v + b1) of both cell-0 paths over tiles of samples (dia_step_forward.cu); the
+// u = relu(W1 v + b1) of both cell-0 paths over tiles of samples (dia_step_forward.cu), K = C
+// in reduced_linear_splits(C) chunks (then a second launch adds the chunks in order); the
 // backward recomputes u with it.
 cudaError_t launch_reduced_linear(int n, int channels, int hidden,
                                   const float* pooled,  // (N, C)
                                   const float* h0,      // (N, C)
                                   const Cell0Weights& weights,
                                   float* hidden_out,    // (2, N, R)
+                                  float* partials,      // (reduced_linear_splits(C), 2, N, R);
+                                                        // unused when that is 1
                                   cudaStream_t stream);
 
 }  // namespace detail

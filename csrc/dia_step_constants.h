@@ -13,6 +13,8 @@ constexpr int kFusedThreads = 512;
 constexpr int kFusedMaxChannels = 256;
 // K per block of the split cell-0 hidden-gradient GEMM (K = 4C).
 constexpr int kHiddenGradSplitK = 512;
+// K per block of the split cell-0 reduced linears (K = C).
+constexpr int kReducedLinearSplitK = 256;
 // Blocks the split H*W reductions (channels_last pool, grad attention) aim for.
 constexpr int kMapReduceMinBlocks = 1056;
 

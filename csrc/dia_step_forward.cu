@@ -184,33 +184,66 @@ struct ReducedLinearParams {
   const float* pooled;      // (N, C) input of the ih path
   const float* h0;          // (N, C) input of the hh path
   Cell0Weights weights;     // W1 (R, C), b1 (R) of both paths are read
-  float* hidden_out;        // (2, N, R) relu(W1 v + b1): ih path, then hh path
+  int splits;               // chunks of K = C, one block each (blockIdx.z / 2)
+  float* hidden_out;        // (2, N, R) relu(W1 v + b1): ih path, then hh path (splits == 1)
+  float* partials;          // (splits, 2, N, R) chunk sums of W1 v (splits > 1)
 };
 
-// grid (ceil(R / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads).
+// grid (ceil(R / kN), ceil(N / kM), 2 paths x splits), block (GemmTile::kThreads): K = C in
+// chunks of kReducedLinearSplitK; with several chunks each block writes its chunk's partial
+// product and reduced_linear_finish_kernel adds them in chunk order (deterministic, no atomics).
 __global__ void __launch_bounds__(GemmTile::kThreads) reduced_linear_kernel(const ReducedLinearParams p) {
   __shared__ GemmSmem smem;
-  const bool hh = blockIdx.z == 1;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int split = static_cast<int>(blockIdx.z) / 2;
+  const int k_begin = split * kReducedLinearSplitK;
+  const int k_size = min(p.channels - k_begin, kReducedLinearSplitK);
   const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
   const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  const StridedLoad a{hh ? p.h0 : p.pooled, p.channels, 1};                    // A(n, k) = v[n, k]
-  const StridedLoad b{hh ? p.weights.whh1 : p.weights.wih1, 1, p.channels};    // B(k, j) = W1[j, k]
+  const StridedLoad a{(hh ? p.h0 : p.pooled) + k_begin, p.channels, 1};  // A(n, k) = v[n, k]
+  const StridedLoad b{(hh ? p.weights.whh1 : p.weights.wih1) + k_begin, 1, p.channels};  // W1[j, k]
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
-  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, p.channels, smem);
+  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, k_size, smem);
   const float* bias = hh ? p.weights.bhh1 : p.weights.bih1;
-  float* out = p.hidden_out + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0);
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
+  const int64_t part = static_cast<int64_t>(split) * 2 * p.n * p.hidden;
   gemm_tile_store(acc, m0, n0, p.n, p.hidden, [&](int m, int col, float v) {
-    out[static_cast<int64_t>(m) * p.hidden + col] = fmaxf(v + bias[col], 0.0f);
+    const int64_t at = path + static_cast<int64_t>(m) * p.hidden + col;
+    if (p.splits == 1) {
+      p.hidden_out[at] = fmaxf(v + bias[col], 0.0f);
+    } else {
+      p.partials[part + at] = v;
+    }
   });
+}
+
+// grid (ceil(2NR / kStreamThreads)), block (kStreamThreads): u = relu(the sum of the split-K
+// partials, in chunk order, + b1).
+__global__ void __launch_bounds__(kStreamThreads) reduced_linear_finish_kernel(const ReducedLinearParams p) {
+  const int64_t path_size = static_cast<int64_t>(p.n) * p.hidden;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= 2 * path_size) return;
+  float total = 0.0f;
+#pragma unroll 8
+  for (int split = 0; split < p.splits; ++split) total += p.partials[split * 2 * path_size + at];
+  const float* bias = at >= path_size ? p.weights.bhh1 : p.weights.bih1;
+  p.hidden_out[at] = fmaxf(total + bias[at % p.hidden], 0.0f);
 }
 
 cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* pooled,
                                   const float* h0, const Cell0Weights& weights, float* hidden_out,
-                                  cudaStream_t stream) {
-  const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, hidden_out};
-  const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM, 2);
+                                  float* partials, cudaStream_t stream) {
+  const int splits = reduced_linear_splits(channels);
+  const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, splits, hidden_out, partials};
+  const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM,
+                  2 * splits);
   DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, reduced_linear_kernel)(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int64_t size = 2 * static_cast<int64_t>(n) * hidden;
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, reduced_linear_finish_kernel)(p);
   return cudaGetLastError();
 }
 
@@ -225,6 +258,7 @@ sum_splits_kernel(int splits,               // S
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
   float total = 0.0f;
+#pragma unroll 8
   for (int s = 0; s < splits; ++s) total += partials[s * size + at];
   out[at] = total * scale;
 }
@@ -291,7 +325,9 @@ cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* p
                                  const float* h0, const float* c0, Cell0Weights weights,
                                  CellActivation activation, float* hidden_ws, float* h_new,
                                  float* c_new, cudaStream_t stream) {
-  const cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, stream);
+  float* partials = hidden_ws + 2 * static_cast<int64_t>(n) * hidden;
+  const cudaError_t err =
+      launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, partials, stream);
   if (err != cudaSuccess) return err;
   const GateForwardParams p{n, channels, hidden, hidden_ws, c0, weights, activation, h_new, c_new};
   const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM);

@@ -207,7 +207,8 @@ class EmulatedExtension:
         for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0)):
             _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
-        hidden_ws = torch.empty(2, n, hidden)
+        splits = cuda_build.reduced_linear_splits(channels)
+        hidden_ws = torch.full((1 + (splits if splits > 1 else 0), 2, n, hidden), float("nan"))
         h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
         self._call(
             "cell0_forward",

@@ -205,11 +205,13 @@ def test_deterministic(cuda_on_cpu):
 
 
 def test_deterministic_split_k_hidden_gradient(cuda_on_cpu):
-    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 3 chunks (the last short)
-    whose partial sums are added in chunk order: the same bits on every run."""
+    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 3 chunks and the reduced
+    linears' K = C into 2 (the last short), whose partial sums are added in chunk order: the same
+    bits on every run."""
     from dia_fused.kernels import cuda_build
 
     assert cuda_build.hidden_grad_splits(260) == 3
+    assert cuda_build.reduced_linear_splits(260) == 2
     inputs = random_step_inputs(33, 260, 1, 1, reduction=20, seed=13)
     first = compare_backend_outputs(inputs)
     second = compare_backend_outputs(inputs)
@@ -299,3 +301,26 @@ def test_small_nchw_planes_share_warps(emu, dtype, hw):
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     torch.testing.assert_close(pooled.double(), x.double().mean((2, 3)), rtol=tol, atol=tol)
     torch.testing.assert_close(da.double(), (z * x.double()).sum((2, 3)), rtol=tol, atol=tol)
+
+
+def test_reduced_linears_split_k_over_blocks(emu):
+    """C = 260 (K = C in 2 chunks of kReducedLinearSplitK): the reduced linears run on 2 paths x 2
+    chunks along grid axis z, then a second launch adds the chunks; u matches the float64 cell."""
+    gen = torch.Generator().manual_seed(23)
+    n, c, r = 3, 260, 13
+    pooled, h0, c0 = (torch.randn(n, c, generator=gen) for _ in range(3))
+    weights = [
+        torch.randn(shape, generator=gen) * 0.1
+        for shape in [(r, c), (r,), (4 * c, r), (4 * c,)] * 2
+    ]
+    h_new, c_new = emu.cell0_forward(pooled, h0, c0, weights, 1)  # act(c) = tanh
+    grids = emu.grids[-1][1]
+    assert len(grids) == 3 and grids[0][2] == 4, grids  # split GEMM, chunk sum, gates
+    w = [t.double() for t in weights]
+    u_ih = torch.relu(pooled.double() @ w[0].T + w[1])
+    u_hh = torch.relu(h0.double() @ w[4].T + w[5])
+    gates = u_ih @ w[2].T + w[3] + u_hh @ w[6].T + w[7]
+    i, f, g, o = gates.chunk(4, 1)
+    c_want = f.sigmoid() * c0.double() + i.sigmoid() * g.tanh()
+    torch.testing.assert_close(c_new.double(), c_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_new.double(), o.sigmoid() * c_want.tanh(), rtol=1e-5, atol=1e-5)

@@ -34,6 +34,9 @@ FUSED_THREADS = 512  # threads of those blocks
 # the cell-0 backward's du = dgates @ W2 (K = 4C) splits K into chunks of this many, one block per
 # chunk, the partial sums added in chunk order by a second kernel (bench/roofline.py)
 HIDDEN_GRAD_SPLIT_K = 512
+# the cell-0 reduced linears u = relu(W1 v + b1) (K = C) split K the same way, in chunks of this
+# many; at most hidden_grad_splits(C) chunks, so the backward's partial sums fit the same buffer
+REDUCED_LINEAR_SPLIT_K = 256
 # channels_last pool / grad-attention reductions split H*W until about this many blocks stream:
 # 8 blocks of 256 threads on each of an H100's 132 SMs (bench/roofline.py)
 MAP_REDUCE_MIN_BLOCKS = 1056
@@ -42,6 +45,11 @@ MAP_REDUCE_MIN_BLOCKS = 1056
 def hidden_grad_splits(channels: int) -> int:
     """Chunks of the cell-0 backward's K = 4C reduction (csrc hidden_grad_splits)."""
     return -(-4 * channels // HIDDEN_GRAD_SPLIT_K)
+
+
+def reduced_linear_splits(channels: int) -> int:
+    """Chunks of the cell-0 reduced linears' K = C reduction (csrc reduced_linear_splits)."""
+    return -(-channels // REDUCED_LINEAR_SPLIT_K)
 
 
 CXX_FLAGS = ["-O3"]
@@ -154,6 +162,8 @@ def constants_header() -> str:
         f"constexpr int kFusedMaxChannels = {FUSED_MAX_CHANNELS};\n"
         f"// K per block of the split cell-0 hidden-gradient GEMM (K = 4C).\n"
         f"constexpr int kHiddenGradSplitK = {HIDDEN_GRAD_SPLIT_K};\n"
+        f"// K per block of the split cell-0 reduced linears (K = C).\n"
+        f"constexpr int kReducedLinearSplitK = {REDUCED_LINEAR_SPLIT_K};\n"
         f"// Blocks the split H*W reductions (channels_last pool, grad attention) aim for.\n"
         f"constexpr int kMapReduceMinBlocks = {MAP_REDUCE_MIN_BLOCKS};\n\n"
         f"}}  // namespace dia_fused\n"
