@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dia_fused.kernels.cuda_build import (  # noqa: E402
+    GATE_SPLIT_K,
     HIDDEN_GRAD_SPLIT_K,
     MAP_REDUCE_MIN_BLOCKS,
     REDUCED_LINEAR_SPLIT_K,
@@ -755,6 +756,7 @@ CUDA_STREAM_THREADS, CUDA_STREAM_ROW_LANES, CUDA_FUSED_THREADS = 256, 64, 512
 CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32, 32)
 CUDA_HIDDEN_GRAD_SPLIT_K = HIDDEN_GRAD_SPLIT_K  # chunks of K = 4C of hidden_grad_kernel
 CUDA_REDUCED_LINEAR_SPLIT_K = REDUCED_LINEAR_SPLIT_K  # chunks of K = C of reduced_linear_kernel
+CUDA_GATE_SPLIT_K = GATE_SPLIT_K  # chunks of K = R of each path of gate_gemm_kernel
 CUDA_FINISH_UNROLL = 8  # loads in flight per thread of the split-sum kernels (#pragma unroll 8)
 
 
@@ -894,29 +896,13 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         return [
             *_cuda_stream("pool", s, maps, nc4, gpu),
             *_cuda_reduced_linear(s, tiles, gpu),
-            _cuda_gemm(
-                "gate_forward_kernel",
-                (_cdiv(4 * c, 32), tiles),
-                2 * r,
-                2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles,
-                2 * nc4 * 2,
-                2 * n * r * 4 + 8 * c * r * 4 + 4 * nc4,
-                gpu,
-            ),
+            *_cuda_gates(s, tiles, False, gpu),
             *_cuda_stream("scale", s, maps * 2, maps, gpu),
         ]
     return [
         *_cuda_stream("grad_attention", s, maps * 3, maps + nc4, gpu),
         *_cuda_reduced_linear(s, tiles, gpu),
-        _cuda_gemm(
-            "gate_backward_kernel",
-            (_cdiv(4 * c, 32), tiles),
-            2 * r,
-            2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles + 4 * nc4,
-            4 * n * c * 4 + 2 * nc4,
-            2 * n * r * 4 + 8 * c * r * 4 + 8 * nc4,
-            gpu,
-        ),
+        *_cuda_gates(s, tiles, True, gpu),
         *_cuda_hidden_grad(s, tiles, gpu),
         _cuda_gemm(
             "input_grad_kernel",
@@ -930,6 +916,37 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         _cuda_weight_grad(s, gpu),
         *_cuda_stream("grad_input", s, maps + 2 * nc4, maps, gpu),
     ]
+
+
+def _cuda_gates(s: Step, tiles: int, backward: bool, gpu: GPU) -> List[Launch]:
+    """gate_gemm_kernel (grid axis z: 2 paths x chunks of K = R, gate_splits(R) partial sums of
+    the (N, 4C) pre-activations), then the pointwise gate_forward_kernel / gate_backward_kernel
+    adding them in order, one thread per (sample, channel)."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = 2 * _cdiv(r, CUDA_GATE_SPLIT_K)
+    partials = splits * 4 * nc4
+    gemm = _cuda_gemm(
+        "gate_gemm_kernel",
+        (_cdiv(4 * c, 32), tiles, splits),
+        min(r, CUDA_GATE_SPLIT_K),
+        2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles,
+        partials,
+        2 * n * r * 4 + 8 * c * r * 4 + partials,
+        gpu,
+    )
+    # forward: c0 in, h' and c' out; backward: c0, grad h' (and da), grad c' in, the 4 gate
+    # gradients, grad c0 and the recomputed h out
+    maps_in, maps_out = (4, 6) if backward else (1, 2)
+    pointwise = Launch(
+        "gate_backward_kernel" if backward else "gate_forward_kernel",
+        (_cdiv(n * c, CUDA_STREAM_THREADS),),
+        loads=partials + maps_in * nc4 + 2 * 4 * c * 4,
+        stores=maps_out * nc4,
+    )
+    pointwise.dram = (maps_in + maps_out) * nc4 + 2 * 4 * c * 4
+    pointwise.l2 = partials
+    pointwise.serial_us = (_cdiv(splits, CUDA_FINISH_UNROLL) + 1) * gpu.l2_latency_us
+    return [gemm, pointwise]
 
 
 def _cuda_split_k_finish(kernel: str, s: Step, splits: int, gpu: GPU) -> Launch:

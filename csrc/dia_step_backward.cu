@@ -238,8 +238,8 @@ grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
 }
 
 struct GateBackwardParams {
-  int n, channels, hidden;    // N, C, R
-  const float* hidden_in;     // (2, N, R) recomputed u_ih, u_hh
+  int n, channels, splits;    // N, C, gate_splits(R)
+  const float* gate_sums;     // (splits, N, 4C) from gate_gemm_kernel (recomputed)
   const float* c0;            // (N, C)
   Cell0Weights weights;       // shapes in dia_step.h
   CellActivation activation;
@@ -251,11 +251,11 @@ struct GateBackwardParams {
   float* h_new;               // (N, C) recomputed h of cell 0
 };
 
-// grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): recomputes the gates of a tile
-// of samples x 8 channels, then the pointwise backward in the epilogue.
-__global__ void __launch_bounds__(GemmTile::kThreads) gate_backward_kernel(const GateBackwardParams p) {
+// grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise backward of
+// one (sample, channel) per thread, from the recomputed gates.
+__global__ void __launch_bounds__(kStreamThreads) gate_backward_kernel(const GateBackwardParams p) {
   const int C = p.channels;
-  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
+  for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
     const float grad_h = (p.grad_h_new != nullptr ? p.grad_h_new[at] : 0.0f) +
                          (p.grad_h_extra != nullptr ? p.grad_h_extra[at] : 0.0f);
@@ -475,10 +475,13 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
   if (err != cudaSuccess) return err;
   const unsigned sample_tiles = (n + GemmTile::kM - 1) / GemmTile::kM;
 
-  const GateBackwardParams gate{n, channels, hidden, ws.hidden, c0, weights, activation,
+  err = launch_gate_gemm(n, channels, hidden, ws.hidden, weights, ws.hidden_partials, stream);
+  if (err != cudaSuccess) return err;
+  const GateBackwardParams gate{n, channels, gate_splits(hidden), ws.hidden_partials, c0, weights, activation,
                                 grad_h_new, grad_h_extra, grad_c_new, ws.grad_gates, grad_c0, h_new};
-  const dim3 gate_grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles);
-  DIA_FUSED_LAUNCH(gate_grid, GemmTile::kThreads, 0, stream, gate_backward_kernel)(gate);
+  const int64_t cells = static_cast<int64_t>(n) * channels;
+  const unsigned gate_blocks = static_cast<unsigned>((cells + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(gate_blocks, kStreamThreads, 0, stream, gate_backward_kernel)(gate);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const int splits = hidden_grad_splits(channels);

@@ -142,7 +142,7 @@ Tensor split_sums_workspace(const MapLayout& layout, const Tensor& sums) {
   return at::empty({splits > 1 ? splits * sums.numel() : 1}, sums.options());
 }
 
-// The (2, N, R), (2, N, R), (N, 4C), (splits, 2, N, R) fp32 workspace of the cell-0 backward,
+// The (2, N, R), (2, N, R), (N, 4C), (cell0_partials_floats) fp32 workspace of the cell-0 backward,
 // owned by tensors.
 struct Cell0WorkspaceTensors {
   Tensor hidden, grad_hidden, grad_gates, hidden_partials;
@@ -152,9 +152,7 @@ struct Cell0WorkspaceTensors {
         grad_hidden(at::empty({2, n, hidden_size}, f32)),
         grad_gates(at::empty({n, 4 * channels}, f32)),
         hidden_partials(at::empty(
-            {hidden_grad_splits(static_cast<int>(channels)) > 1
-                 ? hidden_grad_splits(static_cast<int>(channels)) * 2 * n * hidden_size
-                 : 1},
+            {cell0_partials_floats(n, static_cast<int>(channels), static_cast<int>(hidden_size))},
             f32)) {}
 
   Cell0Workspace pointers() {
@@ -251,8 +249,10 @@ std::vector<Tensor> cell0_forward(const Tensor& pooled, const Tensor& h0, const 
   check_f32_contiguous(h0, "h0", x_like, {N, C});
   check_f32_contiguous(c0, "c0", x_like, {N, C});
   const Cell0 cell = cell0_weights(weights, x_like);
-  const int splits = reduced_linear_splits(static_cast<int>(C));  // u, then its split-K sums
-  Tensor hidden_ws = at::empty({1 + (splits > 1 ? splits : 0), 2, N, cell.hidden}, pooled.options());
+  // u (2, N, R), then the split-K sums
+  Tensor hidden_ws = at::empty(
+      {2 * N * cell.hidden + cell0_partials_floats(N, static_cast<int>(C), cell.hidden)},
+      pooled.options());
   Tensor h_new = at::empty({N, C}, pooled.options());
   Tensor c_new = at::empty({N, C}, pooled.options());
   check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden,

@@ -565,49 +565,29 @@ struct OnesColumnLoad {
   }
 };
 
-// Gate pre-activations of cell 0, without biases, for the tile of samples [m0, m0 + kM) and gate
-// columns [n0, n0 + kN) (col = 4 * channel + gate): acc[i][q] is gate q of sample
-// m0 + gemm_thread_row() * kTM + i and channel n0 / 4 + gemm_thread_col().
-__device__ __forceinline__ void expansion_tile(float (&acc)[GemmTile::kTM][GemmTile::kTN],
-                                               const Cell0Weights& w,
-                                               const float* hidden,  // (2, N, R)
-                                               int n, int channels, int hidden_size, int m0, int n0,
-                                               GemmSmem& smem) {
-  gemm_zero(acc);
-  const int64_t path_stride = static_cast<int64_t>(n) * hidden_size;
-  gemm_tile_accumulate<true, true>(acc, StridedLoad{hidden, hidden_size, 1},
-                                   GateColumnsLoad{w.wih2, channels, hidden_size}, m0, n0, n,
-                                   4 * channels, hidden_size, smem);
-  gemm_tile_accumulate<true, true>(acc, StridedLoad{hidden + path_stride, hidden_size, 1},
-                                   GateColumnsLoad{w.whh2, channels, hidden_size}, m0, n0, n,
-                                   4 * channels, hidden_size, smem);
-}
-
-// The epilogue of the gate kernels (grid (ceil(4C / kN), ceil(N / kM)), block GemmTile::kThreads):
-// recomputes the cell-0 gates of this block's tile, biases included, and calls
-// fn(m, c, gate) (float (&)[4], i f g o) for every sample m and channel c of this thread.
+// The pointwise kernels after the split gate GEMMs (grid (ceil(N * C / kStreamThreads)), block
+// kStreamThreads): the cell-0 gates of sample m, channel c, biases included, the partial sums
+// (gate_splits(R), N, 4C) (column 4 * c + gate) added in split order; calls fn(m, c, gate)
+// (float (&)[4], i f g o) for this thread's (m, c).
 template <class Fn>
 __device__ __forceinline__ void for_each_cell0_gates(const Cell0Weights& w,
-                                                     const float* hidden,  // (2, N, R) relu(u)
-                                                     int n, int channels, int hidden_size,
+                                                     const float* partials,
+                                                     int n, int channels, int splits,
                                                      const Fn& fn) {
-  __shared__ GemmSmem smem;
-  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
-  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  float acc[GemmTile::kTM][GemmTile::kTN];
-  expansion_tile(acc, w, hidden, n, channels, hidden_size, m0, n0, smem);
-  const int c = n0 / 4 + gemm_thread_col();
-  if (c >= channels) return;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= static_cast<int64_t>(n) * channels) return;
+  const int64_t m = at / channels;
+  const int c = static_cast<int>(at % channels);
+  const int64_t split_size = static_cast<int64_t>(n) * 4 * channels;
+  float gate[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int s = 0; s < splits; ++s) {
+    const float* sums = partials + s * split_size + m * 4 * channels + 4 * c;
 #pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-    if (m >= n) continue;
-    float gate[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      gate[q] = acc[i][q] + w.bih2[q * channels + c] + w.bhh2[q * channels + c];
-    fn(m, c, gate);
+    for (int q = 0; q < 4; ++q) gate[q] += sums[q];
   }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) gate[q] += w.bih2[q * channels + c] + w.bhh2[q * channels + c];
+  fn(static_cast<int>(m), c, gate);
 }
 
 // Calls store(m, col, value) for every element of this thread's GEMM tile inside [0, rows) x [0, cols).
@@ -669,6 +649,15 @@ __device__ __forceinline__ void sample_gate_preacts(const Cell0Weights& w, const
 // the reductions split over H*W (dia_step_forward.cu).
 cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
                               float* out, cudaStream_t stream);
+
+// The cell-0 gate pre-activations without biases, as gate_splits(R) partial sums (2 paths x
+// chunks of kGateSplitK of K = R) over tiles of samples x gate columns (dia_step_forward.cu);
+// for_each_cell0_gates adds them.
+cudaError_t launch_gate_gemm(int n, int channels, int hidden,
+                             const float* hidden_in,  // (2, N, R) u_ih, u_hh
+                             const Cell0Weights& weights,
+                             float* partials,  // (gate_splits(R), N, 4C), column 4 * channel + gate
+                             cudaStream_t stream);
 
 // u = relu(W1 v + b1) of both cell-0 paths over tiles of samples (dia_step_forward.cu), K = C
 // in reduced_linear_splits(C) chunks (then a second launch adds the chunks in order); the

@@ -15,6 +15,8 @@ constexpr int kFusedMaxChannels = 256;
 constexpr int kHiddenGradSplitK = 512;
 // K per block of the split cell-0 reduced linears (K = C).
 constexpr int kReducedLinearSplitK = 256;
+// K per block of each path of the split cell-0 gate GEMMs (K = R).
+constexpr int kGateSplitK = 256;
 // Blocks the split H*W reductions (channels_last pool, grad attention) aim for.
 constexpr int kMapReduceMinBlocks = 1056;
 

@@ -156,8 +156,8 @@ scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
 }
 
 struct GateForwardParams {
-  int n, channels, hidden;    // N, C, R
-  const float* hidden_in;     // (2, N, R) u_ih, u_hh from reduced_linear_kernel
+  int n, channels, splits;    // N, C, gate_splits(R)
+  const float* gate_sums;     // (splits, N, 4C) from gate_gemm_kernel
   const float* c0;            // (N, C)
   Cell0Weights weights;       // shapes in dia_step.h
   CellActivation activation;
@@ -165,11 +165,11 @@ struct GateForwardParams {
   float* c_new;               // (N, C)
 };
 
-// grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): a tile of samples x 8 channels,
-// all 4 gates, then the pointwise LSTM in the epilogue.
-__global__ void __launch_bounds__(GemmTile::kThreads) gate_forward_kernel(const GateForwardParams p) {
+// grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise forward of one
+// (sample, channel) per thread.
+__global__ void __launch_bounds__(kStreamThreads) gate_forward_kernel(const GateForwardParams p) {
   const int C = p.channels;
-  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
+  for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
     const CellState s = lstm_cell_forward(gate, p.c0[at], p.activation);
     p.h_new[at] = s.h;
@@ -229,6 +229,43 @@ __global__ void __launch_bounds__(kStreamThreads) reduced_linear_finish_kernel(c
   for (int split = 0; split < p.splits; ++split) total += p.partials[split * 2 * path_size + at];
   const float* bias = at >= path_size ? p.weights.bhh1 : p.weights.bih1;
   p.hidden_out[at] = fmaxf(total + bias[at % p.hidden], 0.0f);
+}
+
+struct GateGemmParams {
+  int n, channels, hidden;  // N, C, R
+  const float* hidden_in;   // (2, N, R) u_ih, u_hh
+  Cell0Weights weights;     // W2 (4C, R) of both paths are read
+  float* partials;          // (gate_splits(R), N, 4C), column 4 * channel + gate
+};
+
+// grid (ceil(4C / kN), ceil(N / kM), gate_splits(R)), block (GemmTile::kThreads): block z takes
+// path z % 2 and chunk z / 2 of K = R: a tile of samples x 8 channels, all 4 gates.
+__global__ void __launch_bounds__(GemmTile::kThreads) gate_gemm_kernel(const GateGemmParams p) {
+  __shared__ GemmSmem smem;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int k_begin = static_cast<int>(blockIdx.z / 2) * kGateSplitK;
+  const int k_size = min(p.hidden - k_begin, kGateSplitK);
+  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
+  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
+  const StridedLoad a{p.hidden_in + path + k_begin, p.hidden, 1};  // A(m, k) = u[m, k]
+  const GateColumnsLoad b{(hh ? p.weights.whh2 : p.weights.wih2) + k_begin, p.channels, p.hidden};
+  float acc[GemmTile::kTM][GemmTile::kTN];
+  gemm_zero(acc);
+  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, 4 * p.channels, k_size, smem);
+  float* out = p.partials + blockIdx.z * static_cast<int64_t>(p.n) * 4 * p.channels;
+  gemm_tile_store(acc, m0, n0, p.n, 4 * p.channels, [&](int m, int col, float v) {
+    out[static_cast<int64_t>(m) * 4 * p.channels + col] = v;
+  });
+}
+
+cudaError_t launch_gate_gemm(int n, int channels, int hidden, const float* hidden_in,
+                             const Cell0Weights& weights, float* partials, cudaStream_t stream) {
+  const GateGemmParams p{n, channels, hidden, hidden_in, weights, partials};
+  const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN,
+                  (n + GemmTile::kM - 1) / GemmTile::kM, gate_splits(hidden));
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_gemm_kernel)(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* pooled,
@@ -326,12 +363,16 @@ cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* p
                                  CellActivation activation, float* hidden_ws, float* h_new,
                                  float* c_new, cudaStream_t stream) {
   float* partials = hidden_ws + 2 * static_cast<int64_t>(n) * hidden;
-  const cudaError_t err =
+  cudaError_t err =
       launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, partials, stream);
   if (err != cudaSuccess) return err;
-  const GateForwardParams p{n, channels, hidden, hidden_ws, c0, weights, activation, h_new, c_new};
-  const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM);
-  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_forward_kernel)(p);
+  if ((err = launch_gate_gemm(n, channels, hidden, hidden_ws, weights, partials, stream)) != cudaSuccess)
+    return err;
+  const GateForwardParams p{n,       channels,   gate_splits(hidden), partials, c0,
+                            weights, activation, h_new,               c_new};
+  const int64_t size = static_cast<int64_t>(n) * channels;
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, gate_forward_kernel)(p);
   return cudaGetLastError();
 }
 

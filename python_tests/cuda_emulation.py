@@ -114,12 +114,11 @@ def _check_small(t: torch.Tensor, name: str, shape) -> None:
 
 def cell0_workspace(n: int, channels: int, hidden: int) -> List[torch.Tensor]:
     """The cell-0 backward's fp32 workspace as the bindings allocate it (Cell0WorkspaceTensors)."""
-    splits = cuda_build.hidden_grad_splits(channels)
     return [
         torch.empty(2, n, hidden),
         torch.empty(2, n, hidden),
         torch.empty(n, 4 * channels),
-        torch.empty(splits * 2 * n * hidden if splits > 1 else 1),
+        torch.full((max(1, cuda_build.cell0_partials_floats(n, channels, hidden)),), float("nan")),
     ]
 
 
@@ -207,8 +206,8 @@ class EmulatedExtension:
         for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0)):
             _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
-        splits = cuda_build.reduced_linear_splits(channels)
-        hidden_ws = torch.full((1 + (splits if splits > 1 else 0), 2, n, hidden), float("nan"))
+        scratch = cuda_build.cell0_partials_floats(n, channels, hidden)
+        hidden_ws = torch.full((2 * n * hidden + scratch,), float("nan"))
         h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
         self._call(
             "cell0_forward",

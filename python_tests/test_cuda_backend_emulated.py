@@ -303,11 +303,15 @@ def test_small_nchw_planes_share_warps(emu, dtype, hw):
     torch.testing.assert_close(da.double(), (z * x.double()).sum((2, 3)), rtol=tol, atol=tol)
 
 
-def test_reduced_linears_split_k_over_blocks(emu):
-    """C = 260 (K = C in 2 chunks of kReducedLinearSplitK): the reduced linears run on 2 paths x 2
-    chunks along grid axis z, then a second launch adds the chunks; u matches the float64 cell."""
+def test_cell0_forward_splits_k_over_blocks(emu):
+    """C = R = 260: the reduced linears' K = C runs in 2 chunks (x 2 paths along grid axis z),
+    then a launch adds them; the gate GEMMs' K = R in 2 chunks per path (4 partial sums along z),
+    then the pointwise launch adds them in order. h', c' match the float64 cell."""
+    from dia_fused.kernels import cuda_build
+
     gen = torch.Generator().manual_seed(23)
-    n, c, r = 3, 260, 13
+    n, c, r = 3, 260, 260
+    assert cuda_build.reduced_linear_splits(c) == 2 and cuda_build.gate_splits(r) == 4
     pooled, h0, c0 = (torch.randn(n, c, generator=gen) for _ in range(3))
     weights = [
         torch.randn(shape, generator=gen) * 0.1
@@ -315,7 +319,8 @@ def test_reduced_linears_split_k_over_blocks(emu):
     ]
     h_new, c_new = emu.cell0_forward(pooled, h0, c0, weights, 1)  # act(c) = tanh
     grids = emu.grids[-1][1]
-    assert len(grids) == 3 and grids[0][2] == 4, grids  # split GEMM, chunk sum, gates
+    # reduced linears, their chunk sum, gate GEMMs, pointwise
+    assert len(grids) == 4 and grids[0][2] == 4 and grids[2][2] == 4, grids
     w = [t.double() for t in weights]
     u_ih = torch.relu(pooled.double() @ w[0].T + w[1])
     u_hh = torch.relu(h0.double() @ w[4].T + w[5])

@@ -37,6 +37,8 @@ HIDDEN_GRAD_SPLIT_K = 512
 # the cell-0 reduced linears u = relu(W1 v + b1) (K = C) split K the same way, in chunks of this
 # many; at most hidden_grad_splits(C) chunks, so the backward's partial sums fit the same buffer
 REDUCED_LINEAR_SPLIT_K = 256
+# the cell-0 gate GEMMs (K = R per path) split each path's K into chunks of this many
+GATE_SPLIT_K = 256
 # channels_last pool / grad-attention reductions split H*W until about this many blocks stream:
 # 8 blocks of 256 threads on each of an H100's 132 SMs (bench/roofline.py)
 MAP_REDUCE_MIN_BLOCKS = 1056
@@ -50,6 +52,19 @@ def hidden_grad_splits(channels: int) -> int:
 def reduced_linear_splits(channels: int) -> int:
     """Chunks of the cell-0 reduced linears' K = C reduction (csrc reduced_linear_splits)."""
     return -(-channels // REDUCED_LINEAR_SPLIT_K)
+
+
+def gate_splits(hidden: int) -> int:
+    """Partial sums of the cell-0 gate GEMMs: 2 paths x chunks of K = R (csrc gate_splits)."""
+    return 2 * -(-hidden // GATE_SPLIT_K)
+
+
+def cell0_partials_floats(n: int, channels: int, hidden: int) -> int:
+    """Floats of the split-K scratch of the cell-0 phases, one phase at a time (csrc
+    cell0_partials_floats)."""
+    rows = 2 * n * hidden
+    splits = max(hidden_grad_splits(channels), reduced_linear_splits(channels))
+    return max(splits * rows if splits > 1 else 0, gate_splits(hidden) * n * 4 * channels)
 
 
 CXX_FLAGS = ["-O3"]
@@ -164,6 +179,8 @@ def constants_header() -> str:
         f"constexpr int kHiddenGradSplitK = {HIDDEN_GRAD_SPLIT_K};\n"
         f"// K per block of the split cell-0 reduced linears (K = C).\n"
         f"constexpr int kReducedLinearSplitK = {REDUCED_LINEAR_SPLIT_K};\n"
+        f"// K per block of each path of the split cell-0 gate GEMMs (K = R).\n"
+        f"constexpr int kGateSplitK = {GATE_SPLIT_K};\n"
         f"// Blocks the split H*W reductions (channels_last pool, grad attention) aim for.\n"
         f"constexpr int kMapReduceMinBlocks = {MAP_REDUCE_MIN_BLOCKS};\n\n"
         f"}}  // namespace dia_fused\n"
