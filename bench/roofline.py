@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dia_fused.kernels.cuda_build import (  # noqa: E402
     GATE_SPLIT_K,
     HIDDEN_GRAD_SPLIT_K,
+    INPUT_GRAD_SPLIT_K,
     MAP_REDUCE_MIN_BLOCKS,
     REDUCED_LINEAR_SPLIT_K,
 )
@@ -757,6 +758,7 @@ CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32
 CUDA_HIDDEN_GRAD_SPLIT_K = HIDDEN_GRAD_SPLIT_K  # chunks of K = 4C of hidden_grad_kernel
 CUDA_REDUCED_LINEAR_SPLIT_K = REDUCED_LINEAR_SPLIT_K  # chunks of K = C of reduced_linear_kernel
 CUDA_GATE_SPLIT_K = GATE_SPLIT_K  # chunks of K = R of each path of gate_gemm_kernel
+CUDA_INPUT_GRAD_SPLIT_K = INPUT_GRAD_SPLIT_K  # chunks of K = R of input_grad_kernel
 CUDA_FINISH_UNROLL = 8  # loads in flight per thread of the split-sum kernels (#pragma unroll 8)
 
 
@@ -904,15 +906,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         *_cuda_reduced_linear(s, tiles, gpu),
         *_cuda_gates(s, tiles, True, gpu),
         *_cuda_hidden_grad(s, tiles, gpu),
-        _cuda_gemm(
-            "input_grad_kernel",
-            (_cdiv(c, 32), tiles, 2),
-            r,
-            2 * n * r * 4 * _cdiv(c, 32) + 2 * r * c * 4 * tiles,
-            2 * nc4,
-            2 * n * r * 4 + 2 * r * c * 4 + 2 * nc4,
-            gpu,
-        ),
+        *_cuda_input_grad(s, tiles, gpu),
         _cuda_weight_grad(s, gpu),
         *_cuda_stream("grad_input", s, maps + 2 * nc4, maps, gpu),
     ]
@@ -986,6 +980,35 @@ def _cuda_reduced_linear(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
     finish = _cuda_split_k_finish("reduced_linear_finish_kernel", s, splits, gpu)
     finish.loads -= 2 * n * r * 4  # reads the biases, not u
     finish.dram = 2 * n * r * 4
+    return [gemm, finish]
+
+
+def _cuda_input_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
+    """input_grad_kernel over K = R in input_grad_splits(R) chunks (grid axis z: 2 paths x
+    chunks), then input_grad_finish_kernel adding the chunks in order when there are several."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = _cdiv(r, CUDA_INPUT_GRAD_SPLIT_K)
+    out = splits * 2 * nc4 if splits > 1 else 2 * nc4
+    gemm = _cuda_gemm(
+        "input_grad_kernel",
+        (_cdiv(c, 32), tiles, 2 * splits),
+        min(r, CUDA_INPUT_GRAD_SPLIT_K),
+        2 * n * r * 4 * _cdiv(c, 32) + 2 * r * c * 4 * tiles,
+        out,
+        2 * n * r * 4 + 2 * r * c * 4 + out,
+        gpu,
+    )
+    if splits == 1:
+        return [gemm]
+    finish = Launch(
+        "input_grad_finish_kernel",
+        (_cdiv(2 * n * c, CUDA_STREAM_THREADS),),
+        loads=out,
+        stores=2 * nc4,
+        dram=2 * nc4,
+    )
+    finish.l2 = out
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
     return [gemm, finish]
 
 

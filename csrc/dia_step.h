@@ -118,7 +118,8 @@ struct Cell0Workspace {
                            // path's phases, one phase at a time: the reduced linears
                            // (reduced_linear_splits(C), 2, N, R), the gate GEMMs
                            // (gate_splits(R), N, 4C), du = grad_gates @ W2
-                           // (hidden_grad_splits(C), 2, N, R); unused by the fused path
+                           // (hidden_grad_splits(C), 2, N, R), d pooled and d h0
+                           // (input_grad_splits(R), 2, N, C); unused by the fused path
 };
 
 // Chunks of K = 4C that the split path's hidden-gradient GEMM spreads over blocks.
@@ -134,6 +135,11 @@ inline int reduced_linear_splits(int channels) {
 // Partial sums of the split path's gate GEMMs: 2 paths x chunks of K = R.
 inline int gate_splits(int hidden) { return 2 * ((hidden + kGateSplitK - 1) / kGateSplitK); }
 
+// Chunks of K = R that the split path's input gradients (d pooled, d h0) spread over blocks.
+inline int input_grad_splits(int hidden) {
+  return (hidden + kInputGradSplitK - 1) / kInputGradSplitK;
+}
+
 // Floats of Cell0Workspace::hidden_partials (and of the forward's scratch after u).
 inline int64_t cell0_partials_floats(int64_t n, int channels, int hidden) {
   const int64_t rows = 2 * n * hidden;
@@ -142,7 +148,10 @@ inline int64_t cell0_partials_floats(int64_t n, int channels, int hidden) {
                          : reduced_linear_splits(channels);
   const int64_t k_sums = splits > 1 ? splits * rows : 0;
   const int64_t gate_sums = gate_splits(hidden) * n * 4 * channels;
-  return k_sums > gate_sums ? k_sums : gate_sums;
+  const int64_t input_sums =
+      input_grad_splits(hidden) > 1 ? input_grad_splits(hidden) * 2 * n * channels : 0;
+  const int64_t most = k_sums > gate_sums ? k_sums : gate_sums;
+  return most > input_sums ? most : input_sums;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -322,33 +322,65 @@ __global__ void __launch_bounds__(kStreamThreads) hidden_grad_finish_kernel(cons
 
 struct InputGradParams {
   int n, channels, hidden, hw;  // N, C, R, H * W
+  int splits;                   // chunks of K = R, one block each (blockIdx.z / 2)
   const float* grad_hidden;     // (2, N, R)
   Cell0Weights weights;         // W1 (R, C) of both paths are read
   float* grad_pooled_over_hw;   // (N, C) ih path, divided by HW
   float* grad_h0;               // (N, C) hh path
+  float* partials;              // (splits, 2, N, C) chunk sums (splits > 1)
 };
 
-// grid (ceil(C / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads):
-// d pooled = grad_hidden_ih @ Wih1, d h0 = grad_hidden_hh @ Whh1.
+// d pooled / HW (path 0) or d h0 (path 1) of element `at` of the (2, N, C) pair, given its sum.
+__device__ __forceinline__ void store_input_grad(const InputGradParams& p, int64_t at, float v) {
+  const int64_t path_size = static_cast<int64_t>(p.n) * p.channels;
+  if (at >= path_size) {
+    p.grad_h0[at - path_size] = v;
+  } else {
+    p.grad_pooled_over_hw[at] = v * (1.0f / static_cast<float>(p.hw));
+  }
+}
+
+// grid (ceil(C / kN), ceil(N / kM), 2 paths x splits), block (GemmTile::kThreads):
+// d pooled = grad_hidden_ih @ Wih1, d h0 = grad_hidden_hh @ Whh1, K = R in chunks of
+// kInputGradSplitK; with several chunks each block writes its chunk's partial product and
+// input_grad_finish_kernel adds them in chunk order (deterministic, no atomics).
 __global__ void __launch_bounds__(GemmTile::kThreads) input_grad_kernel(const InputGradParams p) {
   __shared__ GemmSmem smem;
-  const bool hh = blockIdx.z == 1;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int split = static_cast<int>(blockIdx.z) / 2;
+  const int k_begin = split * kInputGradSplitK;
+  const int k_size = min(p.hidden - k_begin, kInputGradSplitK);
   const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
   const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  const StridedLoad a{p.grad_hidden + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0), p.hidden, 1};
-  const StridedLoad b{hh ? p.weights.whh1 : p.weights.wih1, p.channels, 1};    // B(j, c) = W1[j, c]
+  const StridedLoad a{p.grad_hidden + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0) + k_begin,
+                      p.hidden, 1};
+  const StridedLoad b{(hh ? p.weights.whh1 : p.weights.wih1) + static_cast<int64_t>(k_begin) * p.channels,
+                      p.channels, 1};  // B(j, c) = W1[k_begin + j, c]
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
-  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.channels, p.hidden, smem);
-  const float inv_hw = 1.0f / static_cast<float>(p.hw);
+  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.channels, k_size, smem);
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.channels : 0;
+  const int64_t part = static_cast<int64_t>(split) * 2 * p.n * p.channels;
   gemm_tile_store(acc, m0, n0, p.n, p.channels, [&](int m, int col, float v) {
-    const int64_t at = static_cast<int64_t>(m) * p.channels + col;
-    if (hh) {
-      p.grad_h0[at] = v;
+    const int64_t at = path + static_cast<int64_t>(m) * p.channels + col;
+    if (p.splits == 1) {
+      store_input_grad(p, at, v);
     } else {
-      p.grad_pooled_over_hw[at] = v * inv_hw;
+      p.partials[part + at] = v;
     }
   });
+}
+
+// grid (ceil(2NC / kStreamThreads)), block (kStreamThreads): d pooled / HW and d h0 from the
+// split-K partials, added in chunk order.
+__global__ void __launch_bounds__(kStreamThreads) input_grad_finish_kernel(const InputGradParams p) {
+  const int64_t size = 2 * static_cast<int64_t>(p.n) * p.channels;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= size) return;
+  float total = 0.0f;
+#pragma unroll 8
+  for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
+  store_input_grad(p, at, total);
 }
 
 // One weight-grad GEMM: W[m, j] = sum_s A[s, m] * B[s, j] for j < cols, bias[m] = sum_s A[s, m].
@@ -497,10 +529,18 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  const InputGradParams in{n, channels, hidden, hw, ws.grad_hidden, weights, grad_pooled_over_hw, grad_h0};
-  const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);
+  const int input_splits = input_grad_splits(hidden);
+  const InputGradParams in{n,       channels,           hidden,  hw, input_splits, ws.grad_hidden,
+                           weights, grad_pooled_over_hw, grad_h0, ws.hidden_partials};
+  const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2 * input_splits);
   DIA_FUSED_LAUNCH(input_grid, GemmTile::kThreads, 0, stream, input_grad_kernel)(in);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (input_splits > 1) {
+    const int64_t size = 2 * static_cast<int64_t>(n) * channels;
+    const unsigned finish_blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+    DIA_FUSED_LAUNCH(finish_blocks, kStreamThreads, 0, stream, input_grad_finish_kernel)(in);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
 
   return launch_weight_grads(n, channels, hidden, pooled, h0, ws, weight_grads, stream);
 }

@@ -12,11 +12,13 @@ constexpr int kFusedThreads = 512;
 // Largest C the one-block-per-sample kernels take (all per-sample vectors live in shared memory).
 constexpr int kFusedMaxChannels = 256;
 // K per block of the split cell-0 hidden-gradient GEMM (K = 4C).
-constexpr int kHiddenGradSplitK = 512;
+constexpr int kHiddenGradSplitK = 256;
 // K per block of the split cell-0 reduced linears (K = C).
-constexpr int kReducedLinearSplitK = 256;
+constexpr int kReducedLinearSplitK = 128;
 // K per block of each path of the split cell-0 gate GEMMs (K = R).
-constexpr int kGateSplitK = 256;
+constexpr int kGateSplitK = 128;
+// K per block of the split cell-0 input gradients (K = R).
+constexpr int kInputGradSplitK = 128;
 // Blocks the split H*W reductions (channels_last pool, grad attention) aim for.
 constexpr int kMapReduceMinBlocks = 1056;
 

@@ -205,13 +205,13 @@ def test_deterministic(cuda_on_cpu):
 
 
 def test_deterministic_split_k_hidden_gradient(cuda_on_cpu):
-    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 3 chunks and the reduced
-    linears' K = C into 2 (the last short), whose partial sums are added in chunk order: the same
-    bits on every run."""
+    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 5 chunks of 256 and the
+    reduced linears' K = C into 3 of 128 (the last short), whose partial sums are added in chunk
+    order: the same bits on every run."""
     from dia_fused.kernels import cuda_build
 
-    assert cuda_build.hidden_grad_splits(260) == 3
-    assert cuda_build.reduced_linear_splits(260) == 2
+    assert cuda_build.hidden_grad_splits(260) == 5
+    assert cuda_build.reduced_linear_splits(260) == 3
     inputs = random_step_inputs(33, 260, 1, 1, reduction=20, seed=13)
     first = compare_backend_outputs(inputs)
     second = compare_backend_outputs(inputs)
@@ -304,14 +304,14 @@ def test_small_nchw_planes_share_warps(emu, dtype, hw):
 
 
 def test_cell0_forward_splits_k_over_blocks(emu):
-    """C = R = 260: the reduced linears' K = C runs in 2 chunks (x 2 paths along grid axis z),
-    then a launch adds them; the gate GEMMs' K = R in 2 chunks per path (4 partial sums along z),
+    """C = R = 260: the reduced linears' K = C runs in 3 chunks (x 2 paths along grid axis z),
+    then a launch adds them; the gate GEMMs' K = R in 3 chunks per path (6 partial sums along z),
     then the pointwise launch adds them in order. h', c' match the float64 cell."""
     from dia_fused.kernels import cuda_build
 
     gen = torch.Generator().manual_seed(23)
     n, c, r = 3, 260, 260
-    assert cuda_build.reduced_linear_splits(c) == 2 and cuda_build.gate_splits(r) == 4
+    assert cuda_build.reduced_linear_splits(c) == 3 and cuda_build.gate_splits(r) == 6
     pooled, h0, c0 = (torch.randn(n, c, generator=gen) for _ in range(3))
     weights = [
         torch.randn(shape, generator=gen) * 0.1
@@ -320,7 +320,7 @@ def test_cell0_forward_splits_k_over_blocks(emu):
     h_new, c_new = emu.cell0_forward(pooled, h0, c0, weights, 1)  # act(c) = tanh
     grids = emu.grids[-1][1]
     # reduced linears, their chunk sum, gate GEMMs, pointwise
-    assert len(grids) == 4 and grids[0][2] == 4 and grids[2][2] == 4, grids
+    assert len(grids) == 4 and grids[0][2] == 6 and grids[2][2] == 6, grids
     w = [t.double() for t in weights]
     u_ih = torch.relu(pooled.double() @ w[0].T + w[1])
     u_hh = torch.relu(h0.double() @ w[4].T + w[5])
@@ -329,3 +329,24 @@ def test_cell0_forward_splits_k_over_blocks(emu):
     c_want = f.sigmoid() * c0.double() + i.sigmoid() * g.tanh()
     torch.testing.assert_close(c_new.double(), c_want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_new.double(), o.sigmoid() * c_want.tanh(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # about 5 s: the emulated weight-grad GEMMs at C = R = 130
+def test_split_path_backward_splits_k_of_every_lstm_phase(cuda_on_cpu):
+    """C = R = 130 on the split path: the reduced linears (K = C), gate GEMMs and input gradients
+    (K = R) and the hidden gradient (K = 4C) all split K over blocks along grid axis z, each
+    followed by an in-order sum. Outputs, state and every gradient within tolerance of float64,
+    and the same bits on a second run."""
+    from dia_fused.kernels import cuda_build
+
+    assert cuda_build.input_grad_splits(130) == 2 and cuda_build.gate_splits(130) == 4
+    inputs = random_step_inputs(1, 130, 1, 1, reduction=1, seed=24)
+    run(cuda_on_cpu, inputs, torch.float32, "split", relu=True)
+    grids = dict(cuda_on_cpu.grids)["cell0_backward"]
+    z = [g[2] for g in grids]
+    # reduced linears + sum, gate GEMMs + pointwise, du + sum, d pooled / d h0 + sum, weight grads
+    assert z == [4, 1, 4, 1, 6, 1, 4, 1, 1], grids
+    first = compare_backend_outputs(inputs)
+    second = compare_backend_outputs(inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
