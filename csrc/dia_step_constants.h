@@ -19,7 +19,7 @@ constexpr int kReducedLinearSplitK = 128;
 constexpr int kGateSplitK = 128;
 // K per block of the split cell-0 input gradients (K = R).
 constexpr int kInputGradSplitK = 128;
-// Blocks the split H*W reductions (channels_last pool, grad attention) aim for.
+// Blocks the channels_last streaming passes aim for when they split H*W.
 constexpr int kMapReduceMinBlocks = 1056;
 
 }  // namespace dia_fused

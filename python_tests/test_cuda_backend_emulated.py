@@ -267,14 +267,14 @@ def test_channels_last_reductions_split_hw_deterministically(emu, dtype):
     over blocks along grid axis z, each writing partial sums, then a second launch adds them in
     split order. Against float64, and the same bits on a second run."""
     gen = torch.Generator().manual_seed(21)
-    shape = (2, 16, 32, 32)
+    shape = (2, 16, 16, 16)  # small enough that torch's own ops stay single-threaded (TSan)
     x, grad_out, out = (
         torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
         for _ in range(3)
     )
     first, grids = _map_reductions(emu, x, grad_out, out)
     for launches in grids:
-        assert len(launches) == 2 and launches[0][2] >= 4, launches  # split H*W, then the sum
+        assert len(launches) == 2 and launches[0][2] >= 2, launches  # split H*W, then the sum
     z = grad_out.double() * (out.double() > 0)
     expected = (x.double().mean((2, 3)), (z * x.double()).sum((2, 3)))
     for got, want in zip(first[:2], expected):

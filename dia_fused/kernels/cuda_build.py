@@ -35,14 +35,15 @@ FUSED_THREADS = 512  # threads of those blocks
 # chunk, the partial sums added in chunk order by a second kernel (bench/roofline.py)
 HIDDEN_GRAD_SPLIT_K = 256
 # the cell-0 reduced linears u = relu(W1 v + b1) (K = C) split K the same way, in chunks of this
-# many; at most hidden_grad_splits(C) chunks, so the backward's partial sums fit the same buffer
+# many (all split phases share one scratch buffer: cell0_partials_floats)
 REDUCED_LINEAR_SPLIT_K = 128
 # the cell-0 gate GEMMs (K = R per path) split each path's K into chunks of this many
 GATE_SPLIT_K = 128
 # the cell-0 input gradients d pooled, d h0 = du @ W1 (K = R) split K into chunks of this many
 INPUT_GRAD_SPLIT_K = 128
-# channels_last pool / grad-attention reductions split H*W until about this many blocks stream:
-# 8 blocks of 256 threads on each of an H100's 132 SMs (bench/roofline.py)
+# the channels_last streaming passes split H*W until about this many blocks stream (the pool and
+# grad-attention partial sums added in order by a second launch): 8 blocks of 256 threads on each
+# of an H100's 132 SMs (bench/roofline.py)
 MAP_REDUCE_MIN_BLOCKS = 1056
 
 
@@ -194,7 +195,7 @@ def constants_header() -> str:
         f"constexpr int kGateSplitK = {GATE_SPLIT_K};\n"
         f"// K per block of the split cell-0 input gradients (K = R).\n"
         f"constexpr int kInputGradSplitK = {INPUT_GRAD_SPLIT_K};\n"
-        f"// Blocks the split H*W reductions (channels_last pool, grad attention) aim for.\n"
+        f"// Blocks the channels_last streaming passes aim for when they split H*W.\n"
         f"constexpr int kMapReduceMinBlocks = {MAP_REDUCE_MIN_BLOCKS};\n\n"
         f"}}  // namespace dia_fused\n"
     )
