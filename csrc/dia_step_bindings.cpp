@@ -147,12 +147,15 @@ Tensor split_sums_workspace(const MapLayout& layout, const Tensor& sums) {
 struct Cell0WorkspaceTensors {
   Tensor hidden, grad_hidden, grad_gates, hidden_partials;
 
-  Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32)
+  // split: the split path's phases use hidden_partials; the fused path does not (one element)
+  Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32,
+                        bool split)
       : hidden(at::empty({2, n, hidden_size}, f32)),
         grad_hidden(at::empty({2, n, hidden_size}, f32)),
         grad_gates(at::empty({n, 4 * channels}, f32)),
         hidden_partials(at::empty(
-            {cell0_partials_floats(n, static_cast<int>(channels), static_cast<int>(hidden_size))},
+            {split ? cell0_partials_floats(n, static_cast<int>(channels), static_cast<int>(hidden_size))
+                   : 1},
             f32)) {}
 
   Cell0Workspace pointers() {
@@ -315,7 +318,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   Tensor grad_h0 = at::empty({N, C}, f32_like(x));
   Tensor grad_c0 = at::empty({N, C}, f32_like(x));
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Cell0WorkspaceTensors workspace(N, C, R, f32_like(x));
+  Cell0WorkspaceTensors workspace(N, C, R, f32_like(x), /*split=*/false);
 
   const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
   const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
@@ -386,7 +389,7 @@ std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const
   Tensor grad_c0 = at::empty({N, C}, opts);
   Tensor h_new = at::empty({N, C}, opts);
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Cell0WorkspaceTensors workspace(N, C, R, opts);
+  Cell0WorkspaceTensors workspace(N, C, R, opts, /*split=*/true);
   check_launch(launch_cell0_backward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
                                      static_cast<int>(hw), pooled.data_ptr<float>(),
                                      h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,
