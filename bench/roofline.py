@@ -25,7 +25,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dia_fused.kernels.cuda_build import HIDDEN_GRAD_SPLIT_K  # noqa: E402
+from dia_fused.kernels.cuda_build import (  # noqa: E402
+    GATE_SPLIT_K,
+    HIDDEN_GRAD_SPLIT_K,
+    INPUT_GRAD_SPLIT_K,
+    MAP_REDUCE_MIN_BLOCKS,
+    REDUCED_LINEAR_SPLIT_K,
+)
 from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
 
 BENCHMARK_SHAPES = [
@@ -750,6 +756,10 @@ def triton_launches(
 CUDA_STREAM_THREADS, CUDA_STREAM_ROW_LANES, CUDA_FUSED_THREADS = 256, 64, 512
 CUDA_FUSED_MAX_CHANNELS, CUDA_FUSED_SMALL_MAP, CUDA_GEMM = 256, 1 << 14, (32, 32, 32)
 CUDA_HIDDEN_GRAD_SPLIT_K = HIDDEN_GRAD_SPLIT_K  # chunks of K = 4C of hidden_grad_kernel
+CUDA_REDUCED_LINEAR_SPLIT_K = REDUCED_LINEAR_SPLIT_K  # chunks of K = C of reduced_linear_kernel
+CUDA_GATE_SPLIT_K = GATE_SPLIT_K  # chunks of K = R of each path of gate_gemm_kernel
+CUDA_INPUT_GRAD_SPLIT_K = INPUT_GRAD_SPLIT_K  # chunks of K = R of input_grad_kernel
+CUDA_FINISH_UNROLL = 8  # loads in flight per thread of the split-sum kernels (#pragma unroll 8)
 
 
 def _cuda_vec(s: Step) -> int:
@@ -758,27 +768,81 @@ def _cuda_vec(s: Step) -> int:
     return vec if (s.c if s.channels_last else s.hw) % vec == 0 else 1
 
 
-CUDA_UNROLL = {"pool": 4, "scale": 2, "grad_attention": 2, "grad_input": 2}  # Op::kUnroll
+CUDA_UNROLL = {"pool": 4, "scale": 2, "grad_attention": 2, "grad_input": 2}  # Op::kUnroll base
+CUDA_MAP_REDUCE_MIN_BLOCKS = MAP_REDUCE_MIN_BLOCKS  # kMapReduceMinBlocks
 
 
-def _cuda_stream(kernel: str, s: Step, unroll: int, loads: int, stores: int, gpu: GPU) -> Launch:
+def _cuda_unroll(s: Step, kernel: str) -> int:
+    """stream_unroll: the base, doubled up to 4 when an access is one 2-byte element."""
+    base = CUDA_UNROLL[kernel]
+    return 2 * base if s.e * _cuda_vec(s) < 4 and base < 4 else base
+
+
+def _cuda_plane_lanes(s: Step, unroll: int) -> int:
+    """stream_plane_lanes: lanes per NCHW plane, the fewest (a power of 2 up to 32) whose
+    accesses cover the plane at once."""
+    accesses = _cdiv(s.hw, _cuda_vec(s) * unroll)
+    return min(32, _next_power_of_2(accesses))
+
+
+def _cuda_row_lanes(s: Step) -> int:
+    return min(_cdiv(s.c, _cuda_vec(s)), CUDA_STREAM_ROW_LANES)
+
+
+def cuda_map_reduce_splits(s: Step) -> Tuple[int, int]:
+    """map_reduce_splits and map_split_rows: (splits, rows per split) of H*W of the channels_last
+    streaming passes; NCHW: (1, H*W)."""
+    if not s.channels_last:
+        return 1, s.hw
+    lanes = _cuda_row_lanes(s)
+    blocks = s.n * _cdiv(s.c, lanes * _cuda_vec(s))
+    rows_per_step = CUDA_STREAM_THREADS // lanes
+    steps = _cdiv(s.hw, rows_per_step)
+    splits = 1
+    if blocks < CUDA_MAP_REDUCE_MIN_BLOCKS:
+        splits = min(steps, _cdiv(CUDA_MAP_REDUCE_MIN_BLOCKS, blocks))
+        splits = _cdiv(steps, _cdiv(steps, splits))
+    return splits, _cdiv(steps, splits) * rows_per_step
+
+
+def _cuda_stream(kernel: str, s: Step, loads: int, stores: int, gpu: GPU) -> List[Launch]:
     """A streaming pass of csrc (pool, scale, grad attention, grad input) whose threads each have
-    `unroll` accesses in flight (stream_accesses, Op::kUnroll). channels_last: (N, channel tiles)
-    blocks each walking all H*W rows, 256/lanes rows at a time; NCHW: one warp per (n, c) plane, 8
-    per block."""
-    vec = _cuda_vec(s)
+    `_cuda_unroll` accesses in flight (stream_accesses, Op::kUnroll). channels_last: (N, channel
+    tiles, H*W splits) blocks, each walking its rows 256/lanes at a time, the reductions' split
+    sums added by sum_splits_kernel (the apply passes take the same splits); NCHW: a group of
+    _cuda_plane_lanes lanes per (n, c) plane."""
+    vec, unroll = _cuda_vec(s), _cuda_unroll(s, kernel)
+    reduction = kernel in ("pool", "grad_attention")
+    splits = 1
     if s.channels_last:
-        lanes = min(_cdiv(s.c, vec), CUDA_STREAM_ROW_LANES)
-        grid = (s.n, _cdiv(s.c, lanes * vec))
-        rows_at_once = CUDA_STREAM_THREADS // lanes
-        steps = _cdiv(s.hw, rows_at_once * unroll)
+        lanes = _cuda_row_lanes(s)
+        splits, rows = cuda_map_reduce_splits(s)
+        grid = (s.n, _cdiv(s.c, lanes * vec), splits)
+        steps = _cdiv(rows, (CUDA_STREAM_THREADS // lanes) * unroll)
     else:
-        grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // 32),)
-        steps = _cdiv(s.hw, 32 * vec * unroll)
-    launch = Launch(kernel, grid, loads=loads, stores=stores, dram=loads + stores)
+        lanes = _cuda_plane_lanes(s, unroll)
+        grid = (_cdiv(s.n * s.c, CUDA_STREAM_THREADS // lanes),)
+        steps = _cdiv(s.hw, lanes * vec * unroll)
+    nc4 = s.n * s.c * 4
+    # the (splits, N, C) partial sums replace the (N, C) sums
+    partials = (splits - 1) * nc4 if reduction else 0
+    name = "scale_residual_kernel" if kernel == "scale" else kernel + "_kernel"
+    launch = Launch(name, grid, loads=loads, stores=stores + partials, dram=loads + stores)
+    launch.l2 = partials
     resident = gpu.sms * (gpu.warps_per_sm // (CUDA_STREAM_THREADS // 32))
     launch.serial_us = _makespan([steps * gpu.dram_latency_us] * launch.ctas, resident)
-    return launch
+    if splits == 1 or not reduction:
+        return [launch]
+    finish = Launch(
+        "sum_splits_kernel",
+        (_cdiv(s.n * s.c, CUDA_STREAM_THREADS),),
+        loads=splits * nc4,
+        stores=nc4,
+        dram=0,  # the partial sums were just written: L2; the (N, C) sums are counted above
+    )
+    finish.l2 = finish.loads + finish.stores
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
+    return [launch, finish]
 
 
 def _cuda_gemm(kernel: str, grid, k: int, loads: int, stores: int, dram: int, gpu: GPU) -> Launch:
@@ -821,7 +885,7 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         launch.l2 = launch.loads + launch.stores - launch.dram
         unrolls = ("grad_attention", "grad_input") if backward else ("pool", "scale")
         per_block = sum(
-            _cdiv(per_sample, in_flight * CUDA_UNROLL[u]) * gpu.dram_latency_us for u in unrolls
+            _cdiv(per_sample, in_flight * _cuda_unroll(s, u)) * gpu.dram_latency_us for u in unrolls
         )
         per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
         launch.serial_us = _cdiv(n, gpu.sms) * per_block
@@ -832,62 +896,120 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     tiles = _cdiv(n, CUDA_GEMM[0])
     if not backward:
         return [
-            _cuda_stream("pool_kernel", s, CUDA_UNROLL["pool"], maps, nc4, gpu),
-            _cuda_gemm(
-                "reduced_linear_kernel",
-                (_cdiv(r, 32), tiles, 2),
-                c,
-                2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
-                2 * n * r * 4,
-                2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
-                gpu,
-            ),
-            _cuda_gemm(
-                "gate_forward_kernel",
-                (_cdiv(4 * c, 32), tiles),
-                2 * r,
-                2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles,
-                2 * nc4 * 2,
-                2 * n * r * 4 + 8 * c * r * 4 + 4 * nc4,
-                gpu,
-            ),
-            _cuda_stream("scale_residual_kernel", s, CUDA_UNROLL["scale"], maps * 2, maps, gpu),
+            *_cuda_stream("pool", s, maps, nc4, gpu),
+            *_cuda_reduced_linear(s, tiles, gpu),
+            *_cuda_gates(s, tiles, False, gpu),
+            *_cuda_stream("scale", s, maps * 2, maps, gpu),
         ]
     return [
-        _cuda_stream(
-            "grad_attention_kernel", s, CUDA_UNROLL["grad_attention"], maps * 3, maps + nc4, gpu
-        ),
-        _cuda_gemm(
-            "reduced_linear_kernel",
-            (_cdiv(r, 32), tiles, 2),
-            c,
-            2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
-            2 * n * r * 4,
-            2 * nc4 + 2 * r * c * 4 + 2 * n * r * 4,
-            gpu,
-        ),
-        _cuda_gemm(
-            "gate_backward_kernel",
-            (_cdiv(4 * c, 32), tiles),
-            2 * r,
-            2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles + 4 * nc4,
-            4 * n * c * 4 + 2 * nc4,
-            2 * n * r * 4 + 8 * c * r * 4 + 8 * nc4,
-            gpu,
-        ),
+        *_cuda_stream("grad_attention", s, maps * 3, maps + nc4, gpu),
+        *_cuda_reduced_linear(s, tiles, gpu),
+        *_cuda_gates(s, tiles, True, gpu),
         *_cuda_hidden_grad(s, tiles, gpu),
-        _cuda_gemm(
-            "input_grad_kernel",
-            (_cdiv(c, 32), tiles, 2),
-            r,
-            2 * n * r * 4 * _cdiv(c, 32) + 2 * r * c * 4 * tiles,
-            2 * nc4,
-            2 * n * r * 4 + 2 * r * c * 4 + 2 * nc4,
-            gpu,
-        ),
+        *_cuda_input_grad(s, tiles, gpu),
         _cuda_weight_grad(s, gpu),
-        _cuda_stream("grad_input_kernel", s, CUDA_UNROLL["grad_input"], maps + 2 * nc4, maps, gpu),
+        *_cuda_stream("grad_input", s, maps + 2 * nc4, maps, gpu),
     ]
+
+
+def _cuda_gates(s: Step, tiles: int, backward: bool, gpu: GPU) -> List[Launch]:
+    """gate_gemm_kernel (grid axis z: 2 paths x chunks of K = R, gate_splits(R) partial sums of
+    the (N, 4C) pre-activations), then the pointwise gate_forward_kernel / gate_backward_kernel
+    adding them in order, one thread per (sample, channel)."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = 2 * _cdiv(r, CUDA_GATE_SPLIT_K)
+    partials = splits * 4 * nc4
+    gemm = _cuda_gemm(
+        "gate_gemm_kernel",
+        (_cdiv(4 * c, 32), tiles, splits),
+        min(r, CUDA_GATE_SPLIT_K),
+        2 * n * r * 4 * _cdiv(4 * c, 32) + 8 * c * r * 4 * tiles,
+        partials,
+        2 * n * r * 4 + 8 * c * r * 4 + partials,
+        gpu,
+    )
+    # forward: c0 in, h' and c' out; backward: c0, grad h' (and da), grad c' in, the 4 gate
+    # gradients, grad c0 and the recomputed h out
+    maps_in, maps_out = (4, 6) if backward else (1, 2)
+    pointwise = Launch(
+        "gate_backward_kernel" if backward else "gate_forward_kernel",
+        (_cdiv(n * c, CUDA_STREAM_THREADS),),
+        loads=partials + maps_in * nc4 + 2 * 4 * c * 4,
+        stores=maps_out * nc4,
+    )
+    pointwise.dram = (maps_in + maps_out) * nc4 + 2 * 4 * c * 4
+    pointwise.l2 = partials
+    pointwise.serial_us = (_cdiv(splits, CUDA_FINISH_UNROLL) + 1) * gpu.l2_latency_us
+    return [gemm, pointwise]
+
+
+def _cuda_split_k_finish(kernel: str, s: Step, splits: int, gpu: GPU) -> Launch:
+    """A finish kernel adding `splits` (2, N, R) split-K partial sums in order (8 loads in flight
+    per thread: #pragma unroll 8), reading u or writing it."""
+    size = 2 * s.n * s.r * 4
+    finish = Launch(
+        kernel,
+        (_cdiv(2 * s.n * s.r, CUDA_STREAM_THREADS),),
+        loads=splits * size + size,
+        stores=size,
+        dram=2 * size,
+    )
+    finish.l2 = splits * size
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
+    return finish
+
+
+def _cuda_reduced_linear(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
+    """reduced_linear_kernel over K = C in reduced_linear_splits(C) chunks (grid axis z: 2 paths x
+    chunks), then reduced_linear_finish_kernel adding the chunks in order when there are several."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = _cdiv(c, CUDA_REDUCED_LINEAR_SPLIT_K)
+    partials = splits * 2 * n * r * 4
+    out = partials if splits > 1 else 2 * n * r * 4
+    gemm = _cuda_gemm(
+        "reduced_linear_kernel",
+        (_cdiv(r, 32), tiles, 2 * splits),
+        min(c, CUDA_REDUCED_LINEAR_SPLIT_K),
+        2 * n * c * 4 * _cdiv(r, 32) + 2 * r * c * 4 * tiles,
+        out,
+        2 * nc4 + 2 * r * c * 4 + out,
+        gpu,
+    )
+    if splits == 1:
+        return [gemm]
+    finish = _cuda_split_k_finish("reduced_linear_finish_kernel", s, splits, gpu)
+    finish.loads -= 2 * n * r * 4  # reads the biases, not u
+    finish.dram = 2 * n * r * 4
+    return [gemm, finish]
+
+
+def _cuda_input_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
+    """input_grad_kernel over K = R in input_grad_splits(R) chunks (grid axis z: 2 paths x
+    chunks), then input_grad_finish_kernel adding the chunks in order when there are several."""
+    n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
+    splits = _cdiv(r, CUDA_INPUT_GRAD_SPLIT_K)
+    out = splits * 2 * nc4 if splits > 1 else 2 * nc4
+    gemm = _cuda_gemm(
+        "input_grad_kernel",
+        (_cdiv(c, 32), tiles, 2 * splits),
+        min(r, CUDA_INPUT_GRAD_SPLIT_K),
+        2 * n * r * 4 * _cdiv(c, 32) + 2 * r * c * 4 * tiles,
+        out,
+        2 * n * r * 4 + 2 * r * c * 4 + out,
+        gpu,
+    )
+    if splits == 1:
+        return [gemm]
+    finish = Launch(
+        "input_grad_finish_kernel",
+        (_cdiv(2 * n * c, CUDA_STREAM_THREADS),),
+        loads=out,
+        stores=2 * nc4,
+        dram=2 * nc4,
+    )
+    finish.l2 = out
+    finish.serial_us = _cdiv(splits, CUDA_FINISH_UNROLL) * gpu.l2_latency_us
+    return [gemm, finish]
 
 
 def _cuda_hidden_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
@@ -907,16 +1029,7 @@ def _cuda_hidden_grad(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
     )
     if splits == 1:
         return [gemm]
-    finish = Launch(
-        "hidden_grad_finish_kernel",
-        (_cdiv(2 * n * r, CUDA_STREAM_THREADS),),
-        loads=partials + 2 * n * r * 4,
-        stores=2 * n * r * 4,
-        dram=4 * n * r * 4,
-    )
-    finish.l2 = partials
-    finish.serial_us = splits * gpu.l2_latency_us
-    return [gemm, finish]
+    return [gemm, _cuda_split_k_finish("hidden_grad_finish_kernel", s, splits, gpu)]
 
 
 def _cuda_weight_grad(s: Step, gpu: GPU) -> Launch:

@@ -114,13 +114,44 @@ struct Cell0Workspace {
   float* hidden;       // (2, N, R) u = relu(W1 v + b1) of the ih (v = pooled) and hh (v = h0) paths
   float* grad_hidden;  // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
   float* grad_gates;   // (N, 4C)   d loss / d gates (pre-activation), i, f, g, o blocks of C
-  float* hidden_partials;  // (hidden_grad_splits(C), 2, N, R) split-K sums of grad_gates @ W2;
-                           // unused (may be nullptr) when hidden_grad_splits(C) == 1
+  float* hidden_partials;  // (cell0_partials_floats(N, C, R)) split-K partial sums of the split
+                           // path's phases, one phase at a time: the reduced linears
+                           // (reduced_linear_splits(C), 2, N, R), the gate GEMMs
+                           // (gate_splits(R), N, 4C), du = grad_gates @ W2
+                           // (hidden_grad_splits(C), 2, N, R), d pooled and d h0
+                           // (input_grad_splits(R), 2, N, C); unused by the fused path
 };
 
 // Chunks of K = 4C that the split path's hidden-gradient GEMM spreads over blocks.
 inline int hidden_grad_splits(int channels) {
   return (4 * channels + kHiddenGradSplitK - 1) / kHiddenGradSplitK;
+}
+
+// Chunks of K = C that the split path's reduced linears spread over blocks.
+inline int reduced_linear_splits(int channels) {
+  return (channels + kReducedLinearSplitK - 1) / kReducedLinearSplitK;
+}
+
+// Partial sums of the split path's gate GEMMs: 2 paths x chunks of K = R.
+inline int gate_splits(int hidden) { return 2 * ((hidden + kGateSplitK - 1) / kGateSplitK); }
+
+// Chunks of K = R that the split path's input gradients (d pooled, d h0) spread over blocks.
+inline int input_grad_splits(int hidden) {
+  return (hidden + kInputGradSplitK - 1) / kInputGradSplitK;
+}
+
+// Floats of Cell0Workspace::hidden_partials (and of the forward's scratch after u).
+inline int64_t cell0_partials_floats(int64_t n, int channels, int hidden) {
+  const int64_t rows = 2 * n * hidden;
+  const int splits = hidden_grad_splits(channels) > reduced_linear_splits(channels)
+                         ? hidden_grad_splits(channels)
+                         : reduced_linear_splits(channels);
+  const int64_t k_sums = splits > 1 ? splits * rows : 0;
+  const int64_t gate_sums = gate_splits(hidden) * n * 4 * channels;
+  const int64_t input_sums =
+      input_grad_splits(hidden) > 1 ? input_grad_splits(hidden) * 2 * n * channels : 0;
+  const int64_t most = k_sums > gate_sums ? k_sums : gate_sums;
+  return most > input_sums ? most : input_sums;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -141,20 +172,30 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
                                  float* pooled,  // (N, C) mean of x over H, W
                                  cudaStream_t stream);
 
+// Blocks along H*W of the streaming passes: channels_last maps with few (sample, channel tile)
+// blocks split H*W until about kMapReduceMinBlocks blocks stream. In the reductions (pool, grad
+// attention) each block writes its partial sums and a second launch adds them in split order (the
+// same bits every run, no atomics). 1 for NCHW maps (one lane group per plane fills the GPU).
+int map_reduce_splits(const MapLayout& layout);
+
 // pooled = mean over H, W of x.
 cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout,
-                        FeatureMap x,   // (N, C, H, W)
-                        float* pooled,  // (N, C)
+                        FeatureMap x,     // (N, C, H, W)
+                        float* pooled,    // (N, C)
+                        float* partials,  // (map_reduce_splits(layout), N, C) workspace; unused
+                                          // (may be nullptr) when that is 1
                         cudaStream_t stream);
 
-// Cell 0 of the LSTM over tiles of samples: two launches (reduced linears, then the 4C-wide
-// expansion with the LSTM pointwise math in its epilogue).
+// Cell 0 of the LSTM over tiles of samples: the reduced linears (split K = C, then their sum),
+// the 4C-wide expansion split over paths and K = R chunks, then the LSTM pointwise math adding
+// the chunks in order.
 cudaError_t launch_cell0_forward(int n, int channels, int hidden,
                                  const float* pooled,  // (N, C)
                                  const float* h0,      // (N, C)
                                  const float* c0,      // (N, C)
                                  Cell0Weights weights, CellActivation activation,
-                                 float* hidden_ws,  // (2, N, R) workspace
+                                 float* hidden_ws,  // (2NR + cell0_partials_floats(N, C, R))
+                                                    // workspace: u, then the split-K sums
                                  float* h_new,      // (N, C)
                                  float* c_new,      // (N, C)
                                  cudaStream_t stream);
@@ -198,6 +239,8 @@ cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout,
                                   FeatureMap grad_identity,  // (N, C, H, W) written, or nullptr
                                   bool relu,
                                   float* grad_attention,     // (N, C) written
+                                  float* partials,  // (map_reduce_splits(layout), N, C) workspace;
+                                                    // unused (may be nullptr) when that is 1
                                   cudaStream_t stream);
 
 // Cell-0 backward over tiles of samples (recomputes the forward from pooled, h0, c0): five

@@ -75,7 +75,7 @@ int fused_backward_smem_floats(int channels, int hidden, int vec) {
 
 // grid (N), block (kFusedThreads): block n does everything of sample n but the weight grads.
 template <class T, int VEC>
-__global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const FusedBackwardParams p) {
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const FusedBackwardParams p) {
   DIA_FUSED_DYNAMIC_SMEM(smem);
   const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
   float* pooled = smem;                      // (C)
@@ -95,10 +95,11 @@ __global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const Fus
   // da = sum_HW z * x (and grad_identity = z)
   const GradAttentionOp<T, VEC> grad_att{p.grad_out, p.x, p.out, p.grad_identity, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_reduce<VEC>(grad_att, n, 0, C, HW, fused_row_lanes(C, VEC), scratch, grad_attention, 1.0f);
+    block_rows_reduce<VEC>(grad_att, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch,
+                           grad_attention, 1.0f);
   } else {
     for (int c = warp; c < C; c += warps) {
-      const float sum = warp_plane_reduce<VEC>(grad_att, n, c, HW, lane);
+      const float sum = plane_reduce<VEC>(grad_att, n, c, HW, lane, kWarpSize, true);
       if (lane == 0) grad_attention[c] = sum;
     }
   }
@@ -158,14 +159,14 @@ __global__ void __launch_bounds__(kFusedThreads) fused_backward_kernel(const Fus
   // grad_x = z * a + d pooled / HW
   const GradInputOp<T, VEC> grad_in{p.grad_out, p.out, p.grad_x, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_apply<VEC>(grad_in, n, 0, C, HW, fused_row_lanes(C, VEC), attention, grad_pooled);
+    block_rows_apply<VEC>(grad_in, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, grad_pooled);
   } else {
     for (int c = warp; c < C; c += warps)
-      warp_plane_apply<VEC>(grad_in, n, c, HW, lane, attention[c], grad_pooled[c]);
+      plane_apply<VEC>(grad_in, n, c, HW, lane, kWarpSize, attention[c], grad_pooled[c]);
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads); splits as in pool_kernel.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
@@ -174,7 +175,9 @@ grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
                       const FeatureMap out,            // (N, C, H, W) (read when relu)
                       const FeatureMap grad_identity,  // (N, C, H, W); data nullptr if not wanted
                       bool relu,
-                      float* grad_attention) {         // (N, C)
+                      int split_rows,                  // rows of H*W per block along grid axis z
+                      float* grad_attention,           // (N, C), written when gridDim.z == 1
+                      float* partials) {               // (gridDim.z, N, C), when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
   const int C = layout.channels;
   const GradAttentionOp<T, VEC> op{grad_out, x, out, grad_identity, relu};
@@ -183,22 +186,30 @@ grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
     const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = blockIdx.x;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, layout.hw, lanes, scratch,
-                           grad_attention + n * C + c_begin, 1.0f);
+    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
+    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    float* sums = gridDim.z > 1 ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C
+                                : grad_attention + n * C;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch,
+                           sums + c_begin, 1.0f);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;  // whole warp: no barrier below
-    const float sum = warp_plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane);
-    if (lane == 0) grad_attention[plane] = sum;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, GradAttentionOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t planes = static_cast<int64_t>(layout.n) * C;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
+    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                                        lanes, plane < planes);
+    if (lane == 0 && plane < planes) grad_attention[plane] = sum;
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
+// grad_attention_kernel (channels inner), without partial sums.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
+                  int split_rows,                     // rows of H*W per block along grid axis z
                   const FeatureMap grad_out,          // (N, C, H, W)
                   const FeatureMap out,               // (N, C, H, W) (read when relu)
                   const float* attention,             // (N, C)
@@ -213,21 +224,22 @@ grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
     const int c_begin = static_cast<int>(block.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = block.x;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C,
-                          grad_pooled_over_hw + n * C);
+    const int hw_begin = static_cast<int>(block.z) * split_rows;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
+                          lanes, attention + n * C, grad_pooled_over_hw + n * C);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, GradInputOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
     if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                          attention[plane], grad_pooled_over_hw[plane]);
+    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
+                     attention[plane], grad_pooled_over_hw[plane]);
   }
 }
 
 struct GateBackwardParams {
-  int n, channels, hidden;    // N, C, R
-  const float* hidden_in;     // (2, N, R) recomputed u_ih, u_hh
+  int n, channels, splits;    // N, C, gate_splits(R)
+  const float* gate_sums;     // (splits, N, 4C) from gate_gemm_kernel (recomputed)
   const float* c0;            // (N, C)
   Cell0Weights weights;       // shapes in dia_step.h
   CellActivation activation;
@@ -239,11 +251,11 @@ struct GateBackwardParams {
   float* h_new;               // (N, C) recomputed h of cell 0
 };
 
-// grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): recomputes the gates of a tile
-// of samples x 8 channels, then the pointwise backward in the epilogue.
-__global__ void __launch_bounds__(GemmTile::kThreads) gate_backward_kernel(const GateBackwardParams p) {
+// grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise backward of
+// one (sample, channel) per thread, from the recomputed gates.
+__global__ void __launch_bounds__(kStreamThreads) gate_backward_kernel(const GateBackwardParams p) {
   const int C = p.channels;
-  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
+  for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
     const float grad_h = (p.grad_h_new != nullptr ? p.grad_h_new[at] : 0.0f) +
                          (p.grad_h_extra != nullptr ? p.grad_h_extra[at] : 0.0f);
@@ -303,39 +315,72 @@ __global__ void __launch_bounds__(kStreamThreads) hidden_grad_finish_kernel(cons
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
   float total = 0.0f;
+#pragma unroll 8
   for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
   p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? total : 0.0f;
 }
 
 struct InputGradParams {
   int n, channels, hidden, hw;  // N, C, R, H * W
+  int splits;                   // chunks of K = R, one block each (blockIdx.z / 2)
   const float* grad_hidden;     // (2, N, R)
   Cell0Weights weights;         // W1 (R, C) of both paths are read
   float* grad_pooled_over_hw;   // (N, C) ih path, divided by HW
   float* grad_h0;               // (N, C) hh path
+  float* partials;              // (splits, 2, N, C) chunk sums (splits > 1)
 };
 
-// grid (ceil(C / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads):
-// d pooled = grad_hidden_ih @ Wih1, d h0 = grad_hidden_hh @ Whh1.
+// d pooled / HW (path 0) or d h0 (path 1) of element `at` of the (2, N, C) pair, given its sum.
+__device__ __forceinline__ void store_input_grad(const InputGradParams& p, int64_t at, float v) {
+  const int64_t path_size = static_cast<int64_t>(p.n) * p.channels;
+  if (at >= path_size) {
+    p.grad_h0[at - path_size] = v;
+  } else {
+    p.grad_pooled_over_hw[at] = v * (1.0f / static_cast<float>(p.hw));
+  }
+}
+
+// grid (ceil(C / kN), ceil(N / kM), 2 paths x splits), block (GemmTile::kThreads):
+// d pooled = grad_hidden_ih @ Wih1, d h0 = grad_hidden_hh @ Whh1, K = R in chunks of
+// kInputGradSplitK; with several chunks each block writes its chunk's partial product and
+// input_grad_finish_kernel adds them in chunk order (deterministic, no atomics).
 __global__ void __launch_bounds__(GemmTile::kThreads) input_grad_kernel(const InputGradParams p) {
   __shared__ GemmSmem smem;
-  const bool hh = blockIdx.z == 1;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int split = static_cast<int>(blockIdx.z) / 2;
+  const int k_begin = split * kInputGradSplitK;
+  const int k_size = min(p.hidden - k_begin, kInputGradSplitK);
   const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
   const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  const StridedLoad a{p.grad_hidden + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0), p.hidden, 1};
-  const StridedLoad b{hh ? p.weights.whh1 : p.weights.wih1, p.channels, 1};    // B(j, c) = W1[j, c]
+  const StridedLoad a{p.grad_hidden + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0) + k_begin,
+                      p.hidden, 1};
+  const StridedLoad b{(hh ? p.weights.whh1 : p.weights.wih1) + static_cast<int64_t>(k_begin) * p.channels,
+                      p.channels, 1};  // B(j, c) = W1[k_begin + j, c]
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
-  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.channels, p.hidden, smem);
-  const float inv_hw = 1.0f / static_cast<float>(p.hw);
+  gemm_tile_accumulate<true, false>(acc, a, b, m0, n0, p.n, p.channels, k_size, smem);
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.channels : 0;
+  const int64_t part = static_cast<int64_t>(split) * 2 * p.n * p.channels;
   gemm_tile_store(acc, m0, n0, p.n, p.channels, [&](int m, int col, float v) {
-    const int64_t at = static_cast<int64_t>(m) * p.channels + col;
-    if (hh) {
-      p.grad_h0[at] = v;
+    const int64_t at = path + static_cast<int64_t>(m) * p.channels + col;
+    if (p.splits == 1) {
+      store_input_grad(p, at, v);
     } else {
-      p.grad_pooled_over_hw[at] = v * inv_hw;
+      p.partials[part + at] = v;
     }
   });
+}
+
+// grid (ceil(2NC / kStreamThreads)), block (kStreamThreads): d pooled / HW and d h0 from the
+// split-K partials, added in chunk order.
+__global__ void __launch_bounds__(kStreamThreads) input_grad_finish_kernel(const InputGradParams p) {
+  const int64_t size = 2 * static_cast<int64_t>(p.n) * p.channels;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= size) return;
+  float total = 0.0f;
+#pragma unroll 8
+  for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
+  store_input_grad(p, at, total);
 }
 
 // One weight-grad GEMM: W[m, j] = sum_s A[s, m] * B[s, j] for j < cols, bias[m] = sum_s A[s, m].
@@ -432,14 +477,22 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
 
 cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,
                                   FeatureMap x, FeatureMap out, FeatureMap grad_identity,
-                                  bool relu, float* grad_attention, cudaStream_t stream) {
-  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+                                  bool relu, float* grad_attention, float* partials,
+                                  cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
+  const cudaError_t err = dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_attention_kernel<T, VEC>)(
-        layout, grad_out, x, out, grad_identity, relu, grad_attention);
+    DIA_FUSED_LAUNCH(stream_grid(layout, GradAttentionOp<T, VEC>::kUnroll, splits), kStreamThreads,
+                     0, stream, grad_attention_kernel<T, VEC>)(layout, grad_out, x, out,
+                                                               grad_identity, relu, split_rows,
+                                                               grad_attention, partials);
     return cudaGetLastError();
   });
+  if (err != cudaSuccess || splits == 1) return err;
+  return launch_sum_splits(splits, static_cast<int64_t>(layout.n) * layout.channels, partials, 1.0f,
+                           grad_attention, stream);
 }
 
 cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const float* pooled,
@@ -449,14 +502,18 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
                                   float* grad_pooled_over_hw, float* grad_h0, float* grad_c0,
                                   float* h_new, Cell0WeightGrads weight_grads, Cell0Workspace ws,
                                   cudaStream_t stream) {
-  cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, ws.hidden, stream);
+  cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, ws.hidden,
+                                          ws.hidden_partials, stream);
   if (err != cudaSuccess) return err;
   const unsigned sample_tiles = (n + GemmTile::kM - 1) / GemmTile::kM;
 
-  const GateBackwardParams gate{n, channels, hidden, ws.hidden, c0, weights, activation,
+  err = launch_gate_gemm(n, channels, hidden, ws.hidden, weights, ws.hidden_partials, stream);
+  if (err != cudaSuccess) return err;
+  const GateBackwardParams gate{n, channels, gate_splits(hidden), ws.hidden_partials, c0, weights, activation,
                                 grad_h_new, grad_h_extra, grad_c_new, ws.grad_gates, grad_c0, h_new};
-  const dim3 gate_grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles);
-  DIA_FUSED_LAUNCH(gate_grid, GemmTile::kThreads, 0, stream, gate_backward_kernel)(gate);
+  const int64_t cells = static_cast<int64_t>(n) * channels;
+  const unsigned gate_blocks = static_cast<unsigned>((cells + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(gate_blocks, kStreamThreads, 0, stream, gate_backward_kernel)(gate);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
 
   const int splits = hidden_grad_splits(channels);
@@ -472,10 +529,18 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  const InputGradParams in{n, channels, hidden, hw, ws.grad_hidden, weights, grad_pooled_over_hw, grad_h0};
-  const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2);
+  const int input_splits = input_grad_splits(hidden);
+  const InputGradParams in{n,       channels,           hidden,  hw, input_splits, ws.grad_hidden,
+                           weights, grad_pooled_over_hw, grad_h0, ws.hidden_partials};
+  const dim3 input_grid((channels + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2 * input_splits);
   DIA_FUSED_LAUNCH(input_grid, GemmTile::kThreads, 0, stream, input_grad_kernel)(in);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  if (input_splits > 1) {
+    const int64_t size = 2 * static_cast<int64_t>(n) * channels;
+    const unsigned finish_blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+    DIA_FUSED_LAUNCH(finish_blocks, kStreamThreads, 0, stream, input_grad_finish_kernel)(in);
+    if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  }
 
   return launch_weight_grads(n, channels, hidden, pooled, h0, ws, weight_grads, stream);
 }
@@ -484,11 +549,15 @@ cudaError_t launch_grad_input(ScalarKind kind, const MapLayout& layout, FeatureM
                               FeatureMap out, const float* attention,
                               const float* grad_pooled_over_hw, FeatureMap grad_x, bool relu,
                               cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, grad_input_kernel<T, VEC>)(
-        layout, grad_out, out, attention, grad_pooled_over_hw, grad_x, relu);
+    DIA_FUSED_LAUNCH(stream_grid(layout, GradInputOp<T, VEC>::kUnroll, splits), kStreamThreads, 0,
+                     stream, grad_input_kernel<T, VEC>)(layout, split_rows, grad_out, out,
+                                                        attention, grad_pooled_over_hw, grad_x,
+                                                        relu);
     return cudaGetLastError();
   });
 }

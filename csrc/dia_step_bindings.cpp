@@ -135,19 +135,27 @@ std::vector<Tensor> empty_weight_grads(const std::vector<Tensor>& w) {
   return grads;
 }
 
-// The (2, N, R), (2, N, R), (N, 4C), (splits, 2, N, R) fp32 workspace of the cell-0 backward,
+// The (map_reduce_splits(layout), N, C) partial sums of a pool / grad-attention reduction split
+// over H*W (one element when it is not split), fp32 beside `sums` (N, C).
+Tensor split_sums_workspace(const MapLayout& layout, const Tensor& sums) {
+  const int splits = map_reduce_splits(layout);
+  return at::empty({splits > 1 ? splits * sums.numel() : 1}, sums.options());
+}
+
+// The (2, N, R), (2, N, R), (N, 4C), (cell0_partials_floats) fp32 workspace of the cell-0 backward,
 // owned by tensors.
 struct Cell0WorkspaceTensors {
   Tensor hidden, grad_hidden, grad_gates, hidden_partials;
 
-  Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32)
+  // split: the split path's phases use hidden_partials; the fused path does not (one element)
+  Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32,
+                        bool split)
       : hidden(at::empty({2, n, hidden_size}, f32)),
         grad_hidden(at::empty({2, n, hidden_size}, f32)),
         grad_gates(at::empty({n, 4 * channels}, f32)),
         hidden_partials(at::empty(
-            {hidden_grad_splits(static_cast<int>(channels)) > 1
-                 ? hidden_grad_splits(static_cast<int>(channels)) * 2 * n * hidden_size
-                 : 1},
+            {split ? cell0_partials_floats(n, static_cast<int>(channels), static_cast<int>(hidden_size))
+                   : 1},
             f32)) {}
 
   Cell0Workspace pointers() {
@@ -220,8 +228,10 @@ Tensor pool(const Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor pooled = at::empty({x.size(0), x.size(1)}, f32_like(x));
   const FeatureMap x_map = feature_map(x, "x");
-  check_launch(launch_pool(scalar_kind(x), map_layout(x, {x_map}), x_map, pooled.data_ptr<float>(),
-                           current_stream(x)),
+  const MapLayout layout = map_layout(x, {x_map});
+  Tensor partials = split_sums_workspace(layout, pooled);
+  check_launch(launch_pool(scalar_kind(x), layout, x_map, pooled.data_ptr<float>(),
+                           partials.data_ptr<float>(), current_stream(x)),
                "pool_kernel");
   return pooled;
 }
@@ -242,7 +252,10 @@ std::vector<Tensor> cell0_forward(const Tensor& pooled, const Tensor& h0, const 
   check_f32_contiguous(h0, "h0", x_like, {N, C});
   check_f32_contiguous(c0, "c0", x_like, {N, C});
   const Cell0 cell = cell0_weights(weights, x_like);
-  Tensor hidden_ws = at::empty({2, N, cell.hidden}, pooled.options());
+  // u (2, N, R), then the split-K sums
+  Tensor hidden_ws = at::empty(
+      {2 * N * cell.hidden + cell0_partials_floats(N, static_cast<int>(C), cell.hidden)},
+      pooled.options());
   Tensor h_new = at::empty({N, C}, pooled.options());
   Tensor c_new = at::empty({N, C}, pooled.options());
   check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
@@ -305,7 +318,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   Tensor grad_h0 = at::empty({N, C}, f32_like(x));
   Tensor grad_c0 = at::empty({N, C}, f32_like(x));
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Cell0WorkspaceTensors workspace(N, C, R, f32_like(x));
+  Cell0WorkspaceTensors workspace(N, C, R, f32_like(x), /*split=*/false);
 
   const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
   const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
@@ -336,8 +349,10 @@ std::vector<Tensor> grad_attention(const Tensor& grad_out, const Tensor& x, cons
   const FeatureMap go_map = feature_map(grad_out, "grad_out"), x_map = feature_map(x, "x");
   const FeatureMap out_map = relu ? feature_map(out, "out") : kNoMap;
   const FeatureMap gi_map = identity_given ? feature_map(grad_identity, "grad_identity") : kNoMap;
-  check_launch(launch_grad_attention(scalar_kind(x), map_layout(x, {go_map, x_map, out_map, gi_map}),
-                                     go_map, x_map, out_map, gi_map, relu, da.data_ptr<float>(),
+  const MapLayout layout = map_layout(x, {go_map, x_map, out_map, gi_map});
+  Tensor partials = split_sums_workspace(layout, da);
+  check_launch(launch_grad_attention(scalar_kind(x), layout, go_map, x_map, out_map, gi_map, relu,
+                                     da.data_ptr<float>(), partials.data_ptr<float>(),
                                      current_stream(x)),
                "grad_attention_kernel");
   return {da, grad_identity};
@@ -374,7 +389,7 @@ std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const
   Tensor grad_c0 = at::empty({N, C}, opts);
   Tensor h_new = at::empty({N, C}, opts);
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
-  Cell0WorkspaceTensors workspace(N, C, R, opts);
+  Cell0WorkspaceTensors workspace(N, C, R, opts, /*split=*/true);
   check_launch(launch_cell0_backward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
                                      static_cast<int>(hw), pooled.data_ptr<float>(),
                                      h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,

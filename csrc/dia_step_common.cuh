@@ -84,12 +84,14 @@ __device__ __forceinline__ int64_t map_offset(const FeatureMap& m, int64_t n, in
          static_cast<int64_t>(hw) * m.stride_hw;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2)
-    v += __shfl_xor_sync(kFullMask, v, offset);
+// Sum over each aligned group of `lanes` lanes (a power of 2 up to a warp), in a fixed tree;
+// every lane of the warp must call it.
+__device__ __forceinline__ float group_sum(float v, int lanes) {
+  for (int offset = lanes / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
   return v;
 }
+
+__device__ __forceinline__ float warp_sum(float v) { return group_sum(v, kWarpSize); }
 
 // ---------------------------------------------------------------------------------------------
 // LSTM pointwise math (fp32), gates in i, f, g, o order
@@ -179,43 +181,49 @@ __device__ __forceinline__ void stream_accesses(const Op& op, int64_t n, int c, 
   }
 }
 
-// One warp streams the plane (n, c) (channels outer). Returns the plane's sum in every lane.
+// A group of `lanes` lanes (aligned, a power of 2 up to a warp) streams the plane (n, c)
+// (channels outer); lane is the lane within the group. Returns the plane's sum in every lane of
+// the group. Every lane of the warp must call it (shuffles); a lane with valid == false loads
+// nothing and contributes 0.
 template <int VEC, class Op>
-__device__ __forceinline__ float warp_plane_reduce(const Op& op, int64_t n, int c, int hw_size,
-                                                   int lane) {
+__device__ __forceinline__ float plane_reduce(const Op& op, int64_t n, int c, int hw_size, int lane,
+                                              int lanes, bool valid) {
   float acc[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
-  stream_accesses(op, n, c, lane * VEC, hw_size, kWarpSize * VEC,
-                  [&](typename Op::Regs& regs, int hw) { op.reduce(regs, acc, n, c, hw); });
+  if (valid) {
+    stream_accesses(op, n, c, lane * VEC, hw_size, lanes * VEC,
+                    [&](typename Op::Regs& regs, int hw) { op.reduce(regs, acc, n, c, hw); });
+  }
   float total = 0.0f;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) total += acc[e];
-  return warp_sum(total);
+  return group_sum(total, lanes);
 }
 
-// One warp streams the plane (n, c) writing outputs; p0, p1 are the channel's parameters.
+// A group of `lanes` lanes streams the plane (n, c) writing outputs; p0, p1 are the channel's
+// parameters.
 template <int VEC, class Op>
-__device__ __forceinline__ void warp_plane_apply(const Op& op, int64_t n, int c, int hw_size,
-                                                 int lane, float p0, float p1) {
+__device__ __forceinline__ void plane_apply(const Op& op, int64_t n, int c, int hw_size, int lane,
+                                            int lanes, float p0, float p1) {
   float p0v[VEC], p1v[VEC];
 #pragma unroll
   for (int e = 0; e < VEC; ++e) {
     p0v[e] = p0;
     p1v[e] = p1;
   }
-  stream_accesses(op, n, c, lane * VEC, hw_size, kWarpSize * VEC,
+  stream_accesses(op, n, c, lane * VEC, hw_size, lanes * VEC,
                   [&](typename Op::Regs& regs, int hw) { op.store(regs, p0v, p1v, n, c, hw); });
 }
 
-// Rows of sample n (channels inner), channels [c_begin, c_end) with c_end - c_begin <= lanes * VEC:
-// thread t takes channel vector (t % lanes) of every (t / lanes)-th row. Threads past the last
-// full group of `lanes` idle. All threads of the block must call (barriers inside).
-// out[j] = scale * sum over H, W of the terms of channel c_begin + j.
-// scratch: (blockDim.x * VEC) floats of shared memory.
+// Rows [hw_begin, hw_end) of sample n (channels inner), channels [c_begin, c_end) with
+// c_end - c_begin <= lanes * VEC: thread t takes channel vector (t % lanes) of every
+// (t / lanes)-th row. Threads past the last full group of `lanes` idle. All threads of the block
+// must call (barriers inside). out[j] = scale * sum over those rows of the terms of channel
+// c_begin + j, the groups added in order. scratch: (blockDim.x * VEC) floats of shared memory.
 template <int VEC, class Op>
-__device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_end, int hw_size,
-                                  int lanes, float* scratch, float* out, float scale) {
+__device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_end, int hw_begin,
+                                  int hw_end, int lanes, float* scratch, float* out, float scale) {
   const int groups = static_cast<int>(blockDim.x) / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes;
   const int group = static_cast<int>(threadIdx.x) / lanes;
@@ -224,7 +232,7 @@ __device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_en
 #pragma unroll
   for (int e = 0; e < VEC; ++e) acc[e] = 0.0f;
   if (group < groups && c < c_end) {
-    stream_accesses(op, n, c, group, hw_size, groups,
+    stream_accesses(op, n, c, hw_begin + group, hw_end, groups,
                     [&](typename Op::Regs& regs, int hw) { op.reduce(regs, acc, n, c, hw); });
   }
   if (group < groups) {
@@ -245,8 +253,8 @@ __device__ void block_rows_reduce(const Op& op, int64_t n, int c_begin, int c_en
 // the channel (p1 may be nullptr: zeros). Same thread mapping as block_rows_reduce; no barrier.
 template <int VEC, class Op>
 __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_begin, int c_end,
-                                                 int hw_size, int lanes, const float* p0,
-                                                 const float* p1) {
+                                                 int hw_begin, int hw_end, int lanes,
+                                                 const float* p0, const float* p1) {
   const int groups = static_cast<int>(blockDim.x) / lanes;
   const int lane = static_cast<int>(threadIdx.x) % lanes;
   const int group = static_cast<int>(threadIdx.x) / lanes;
@@ -258,7 +266,7 @@ __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_
     p0v[e] = p0[c + e];
     p1v[e] = p1 != nullptr ? p1[c + e] : 0.0f;
   }
-  stream_accesses(op, n, c, group, hw_size, groups,
+  stream_accesses(op, n, c, hw_begin + group, hw_end, groups,
                   [&](typename Op::Regs& regs, int hw) { op.store(regs, p0v, p1v, n, c, hw); });
 }
 
@@ -266,7 +274,7 @@ __device__ __forceinline__ void block_rows_apply(const Op& op, int64_t n, int c_
 // passes (scale, grad input) run on the grid of the reduction pass before them (pool, grad
 // attention) in reverse, so the rows that pass touched last, the likeliest still in L2, come first.
 __device__ __forceinline__ dim3 mirrored_block() {
-  return dim3(gridDim.x - 1 - blockIdx.x, gridDim.y - 1 - blockIdx.y, blockIdx.z);
+  return dim3(gridDim.x - 1 - blockIdx.x, gridDim.y - 1 - blockIdx.y, gridDim.z - 1 - blockIdx.z);
 }
 
 // Vector lanes per row of the one-block-per-sample kernels: a whole row of C per thread group.
@@ -281,17 +289,45 @@ __host__ __device__ __forceinline__ int stream_row_lanes(int channels, int vec) 
   return lanes < kStreamRowLanes ? lanes : kStreamRowLanes;
 }
 
-// Grid of the multi-kernel streaming passes: channels inner: (N, channel tiles) blocks of
-// kStreamThreads; channels outer: one warp per (n, c) plane.
-inline dim3 stream_grid(const MapLayout& layout) {
+// Lanes per (n, c) plane of the multi-kernel streaming passes (channels outer): the fewest, a
+// power of 2 up to a warp, whose `unroll` accesses of `vec` elements cover the plane at once, so
+// that small planes (7x7, 14x14) share a warp instead of leaving most of its lanes idle.
+__host__ __device__ __forceinline__ int stream_plane_lanes(int hw, int vec, int unroll) {
+  const int accesses = (hw + vec * unroll - 1) / (vec * unroll);
+  int lanes = 1;
+  while (lanes < accesses && lanes < kWarpSize) lanes *= 2;
+  return lanes;
+}
+
+// Grid of the multi-kernel streaming passes whose ops keep `unroll` accesses in flight per
+// thread: channels inner: (N, channel tiles, map_reduce_splits H*W splits) blocks of
+// kStreamThreads; channels outer: a group of stream_plane_lanes lanes per (n, c) plane.
+inline dim3 stream_grid(const MapLayout& layout, int unroll, int splits = 1) {
   if (layout.channels_inner) {
     const int tile = stream_row_lanes(layout.channels, layout.vec) * layout.vec;
     return dim3(static_cast<unsigned>(layout.n),
-                static_cast<unsigned>((layout.channels + tile - 1) / tile));
+                static_cast<unsigned>((layout.channels + tile - 1) / tile),
+                static_cast<unsigned>(splits));
   }
   const int64_t planes = static_cast<int64_t>(layout.n) * layout.channels;
-  const int warps = kStreamThreads / kWarpSize;
-  return dim3(static_cast<unsigned>((planes + warps - 1) / warps));
+  const int per_block = kStreamThreads / stream_plane_lanes(layout.hw, layout.vec, unroll);
+  return dim3(static_cast<unsigned>((planes + per_block - 1) / per_block));
+}
+
+// Rows of H*W per block of a channels-inner reduction split over `splits` blocks along H*W: whole
+// steps of the block's kStreamThreads / lanes rows.
+inline int map_split_rows(const MapLayout& layout, int splits) {
+  const int rows_per_step = kStreamThreads / stream_row_lanes(layout.channels, layout.vec);
+  const int steps = (layout.hw + rows_per_step - 1) / rows_per_step;
+  return (steps + splits - 1) / splits * rows_per_step;
+}
+
+// Accesses each thread of a streaming pass keeps in flight: `base`, doubled up to 4 when an access
+// is a single 2-byte element, so that small unvectorized planes still move enough bytes per trip
+// (more would need over 32 registers: spills at 8 blocks of 256 threads per SM).
+template <class T, int VEC>
+__host__ __device__ constexpr int stream_unroll(int base) {
+  return sizeof(T) * VEC < 4 && base < 4 ? 2 * base : base;
 }
 
 // Runs f(T{}, std::integral_constant<int, VEC>{}) for the scalar type of `kind` and the vector
@@ -318,7 +354,7 @@ cudaError_t dispatch_scalar_vec(ScalarKind kind, int vec, F&& f) {
 // Term x: the pooled sum.
 template <class T, int VEC>
 struct PoolOp {
-  static constexpr int kUnroll = 4;
+  static constexpr int kUnroll = stream_unroll<T, VEC>(4);
   FeatureMap x;
   struct Regs {
     Pack<T, VEC> x;
@@ -335,7 +371,7 @@ struct PoolOp {
 // out = relu?(x * a + identity); p0 = a.
 template <class T, int VEC>
 struct ScaleResidualOp {
-  static constexpr int kUnroll = 2;
+  static constexpr int kUnroll = stream_unroll<T, VEC>(2);
   FeatureMap x, identity, out;  // identity.data may be nullptr
   bool relu;
   struct Regs {
@@ -363,7 +399,7 @@ struct ScaleResidualOp {
 // z = grad_out * (out > 0 if relu); term z * x; grad_identity = z when requested.
 template <class T, int VEC>
 struct GradAttentionOp {
-  static constexpr int kUnroll = 2;
+  static constexpr int kUnroll = stream_unroll<T, VEC>(2);
   FeatureMap grad_out, x, out, grad_identity;  // grad_identity.data may be nullptr
   bool relu;
   struct Regs {
@@ -393,7 +429,7 @@ struct GradAttentionOp {
 // grad_x = z * a + d pooled / HW; p0 = a, p1 = d pooled / HW.
 template <class T, int VEC>
 struct GradInputOp {
-  static constexpr int kUnroll = 2;
+  static constexpr int kUnroll = stream_unroll<T, VEC>(2);
   FeatureMap grad_out, out, grad_x;
   bool relu;
   struct Regs {
@@ -529,49 +565,29 @@ struct OnesColumnLoad {
   }
 };
 
-// Gate pre-activations of cell 0, without biases, for the tile of samples [m0, m0 + kM) and gate
-// columns [n0, n0 + kN) (col = 4 * channel + gate): acc[i][q] is gate q of sample
-// m0 + gemm_thread_row() * kTM + i and channel n0 / 4 + gemm_thread_col().
-__device__ __forceinline__ void expansion_tile(float (&acc)[GemmTile::kTM][GemmTile::kTN],
-                                               const Cell0Weights& w,
-                                               const float* hidden,  // (2, N, R)
-                                               int n, int channels, int hidden_size, int m0, int n0,
-                                               GemmSmem& smem) {
-  gemm_zero(acc);
-  const int64_t path_stride = static_cast<int64_t>(n) * hidden_size;
-  gemm_tile_accumulate<true, true>(acc, StridedLoad{hidden, hidden_size, 1},
-                                   GateColumnsLoad{w.wih2, channels, hidden_size}, m0, n0, n,
-                                   4 * channels, hidden_size, smem);
-  gemm_tile_accumulate<true, true>(acc, StridedLoad{hidden + path_stride, hidden_size, 1},
-                                   GateColumnsLoad{w.whh2, channels, hidden_size}, m0, n0, n,
-                                   4 * channels, hidden_size, smem);
-}
-
-// The epilogue of the gate kernels (grid (ceil(4C / kN), ceil(N / kM)), block GemmTile::kThreads):
-// recomputes the cell-0 gates of this block's tile, biases included, and calls
-// fn(m, c, gate) (float (&)[4], i f g o) for every sample m and channel c of this thread.
+// The pointwise kernels after the split gate GEMMs (grid (ceil(N * C / kStreamThreads)), block
+// kStreamThreads): the cell-0 gates of sample m, channel c, biases included, the partial sums
+// (gate_splits(R), N, 4C) (column 4 * c + gate) added in split order; calls fn(m, c, gate)
+// (float (&)[4], i f g o) for this thread's (m, c).
 template <class Fn>
 __device__ __forceinline__ void for_each_cell0_gates(const Cell0Weights& w,
-                                                     const float* hidden,  // (2, N, R) relu(u)
-                                                     int n, int channels, int hidden_size,
+                                                     const float* partials,
+                                                     int n, int channels, int splits,
                                                      const Fn& fn) {
-  __shared__ GemmSmem smem;
-  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
-  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  float acc[GemmTile::kTM][GemmTile::kTN];
-  expansion_tile(acc, w, hidden, n, channels, hidden_size, m0, n0, smem);
-  const int c = n0 / 4 + gemm_thread_col();
-  if (c >= channels) return;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= static_cast<int64_t>(n) * channels) return;
+  const int64_t m = at / channels;
+  const int c = static_cast<int>(at % channels);
+  const int64_t split_size = static_cast<int64_t>(n) * 4 * channels;
+  float gate[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int s = 0; s < splits; ++s) {
+    const float* sums = partials + s * split_size + m * 4 * channels + 4 * c;
 #pragma unroll
-  for (int i = 0; i < GemmTile::kTM; ++i) {
-    const int m = m0 + gemm_thread_row() * GemmTile::kTM + i;
-    if (m >= n) continue;
-    float gate[4];
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      gate[q] = acc[i][q] + w.bih2[q * channels + c] + w.bhh2[q * channels + c];
-    fn(m, c, gate);
+    for (int q = 0; q < 4; ++q) gate[q] += sums[q];
   }
+#pragma unroll
+  for (int q = 0; q < 4; ++q) gate[q] += w.bih2[q * channels + c] + w.bhh2[q * channels + c];
+  fn(static_cast<int>(m), c, gate);
 }
 
 // Calls store(m, col, value) for every element of this thread's GEMM tile inside [0, rows) x [0, cols).
@@ -629,13 +645,30 @@ __device__ __forceinline__ void sample_gate_preacts(const Cell0Weights& w, const
   }
 }
 
-// u = relu(W1 v + b1) of both cell-0 paths over tiles of samples (dia_step_forward.cu); the
+// out = scale * sum over s of partials[s] ((S, N, C) -> (N, C), s in order): the second pass of
+// the reductions split over H*W (dia_step_forward.cu).
+cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
+                              float* out, cudaStream_t stream);
+
+// The cell-0 gate pre-activations without biases, as gate_splits(R) partial sums (2 paths x
+// chunks of kGateSplitK of K = R) over tiles of samples x gate columns (dia_step_forward.cu);
+// for_each_cell0_gates adds them.
+cudaError_t launch_gate_gemm(int n, int channels, int hidden,
+                             const float* hidden_in,  // (2, N, R) u_ih, u_hh
+                             const Cell0Weights& weights,
+                             float* partials,  // (gate_splits(R), N, 4C), column 4 * channel + gate
+                             cudaStream_t stream);
+
+// u = relu(W1 v + b1) of both cell-0 paths over tiles of samples (dia_step_forward.cu), K = C
+// in reduced_linear_splits(C) chunks (then a second launch adds the chunks in order); the
 // backward recomputes u with it.
 cudaError_t launch_reduced_linear(int n, int channels, int hidden,
                                   const float* pooled,  // (N, C)
                                   const float* h0,      // (N, C)
                                   const Cell0Weights& weights,
                                   float* hidden_out,    // (2, N, R)
+                                  float* partials,      // (reduced_linear_splits(C), 2, N, R);
+                                                        // unused when that is 1
                                   cudaStream_t stream);
 
 }  // namespace detail

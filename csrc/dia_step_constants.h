@@ -12,6 +12,14 @@ constexpr int kFusedThreads = 512;
 // Largest C the one-block-per-sample kernels take (all per-sample vectors live in shared memory).
 constexpr int kFusedMaxChannels = 256;
 // K per block of the split cell-0 hidden-gradient GEMM (K = 4C).
-constexpr int kHiddenGradSplitK = 512;
+constexpr int kHiddenGradSplitK = 256;
+// K per block of the split cell-0 reduced linears (K = C).
+constexpr int kReducedLinearSplitK = 128;
+// K per block of each path of the split cell-0 gate GEMMs (K = R).
+constexpr int kGateSplitK = 128;
+// K per block of the split cell-0 input gradients (K = R).
+constexpr int kInputGradSplitK = 128;
+// Blocks the channels_last streaming passes aim for when they split H*W.
+constexpr int kMapReduceMinBlocks = 1056;
 
 }  // namespace dia_fused

@@ -53,10 +53,10 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
 
   const PoolOp<T, VEC> pool{p.x};
   if (p.layout.channels_inner) {
-    block_rows_reduce<VEC>(pool, n, 0, C, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
+    block_rows_reduce<VEC>(pool, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
   } else {
     for (int c = warp; c < C; c += warps) {
-      const float sum = warp_plane_reduce<VEC>(pool, n, c, HW, lane);
+      const float sum = plane_reduce<VEC>(pool, n, c, HW, lane, kWarpSize, true);
       if (lane == 0) pooled[c] = sum * inv_hw;
     }
   }
@@ -79,18 +79,23 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
 
   const ScaleResidualOp<T, VEC> scale{p.x, p.identity, p.out, p.relu};
   if (p.layout.channels_inner) {
-    block_rows_apply<VEC>(scale, n, 0, C, HW, fused_row_lanes(C, VEC), attention, nullptr);
+    block_rows_apply<VEC>(scale, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, nullptr);
   } else {
-    for (int c = warp; c < C; c += warps) warp_plane_apply<VEC>(scale, n, c, HW, lane, attention[c], 0.0f);
+    for (int c = warp; c < C; c += warps)
+      plane_apply<VEC>(scale, n, c, HW, lane, kWarpSize, attention[c], 0.0f);
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads). splits = gridDim.z
+// (channels inner only): block z sums rows [z * split_rows, (z + 1) * split_rows) of H*W into
+// partials[z] (unscaled) and sum_splits_kernel adds them in order.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 pool_kernel(const MapLayout layout,  // N, C, HW, walk order
             const FeatureMap x,      // (N, C, H, W)
-            float* pooled) {         // (N, C)
+            int split_rows,          // rows of H*W per block along grid axis z
+            float* pooled,           // (N, C), written when gridDim.z == 1
+            float* partials) {       // (gridDim.z, N, C), written when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
   const int C = layout.channels;
   const float inv_hw = 1.0f / static_cast<float>(layout.hw);
@@ -100,22 +105,30 @@ pool_kernel(const MapLayout layout,  // N, C, HW, walk order
     const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = blockIdx.x;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, layout.hw, lanes, scratch,
-                           pooled + n * C + c_begin, inv_hw);
+    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
+    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    const bool split = gridDim.z > 1;
+    float* out = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C : pooled + n * C;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch, out + c_begin,
+                           split ? 1.0f : inv_hw);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;  // whole warp: no barrier below
-    const float sum = warp_plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane);
-    if (lane == 0) pooled[plane] = sum * inv_hw;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, PoolOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t planes = static_cast<int64_t>(layout.n) * C;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
+    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                                        lanes, plane < planes);
+    if (lane == 0 && plane < planes) pooled[plane] = sum * inv_hw;
   }
 }
 
-// grid stream_grid(layout), block (kStreamThreads).
+// grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
+// pool_kernel (channels inner), without partial sums.
 template <class T, int VEC>
 __global__ void __launch_bounds__(kStreamThreads)
 scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
+                      int split_rows,            // rows of H*W per block along grid axis z
                       const FeatureMap x,        // (N, C, H, W)
                       const float* attention,    // (N, C)
                       const FeatureMap identity, // (N, C, H, W); data nullptr when absent
@@ -129,20 +142,22 @@ scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
     const int c_begin = static_cast<int>(block.y) * lanes * VEC;
     const int c_end = min(C, c_begin + lanes * VEC);
     const int64_t n = block.x;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, layout.hw, lanes, attention + n * C, nullptr);
+    const int hw_begin = static_cast<int>(block.z) * split_rows;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
+                          lanes, attention + n * C, nullptr);
   } else {
-    const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / kWarpSize) +
-                          threadIdx.x / kWarpSize;
+    const int lanes = stream_plane_lanes(layout.hw, VEC, ScaleResidualOp<T, VEC>::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
     if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    warp_plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                          attention[plane], 0.0f);
+    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
+                     attention[plane], 0.0f);
   }
 }
 
 struct GateForwardParams {
-  int n, channels, hidden;    // N, C, R
-  const float* hidden_in;     // (2, N, R) u_ih, u_hh from reduced_linear_kernel
+  int n, channels, splits;    // N, C, gate_splits(R)
+  const float* gate_sums;     // (splits, N, 4C) from gate_gemm_kernel
   const float* c0;            // (N, C)
   Cell0Weights weights;       // shapes in dia_step.h
   CellActivation activation;
@@ -150,11 +165,11 @@ struct GateForwardParams {
   float* c_new;               // (N, C)
 };
 
-// grid (ceil(4C / kN), ceil(N / kM)), block (GemmTile::kThreads): a tile of samples x 8 channels,
-// all 4 gates, then the pointwise LSTM in the epilogue.
-__global__ void __launch_bounds__(GemmTile::kThreads) gate_forward_kernel(const GateForwardParams p) {
+// grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise forward of one
+// (sample, channel) per thread.
+__global__ void __launch_bounds__(kStreamThreads) gate_forward_kernel(const GateForwardParams p) {
   const int C = p.channels;
-  for_each_cell0_gates(p.weights, p.hidden_in, p.n, C, p.hidden, [&](int m, int c, float (&gate)[4]) {
+  for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
     const CellState s = lstm_cell_forward(gate, p.c0[at], p.activation);
     p.h_new[at] = s.h;
@@ -169,37 +184,145 @@ struct ReducedLinearParams {
   const float* pooled;      // (N, C) input of the ih path
   const float* h0;          // (N, C) input of the hh path
   Cell0Weights weights;     // W1 (R, C), b1 (R) of both paths are read
-  float* hidden_out;        // (2, N, R) relu(W1 v + b1): ih path, then hh path
+  int splits;               // chunks of K = C, one block each (blockIdx.z / 2)
+  float* hidden_out;        // (2, N, R) relu(W1 v + b1): ih path, then hh path (splits == 1)
+  float* partials;          // (splits, 2, N, R) chunk sums of W1 v (splits > 1)
 };
 
-// grid (ceil(R / kN), ceil(N / kM), 2 paths), block (GemmTile::kThreads).
+// grid (ceil(R / kN), ceil(N / kM), 2 paths x splits), block (GemmTile::kThreads): K = C in
+// chunks of kReducedLinearSplitK; with several chunks each block writes its chunk's partial
+// product and reduced_linear_finish_kernel adds them in chunk order (deterministic, no atomics).
 __global__ void __launch_bounds__(GemmTile::kThreads) reduced_linear_kernel(const ReducedLinearParams p) {
   __shared__ GemmSmem smem;
-  const bool hh = blockIdx.z == 1;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int split = static_cast<int>(blockIdx.z) / 2;
+  const int k_begin = split * kReducedLinearSplitK;
+  const int k_size = min(p.channels - k_begin, kReducedLinearSplitK);
   const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
   const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
-  const StridedLoad a{hh ? p.h0 : p.pooled, p.channels, 1};                    // A(n, k) = v[n, k]
-  const StridedLoad b{hh ? p.weights.whh1 : p.weights.wih1, 1, p.channels};    // B(k, j) = W1[j, k]
+  const StridedLoad a{(hh ? p.h0 : p.pooled) + k_begin, p.channels, 1};  // A(n, k) = v[n, k]
+  const StridedLoad b{(hh ? p.weights.whh1 : p.weights.wih1) + k_begin, 1, p.channels};  // W1[j, k]
   float acc[GemmTile::kTM][GemmTile::kTN];
   gemm_zero(acc);
-  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, p.channels, smem);
+  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, p.hidden, k_size, smem);
   const float* bias = hh ? p.weights.bhh1 : p.weights.bih1;
-  float* out = p.hidden_out + (hh ? static_cast<int64_t>(p.n) * p.hidden : 0);
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
+  const int64_t part = static_cast<int64_t>(split) * 2 * p.n * p.hidden;
   gemm_tile_store(acc, m0, n0, p.n, p.hidden, [&](int m, int col, float v) {
-    out[static_cast<int64_t>(m) * p.hidden + col] = fmaxf(v + bias[col], 0.0f);
+    const int64_t at = path + static_cast<int64_t>(m) * p.hidden + col;
+    if (p.splits == 1) {
+      p.hidden_out[at] = fmaxf(v + bias[col], 0.0f);
+    } else {
+      p.partials[part + at] = v;
+    }
   });
+}
+
+// grid (ceil(2NR / kStreamThreads)), block (kStreamThreads): u = relu(the sum of the split-K
+// partials, in chunk order, + b1).
+__global__ void __launch_bounds__(kStreamThreads) reduced_linear_finish_kernel(const ReducedLinearParams p) {
+  const int64_t path_size = static_cast<int64_t>(p.n) * p.hidden;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= 2 * path_size) return;
+  float total = 0.0f;
+#pragma unroll 8
+  for (int split = 0; split < p.splits; ++split) total += p.partials[split * 2 * path_size + at];
+  const float* bias = at >= path_size ? p.weights.bhh1 : p.weights.bih1;
+  p.hidden_out[at] = fmaxf(total + bias[at % p.hidden], 0.0f);
+}
+
+struct GateGemmParams {
+  int n, channels, hidden;  // N, C, R
+  const float* hidden_in;   // (2, N, R) u_ih, u_hh
+  Cell0Weights weights;     // W2 (4C, R) of both paths are read
+  float* partials;          // (gate_splits(R), N, 4C), column 4 * channel + gate
+};
+
+// grid (ceil(4C / kN), ceil(N / kM), gate_splits(R)), block (GemmTile::kThreads): block z takes
+// path z % 2 and chunk z / 2 of K = R: a tile of samples x 8 channels, all 4 gates.
+__global__ void __launch_bounds__(GemmTile::kThreads) gate_gemm_kernel(const GateGemmParams p) {
+  __shared__ GemmSmem smem;
+  const bool hh = (blockIdx.z % 2) == 1;
+  const int k_begin = static_cast<int>(blockIdx.z / 2) * kGateSplitK;
+  const int k_size = min(p.hidden - k_begin, kGateSplitK);
+  const int m0 = static_cast<int>(blockIdx.y) * GemmTile::kM;
+  const int n0 = static_cast<int>(blockIdx.x) * GemmTile::kN;
+  const int64_t path = hh ? static_cast<int64_t>(p.n) * p.hidden : 0;
+  const StridedLoad a{p.hidden_in + path + k_begin, p.hidden, 1};  // A(m, k) = u[m, k]
+  const GateColumnsLoad b{(hh ? p.weights.whh2 : p.weights.wih2) + k_begin, p.channels, p.hidden};
+  float acc[GemmTile::kTM][GemmTile::kTN];
+  gemm_zero(acc);
+  gemm_tile_accumulate<true, true>(acc, a, b, m0, n0, p.n, 4 * p.channels, k_size, smem);
+  float* out = p.partials + blockIdx.z * static_cast<int64_t>(p.n) * 4 * p.channels;
+  gemm_tile_store(acc, m0, n0, p.n, 4 * p.channels, [&](int m, int col, float v) {
+    out[static_cast<int64_t>(m) * 4 * p.channels + col] = v;
+  });
+}
+
+cudaError_t launch_gate_gemm(int n, int channels, int hidden, const float* hidden_in,
+                             const Cell0Weights& weights, float* partials, cudaStream_t stream) {
+  const GateGemmParams p{n, channels, hidden, hidden_in, weights, partials};
+  const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN,
+                  (n + GemmTile::kM - 1) / GemmTile::kM, gate_splits(hidden));
+  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_gemm_kernel)(p);
+  return cudaGetLastError();
 }
 
 cudaError_t launch_reduced_linear(int n, int channels, int hidden, const float* pooled,
                                   const float* h0, const Cell0Weights& weights, float* hidden_out,
-                                  cudaStream_t stream) {
-  const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, hidden_out};
-  const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM, 2);
+                                  float* partials, cudaStream_t stream) {
+  const int splits = reduced_linear_splits(channels);
+  const ReducedLinearParams p{n, channels, hidden, pooled, h0, weights, splits, hidden_out, partials};
+  const dim3 grid((hidden + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM,
+                  2 * splits);
   DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, reduced_linear_kernel)(p);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess || splits == 1) return err;
+  const int64_t size = 2 * static_cast<int64_t>(n) * hidden;
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, reduced_linear_finish_kernel)(p);
+  return cudaGetLastError();
+}
+
+// grid (ceil(size / kStreamThreads)), block (kStreamThreads): out[i] = scale * the sum of
+// partials[s][i] over s in order.
+__global__ void __launch_bounds__(kStreamThreads)
+sum_splits_kernel(int splits,               // S
+                  int64_t size,             // N * C
+                  const float* partials,    // (S, N, C)
+                  float scale,
+                  float* out) {             // (N, C)
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= size) return;
+  float total = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) total += partials[s * size + at];
+  out[at] = total * scale;
+}
+
+cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
+                              float* out, cudaStream_t stream) {
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, sum_splits_kernel)(splits, size, partials,
+                                                                         scale, out);
   return cudaGetLastError();
 }
 
 }  // namespace detail
+
+int map_reduce_splits(const MapLayout& layout) {
+  using namespace detail;
+  if (!layout.channels_inner) return 1;
+  const dim3 grid = stream_grid(layout, 1);
+  const int64_t blocks = static_cast<int64_t>(grid.x) * grid.y;
+  if (blocks >= kMapReduceMinBlocks) return 1;
+  const int rows_per_step = kStreamThreads / stream_row_lanes(layout.channels, layout.vec);
+  const int steps = (layout.hw + rows_per_step - 1) / rows_per_step;
+  const int wanted = static_cast<int>((kMapReduceMinBlocks + blocks - 1) / blocks);
+  const int splits = steps < wanted ? steps : wanted;
+  const int steps_per_split = (steps + splits - 1) / splits;
+  return (steps + steps_per_split - 1) / steps_per_split;
+}
 
 using namespace detail;
 
@@ -220,35 +343,50 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
 }
 
 cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout, FeatureMap x, float* pooled,
-                        cudaStream_t stream) {
-  return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
+                        float* partials, cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
+  const cudaError_t err = dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, pool_kernel<T, VEC>)(layout, x, pooled);
+    DIA_FUSED_LAUNCH(stream_grid(layout, PoolOp<T, VEC>::kUnroll, splits), kStreamThreads, 0, stream,
+                     pool_kernel<T, VEC>)(layout, x, split_rows, pooled, partials);
     return cudaGetLastError();
   });
+  if (err != cudaSuccess || splits == 1) return err;
+  return launch_sum_splits(splits, static_cast<int64_t>(layout.n) * layout.channels, partials,
+                           1.0f / static_cast<float>(layout.hw), pooled, stream);
 }
 
 cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* pooled,
                                  const float* h0, const float* c0, Cell0Weights weights,
                                  CellActivation activation, float* hidden_ws, float* h_new,
                                  float* c_new, cudaStream_t stream) {
-  const cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, stream);
+  float* partials = hidden_ws + 2 * static_cast<int64_t>(n) * hidden;
+  cudaError_t err =
+      launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, partials, stream);
   if (err != cudaSuccess) return err;
-  const GateForwardParams p{n, channels, hidden, hidden_ws, c0, weights, activation, h_new, c_new};
-  const dim3 grid((4 * channels + GemmTile::kN - 1) / GemmTile::kN, (n + GemmTile::kM - 1) / GemmTile::kM);
-  DIA_FUSED_LAUNCH(grid, GemmTile::kThreads, 0, stream, gate_forward_kernel)(p);
+  if ((err = launch_gate_gemm(n, channels, hidden, hidden_ws, weights, partials, stream)) != cudaSuccess)
+    return err;
+  const GateForwardParams p{n,       channels,   gate_splits(hidden), partials, c0,
+                            weights, activation, h_new,               c_new};
+  const int64_t size = static_cast<int64_t>(n) * channels;
+  const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
+  DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, gate_forward_kernel)(p);
   return cudaGetLastError();
 }
 
 cudaError_t launch_scale_residual(ScalarKind kind, const MapLayout& layout, FeatureMap x,
                                   const float* attention, FeatureMap identity, FeatureMap out,
                                   bool relu, cudaStream_t stream) {
+  const int splits = map_reduce_splits(layout);
+  const int split_rows = map_split_rows(layout, splits);
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
-    DIA_FUSED_LAUNCH(stream_grid(layout), kStreamThreads, 0, stream, scale_residual_kernel<T, VEC>)(
-        layout, x, attention, identity, out, relu);
+    DIA_FUSED_LAUNCH(stream_grid(layout, ScaleResidualOp<T, VEC>::kUnroll, splits), kStreamThreads,
+                     0, stream, scale_residual_kernel<T, VEC>)(layout, split_rows, x, attention,
+                                                               identity, out, relu);
     return cudaGetLastError();
   });
 }

@@ -114,13 +114,15 @@ def _check_small(t: torch.Tensor, name: str, shape) -> None:
 
 def cell0_workspace(n: int, channels: int, hidden: int) -> List[torch.Tensor]:
     """The cell-0 backward's fp32 workspace as the bindings allocate it (Cell0WorkspaceTensors)."""
-    splits = cuda_build.hidden_grad_splits(channels)
     return [
         torch.empty(2, n, hidden),
         torch.empty(2, n, hidden),
         torch.empty(n, 4 * channels),
-        torch.empty(splits * 2 * n * hidden if splits > 1 else 1),
+        torch.full((max(1, cuda_build.cell0_partials_floats(n, channels, hidden)),), float("nan")),
     ]
+
+
+MAX_LOGGED_LAUNCHES = 16  # kernel launches one entry point makes, at most (grids recorded)
 
 
 class EmulatedExtension:
@@ -133,12 +135,18 @@ class EmulatedExtension:
         self.lib.emu_constants(constants)
         self.FUSED_MAX_CHANNELS, self.FUSED_THREADS = constants[0], constants[1]
         self.launches = []  # names of the entry points called, in order
+        self.grids = []  # (entry point, [(x, y, z) of each kernel launch it made]), in order
 
     def _call(self, name: str, *args) -> None:
         self.launches.append(name)
         self.lib.emu_reset_errors()
+        self.lib.emu_take_launch_grids(None, 0)
         if getattr(self.lib, "emu_" + name)(*args) != 0:
             raise RuntimeError(f"emulated {name} failed: {self.lib.emu_first_error().decode()}")
+        buffer = (ctypes.c_int * (3 * MAX_LOGGED_LAUNCHES))()
+        count = self.lib.emu_take_launch_grids(buffer, MAX_LOGGED_LAUNCHES)
+        grids = [tuple(buffer[3 * i : 3 * i + 3]) for i in range(min(count, MAX_LOGGED_LAUNCHES))]
+        self.grids.append((name, grids))
 
     @staticmethod
     def _map(t: Optional[torch.Tensor]):
@@ -198,7 +206,8 @@ class EmulatedExtension:
         for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0)):
             _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
-        hidden_ws = torch.empty(2, n, hidden)
+        scratch = cuda_build.cell0_partials_floats(n, channels, hidden)
+        hidden_ws = torch.full((2 * n * hidden + scratch,), float("nan"))
         h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
         self._call(
             "cell0_forward",

@@ -3,12 +3,14 @@
 without a GPU (and with a CPU-only torch, whose extension builder refuses CUDA).
 
 One nvcc call per source with both -gencode targets, the calls run in parallel. The flags are those
-of the real build (dia_fused/kernels/cuda_build.py, plus what torch's builder adds).
+of the real build (dia_fused/kernels/cuda_build.py, plus what torch's builder adds), with ptxas -v
+on the .cu sources: no kernel may spill registers to local memory on either arch.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sysconfig
@@ -68,7 +70,7 @@ def compile_command(source: str, obj: str):
     for include in TORCH_INCLUDES + [sysconfig.get_paths()["include"]]:
         cmd += ["-isystem", include]
     if source.endswith(".cu"):
-        cmd += cuda_build.TORCH_NVCC_DEFINES + cuda_build.NVCC_FLAGS
+        cmd += cuda_build.TORCH_NVCC_DEFINES + cuda_build.NVCC_FLAGS + ["-Xptxas", "-v"]
     else:
         cmd += cuda_build.CXX_FLAGS + [
             "-Xcompiler",
@@ -79,6 +81,27 @@ def compile_command(source: str, obj: str):
         if NEEDS_CMAKE_MACROS_SHIM:
             cmd.append("-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE")
     return cmd
+
+
+PTXAS_ENTRY = re.compile(r"ptxas info\s*: Compiling entry function '(\S+)' for '(sm_\d+)'")
+PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def ptxas_report(stderr: str):
+    """(ptxas -v's per-kernel lines as {(kernel, arch): spill bytes stored + loaded}, the other
+    stderr lines: compiler warnings)."""
+    spills, other, entry = {}, [], None
+    for line in stderr.splitlines():
+        found = PTXAS_ENTRY.search(line)
+        if found:
+            entry = found.groups()
+            continue
+        counts = PTXAS_SPILLS.search(line)
+        if counts and entry is not None:
+            spills[entry] = int(counts.group(1)) + int(counts.group(2))
+        elif not line.lstrip().startswith("ptxas info") and line.strip():
+            other.append(line)
+    return spills, other
 
 
 @pytest.mark.slow  # nvcc over every source, two arches
@@ -103,12 +126,34 @@ def test_every_csrc_source_compiles_for_sm80_and_sm90(tmp_path):
     failures = [
         f"{src} (exit {proc.returncode}):\n{proc.stdout}{proc.stderr}"
         for src, proc, _ in results
-        if proc.returncode != 0 or proc.stderr.strip()
+        if proc.returncode != 0 or ptxas_report(proc.stderr)[1]
     ]
     assert not failures, "csrc compile errors or warnings:\n" + "\n".join(failures)
+    spills = {}
+    for src, proc, _ in results:
+        if src.endswith(".cu"):
+            spills.update(ptxas_report(proc.stderr)[0])
+    assert {arch for _, arch in spills} == {"sm_80", "sm_90"}, "ptxas -v reported no kernels"
+    spilling = {entry: n for entry, n in spills.items() if n}
+    assert not spilling, f"kernels spilling registers (bytes stored + loaded): {spilling}"
     for src, _, seconds in results:
         print(f"{src}: {seconds:.1f} s")
         assert os.path.getsize(tmp_path / (src + ".o")) > 0
+
+
+def test_ptxas_report_counts_spills_per_kernel_and_arch():
+    stderr = (
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_80'\n"
+        "ptxas info    : Function properties for _Z1kv\n"
+        "    24 bytes stack frame, 20 bytes spill stores, 20 bytes spill loads\n"
+        "ptxas info    : Used 64 registers, used 1 barriers\n"
+        "ptxas info    : Compiling entry function '_Z1kv' for 'sm_90'\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+        "x.cu(3): warning #177-D: variable unused\n"
+    )
+    spills, other = ptxas_report(stderr)
+    assert spills == {("_Z1kv", "sm_80"): 40, ("_Z1kv", "sm_90"): 0}
+    assert other == ["x.cu(3): warning #177-D: variable unused"]
 
 
 def test_arch_flags_default_to_sm80_and_sm90():

@@ -205,11 +205,13 @@ def test_deterministic(cuda_on_cpu):
 
 
 def test_deterministic_split_k_hidden_gradient(cuda_on_cpu):
-    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 3 chunks (the last short)
-    whose partial sums are added in chunk order: the same bits on every run."""
+    """C = 260: the hidden-gradient GEMM's K = 4C = 1040 splits into 5 chunks of 256 and the
+    reduced linears' K = C into 3 of 128 (the last short), whose partial sums are added in chunk
+    order: the same bits on every run."""
     from dia_fused.kernels import cuda_build
 
-    assert cuda_build.hidden_grad_splits(260) == 3
+    assert cuda_build.hidden_grad_splits(260) == 5
+    assert cuda_build.reduced_linear_splits(260) == 3
     inputs = random_step_inputs(33, 260, 1, 1, reduction=20, seed=13)
     first = compare_backend_outputs(inputs)
     second = compare_backend_outputs(inputs)
@@ -248,3 +250,103 @@ def test_weights_in_half_precision_get_grads_in_their_dtype(cuda_on_cpu):
     assert all(w.grad is not None and w.grad.dtype == torch.float16 for w in weights16)
     ref_out, _, _ = reference.dia_lstm_step(inputs.x, inputs.h, inputs.c, weights16)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+
+
+def _map_reductions(emu, x, grad_out, out):
+    """pool and grad attention (relu, identity) of the emulated kernels, with the kernel grids
+    each made."""
+    pooled = emu.pool(x)
+    pool_grids = emu.grids[-1][1]
+    da, grad_identity = emu.grad_attention(grad_out, x, out, True, True)
+    return (pooled, da, grad_identity), (pool_grids, emu.grids[-1][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_reductions_split_hw_deterministically(emu, dtype):
+    """channels_last with few (sample, channel tile) blocks: pool and grad attention spread H*W
+    over blocks along grid axis z, each writing partial sums, then a second launch adds them in
+    split order. Against float64, and the same bits on a second run."""
+    gen = torch.Generator().manual_seed(21)
+    shape = (2, 16, 16, 16)  # small enough that torch's own ops stay single-threaded (TSan)
+    x, grad_out, out = (
+        torch.randn(shape, generator=gen).to(dtype).contiguous(memory_format=torch.channels_last)
+        for _ in range(3)
+    )
+    first, grids = _map_reductions(emu, x, grad_out, out)
+    for launches in grids:
+        assert len(launches) == 2 and launches[0][2] >= 2, launches  # split H*W, then the sum
+    z = grad_out.double() * (out.double() > 0)
+    expected = (x.double().mean((2, 3)), (z * x.double()).sum((2, 3)))
+    for got, want in zip(first[:2], expected):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(first[2].double(), z.to(dtype).double(), rtol=0, atol=0)
+    second, _ = _map_reductions(emu, x, grad_out, out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype,hw", [(torch.float32, (5, 5)), (torch.bfloat16, (7, 7))])
+def test_small_nchw_planes_share_warps(emu, dtype, hw):
+    """Small unvectorized NCHW planes: a lane group smaller than a warp per plane, several planes
+    per warp, so the grid has fewer blocks than one warp per plane needs (8 planes per 256-thread
+    block). The results stay within tolerance of float64."""
+    gen = torch.Generator().manual_seed(22)
+    n, c = 3, 37  # 111 planes: the last warp is only partly filled
+    x, grad_out, out = (torch.randn(n, c, *hw, generator=gen).to(dtype) for _ in range(3))
+    (pooled, da, _), grids = _map_reductions(emu, x, grad_out, out)
+    one_warp_per_plane = -(-n * c // 8)
+    for launches in grids:
+        assert len(launches) == 1 and launches[0][0] < one_warp_per_plane, launches
+    z = grad_out.double() * (out.double() > 0)
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(pooled.double(), x.double().mean((2, 3)), rtol=tol, atol=tol)
+    torch.testing.assert_close(da.double(), (z * x.double()).sum((2, 3)), rtol=tol, atol=tol)
+
+
+def test_cell0_forward_splits_k_over_blocks(emu):
+    """C = R = 260: the reduced linears' K = C runs in 3 chunks (x 2 paths along grid axis z),
+    then a launch adds them; the gate GEMMs' K = R in 3 chunks per path (6 partial sums along z),
+    then the pointwise launch adds them in order. h', c' match the float64 cell."""
+    from dia_fused.kernels import cuda_build
+
+    gen = torch.Generator().manual_seed(23)
+    n, c, r = 3, 260, 260
+    assert cuda_build.reduced_linear_splits(c) == 3 and cuda_build.gate_splits(r) == 6
+    pooled, h0, c0 = (torch.randn(n, c, generator=gen) for _ in range(3))
+    weights = [
+        torch.randn(shape, generator=gen) * 0.1
+        for shape in [(r, c), (r,), (4 * c, r), (4 * c,)] * 2
+    ]
+    h_new, c_new = emu.cell0_forward(pooled, h0, c0, weights, 1)  # act(c) = tanh
+    grids = emu.grids[-1][1]
+    # reduced linears, their chunk sum, gate GEMMs, pointwise
+    assert len(grids) == 4 and grids[0][2] == 6 and grids[2][2] == 6, grids
+    w = [t.double() for t in weights]
+    u_ih = torch.relu(pooled.double() @ w[0].T + w[1])
+    u_hh = torch.relu(h0.double() @ w[4].T + w[5])
+    gates = u_ih @ w[2].T + w[3] + u_hh @ w[6].T + w[7]
+    i, f, g, o = gates.chunk(4, 1)
+    c_want = f.sigmoid() * c0.double() + i.sigmoid() * g.tanh()
+    torch.testing.assert_close(c_new.double(), c_want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_new.double(), o.sigmoid() * c_want.tanh(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow  # about 5 s: the emulated weight-grad GEMMs at C = R = 130
+def test_split_path_backward_splits_k_of_every_lstm_phase(cuda_on_cpu):
+    """C = R = 130 on the split path: the reduced linears (K = C), gate GEMMs and input gradients
+    (K = R) and the hidden gradient (K = 4C) all split K over blocks along grid axis z, each
+    followed by an in-order sum. Outputs, state and every gradient within tolerance of float64,
+    and the same bits on a second run."""
+    from dia_fused.kernels import cuda_build
+
+    assert cuda_build.input_grad_splits(130) == 2 and cuda_build.gate_splits(130) == 4
+    inputs = random_step_inputs(1, 130, 1, 1, reduction=1, seed=24)
+    run(cuda_on_cpu, inputs, torch.float32, "split", relu=True)
+    grids = dict(cuda_on_cpu.grids)["cell0_backward"]
+    z = [g[2] for g in grids]
+    # reduced linears + sum, gate GEMMs + pointwise, du + sum, d pooled / d h0 + sum, weight grads
+    assert z == [4, 1, 4, 1, 6, 1, 4, 1, 1], grids
+    first = compare_backend_outputs(inputs)
+    second = compare_backend_outputs(inputs)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)

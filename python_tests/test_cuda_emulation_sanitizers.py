@@ -23,7 +23,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CASES = (
     "odd-hw-fused-nchw or odd-hw-split-nhwc or tiles-split-nhwc or tiles-fused-nhwc "
     "or vec8-rows-fused-nhwc-dtype0 or vec8-planes-split-nchw-dtype1 "
-    "or stacked_cells and 3-0.5 and dtype0"
+    "or stacked_cells and 3-0.5 and dtype0 "
+    "or share_warps or split_hw_deterministically"
 )
 
 

@@ -33,12 +33,50 @@ FUSED_MAX_CHANNELS = 256  # the one-block-per-sample kernels hold a sample's C c
 FUSED_THREADS = 512  # threads of those blocks
 # the cell-0 backward's du = dgates @ W2 (K = 4C) splits K into chunks of this many, one block per
 # chunk, the partial sums added in chunk order by a second kernel (bench/roofline.py)
-HIDDEN_GRAD_SPLIT_K = 512
+HIDDEN_GRAD_SPLIT_K = 256
+# the cell-0 reduced linears u = relu(W1 v + b1) (K = C) split K the same way, in chunks of this
+# many (all split phases share one scratch buffer: cell0_partials_floats)
+REDUCED_LINEAR_SPLIT_K = 128
+# the cell-0 gate GEMMs (K = R per path) split each path's K into chunks of this many
+GATE_SPLIT_K = 128
+# the cell-0 input gradients d pooled, d h0 = du @ W1 (K = R) split K into chunks of this many
+INPUT_GRAD_SPLIT_K = 128
+# the channels_last streaming passes split H*W until about this many blocks stream (the pool and
+# grad-attention partial sums added in order by a second launch): 8 blocks of 256 threads on each
+# of an H100's 132 SMs (bench/roofline.py)
+MAP_REDUCE_MIN_BLOCKS = 1056
 
 
 def hidden_grad_splits(channels: int) -> int:
     """Chunks of the cell-0 backward's K = 4C reduction (csrc hidden_grad_splits)."""
     return -(-4 * channels // HIDDEN_GRAD_SPLIT_K)
+
+
+def reduced_linear_splits(channels: int) -> int:
+    """Chunks of the cell-0 reduced linears' K = C reduction (csrc reduced_linear_splits)."""
+    return -(-channels // REDUCED_LINEAR_SPLIT_K)
+
+
+def gate_splits(hidden: int) -> int:
+    """Partial sums of the cell-0 gate GEMMs: 2 paths x chunks of K = R (csrc gate_splits)."""
+    return 2 * -(-hidden // GATE_SPLIT_K)
+
+
+def input_grad_splits(hidden: int) -> int:
+    """Chunks of the cell-0 input gradients' K = R reduction (csrc input_grad_splits)."""
+    return -(-hidden // INPUT_GRAD_SPLIT_K)
+
+
+def cell0_partials_floats(n: int, channels: int, hidden: int) -> int:
+    """Floats of the split-K scratch of the cell-0 phases, one phase at a time (csrc
+    cell0_partials_floats)."""
+    rows = 2 * n * hidden
+    splits = max(hidden_grad_splits(channels), reduced_linear_splits(channels))
+    return max(
+        splits * rows if splits > 1 else 0,
+        gate_splits(hidden) * n * 4 * channels,
+        input_grad_splits(hidden) * 2 * n * channels if input_grad_splits(hidden) > 1 else 0,
+    )
 
 
 CXX_FLAGS = ["-O3"]
@@ -150,7 +188,15 @@ def constants_header() -> str:
         f"shared memory).\n"
         f"constexpr int kFusedMaxChannels = {FUSED_MAX_CHANNELS};\n"
         f"// K per block of the split cell-0 hidden-gradient GEMM (K = 4C).\n"
-        f"constexpr int kHiddenGradSplitK = {HIDDEN_GRAD_SPLIT_K};\n\n"
+        f"constexpr int kHiddenGradSplitK = {HIDDEN_GRAD_SPLIT_K};\n"
+        f"// K per block of the split cell-0 reduced linears (K = C).\n"
+        f"constexpr int kReducedLinearSplitK = {REDUCED_LINEAR_SPLIT_K};\n"
+        f"// K per block of each path of the split cell-0 gate GEMMs (K = R).\n"
+        f"constexpr int kGateSplitK = {GATE_SPLIT_K};\n"
+        f"// K per block of the split cell-0 input gradients (K = R).\n"
+        f"constexpr int kInputGradSplitK = {INPUT_GRAD_SPLIT_K};\n"
+        f"// Blocks the channels_last streaming passes aim for when they split H*W.\n"
+        f"constexpr int kMapReduceMinBlocks = {MAP_REDUCE_MIN_BLOCKS};\n\n"
         f"}}  // namespace dia_fused\n"
     )
 

@@ -54,6 +54,9 @@ inline thread_local dim3 t_thread_idx;
 inline std::atomic<int> g_errors{0};
 inline std::string g_first_error;
 
+// Grid (x, y, z) of every launch since the last clear, in order: tests check the launch plans.
+inline std::vector<dim3> g_launch_grids;
+
 inline void record_error(const std::string& what) {
   if (g_errors.fetch_add(1) == 0) g_first_error = what;
 }
@@ -151,6 +154,7 @@ struct Launch {
     }
     g_grid_dim = grid;
     g_block_dim = block;
+    g_launch_grids.push_back(grid);
     for (unsigned bz = 0; bz < grid.z; ++bz)
       for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {

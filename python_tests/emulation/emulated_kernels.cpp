@@ -29,6 +29,14 @@ Cell0WeightGrads grads_of(float* const* g) {
   return Cell0WeightGrads{g[0], g[1], g[2], g[3], g[4], g[5], g[6], g[7]};
 }
 
+// As the bindings allocate it (split_sums_workspace), filled with NaN: a partial sum the second
+// pass reads but no block wrote shows up in the results.
+std::vector<float> split_sums_workspace(const MapLayout& layout) {
+  const int splits = map_reduce_splits(layout);
+  const size_t size = splits > 1 ? static_cast<size_t>(splits) * layout.n * layout.channels : 1;
+  return std::vector<float>(size, std::numeric_limits<float>::quiet_NaN());
+}
+
 int status(cudaError_t err) {
   const bool failed = err != cudaSuccess || emu::g_errors.load() != 0;
   if (failed && emu::g_errors.load() == 0) emu::record_error("launch error " + std::to_string(err));
@@ -46,6 +54,19 @@ int emu_constants(int* out) {
 }
 
 const char* emu_first_error() { return emu::g_first_error.c_str(); }
+
+// Writes the grids of up to `max` launches since the last call (x, y, z each) to out and forgets
+// them; returns how many launches there were.
+int emu_take_launch_grids(int* out, int max) {
+  const int count = static_cast<int>(emu::g_launch_grids.size());
+  for (int i = 0; i < count && i < max; ++i) {
+    out[3 * i] = static_cast<int>(emu::g_launch_grids[i].x);
+    out[3 * i + 1] = static_cast<int>(emu::g_launch_grids[i].y);
+    out[3 * i + 2] = static_cast<int>(emu::g_launch_grids[i].z);
+  }
+  emu::g_launch_grids.clear();
+  return count;
+}
 
 void emu_reset_errors() {
   emu::g_errors = 0;
@@ -71,7 +92,9 @@ int emu_pool(int kind, const int64_t* sizes, void* x, const int64_t* x_strides, 
   const FeatureMap xm = map_of(x, sizes, x_strides);
   const FeatureMap maps[] = {xm};
   const MapLayout layout = choose_map_layout(sizes, xm, maps, 1, element_size(kind));
-  return status(launch_pool(static_cast<ScalarKind>(kind), layout, xm, pooled, nullptr));
+  std::vector<float> partials = split_sums_workspace(layout);
+  return status(launch_pool(static_cast<ScalarKind>(kind), layout, xm, pooled, partials.data(),
+                            nullptr));
 }
 
 int emu_cell0_forward(int n, int channels, int hidden, const float* pooled, const float* h0,
@@ -123,8 +146,9 @@ int emu_grad_attention(int kind, const int64_t* sizes, void* grad_out, const int
   const FeatureMap gim = map_of(grad_identity, sizes, gi_strides);
   const FeatureMap maps[] = {gom, xm, om, gim};
   const MapLayout layout = choose_map_layout(sizes, xm, maps, 4, element_size(kind));
+  std::vector<float> partials = split_sums_workspace(layout);
   return status(launch_grad_attention(static_cast<ScalarKind>(kind), layout, gom, xm, om, gim,
-                                      relu != 0, grad_attention, nullptr));
+                                      relu != 0, grad_attention, partials.data(), nullptr));
 }
 
 int emu_cell0_backward(int n, int channels, int hidden, int hw, const float* pooled,
