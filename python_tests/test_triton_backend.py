@@ -57,6 +57,38 @@ def test_stacked_cells_with_dropout_masks(num_cells):
     compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
+def test_stacked_weights_are_packed_once_per_step_and_follow_changes(monkeypatch):
+    """The forward packs the stacked cells' weights once and its backward reuses that pack (one
+    pack per step, not two); the next step packs again, so weights changed outside autograd in
+    between (through .data: no version bump) are seen."""
+    from dia_fused.kernels.triton import host
+
+    packs = []
+    pack = host.StackedPacks._pack
+    monkeypatch.setattr(
+        host.StackedPacks, "_pack", staticmethod(lambda stacked: packs.append(1) or pack(stacked))
+    )
+    torch.manual_seed(0)
+    fused = DIALSTM(8, reduction=2, num_cells=2, dropout=0.0, backend="triton").to(DEVICE)
+    ref = DIALSTM(8, reduction=2, num_cells=2, dropout=0.0, backend="reference").to(DEVICE)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 2, 2, device=DEVICE)
+    for step in range(2):
+        results = []
+        for unit in (fused, ref):
+            unit.zero_grad()
+            out, state = unit(x, None, identity=x, relu=True)
+            (out.square().sum() + state[0].sum() + state[1].sum()).backward()
+            results.append([out.detach()] + [p.grad.clone() for p in unit.parameters()])
+        assert len(packs) == step + 1
+        for a, b in zip(*results):
+            assert max_abs_error(a, b) <= 1e-4 * max(1.0, b.abs().max().item())
+        with torch.no_grad():
+            for unit in (fused, ref):
+                for p in unit.parameters():
+                    p.data.mul_(-1.5)  # outside autograd: p._version stays
+
+
 def test_channels_last_output_keeps_the_layout():
     inputs = random_step_inputs(2, 8, 3, 3, reduction=2, device=DEVICE, channels_last=True)
     out, _, _ = triton_step(*inputs.args(), inputs.identity, True)
@@ -373,7 +405,7 @@ def test_split_path_launches(monkeypatch, launch_log):
     settings = triton_dia_step.KernelSettings(
         lstm=triton_dia_step.LSTMConfig(split_min=0), map=triton_dia_step.current_settings().map
     )
-    inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE)
+    inputs = random_step_inputs(4, 16, 3, 3, reduction=4, device=DEVICE)  # K <= split_k
     out, h_new, c_new, pooled = triton_dia_step.forward(
         *inputs.args(), inputs.identity, True, "sigmoid", None, settings
     )
