@@ -196,7 +196,8 @@ SUM_SPLITS_BLOCK = 1024  # host.SUM_SPLITS_BLOCK
 def hw_split_plan(step: Step, block_c: int, block_hw: int, config: MapConfig) -> Tuple[int, int]:
     """host.hw_split_plan: (splits, positions per split) of H*W for pool and grad attention."""
     programs, hw_tiles = step.n * _cdiv(step.c, block_c), _cdiv(step.hw, block_hw)
-    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    few = 0 < programs < config.min_ctas  # an empty batch launches nothing
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if few else 1
     per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
     return _cdiv(step.hw, per_split), per_split
 

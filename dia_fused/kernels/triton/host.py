@@ -311,7 +311,8 @@ def hw_split_plan(
     few samples: one program per sample walks all of H*W), H*W splits over a third grid axis and
     _sum_splits_kernel adds the per-split sums in order (deterministic)."""
     programs, hw_tiles = n * _cdiv(channels, block_c), _cdiv(hw, block_hw)
-    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    few = 0 < programs < config.min_ctas  # an empty batch launches nothing
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if few else 1
     per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
     return _cdiv(hw, per_split), per_split
 
