@@ -89,6 +89,35 @@ def test_stacked_weights_are_packed_once_per_step_and_follow_changes(monkeypatch
                     p.data.mul_(-1.5)  # outside autograd: p._version stays
 
 
+def test_backward_repacks_stacked_weights_changed_in_place_since_the_forward():
+    """A backward whose stacked weights changed in place after the forward (a version bump)
+    packs them again instead of reusing the forward's pack."""
+    from dia_fused.kernels.triton import host
+
+    inputs = random_step_inputs(
+        2, 8, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=4
+    )
+    args = (inputs.h, inputs.c, inputs.weights)
+    out, h_new, _, pooled = host.forward(
+        inputs.x, *args, inputs.identity, True, "sigmoid", inputs.dropout_masks
+    )
+
+    def weight_grads():
+        grad_out = torch.ones_like(out)
+        ones = torch.ones_like(h_new)
+        grads = host.backward(
+            grad_out, ones, ones, inputs.x, out, pooled, *args, True, True, "sigmoid",
+            inputs.dropout_masks,
+        )  # fmt: skip
+        return grads[-1]
+
+    with torch.no_grad():
+        inputs.weights[-1].mul_(3.0)  # a stacked cell's bias
+    reused = weight_grads()
+    host.stacked_packs._packs.clear()
+    assert torch.equal(reused, weight_grads())
+
+
 def test_channels_last_output_keeps_the_layout():
     inputs = random_step_inputs(2, 8, 3, 3, reduction=2, device=DEVICE, channels_last=True)
     out, _, _ = triton_step(*inputs.args(), inputs.identity, True)

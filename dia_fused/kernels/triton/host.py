@@ -373,14 +373,16 @@ class StackedPacks:
     so forwards never read the cache, and steps inside a capture neither read nor fill it (their
     torch.cat is captured)."""
 
-    MAX_ENTRIES = 8  # units in flight between their forward and backward (one per DIA stage)
+    MAX_ENTRIES = 8  # units (weight sets) kept: one entry per unit, its latest forward's pack
 
     def __init__(self):
+        # storage addresses of a unit's stacked weights -> (their versions, shapes, dtypes and
+        # devices; weak references to them; the pack): a unit's next forward replaces its entry
         self._packs = {}
 
     @staticmethod
-    def _key(stacked: Sequence[Tensor]):
-        return tuple((w.data_ptr(), w._version, w.shape, w.dtype, w.device) for w in stacked)
+    def _state(stacked: Sequence[Tensor]):
+        return tuple((w._version, w.shape, w.dtype, w.device) for w in stacked)
 
     @staticmethod
     def _pack(stacked: Sequence[Tensor]) -> Tensor:
@@ -393,18 +395,24 @@ class StackedPacks:
     def for_forward(self, stacked: Sequence[Tensor]) -> Tensor:
         packed = self._pack(stacked)
         if not self._capturing(stacked):
+            key = tuple(w.data_ptr() for w in stacked)
+            self._packs.pop(key, None)
             if len(self._packs) >= self.MAX_ENTRIES:
                 self._packs.pop(next(iter(self._packs)))  # the oldest
-            self._packs[self._key(stacked)] = ([weakref.ref(w) for w in stacked], packed)
+            self._packs[key] = (self._state(stacked), [weakref.ref(w) for w in stacked], packed)
         return packed
 
     def for_backward(self, stacked: Sequence[Tensor]) -> Tensor:
         if self._capturing(stacked):
             return self._pack(stacked)
-        entry = self._packs.get(self._key(stacked))
-        # the same tensor objects: not new ones that reuse a freed one's address and version
-        if entry is not None and all(ref() is w for ref, w in zip(entry[0], stacked)):
-            return entry[1]
+        entry = self._packs.get(tuple(w.data_ptr() for w in stacked))
+        # the same tensor objects (not new ones at a freed one's address), unchanged since
+        if (
+            entry is not None
+            and entry[0] == self._state(stacked)
+            and all(ref() is w for ref, w in zip(entry[1], stacked))
+        ):
+            return entry[2]
         return self._pack(stacked)
 
 
