@@ -68,7 +68,7 @@ H100 = GPU(
     fma_per_sm_per_us=128 * 1755.0,
     warps_per_sm=64,
 )
-LSTM_CTAS_PER_SM = 1  # 8 warps at 116-206 registers (python_tests/triton_aot.py, sm_90): one fits
+LSTM_CTAS_PER_SM = 1  # 8 warps at 94-208 registers (python_tests/triton_aot.py): one fits
 TRITON_NUM_STAGES = 3  # Triton's default software-pipelining depth on sm_80 / sm_90
 EMPTY_CTA_US = 0.05  # a CTA that only checks its bounds and exits
 
