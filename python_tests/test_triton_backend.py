@@ -348,6 +348,7 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
         "block_k=16,num_warps=4,forward_groups=8",
         "split_min=0",
         "split_min=0,block_c=16,block_r=16,block_n=32",
+        "split_min=0,split_k=16,split_ctas=20,block_c=16,block_r=16",
     ],
 )
 def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
@@ -363,9 +364,21 @@ def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
         compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
+def test_lstm_configuration_takes_k_steps_and_any_split_ctas():
+    from dia_fused.kernels.triton import host
+
+    config = host.LSTMConfig.from_env("gate_block_k=16,fused_gate_block_k=32,split_ctas=264")
+    assert (config.gate_block_k, config.fused_gate_block_k, config.split_ctas) == (16, 32, 264)
+
+
 @pytest.mark.parametrize(
     "text, words",
-    [("block_n=8", "power of 2 >= 16"), ("warps=8", "names"), ("block_c=x", "name=int")],
+    [
+        ("block_n=8", "power of 2 >= 16"),
+        ("gate_block_k=24", "power of 2 >= 16"),
+        ("warps=8", "names"),
+        ("block_c=x", "name=int"),
+    ],
 )
 def test_bad_lstm_configuration_is_named(text, words):
     from dia_fused.kernels.triton import host as triton_dia_step

@@ -81,7 +81,6 @@ class LSTMConfig:
                 "gate_block_k": 16,
                 "fused_gate_block_k": 16,
                 "split_k": 16,
-                "split_ctas": 1,
             },
             base,
         )
