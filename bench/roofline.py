@@ -74,7 +74,7 @@ H100 = GPU(
     fma_per_sm_per_us=128 * 1755.0,
     warps_per_sm=64,
 )
-LSTM_CTAS_PER_SM = 1  # 8 warps at 116-206 registers (python_tests/triton_aot.py, sm_90): one fits
+LSTM_CTAS_PER_SM = 1  # 8 warps at 94-208 registers (python_tests/triton_aot.py): one fits
 TRITON_NUM_STAGES = 3  # Triton's default software-pipelining depth on sm_80 / sm_90
 EMPTY_CTA_US = 0.05  # a CTA that only checks its bounds and exits
 
@@ -171,13 +171,25 @@ class _Program:
 
     def matmul(self, a: str, ea: int, b: str, eb: int, rows: int, k: int, cols: int, blocks):
         """_matmul_tile: A (rows valid, K) and B (K, cols valid), BLOCK_K at a time."""
-        block_m, block_n, block_k = blocks
         self.loads[a] += rows * k * ea
         self.loads[b] += k * cols * eb
+        self.loop(k, 1, blocks)
+
+    def loop(self, k: int, dots: int, blocks):
+        """One software-pipelined loop over K, BLOCK_K at a time, `dots` products per k-step
+        (their loads issued together: one latency per step for all of them)."""
+        block_m, block_n, block_k = blocks
         steps = _cdiv(k, block_k)
         self.loops += steps > 0
         self.k_steps += steps
-        self.fma += steps * block_m * block_n * block_k
+        self.fma += dots * steps * block_m * block_n * block_k
+
+    def matmul_pair(self, a1: str, a2: str, ea: int, b1: str, b2: str, rows, k, cols, blocks):
+        """_matmul_pair: A1 @ B1 and A2 @ B2 (A of ea bytes, B fp32 weights) in one loop."""
+        for a, b in ((a1, b1), (a2, b2)):
+            self.loads[a] += rows * k * ea
+            self.loads[b] += k * cols * 4
+        self.loop(k, 2, blocks)
 
     def linear(self, a: str, ea: int, w: str, rows: int, k: int, cols: int, blocks):
         self.matmul(a, ea, w, 4, rows, k, cols, blocks)
@@ -190,7 +202,8 @@ SUM_SPLITS_BLOCK = 1024  # host.SUM_SPLITS_BLOCK
 def hw_split_plan(step: Step, block_c: int, block_hw: int, config: MapConfig) -> Tuple[int, int]:
     """host.hw_split_plan: (splits, positions per split) of H*W for pool and grad attention."""
     programs, hw_tiles = step.n * _cdiv(step.c, block_c), _cdiv(step.hw, block_hw)
-    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if programs < config.min_ctas else 1
+    few = 0 < programs < config.min_ctas  # an empty batch launches nothing
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if few else 1
     per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
     return _cdiv(step.hw, per_split), per_split
 
@@ -227,14 +240,18 @@ class _LSTMGeometry:
     bc: int
     br: int
     bk: int
+    bkg: int  # k-step of the gate matmuls
     groups: int
     split: bool
     wg: Tuple[int, int, int]  # weight-grad BLOCK_M, BLOCK_K, BLOCK_N
-    split_k: int  # split path: reductions longer than this (whole k-steps) split over CTAs
+    split_k: int  # split path: the shortest split of a reduction (whole k-steps)
+    split_ctas: int  # split path: a phase splits into as many parts as fit in this many CTAs
 
-    def splits(self, reduction: int) -> int:
-        """host.split_k_launches: how many splits a phase's reduction takes."""
-        return _cdiv(reduction, self.split_k) if self.split else 1
+    def splits(self, reduction: int, ctas: int) -> int:
+        """host.split_k_launches: the splits of a reduction over a (tiles, parts) grid of `ctas`."""
+        if not self.split:
+            return 1
+        return min(_cdiv(reduction, self.split_k), max(1, self.split_ctas // ctas))
 
 
 def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _LSTMGeometry:
@@ -250,10 +267,14 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
         bc=bc,
         br=max(16, min(config.block_r, _next_power_of_2(step.r))),
         bk=bk,
+        bkg=64
+        if interpreted
+        else min(config.gate_block_k if split else config.fused_gate_block_k, config.block_k),
         groups=groups,
         split=split,
         wg=(64, 64, 64) if interpreted else (64, 64, 32),
         split_k=_cdiv(config.split_k, bk) * bk,
+        split_ctas=config.split_ctas,
     )
 
 
@@ -311,8 +332,7 @@ def _cells_forward(
                 p.loads["wih1.bias"] += rc * 4
                 p.loads["whh1.bias"] += rc * 4
             else:
-                p.matmul("pooled", 4, "wih1", 4, nr, k, rc, (g.bn, g.br, g.bk))
-                p.matmul("h", es, "whh1", 4, nr, k, rc, (g.bn, g.br, g.bk))
+                p.matmul_pair("pooled", "h", es, "wih1", "whh1", nr, k, rc, (g.bn, g.br, g.bk))
                 if mode == DIRECT:
                     p.loads["wih1.bias"] += rc * 4
                     p.loads["whh1.bias"] += rc * 4
@@ -327,23 +347,24 @@ def _cells_forward(
                 p.loads["pooled"] += nr * cc * 4
                 p.loads["h"] += nr * cc * es
                 p.stores["scratch"] += 2 * nr * cc * 4
-            for _gate in range(4):
-                if mode == FINISH:
+            if mode == FINISH:
+                for _gate in range(4):
                     _sum_partials(p, splits, nr, cc)
                     p.loads["wih2.bias"] += cc * 4
                     p.loads["whh2.bias"] += cc * 4
-                    continue
-                if cell == 0:
-                    p.matmul("scratch", 4, "wih2", 4, nr, k, cc, (g.bn, g.bc, g.bk))
-                    p.matmul("scratch", 4, "whh2", 4, nr, k, cc, (g.bn, g.bc, g.bk))
-                    bias = "wih2.bias", "whh2.bias"
-                else:
-                    p.matmul("scratch", 4, "stacked", 4, nr, k, cc, (g.bn, g.bc, g.bk))
-                    p.matmul("h", es, "stacked", 4, nr, k, cc, (g.bn, g.bc, g.bk))
-                    bias = "stacked.bias", "stacked.bias"
+            else:  # _gate_tiles: A1, A2 once per k-step, the 4 gates' rows of W1 and W2
+                a2, ea2, w1, w2 = (
+                    ("scratch", 4, "wih2", "whh2") if cell == 0 else ("h", es, "stacked", "stacked")
+                )
+                p.loads["scratch"] += nr * k * 4
+                p.loads[a2] += nr * k * ea2
+                p.loads[w1] += 4 * k * cc * 4
+                p.loads[w2] += 4 * k * cc * 4
+                p.loop(k, 8, (g.bn, g.bc, g.bkg))
                 if mode == DIRECT:
+                    bias = ("wih2.bias", "whh2.bias") if cell == 0 else ("stacked.bias",) * 2
                     for b in bias:
-                        p.loads[b] += cc * 4
+                        p.loads[b] += 4 * cc * 4
             if mode == PARTIAL:
                 p.stores["partials"] += 4 * nr * cc * 4
                 continue
@@ -397,8 +418,8 @@ def _lstm_backward(
         if cell > 0:
             for col0 in range(0, c, g.bc):
                 cc = min(g.bc, c - col0)
-                for _ in range(2):
-                    p.matmul("scratch", 4, "stacked", 4, nr, 4 * c, cc, (g.bn, g.bc, g.bk))
+                blocks = (g.bn, g.bc, g.bk)
+                p.matmul_pair("scratch", "scratch", 4, "stacked", "stacked", nr, 4 * c, cc, blocks)
                 p.stores["grad_h"] += nr * cc * es
                 if s.masks:
                     p.loads["masks"] += nr * cc * es
@@ -411,8 +432,8 @@ def _lstm_backward(
                 _sum_partials(p, splits, nr, rc)
                 _sum_partials(p, splits, nr, rc)
             else:
-                p.matmul("scratch", 4, "wih2", 4, nr, k, rc, (g.bn, g.br, g.bk))
-                p.matmul("scratch", 4, "whh2", 4, nr, k, rc, (g.bn, g.br, g.bk))
+                blocks = (g.bn, g.br, g.bk)
+                p.matmul_pair("scratch", "scratch", 4, "wih2", "whh2", nr, k, rc, blocks)
             if mode == PARTIAL:
                 p.stores["partials"] += 2 * nr * rc * 4
             else:
@@ -425,8 +446,8 @@ def _lstm_backward(
                 _sum_partials(p, splits, nr, cc)
                 _sum_partials(p, splits, nr, cc)
             else:
-                p.matmul("scratch", 4, "wih1", 4, nr, k, cc, (g.bn, g.bc, g.bk))
-                p.matmul("scratch", 4, "whh1", 4, nr, k, cc, (g.bn, g.bc, g.bk))
+                blocks = (g.bn, g.bc, g.bk)
+                p.matmul_pair("scratch", "scratch", 4, "wih1", "whh1", nr, k, cc, blocks)
             if mode == PARTIAL:
                 p.stores["partials"] += 2 * nr * cc * 4
             else:
@@ -562,7 +583,7 @@ def _map_launch(
 def _phase_launches(kernel, s, g, tiles, parts, reduction, width, scratch, program, gpu):
     """host.split_k_launches of one LSTM phase: DIRECT, or PARTIAL then FINISH; `program(p, tile,
     part, mode, split, splits)` walks one CTA."""
-    splits = g.splits(reduction)
+    splits = g.splits(reduction, tiles * parts)
     if splits <= 1:
         plan = [(DIRECT, 1)]
     else:

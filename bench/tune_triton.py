@@ -28,8 +28,10 @@ CANDIDATES = [
     "block_c=64,block_r=64",
     "block_k=32",
     "block_k=32,num_warps=4",
-    "split_k=64",
-    "split_k=256",
+    "gate_block_k=64",  # wider gate steps: spill on sm_80 (python_tests/triton_aot.py)
+    "split_k=128",
+    "split_ctas=264",  # split-K up to two waves
+    "split_ctas=66",
     "split_min=1000000000",  # the fused path (one program per sample tile) for one cell too
     "split_min=1000000000,forward_groups=1",
 ]

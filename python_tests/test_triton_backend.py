@@ -57,6 +57,67 @@ def test_stacked_cells_with_dropout_masks(num_cells):
     compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
+def test_stacked_weights_are_packed_once_per_step_and_follow_changes(monkeypatch):
+    """The forward packs the stacked cells' weights once and its backward reuses that pack (one
+    pack per step, not two); the next step packs again, so weights changed outside autograd in
+    between (through .data: no version bump) are seen."""
+    from dia_fused.kernels.triton import host
+
+    packs = []
+    pack = host.StackedPacks._pack
+    monkeypatch.setattr(
+        host.StackedPacks, "_pack", staticmethod(lambda stacked: packs.append(1) or pack(stacked))
+    )
+    torch.manual_seed(0)
+    fused = DIALSTM(8, reduction=2, num_cells=2, dropout=0.0, backend="triton").to(DEVICE)
+    ref = DIALSTM(8, reduction=2, num_cells=2, dropout=0.0, backend="reference").to(DEVICE)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 8, 2, 2, device=DEVICE)
+    for step in range(2):
+        results = []
+        for unit in (fused, ref):
+            unit.zero_grad()
+            out, state = unit(x, None, identity=x, relu=True)
+            (out.square().sum() + state[0].sum() + state[1].sum()).backward()
+            results.append([out.detach()] + [p.grad.clone() for p in unit.parameters()])
+        assert len(packs) == step + 1
+        for a, b in zip(*results):
+            assert max_abs_error(a, b) <= 1e-4 * max(1.0, b.abs().max().item())
+        with torch.no_grad():
+            for unit in (fused, ref):
+                for p in unit.parameters():
+                    p.data.mul_(-1.5)  # outside autograd: p._version stays
+
+
+def test_backward_repacks_stacked_weights_changed_in_place_since_the_forward():
+    """A backward whose stacked weights changed in place after the forward (a version bump)
+    packs them again instead of reusing the forward's pack."""
+    from dia_fused.kernels.triton import host
+
+    inputs = random_step_inputs(
+        2, 8, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=4
+    )
+    args = (inputs.h, inputs.c, inputs.weights)
+    out, h_new, _, pooled = host.forward(
+        inputs.x, *args, inputs.identity, True, "sigmoid", inputs.dropout_masks
+    )
+
+    def weight_grads():
+        grad_out = torch.ones_like(out)
+        ones = torch.ones_like(h_new)
+        grads = host.backward(
+            grad_out, ones, ones, inputs.x, out, pooled, *args, True, True, "sigmoid",
+            inputs.dropout_masks,
+        )  # fmt: skip
+        return grads[-1]
+
+    with torch.no_grad():
+        inputs.weights[-1].mul_(3.0)  # a stacked cell's bias
+    reused = weight_grads()
+    host.stacked_packs._packs.clear()
+    assert torch.equal(reused, weight_grads())
+
+
 def test_channels_last_output_keeps_the_layout():
     inputs = random_step_inputs(2, 8, 3, 3, reduction=2, device=DEVICE, channels_last=True)
     out, _, _ = triton_step(*inputs.args(), inputs.identity, True)
@@ -287,6 +348,7 @@ def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
         "block_k=16,num_warps=4,forward_groups=8",
         "split_min=0",
         "split_min=0,block_c=16,block_r=16,block_n=32",
+        "split_min=0,split_k=16,split_ctas=20,block_c=16,block_r=16",
     ],
 )
 def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
@@ -302,9 +364,21 @@ def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
         compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 
+def test_lstm_configuration_takes_k_steps_and_any_split_ctas():
+    from dia_fused.kernels.triton import host
+
+    config = host.LSTMConfig.from_env("gate_block_k=16,fused_gate_block_k=32,split_ctas=264")
+    assert (config.gate_block_k, config.fused_gate_block_k, config.split_ctas) == (16, 32, 264)
+
+
 @pytest.mark.parametrize(
     "text, words",
-    [("block_n=8", "power of 2 >= 16"), ("warps=8", "names"), ("block_c=x", "name=int")],
+    [
+        ("block_n=8", "power of 2 >= 16"),
+        ("gate_block_k=24", "power of 2 >= 16"),
+        ("warps=8", "names"),
+        ("block_c=x", "name=int"),
+    ],
 )
 def test_bad_lstm_configuration_is_named(text, words):
     from dia_fused.kernels.triton import host as triton_dia_step
@@ -373,7 +447,7 @@ def test_split_path_launches(monkeypatch, launch_log):
     settings = triton_dia_step.KernelSettings(
         lstm=triton_dia_step.LSTMConfig(split_min=0), map=triton_dia_step.current_settings().map
     )
-    inputs = random_step_inputs(4, 24, 3, 3, reduction=4, device=DEVICE)
+    inputs = random_step_inputs(4, 16, 3, 3, reduction=4, device=DEVICE)  # K <= split_k
     out, h_new, c_new, pooled = triton_dia_step.forward(
         *inputs.args(), inputs.identity, True, "sigmoid", None, settings
     )

@@ -63,3 +63,22 @@ def test_split_k_is_deterministic():
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_a_phase_splits_into_as_many_parts_as_fit_in_split_ctas():
+    """The split count fills one wave of split_ctas programs and no more, with no split shorter
+    than split_k (whole k-steps): fewer, longer programs pay fewer k-loop prologues."""
+    from dia_fused.kernels.triton import host
+
+    config = host.LSTMConfig(split_k=64, split_ctas=132)
+    # du of 32x2048x7x7: (2 tiles, 16 parts) over K = 4C = 8192 -> 132 // 32 = 4 splits
+    assert host.split_k_launches(2, 16, 8192, config, True) == (
+        (host.SplitK.PARTIAL, (2, 16, 4), 4),
+        (host.SplitK.FINISH, (2, 16, 1), 4),
+    )
+    # a grid of 128 programs fills the wave already: one DIRECT launch
+    assert host.split_k_launches(2, 64, 512, config, True) == ((host.SplitK.DIRECT, (2, 64, 1), 1),)
+    # a short reduction: at most K / split_k splits
+    assert host.split_k_launches(1, 2, 128, config, True)[0] == (host.SplitK.PARTIAL, (1, 2, 2), 2)
+    # the fused path never splits
+    assert host.split_k_launches(1, 1, 8192, config, False) == ((host.SplitK.DIRECT, (1, 1, 1), 1),)

@@ -54,6 +54,7 @@ def captured_launches():
         # over K (PARTIAL and FINISH launches)
         fused = T.KernelSettings(lstm=T.LSTMConfig(split_min=1 << 30))
         split = T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
+        default = T.KernelSettings()
         split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16))
         cases = [
             dict(
@@ -76,8 +77,35 @@ def captured_launches():
             dict(
                 dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused
             ),
+            # stacked cells take the fused path at the defaults: bf16 with 2, fp32 with 3 cells
+            dict(
+                dtype=torch.bfloat16,
+                num_cells=2,
+                identity=True,
+                relu=True,
+                grads=True,
+                config=default,
+            ),
+            dict(
+                dtype=torch.float32,
+                num_cells=3,
+                identity=True,
+                relu=True,
+                grads=True,
+                config=default,
+            ),
             dict(
                 dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split
+            ),
+            # the default split path with the benchmarks' LSTM tiles (C/r >= 32: BLOCK_R 32)
+            dict(
+                dtype=torch.bfloat16,
+                num_cells=1,
+                identity=True,
+                relu=True,
+                grads=True,
+                config=default,
+                channels=128,
             ),
             dict(
                 dtype=torch.bfloat16,
@@ -226,6 +254,8 @@ def main(argv=None) -> int:
                     options=options,
                 )
                 record["ok"] = True
+                # dynamic shared memory (pipelining buffers, layout conversions): not in cuobjdump
+                record["dynamic_shared_bytes"] = getattr(compiled.metadata, "shared", None)
                 if not opts.no_usage:
                     record.update(resource_usage(compiled.asm["cubin"]) or {})
             except Exception as err:  # report every failing specialisation, not only the first

@@ -51,11 +51,20 @@ class LSTMConfig:
     block_n: int = 16  # samples per program (tl.dot needs >= 16)
     block_c: int = 32  # most gate columns per tile
     block_r: int = 32  # most reduced-width columns per tile
-    block_k: int = 64  # reduction step of the matmuls
+    block_k: int = 64  # reduction step of the matmuls (two products per step)
+    # reduction step of the gate matmuls, whose loop runs 8 products per step: on the split path,
+    # and in the fused kernels (which hold every phase's values: 32 spills there on sm_80); wider
+    # spills on sm_80 (python_tests/triton_aot.py)
+    gate_block_k: int = 32
+    fused_gate_block_k: int = 16
     num_warps: int = 8  # 4 warps spill on sm_90
     forward_groups: int = 4  # most column groups of the one-cell fused forward (per sample tile)
     split_min: int = 0  # one-cell steps with C * C/r at least this take the split path
-    split_k: int = 128  # split path: reductions longer than this split over CTAs (bench/roofline)
+    # split path: a phase whose grid has fewer than split_ctas programs (one wave of an H100's 132
+    # SMs) splits its reduction into as many parts as fit in that many, none shorter than split_k
+    # (rounded up to whole k-steps): bench/roofline.py
+    split_k: int = 64
+    split_ctas: int = 132
 
     @staticmethod
     def from_env(text: Optional[str], base: Optional["LSTMConfig"] = None) -> "LSTMConfig":
@@ -64,7 +73,15 @@ class LSTMConfig:
             LSTMConfig,
             env.ENV_TRITON_LSTM,
             text,
-            {"block_n": 16, "block_c": 16, "block_r": 16, "block_k": 16, "split_k": 16},
+            {
+                "block_n": 16,
+                "block_c": 16,
+                "block_r": 16,
+                "block_k": 16,
+                "gate_block_k": 16,
+                "fused_gate_block_k": 16,
+                "split_k": 16,
+            },
             base,
         )
 

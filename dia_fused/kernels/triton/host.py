@@ -36,6 +36,7 @@ Runs on CUDA tensors, and on CPU tensors when the kernels were defined under TRI
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 from typing import ContextManager, Optional, Sequence, Tuple
 
@@ -146,23 +147,33 @@ def _k_step(config: LSTMConfig) -> int:
     return 64 if INTERPRETED else config.block_k
 
 
+def _gate_k_step(config: LSTMConfig, split: bool) -> int:
+    """Reduction step of the gate matmuls on the split or the fused path (a divisor of _k_step:
+    split-K chunks are whole steps)."""
+    if INTERPRETED:
+        return 64
+    return min(config.gate_block_k if split else config.fused_gate_block_k, config.block_k)
+
+
 @dataclass(frozen=True)
 class LSTMBlocks:
     n: int  # samples per LSTM program
     c: int  # channel columns per gate tile
     r: int  # reduced-width columns per tile
     k: int  # reduction step of the matmuls
+    kg: int  # reduction step of the gate matmuls
     num_warps: int
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)
-    def of(channels: int, hidden: int, config: LSTMConfig) -> "LSTMBlocks":
+    def of(channels: int, hidden: int, config: LSTMConfig, split: bool) -> "LSTMBlocks":
         k = _k_step(config)
         return LSTMBlocks(
             n=config.block_n,
             c=max(16, min(config.block_c, _next_power_of_2(channels))),
             r=max(16, min(config.block_r, _next_power_of_2(hidden))),
             k=k,
+            kg=_gate_k_step(config, split),
             num_warps=config.num_warps,
         )
 
@@ -174,7 +185,12 @@ class LSTMBlocks:
 
     def kwargs(self):
         return dict(
-            BLOCK_N=self.n, BLOCK_C=self.c, BLOCK_R=self.r, BLOCK_K=self.k, num_warps=self.num_warps
+            BLOCK_N=self.n,
+            BLOCK_C=self.c,
+            BLOCK_R=self.r,
+            BLOCK_K=self.k,
+            BLOCK_KG=self.kg,
+            num_warps=self.num_warps,
         )
 
 
@@ -228,11 +244,20 @@ class ScratchLayout:
 @functools.lru_cache(maxsize=1024)
 def split_k_launches(tiles: int, parts: int, reduction: int, config: LSTMConfig, split: bool):
     """[(MODE, grid, splits)] of one LSTM phase over a reduction of length `reduction`: one DIRECT
-    launch, or on the split path when the reduction is longer than config.split_k (rounded up to
-    whole k-steps), a PARTIAL launch over (tiles, parts, splits) and a FINISH launch over (tiles,
-    parts) that adds the splits in order (deterministic: no atomics)."""
+    launch, or on the split path, when the (tiles, parts) grid leaves room in config.split_ctas
+    programs and the reduction is longer than config.split_k (rounded up to whole k-steps), a
+    PARTIAL launch over (tiles, parts, splits) and a FINISH launch over (tiles, parts) that adds the
+    splits in order (deterministic: no atomics). As many splits as fit in split_ctas programs: more
+    would only add a k-loop prologue (a latency) per program and longer FINISH sums."""
     k_step = _k_step(config)
-    splits = _cdiv(reduction, _cdiv(config.split_k, k_step) * k_step) if split else 1
+    splits = (
+        min(
+            _cdiv(reduction, _cdiv(config.split_k, k_step) * k_step),
+            max(1, config.split_ctas // (tiles * parts)),
+        )
+        if split
+        else 1
+    )
     if splits <= 1:
         return ((SplitK.DIRECT, (tiles, parts, 1), 1),)
     return (
@@ -299,9 +324,8 @@ def hw_split_plan(
     few samples: one program per sample walks all of H*W), H*W splits over a third grid axis and
     _sum_splits_kernel adds the per-split sums in order (deterministic)."""
     programs, hw_tiles = n * _cdiv(channels, block_c), _cdiv(hw, block_hw)
-    splits = (
-        min(hw_tiles, _cdiv(config.min_ctas, programs)) if 0 < programs < config.min_ctas else 1
-    )
+    few = 0 < programs < config.min_ctas  # an empty batch launches nothing
+    splits = min(hw_tiles, _cdiv(config.min_ctas, programs)) if few else 1
     per_split = _cdiv(hw_tiles, max(1, splits)) * block_hw
     return _cdiv(hw, per_split), per_split
 
@@ -350,20 +374,85 @@ def _check(x: Tensor, config: MapConfig) -> None:
         )
 
 
+class StackedPacks:
+    """The stacked cells' weights packed into one fp32 buffer, shared by a forward and its
+    backward: the forward always packs (one torch.cat), and its backward finds that pack by the
+    weights' identity (the same tensor objects, at the same storage address and version counter)
+    instead of packing again. Sound because autograd saves the weights for the backward: an
+    in-place change between the two bumps a version and autograd raises (or the key misses and
+    the backward packs). Across steps nothing is reused: a write through `.data` or outside
+    autograd (optimizers that bypass version counters) would leave a cross-step cache stale, and
+    under CUDA graph capture a pack made outside the graph would not follow the weights on replay;
+    so forwards never read the cache, and steps inside a capture neither read nor fill it (their
+    torch.cat is captured)."""
+
+    MAX_ENTRIES = 8  # units (weight sets) kept: one entry per unit, its latest forward's pack
+
+    def __init__(self):
+        # storage addresses of a unit's stacked weights -> (their versions, shapes, dtypes and
+        # devices; weak references to them; the pack): a unit's next forward replaces its entry
+        self._packs = {}
+
+    @staticmethod
+    def _state(stacked: Sequence[Tensor]):
+        return tuple((w._version, w.shape, w.dtype, w.device) for w in stacked)
+
+    @staticmethod
+    def _pack(stacked: Sequence[Tensor]) -> Tensor:
+        return torch.cat([w.reshape(-1).float() for w in stacked])
+
+    @staticmethod
+    def _capturing(stacked: Sequence[Tensor]) -> bool:
+        return stacked[0].is_cuda and torch.cuda.is_current_stream_capturing()
+
+    def for_forward(self, stacked: Sequence[Tensor]) -> Tensor:
+        packed = self._pack(stacked)
+        if not self._capturing(stacked):
+            key = tuple(w.data_ptr() for w in stacked)
+            self._packs.pop(key, None)
+            if len(self._packs) >= self.MAX_ENTRIES:
+                self._packs.pop(next(iter(self._packs)))  # the oldest
+            self._packs[key] = (self._state(stacked), [weakref.ref(w) for w in stacked], packed)
+        return packed
+
+    def for_backward(self, stacked: Sequence[Tensor]) -> Tensor:
+        if self._capturing(stacked):
+            return self._pack(stacked)
+        entry = self._packs.get(tuple(w.data_ptr() for w in stacked))
+        # the same tensor objects (not new ones at a freed one's address), unchanged since
+        if (
+            entry is not None
+            and entry[0] == self._state(stacked)
+            and all(ref() is w for ref, w in zip(entry[1], stacked))
+        ):
+            return entry[2]
+        return self._pack(stacked)
+
+
+stacked_packs = StackedPacks()
+
+
 def _lstm_operands(
-    pooled: Tensor, h: Tensor, c: Tensor, weights: Sequence[Tensor], dropout_masks: Optional[Tensor]
+    pooled: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: Sequence[Tensor],
+    dropout_masks: Optional[Tensor],
+    backward: bool,
 ):
     """Kernel operands of the LSTM kernels: contiguous state, the 8 cell-0 tensors, the stacked
-    cells packed into one fp32 buffer (one copy, only when there are stacked cells) and the
-    masks."""
+    cells packed into one fp32 buffer (only when there are stacked cells: the forward packs, its
+    backward reuses that pack, see StackedPacks) and the masks."""
     cell0 = [w.contiguous() for w in weights[: reference.CELL0_WEIGHTS]]
-    stacked = (
-        torch.cat([w.reshape(-1).float() for w in weights[reference.CELL0_WEIGHTS :]])
-        if len(weights) > reference.CELL0_WEIGHTS
-        else pooled
-    )
+    stacked = weights[reference.CELL0_WEIGHTS :]
+    if not stacked:
+        packed = pooled
+    elif backward:
+        packed = stacked_packs.for_backward(stacked)
+    else:
+        packed = stacked_packs.for_forward(stacked)
     masks = dropout_masks.contiguous() if dropout_masks is not None else pooled
-    return [pooled, h.contiguous(), c.contiguous(), *cell0, stacked, masks]
+    return [pooled, h.contiguous(), c.contiguous(), *cell0, packed, masks]
 
 
 @dataclass(frozen=True)
@@ -393,8 +482,8 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     """The launch plan of steps on maps like `x` (checked here: dtype, grid size)."""
     _check(x, settings.map)
     n, channels, height, width = x.shape
-    blocks = LSTMBlocks.of(channels, hidden, settings.lstm)
     split = _split_path(channels, hidden, num_cells, settings.lstm)
+    blocks = LSTMBlocks.of(channels, hidden, settings.lstm, split)
     groups = 1 if split else blocks.forward_groups(channels, num_cells, settings.lstm)
     block_c, block_hw = _map_blocks(
         channels, height * width, layouts.is_channels_last(x), settings.map
@@ -486,7 +575,7 @@ def forward(
     _finish_split_sums(pool_out, pooled, hw_splits, 1.0 / hw)
     blocks, layout = launch.blocks, launch.forward_layout
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
-    operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
+    operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=False)
     partials = _partials(launch.forward_partials, pooled)
     for phase, width, phase_launches in launch.forward_lstm:
         for mode, grid, splits in phase_launches:
@@ -599,7 +688,7 @@ def backward(
         blocks = launch.blocks
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        operands = _lstm_operands(pooled, h, c, weights, dropout_masks)
+        operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=True)
         options = dict(
             NUM_CELLS=num_cells,
             ACTIVATION=ACTIVATION_CODES[activation],

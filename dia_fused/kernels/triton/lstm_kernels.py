@@ -117,46 +117,43 @@ def _matmul_tile(
 
 
 @triton.jit
-def _linear_tile(
-    a_ptr,
-    stride_a,  # A (rows, K), row stride stride_a, unit column stride
-    w_ptr,  # W (out, K) contiguous: the nn.Linear weight; rows `cols` of it are used
-    b_ptr,  # (out,) bias
+def _matmul_pair(
+    a1_ptr,
+    a2_ptr,
+    stride_am,  # A1, A2 (rows, K) of any float dtype, unit column stride: a + m * stride_am + k
+    b1_ptr,
+    b2_ptr,
+    stride_bk,
+    stride_bn,  # B1, B2 (K, cols) of any float dtype: b + k * stride_bk + n * stride_bn
     rows,
-    row_mask,
+    row_mask,  # (BLOCK_M,) row indices of A1, A2 and their validity
     cols,
-    col_mask,
-    K,
+    col_mask,  # (BLOCK_N,) column indices of B1, B2 and their validity
     k_begin,
-    k_end,  # the part [k_begin, k_end) of the reduction over K (0, K: all of it)
-    WITH_BIAS: tl.constexpr,  # False for a split-K partial: the finishing pass adds the bias
+    k_end,  # the reductions run over k in [k_begin, k_end)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    """A @ W[cols]^T + b[cols]: one (BLOCK_M, BLOCK_N) tile of F.linear(A, W, b)."""
-    acc = _matmul_tile(
-        a_ptr,
-        stride_a,
-        1,
-        w_ptr,
-        1,
-        K,
-        rows,
-        row_mask,
-        cols,
-        col_mask,
-        k_begin,
-        k_end,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        DOT_PRECISION,
-    )
-    if WITH_BIAS:
-        acc += _bias_row(b_ptr, cols, col_mask)
-    return acc
+    """(A1 @ B1, A2 @ B2): two fp32 tiles like _matmul_tile's, in one loop, so that each k-step's
+    four loads are in flight together (one latency per step for both products, not one each)."""
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        a_offsets = rows[:, None] * stride_am + ks[None, :]
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        b_offsets = ks[:, None] * stride_bk + cols[None, :] * stride_bn
+        b_mask = k_mask[:, None] & col_mask[None, :]
+        a1 = tl.load(a1_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
+        b1 = tl.load(b1_ptr + b_offsets, mask=b_mask, other=0.0).to(tl.float32)
+        a2 = tl.load(a2_ptr + a_offsets, mask=a_mask, other=0.0).to(tl.float32)
+        b2 = tl.load(b2_ptr + b_offsets, mask=b_mask, other=0.0).to(tl.float32)
+        acc1 += tl.dot(a1, b1, input_precision=DOT_PRECISION)
+        acc2 += tl.dot(a2, b2, input_precision=DOT_PRECISION)
+    return acc1, acc2
 
 
 @triton.jit
@@ -220,65 +217,66 @@ def _sum_partials(
 
 
 @triton.jit
-def _gate_tile(
+def _gate_tiles(
     a1_ptr,
-    stride_a1,
-    w1_ptr,
-    b1_ptr,
-    k1,  # input path: A1 (rows, k1) and its linear (4C, k1), (4C,)
+    stride_a1,  # input path: A1 (rows, K) fp32, row stride stride_a1, unit column stride
+    w1_ptr,  # its linear's weight (4C, K) contiguous
     a2_ptr,
-    stride_a2,
-    w2_ptr,
-    b2_ptr,
-    k2,  # recurrent path: A2 (rows, k2) and its linear
+    stride_a2,  # recurrent path: A2 (rows, K) of the state dtype
+    w2_ptr,  # its weight (4C, K)
+    C,
+    K,
     rows,
     row_mask,
-    gate_cols,
-    col_mask,  # gate_cols: q*C + channel indices of one gate chunk
+    cs,
+    c_mask,  # channel indices of one gate column chunk (gate q is at columns q*C + cs)
     k_begin,
-    k_end,  # the part of both reductions computed (k1 == k2 in every use; 0, k1: all of it)
-    WITH_BIAS: tl.constexpr,
+    k_end,  # the part of the reduction computed (0, K: all of it)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    """One (BLOCK_M, BLOCK_N) tile of the pre-activation gates: linear1(A1) + linear2(A2)."""
-    return _linear_tile(
-        a1_ptr,
-        stride_a1,
-        w1_ptr,
-        b1_ptr,
-        rows,
-        row_mask,
-        gate_cols,
-        col_mask,
-        k1,
-        k_begin,
-        k_end,
-        WITH_BIAS,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        DOT_PRECISION,
-    ) + _linear_tile(
-        a2_ptr,
-        stride_a2,
-        w2_ptr,
-        b2_ptr,
-        rows,
-        row_mask,
-        gate_cols,
-        col_mask,
-        k2,
-        k_begin,
-        k_end,
-        WITH_BIAS,
-        BLOCK_M,
-        BLOCK_N,
-        BLOCK_K,
-        DOT_PRECISION,
-    )
+    """The four (BLOCK_M, BLOCK_N) gate tiles i, f, g, o of A1 W1^T + A2 W2^T over k in
+    [k_begin, k_end), without biases: one loop, each k-step loading A1 and A2 once for all four
+    gates, its ten loads in flight together."""
+    acc_i = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gate = C * K  # offset of the next gate's rows in W
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < k_end
+        a_mask = row_mask[:, None] & k_mask[None, :]
+        a1 = tl.load(a1_ptr + rows[:, None] * stride_a1 + ks[None, :], mask=a_mask, other=0.0)
+        a2 = tl.load(a2_ptr + rows[:, None] * stride_a2 + ks[None, :], mask=a_mask, other=0.0)
+        a1, a2 = a1.to(tl.float32), a2.to(tl.float32)
+        w_offsets = ks[:, None] + cs[None, :] * K  # (K, cols) view of W's gate-i rows
+        w_mask = k_mask[:, None] & c_mask[None, :]
+        w1 = w1_ptr + w_offsets
+        w2 = w2_ptr + w_offsets
+        acc_i += tl.dot(a1, tl.load(w1, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_i += tl.dot(a2, tl.load(w2, mask=w_mask, other=0.0), input_precision=DOT_PRECISION)
+        acc_f += tl.dot(
+            a1, tl.load(w1 + gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+        acc_f += tl.dot(
+            a2, tl.load(w2 + gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+        acc_g += tl.dot(
+            a1, tl.load(w1 + 2 * gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+        acc_g += tl.dot(
+            a2, tl.load(w2 + 2 * gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+        acc_o += tl.dot(
+            a1, tl.load(w1 + 3 * gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+        acc_o += tl.dot(
+            a2, tl.load(w2 + 3 * gate, mask=w_mask, other=0.0), input_precision=DOT_PRECISION
+        )
+    return acc_i, acc_f, acc_g, acc_o
 
 
 @triton.jit
@@ -331,6 +329,7 @@ def _cells_forward_tile(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr,  # reduction step of the gate matmuls (divides BLOCK_K)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs.
@@ -355,42 +354,28 @@ def _cells_forward_tile(
                     partial_ptr, P, N, splits, rows, row_mask, R + rs, r_mask, BLOCK_N, BLOCK_R
                 ) + _bias_row(bhh1_ptr, rs, r_mask)
             else:
-                u_ih = _linear_tile(
+                u_ih, u_hh = _matmul_pair(
                     pooled_ptr,
-                    C,
-                    wih1_ptr,
-                    bih1_ptr,
-                    rows,
-                    row_mask,
-                    rs,
-                    r_mask,
-                    C,
-                    k_begin,
-                    k_end,
-                    MODE == MODE_DIRECT,
-                    BLOCK_N,
-                    BLOCK_R,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                u_hh = _linear_tile(
                     h_ptr,
                     C,
+                    wih1_ptr,
                     whh1_ptr,
-                    bhh1_ptr,
+                    1,
+                    C,
                     rows,
                     row_mask,
                     rs,
                     r_mask,
-                    C,
                     k_begin,
                     k_end,
-                    MODE == MODE_DIRECT,
                     BLOCK_N,
                     BLOCK_R,
                     BLOCK_K,
                     DOT_PRECISION,
                 )
+                if MODE == MODE_DIRECT:
+                    u_ih += _bias_row(bih1_ptr, rs, r_mask)
+                    u_hh += _bias_row(bhh1_ptr, rs, r_mask)
             if MODE == MODE_PARTIAL:
                 _store_partial(partial_ptr, P, N, split, rows, row_mask, rs, r_mask, u_ih)
                 _store_partial(partial_ptr, P, N, split, rows, row_mask, R + rs, r_mask, u_hh)
@@ -404,14 +389,8 @@ def _cells_forward_tile(
         for cell in tl.static_range(NUM_CELLS):
             if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
                 a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
-                a2_ptr, stride_a2, w2_ptr, b2_ptr, k2 = (
-                    scratch_ptr + off_ru + R,
-                    S,
-                    whh2_ptr,
-                    bhh2_ptr,
-                    R,
-                )
-            else:  # gates = Wih input + bih + Whh h[cell] + bhh
+                a2_ptr, stride_a2, w2_ptr, b2_ptr = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr
+            else:  # gates = Wih input + bih + Whh h[cell] + bhh (both paths reduce over C)
                 cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
                 a1_ptr, w1_ptr, b1_ptr, k1 = (
                     scratch_ptr + off_vs + (cell - 1) * 2 * C,
@@ -419,7 +398,7 @@ def _cells_forward_tile(
                     cell_w + 4 * C * C,
                     C,
                 )
-                a2_ptr, stride_a2, k2 = h_ptr + cell * N * C, C, C
+                a2_ptr, stride_a2 = h_ptr + cell * N * C, C
                 w2_ptr, b2_ptr = cell_w + 4 * C * C + 4 * C, cell_w + 8 * C * C + 4 * C
             k_begin, k_end = _split_range(k1, split, splits, BLOCK_K)
             for col0 in range(gate_part * BLOCK_C, C, gate_parts * BLOCK_C):
@@ -497,98 +476,37 @@ def _cells_forward_tile(
                         BLOCK_C,
                     )
                 else:
-                    gate_i = _gate_tile(
+                    gate_i, gate_f, gate_g, gate_o = _gate_tiles(
                         a1_ptr,
                         S,
                         w1_ptr,
-                        b1_ptr,
-                        k1,
                         a2_ptr,
                         stride_a2,
                         w2_ptr,
-                        b2_ptr,
-                        k2,
+                        C,
+                        k1,
                         rows,
                         row_mask,
                         cs,
                         c_mask,
                         k_begin,
                         k_end,
-                        MODE == MODE_DIRECT,
                         BLOCK_N,
                         BLOCK_C,
-                        BLOCK_K,
+                        BLOCK_KG,
                         DOT_PRECISION,
                     )
-                    gate_f = _gate_tile(
-                        a1_ptr,
-                        S,
-                        w1_ptr,
-                        b1_ptr,
-                        k1,
-                        a2_ptr,
-                        stride_a2,
-                        w2_ptr,
-                        b2_ptr,
-                        k2,
-                        rows,
-                        row_mask,
-                        C + cs,
-                        c_mask,
-                        k_begin,
-                        k_end,
-                        MODE == MODE_DIRECT,
-                        BLOCK_N,
-                        BLOCK_C,
-                        BLOCK_K,
-                        DOT_PRECISION,
-                    )
-                    gate_g = _gate_tile(
-                        a1_ptr,
-                        S,
-                        w1_ptr,
-                        b1_ptr,
-                        k1,
-                        a2_ptr,
-                        stride_a2,
-                        w2_ptr,
-                        b2_ptr,
-                        k2,
-                        rows,
-                        row_mask,
-                        2 * C + cs,
-                        c_mask,
-                        k_begin,
-                        k_end,
-                        MODE == MODE_DIRECT,
-                        BLOCK_N,
-                        BLOCK_C,
-                        BLOCK_K,
-                        DOT_PRECISION,
-                    )
-                    gate_o = _gate_tile(
-                        a1_ptr,
-                        S,
-                        w1_ptr,
-                        b1_ptr,
-                        k1,
-                        a2_ptr,
-                        stride_a2,
-                        w2_ptr,
-                        b2_ptr,
-                        k2,
-                        rows,
-                        row_mask,
-                        3 * C + cs,
-                        c_mask,
-                        k_begin,
-                        k_end,
-                        MODE == MODE_DIRECT,
-                        BLOCK_N,
-                        BLOCK_C,
-                        BLOCK_K,
-                        DOT_PRECISION,
-                    )
+                    if MODE == MODE_DIRECT:
+                        gate_i += _bias_row(b1_ptr, cs, c_mask) + _bias_row(b2_ptr, cs, c_mask)
+                        gate_f += _bias_row(b1_ptr, C + cs, c_mask) + _bias_row(
+                            b2_ptr, C + cs, c_mask
+                        )
+                        gate_g += _bias_row(b1_ptr, 2 * C + cs, c_mask) + _bias_row(
+                            b2_ptr, 2 * C + cs, c_mask
+                        )
+                        gate_o += _bias_row(b1_ptr, 3 * C + cs, c_mask) + _bias_row(
+                            b2_ptr, 3 * C + cs, c_mask
+                        )
                 if MODE == MODE_PARTIAL:
                     _store_partial(partial_ptr, P, N, split, rows, row_mask, cs, c_mask, gate_i)
                     _store_partial(partial_ptr, P, N, split, rows, row_mask, C + cs, c_mask, gate_f)
@@ -695,6 +613,7 @@ def _lstm_forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr,  # reduction step of the gate matmuls (divides BLOCK_K)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     part, parts = tl.program_id(1), tl.num_programs(1)
@@ -748,6 +667,7 @@ def _lstm_forward_kernel(
         BLOCK_C,
         BLOCK_R,
         BLOCK_K,
+        BLOCK_KG,
         DOT_PRECISION,
     )
 
@@ -804,6 +724,7 @@ def _lstm_backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    BLOCK_KG: tl.constexpr,  # reduction step of the gate matmuls (divides BLOCK_K)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     tile, split = tl.program_id(0), tl.program_id(2)
@@ -858,6 +779,7 @@ def _lstm_backward_kernel(
             BLOCK_C,
             BLOCK_R,
             BLOCK_K,
+            BLOCK_KG,
             DOT_PRECISION,
         )
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -909,29 +831,11 @@ def _lstm_backward_kernel(
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = cell * N * C + rows[:, None] * C + cs[None, :]
-                grad_h_prev = _matmul_tile(
+                grad_h_prev, grad_input = _matmul_pair(
+                    dgates_ptr,
                     dgates_ptr,
                     S,
-                    1,
                     cell_w + 4 * C * C + 4 * C,
-                    C,
-                    1,
-                    rows,
-                    row_mask,
-                    cs,
-                    c_mask,
-                    0,
-                    4 * C,
-                    BLOCK_N,
-                    BLOCK_C,
-                    BLOCK_K,
-                    DOT_PRECISION,
-                )
-                tl.store(grad_h_ptr + nc, grad_h_prev.to(grad_h_ptr.dtype.element_ty), mask=m)
-                grad_input = _matmul_tile(
-                    dgates_ptr,
-                    S,
-                    1,
                     cell_w,
                     C,
                     1,
@@ -946,6 +850,7 @@ def _lstm_backward_kernel(
                     BLOCK_K,
                     DOT_PRECISION,
                 )
+                tl.store(grad_h_ptr + nc, grad_h_prev.to(grad_h_ptr.dtype.element_ty), mask=m)
                 if HAS_MASKS:
                     grad_input = grad_input * tl.load(masks_ptr + nc - N * C, mask=m, other=0.0).to(
                         tl.float32
@@ -970,28 +875,11 @@ def _lstm_backward_kernel(
                         partial_ptr, P, N, splits, rows, row_mask, R + rs, r_mask, BLOCK_N, BLOCK_R
                     )
                 else:
-                    du_ih = _matmul_tile(
+                    du_ih, du_hh = _matmul_pair(
+                        dgates_ptr,
                         dgates_ptr,
                         S,
-                        1,
                         wih2_ptr,
-                        R,
-                        1,
-                        rows,
-                        row_mask,
-                        rs,
-                        r_mask,
-                        k_begin,
-                        k_end,
-                        BLOCK_N,
-                        BLOCK_R,
-                        BLOCK_K,
-                        DOT_PRECISION,
-                    )
-                    du_hh = _matmul_tile(
-                        dgates_ptr,
-                        S,
-                        1,
                         whh2_ptr,
                         R,
                         1,
@@ -1043,28 +931,11 @@ def _lstm_backward_kernel(
                         partial_ptr, P, N, splits, rows, row_mask, C + cs, c_mask, BLOCK_N, BLOCK_C
                     )
                 else:
-                    grad_pooled = _matmul_tile(
+                    grad_pooled, grad_h0 = _matmul_pair(
                         scratch_ptr + off_du,
-                        S,
-                        1,
-                        wih1_ptr,
-                        C,
-                        1,
-                        rows,
-                        row_mask,
-                        cs,
-                        c_mask,
-                        k_begin,
-                        k_end,
-                        BLOCK_N,
-                        BLOCK_C,
-                        BLOCK_K,
-                        DOT_PRECISION,
-                    )
-                    grad_h0 = _matmul_tile(
                         scratch_ptr + off_du + R,
                         S,
-                        1,
+                        wih1_ptr,
                         whh1_ptr,
                         C,
                         1,
