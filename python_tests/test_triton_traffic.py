@@ -77,7 +77,7 @@ def counting():
         interpreter.GridExecutor.__call__ = call
 
 
-FUSED, SPLIT = LSTMConfig(split_min=1 << 30), LSTMConfig()
+FUSED, SPLIT = LSTMConfig(split_min=1 << 30), LSTMConfig(split_min=0)
 CASES = {
     # name: (roofline.Step, the LSTM configuration)
     "fused-odd-c": (roofline.Step(3, 20, 3, 5, reduction=4), FUSED),

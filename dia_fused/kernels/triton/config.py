@@ -59,7 +59,10 @@ class LSTMConfig:
     fused_gate_block_k: int = 16
     num_warps: int = 8  # 4 warps spill on sm_90
     forward_groups: int = 4  # most column groups of the one-cell fused forward (per sample tile)
-    split_min: int = 0  # one-cell steps with C * C/r at least this take the split path
+    # one-cell steps with C * C/r at least this take the split path: by bench/roofline.py the
+    # fused path is as fast up to C * C/r = 4096 (C = 64..128 at r = 4) with 7 launches instead of
+    # 12-14, the split path faster from about 6400 on
+    split_min: int = 6144
     # split path: a phase whose grid has fewer than split_ctas programs (one wave of an H100's 132
     # SMs) splits its reduction into as many parts as fit in that many, none shorter than split_k
     # (rounded up to whole k-steps): bench/roofline.py

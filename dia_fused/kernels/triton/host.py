@@ -15,7 +15,7 @@ Launches per step on the fused path (any number of stacked cells; N, C, H*W of a
                                  else grad_out (+ out), in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
-with C * C/r >= LSTMConfig.split_min (ImageNet stages 3-4 by default) take the split path instead,
+with C * C/r >= LSTMConfig.split_min (6144 by default: C >= 160 at r = 4) take the split path,
 where each LSTM phase is its own launch spread over GEMM-like grids (sample tiles x reduced-width or
 channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates
 and their gradients, du, ds and dh0, weight grads, grad input (7). One program per sample tile would
