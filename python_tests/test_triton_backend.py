@@ -281,9 +281,9 @@ def test_one_step_is_three_launches_forward_and_four_backward(
 ):
     from dia_fused.kernels.triton import host as triton_dia_step
 
-    # the fused path (one program per sample tile), which one-cell steps take below split_min
+    # the fused path (one program per sample tile), which one-cell steps take below spread_min
     settings = triton_dia_step.KernelSettings(
-        lstm=triton_dia_step.LSTMConfig(split_min=1 << 30),
+        lstm=triton_dia_step.LSTMConfig(split_min=1 << 30, spread_min=1 << 30),
         map=triton_dia_step.current_settings().map,
     )
     inputs = random_step_inputs(
