@@ -145,9 +145,9 @@ def test_spread_backward_launches_and_is_deterministic(monkeypatch):
         assert torch.equal(first[key], second[key]), key
 
 
-def test_the_default_plan_spreads_the_backward_from_c128_r4():
+def test_the_default_plan_spreads_the_backward_from_c112_r4():
     """By the traffic model the spread backward is faster at 128x128 (C * C/r = 4096) and slower
-    at 128x64 (1024); the split path starts at split_min."""
+    at 128x64 (1024) and 128x96 (2304); the split path starts at split_min."""
     from dia_fused.kernels.triton import host
 
     settings = host.KernelSettings()
@@ -158,6 +158,7 @@ def test_the_default_plan_spreads_the_backward_from_c128_r4():
         return [phase for phase, _, _ in plan.backward_lstm], plan.split
 
     assert backward_phases(64) == ([host.Phase.FUSED], False)
+    assert backward_phases(96) == ([host.Phase.FUSED], False)
     assert backward_phases(128) == (
         [host.Phase.RECOMPUTE, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD],
         False,

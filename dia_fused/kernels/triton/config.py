@@ -63,11 +63,12 @@ class LSTMConfig:
     # fused path is as fast up to C * C/r = 4096 (C = 64..128 at r = 4) with 7 launches instead of
     # 12-14, the split path faster from about 6400 on
     split_min: int = 6144
-    # one-cell fused-path steps with C * C/r at least this run the backward's LSTM as three
+    # one-cell fused-path steps with C * C/r at least this run the backward's LSTM as 3-4
     # launches over (sample tiles x column or reduced-width parts) instead of one program per
     # sample tile: recomputed gates and their gradients (each part recomputing the reduced paths
-    # for itself), du (split-K), d pooled and dh0; by bench/roofline.py faster from C = 128 at r = 4
-    spread_min: int = 4096
+    # for itself), du (split-K), d pooled and dh0; by bench/roofline.py faster from C = 112 at
+    # r = 4 (C * C/r = 3136: 79.8 vs 81.2 us at 128x112x16x16), slower at C = 96 (2304)
+    spread_min: int = 3072
     # split path: a phase whose grid has fewer than split_ctas programs (one wave of an H100's 132
     # SMs) splits its reduction into as many parts as fit in that many, none shorter than split_k
     # (rounded up to whole k-steps): bench/roofline.py

@@ -15,7 +15,7 @@ Launches per step on the fused path (any number of stacked cells; N, C, H*W of a
                                  else grad_out (+ out), in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
-from C * C/r = LSTMConfig.spread_min (4096: C = 128 at r = 4) keep its forward and spread the
+from C * C/r = LSTMConfig.spread_min (3072: C >= 112 at r = 4) keep its forward and spread the
 backward's LSTM (2.) over (sample tiles x column or reduced-width parts): the gates and their
 gradients with relu(u) recomputed by each column part, du (split over K), ds and dh0 (3-4
 launches where one program per sample tile would do all of it serially). One-cell units
