@@ -255,6 +255,24 @@ class _LSTMGeometry:
         return min(_cdiv(reduction, self.split_k), max(1, self.split_ctas // ctas))
 
 
+def weight_grad_blocks(step: Step, config: LSTMConfig, interpreted: bool) -> Tuple[int, int, int]:
+    """host.weight_grad_blocks: (BLOCK_M, BLOCK_K, BLOCK_N) of the weight-gradient kernel."""
+    bn = 64 if interpreted else 32
+    large = (64, 64, bn)
+    if weight_grad_tile_count(step, large) < config.weight_grad_ctas:
+        return (32, 32, bn)
+    return large
+
+
+def weight_grad_tile_count(s: Step, blocks) -> int:
+    """host.weight_grad_tiles."""
+    bm, bk = blocks[:2]
+    w1 = _cdiv(s.r, bm) * _cdiv(s.c, bk)
+    w2 = _cdiv(4 * s.c, bm) * _cdiv(s.r, bk)
+    stacked = _cdiv(4 * s.c, bm) * _cdiv(s.c, bk)
+    return 2 * (w1 + w2) + 2 * (s.cells - 1) * stacked
+
+
 def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _LSTMGeometry:
     """host.LSTMBlocks / _split_path / forward_groups, and the weight-grad tile."""
     bc = max(16, min(config.block_c, _next_power_of_2(step.c)))
@@ -274,7 +292,7 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
         else min(config.gate_block_k if split else config.fused_gate_block_k, config.block_k),
         groups=groups,
         split=split,
-        wg=(64, 64, 64) if interpreted else (64, 64, 32),
+        wg=weight_grad_blocks(step, config, interpreted),
         split_k=_cdiv(config.split_k, bk) * bk,
         split_ctas=config.split_ctas,
         spread=spread,

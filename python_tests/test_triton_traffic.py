@@ -108,10 +108,13 @@ CASES = {
         roofline.Step(3, 72, 1, 2, reduction=1),
         LSTMConfig(split_min=1, split_k=16, block_c=16, block_r=16),
     ),
-    # split_ctas caps the splits: du (K = 288, 5 k-steps) over 5 R parts splits in 2, not 5
+    # split_ctas caps the splits: du (K = 288, 5 k-steps) over 5 R parts splits in 2, not 5; the
+    # 64x64 weight-gradient tiles (weight_grad_ctas=0; small units take 32x32 by default)
     "split-k-capped-by-split-ctas": (
         roofline.Step(3, 72, 1, 2, reduction=1),
-        LSTMConfig(split_min=1, split_k=16, split_ctas=10, block_c=16, block_r=16),
+        LSTMConfig(
+            split_min=1, split_k=16, split_ctas=10, block_c=16, block_r=16, weight_grad_ctas=0
+        ),
     ),
 }
 

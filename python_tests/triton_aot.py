@@ -55,7 +55,8 @@ def captured_launches():
         fused = T.KernelSettings(lstm=T.LSTMConfig(split_min=1 << 30))
         split = T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
         default = T.KernelSettings()
-        split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16))
+        # (and the 64x64 weight-gradient tiles that large units take)
+        split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16, weight_grad_ctas=0))
         cases = [
             dict(
                 dtype=torch.float32,

@@ -314,8 +314,10 @@ def _partials(size: int, dummy: Tensor) -> Tensor:
     return torch.empty(size, device=dummy.device, dtype=torch.float32) if size else dummy
 
 
-# (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step
+# (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step; the small
+# tile when the large one leaves the grid under LSTMConfig.weight_grad_ctas (weight_grad_blocks)
 WEIGHT_GRAD_BLOCKS = (64, 64, 64) if INTERPRETED else (64, 64, 32)
+SMALL_WEIGHT_GRAD_BLOCKS = (32, 32, WEIGHT_GRAD_BLOCKS[2])
 
 
 def weight_grad_tiles(channels: int, hidden: int, num_cells: int, block_m: int, block_k: int):
@@ -324,6 +326,14 @@ def weight_grad_tiles(channels: int, hidden: int, num_cells: int, block_m: int, 
     w2 = _cdiv(4 * channels, block_m) * _cdiv(hidden, block_k)
     stacked = _cdiv(4 * channels, block_m) * _cdiv(channels, block_k)
     return 2 * (w1 + w2) + STACKED_CELL_JOBS * (num_cells - 1) * stacked
+
+
+def weight_grad_blocks(channels: int, hidden: int, num_cells: int, config: LSTMConfig):
+    """(BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel for these weights: 32x32 output tiles
+    where 64x64 ones would be fewer than config.weight_grad_ctas (2-4x the programs, each 1/2-1/4
+    of the work: the small units' weight gradients on more of the GPU)."""
+    large = weight_grad_tiles(channels, hidden, num_cells, *WEIGHT_GRAD_BLOCKS[:2])
+    return SMALL_WEIGHT_GRAD_BLOCKS if large < config.weight_grad_ctas else WEIGHT_GRAD_BLOCKS
 
 
 SUM_SPLITS_BLOCK = 1024  # elements per program of _sum_splits_kernel
@@ -490,6 +500,8 @@ class LaunchPlan:
     backward_partials: int  # _partials_size of the backward
     forward_layout: ScratchLayout
     backward_layout: ScratchLayout
+    weight_grad_blocks: Tuple[int, int, int]  # weight_grad_blocks
+    weight_grad_tiles: int  # programs of _weight_grad_kernel
 
 
 def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings) -> LaunchPlan:
@@ -532,6 +544,7 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         forward_phases if split else [(Phase.FUSED, groups, 0, 0)], tiles, config, split
     )
     backward_relu = _lstm_launches([reduced] if split else [], tiles, config, True)
+    wg_blocks = weight_grad_blocks(channels, hidden, num_cells, config)
     return LaunchPlan(
         settings,
         block_c,
@@ -548,6 +561,8 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         _partials_size(backward_relu + backward_lstm, n),
         ScratchLayout.forward(channels, hidden, num_cells, groups),
         ScratchLayout.backward(channels, hidden, num_cells, c_parts if spread else 1),
+        wg_blocks,
+        weight_grad_tiles(channels, hidden, num_cells, *wg_blocks[:2]),
     )
 
 
@@ -776,8 +791,8 @@ def backward(
                     **options,
                 )
     # over an empty batch this writes zeros: the gradient of a sum over no samples
-    wg_m, wg_k, wg_n = WEIGHT_GRAD_BLOCKS
-    _weight_grad_kernel[(weight_grad_tiles(channels, hidden, num_cells, wg_m, wg_k),)](
+    wg_m, wg_k, wg_n = launch.weight_grad_blocks
+    _weight_grad_kernel[(launch.weight_grad_tiles,)](
         scratch,
         grad_weights,
         n,
