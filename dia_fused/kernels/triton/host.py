@@ -280,8 +280,8 @@ def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) 
 
 def _spread_backward(channels: int, hidden: int, num_cells: int, config: LSTMConfig) -> bool:
     """One-cell fused-path steps from config.spread_min on run the backward's LSTM over column and
-    reduced-width parts (three launches, the reductions split-K) instead of one program per sample
-    tile doing all of it serially."""
+    reduced-width parts (3-4 launches, du split over K) instead of one program per sample tile
+    doing all of it serially."""
     return num_cells == 1 and config.spread_min <= channels * hidden < config.split_min
 
 
@@ -531,7 +531,7 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         config,
         True,
     )
-    spread = not split and _spread_backward(channels, hidden, num_cells, config)
+    spread = _spread_backward(channels, hidden, num_cells, config)  # never with `split`
     if split:
         gates = (Phase.GATES, c_parts, hidden, 4 * channels)
         backward_lstm = _lstm_launches([gates], tiles, config, True) + gradients
