@@ -246,12 +246,31 @@ class _LSTMGeometry:
     wg: Tuple[int, int, int]  # weight-grad BLOCK_M, BLOCK_K, BLOCK_N
     split_k: int  # split path: the shortest split of a reduction (whole k-steps)
     split_ctas: int  # split path: a phase splits into as many parts as fit in this many CTAs
+    spread: bool  # fused path: the backward's LSTM over column parts (host._spread_backward)
 
-    def splits(self, reduction: int, ctas: int) -> int:
+    def splits(self, reduction: int, ctas: int, split: bool) -> int:
         """host.split_k_launches: the splits of a reduction over a (tiles, parts) grid of `ctas`."""
-        if not self.split:
+        if not split:
             return 1
         return min(_cdiv(reduction, self.split_k), max(1, self.split_ctas // ctas))
+
+
+def weight_grad_blocks(step: Step, config: LSTMConfig, interpreted: bool) -> Tuple[int, int, int]:
+    """host.weight_grad_blocks: (BLOCK_M, BLOCK_K, BLOCK_N) of the weight-gradient kernel."""
+    bn = 64 if interpreted else 32
+    large = (64, 64, bn)
+    if weight_grad_tile_count(step, large) < config.weight_grad_ctas:
+        return (32, 32, bn)
+    return large
+
+
+def weight_grad_tile_count(s: Step, blocks) -> int:
+    """host.weight_grad_tiles."""
+    bm, bk = blocks[:2]
+    w1 = _cdiv(s.r, bm) * _cdiv(s.c, bk)
+    w2 = _cdiv(4 * s.c, bm) * _cdiv(s.r, bk)
+    stacked = _cdiv(4 * s.c, bm) * _cdiv(s.c, bk)
+    return 2 * (w1 + w2) + 2 * (s.cells - 1) * stacked
 
 
 def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _LSTMGeometry:
@@ -259,6 +278,7 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
     bc = max(16, min(config.block_c, _next_power_of_2(step.c)))
     bk = 64 if interpreted else config.block_k
     split = step.cells == 1 and step.c * step.r >= config.split_min
+    spread = step.cells == 1 and not split and step.c * step.r >= config.spread_min
     groups = (
         1 if (split or step.cells > 1) else max(1, min(config.forward_groups, _cdiv(step.c, bc)))
     )
@@ -272,17 +292,19 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
         else min(config.gate_block_k if split else config.fused_gate_block_k, config.block_k),
         groups=groups,
         split=split,
-        wg=(64, 64, 64) if interpreted else (64, 64, 32),
+        wg=weight_grad_blocks(step, config, interpreted),
         split_k=_cdiv(config.split_k, bk) * bk,
         split_ctas=config.split_ctas,
+        spread=spread,
     )
 
 
 def _scratch_size(step: Step, forward: bool, groups: int) -> int:
+    """host.ScratchLayout: `groups` relu(u) slots (forward column groups, spread backward parts)."""
     c, r, cells = step.c, step.r, step.cells
     if forward:
         return 2 * r * groups + 2 * c * (cells - 1)
-    return 4 * r + 2 * c + 4 * c * cells + 2 * c * (cells - 1) + 4 * c * cells + c
+    return 2 * r + 2 * r * groups + 2 * c + 4 * c * cells + 2 * c * (cells - 1) + 4 * c * cells + c
 
 
 DIRECT, PARTIAL, FINISH = 0, 1, 2  # lstm_kernels.SplitK
@@ -396,16 +418,16 @@ def _lstm_backward(
     split=0,
     splits=1,
 ):
-    """_lstm_backward_kernel; phase in fused, gates, reduced_grad, input_grad."""
+    """_lstm_backward_kernel; phase in fused, gates, recompute, reduced_grad, input_grad."""
     es, nr = 4, min(g.bn, s.n - tile * g.bn)
     c, r = s.c, s.r
-    if phase in ("fused", "gates"):
-        _cells_forward(
-            p, s, g, tile, 0, 1, part, parts, True, phase == "fused", True, mode, split, splits
-        )
+    gates = phase in ("fused", "gates", "recompute")
+    if gates:
+        do_u = phase != "gates"  # recompute: every column part computes all of u, into its slot
+        _cells_forward(p, s, g, tile, 0, 1, part, parts, True, do_u, True, mode, split, splits)
     for step in range(s.cells):
         cell = s.cells - 1 - step
-        pointwise = phase in ("fused", "gates") and mode != PARTIAL
+        pointwise = gates and mode != PARTIAL
         for col0 in range(part * g.bc, c if pointwise else 0, parts * g.bc):
             cc = min(g.bc, c - col0)
             if s.grad_state:
@@ -580,10 +602,12 @@ def _map_launch(
     return launch
 
 
-def _phase_launches(kernel, s, g, tiles, parts, reduction, width, scratch, program, gpu):
-    """host.split_k_launches of one LSTM phase: DIRECT, or PARTIAL then FINISH; `program(p, tile,
-    part, mode, split, splits)` walks one CTA."""
-    splits = g.splits(reduction, tiles * parts)
+def _phase_launches(
+    kernel, s, g, tiles, parts, reduction, width, scratch, program, gpu, split_k=None
+):
+    """host.split_k_launches of one LSTM phase: DIRECT, or PARTIAL then FINISH (split_k, default
+    the split path's flag); `program(p, tile, part, mode, split, splits)` walks one CTA."""
+    splits = g.splits(reduction, tiles * parts, g.split if split_k is None else split_k)
     if splits <= 1:
         plan = [(DIRECT, 1)]
     else:
@@ -705,7 +729,8 @@ def triton_launches(
         )
     )
     launches += _sum_splits_launches(s, splits, gpu)
-    scratch = n * _scratch_size(s, False, 1) * 4
+    scratch = n * _scratch_size(s, False, c_parts if g.spread else 1) * 4
+    # (phase, parts, its reduction length, the row length of its partials, split-K)
     if g.split:
 
         def reduced(p, tile, part, mode, split, splits):
@@ -729,20 +754,33 @@ def triton_launches(
         launches += _phase_launches(
             "_lstm_forward_kernel", s, g, tiles, r_parts, c, 2 * s.r, scratch, reduced, gpu
         )
-        phases = [
-            ("gates", c_parts, s.r, 4 * c),
-            ("reduced_grad", r_parts, 4 * c, 2 * s.r),
-            ("input_grad", c_parts, s.r, 2 * c),
-        ]
+    gradients = [
+        ("reduced_grad", r_parts, 4 * c, 2 * s.r, True),
+        ("input_grad", c_parts, s.r, 2 * c, True),
+    ]
+    if g.split:
+        phases = [("gates", c_parts, s.r, 4 * c, True)] + gradients
+    elif g.spread:
+        phases = [("recompute", c_parts, 0, 0, False)] + gradients
     else:
-        phases = [("fused", 1, 0, 0)]
-    for phase, parts, reduction, width in phases:
+        phases = [("fused", 1, 0, 0, False)]
+    for phase, parts, reduction, width, split_k in phases:
 
         def program(p, tile, part, mode, split, splits, phase=phase, parts=parts):
             _lstm_backward(p, s, g, tile, part, parts, phase, mode, split, splits)
 
         launches += _phase_launches(
-            "_lstm_backward_kernel", s, g, tiles, parts, reduction, width, scratch, program, gpu
+            "_lstm_backward_kernel",
+            s,
+            g,
+            tiles,
+            parts,
+            reduction,
+            width,
+            scratch,
+            program,
+            gpu,
+            split_k,
         )
     programs = []
     for job, tiles_of_job in _weight_grad_jobs(s, g):

@@ -281,9 +281,9 @@ def test_one_step_is_three_launches_forward_and_four_backward(
 ):
     from dia_fused.kernels.triton import host as triton_dia_step
 
-    # the fused path (one program per sample tile), which one-cell steps take below split_min
+    # the fused path (one program per sample tile), which one-cell steps take below spread_min
     settings = triton_dia_step.KernelSettings(
-        lstm=triton_dia_step.LSTMConfig(split_min=1 << 30),
+        lstm=triton_dia_step.LSTMConfig(split_min=1 << 30, spread_min=1 << 30),
         map=triton_dia_step.current_settings().map,
     )
     inputs = random_step_inputs(
@@ -361,6 +361,35 @@ def test_lstm_launch_configurations_give_the_same_results(monkeypatch, config):
         35, 72, 2, 1, reduction=3, device=DEVICE, seed=7
     )  # 3 tiles of 16, 2 of 32
     with triton_dia_step.use_settings(settings):
+        compare_backend(triton_step, inputs, torch.float32, relu=True)
+
+
+def test_weight_gradients_take_small_tiles_under_one_wave():
+    """32x32 output tiles where 64x64 ones would leave the grid under weight_grad_ctas (128x128:
+    20 tiles of 64x64, 40 of 32x32), 64x64 where they fill it (C = 2048: 2560 tiles)."""
+    from dia_fused.kernels.triton import host
+
+    settings = host.KernelSettings()
+
+    def weight_grads(channels):
+        plan = host.launch_plan(
+            torch.empty(32, channels, 4, 4, device="meta"), 1, channels // 4, settings
+        )
+        return plan.weight_grad_blocks[:2], plan.weight_grad_tiles
+
+    assert weight_grads(128) == ((32, 32), 40)
+    assert weight_grads(2048) == ((64, 64), 2560)
+
+
+@pytest.mark.parametrize("weight_grad_ctas", [0, 1 << 30], ids=["64x64", "32x32"])
+def test_both_weight_gradient_tiles_match_the_reference(weight_grad_ctas):
+    from dia_fused.kernels.triton import host
+
+    settings = host.KernelSettings(
+        lstm=host.LSTMConfig(weight_grad_ctas=weight_grad_ctas), map=host.current_settings().map
+    )
+    inputs = random_step_inputs(5, 40, 1, 2, reduction=1, device=DEVICE, seed=3)  # R = 40
+    with host.use_settings(settings):
         compare_backend(triton_step, inputs, torch.float32, relu=True)
 
 

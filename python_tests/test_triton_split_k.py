@@ -82,3 +82,88 @@ def test_a_phase_splits_into_as_many_parts_as_fit_in_split_ctas():
     assert host.split_k_launches(1, 2, 128, config, True)[0] == (host.SplitK.PARTIAL, (1, 2, 2), 2)
     # the fused path never splits
     assert host.split_k_launches(1, 1, 8192, config, False) == ((host.SplitK.DIRECT, (1, 1, 1), 1),)
+
+
+def spread_backward():
+    """The fused path with its backward spread over column parts (RECOMPUTE, then du split over K,
+    then d pooled and dh0): at C = 40, r = 2 three column parts, two R parts, du in 3 splits."""
+    from dia_fused.kernels.triton import host
+
+    return host.KernelSettings(
+        lstm=host.LSTMConfig(split_min=1 << 30, spread_min=1, block_c=16, block_r=16),
+        map=host.current_settings().map,
+    )
+
+
+@pytest.mark.parametrize(
+    "n, c, h, w, r, dtype, channels_last",
+    [
+        (17, 40, 1, 1, 2, torch.float32, False),  # two sample tiles, H*W = 1
+        (1, 40, 2, 3, 2, torch.float32, True),  # batch 1, channels_last
+        pytest.param(3, 50, 3, 3, 3, torch.bfloat16, True, marks=pytest.mark.slow),
+    ],
+    ids=["n17-hw1-fp32", "batch1-fp32-cl", "c50-r3-bf16-cl"],
+)
+def test_spread_backward_matches_float64(n, c, h, w, r, dtype, channels_last):
+    from dia_fused.kernels.triton import host
+
+    inputs = random_step_inputs(
+        n, c, h, w, reduction=r, device=DEVICE, channels_last=channels_last, seed=c + n
+    )
+    with host.use_settings(spread_backward()):
+        compare_backend(triton_step, inputs, dtype, relu=True, activation="tanh")
+
+
+def test_spread_backward_launches_and_is_deterministic(monkeypatch):
+    """The forward stays one LSTM launch; the backward's LSTM is RECOMPUTE, du PARTIAL and FINISH,
+    d pooled / dh0 (no relu(u) launch), with the same bits on every run."""
+    from dia_fused.kernels.triton import host
+
+    launched = []
+
+    class Logged:  # launches the kernel, and logs its name
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launched.append(self.kernel.__name__)
+            return self.kernel[grid]
+
+    for name in [name for name in vars(host) if name.endswith("_kernel")]:
+        monkeypatch.setattr(host, name, Logged(getattr(host, name)))
+    inputs = random_step_inputs(3, 40, 1, 2, reduction=2, device=DEVICE, seed=9)
+    with host.use_settings(spread_backward()):
+        first = step_outputs_and_grads(triton_step, inputs.to(torch.float32))
+        assert launched == (
+            ["_pool_kernel", "_lstm_forward_kernel", "_scale_kernel", "_grad_attention_kernel"]
+            + ["_lstm_backward_kernel"] * 4
+            + ["_weight_grad_kernel", "_grad_input_kernel"]
+        )
+        second = step_outputs_and_grads(triton_step, inputs.to(torch.float32))
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_the_default_plan_spreads_the_backward_from_c112_r4():
+    """By the traffic model the spread backward is faster at 128x128 (C * C/r = 4096) and slower
+    at 128x64 (1024) and 128x96 (2304); the split path starts at split_min."""
+    from dia_fused.kernels.triton import host
+
+    settings = host.KernelSettings()
+
+    def backward_phases(channels):
+        x = torch.empty(128, channels, 4, 4, device="meta")
+        plan = host.launch_plan(x, 1, channels // 4, settings)
+        return [phase for phase, _, _ in plan.backward_lstm], plan.split
+
+    assert backward_phases(64) == ([host.Phase.FUSED], False)
+    assert backward_phases(96) == ([host.Phase.FUSED], False)
+    assert backward_phases(128) == (
+        [host.Phase.RECOMPUTE, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD],
+        False,
+    )
+    assert backward_phases(256) == (
+        [host.Phase.GATES, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD],
+        True,
+    )

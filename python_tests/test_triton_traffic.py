@@ -77,7 +77,7 @@ def counting():
         interpreter.GridExecutor.__call__ = call
 
 
-FUSED, SPLIT = LSTMConfig(split_min=1 << 30), LSTMConfig(split_min=0)
+FUSED, SPLIT = LSTMConfig(split_min=1 << 30, spread_min=1 << 30), LSTMConfig(split_min=0)
 CASES = {
     # name: (roofline.Step, the LSTM configuration)
     "fused-odd-c": (roofline.Step(3, 20, 3, 5, reduction=4), FUSED),
@@ -93,6 +93,11 @@ CASES = {
         roofline.Step(2, 70, 9, 9, reduction=7, identity=False), FUSED, marks=pytest.mark.slow
     ),
     "stacked-3-cells-masks": (roofline.Step(2, 8, 2, 2, reduction=2, cells=3, masks=True), FUSED),
+    # the fused path's spread backward: 3 column parts each recomputing relu(u), du split over K
+    "spread-backward": (
+        roofline.Step(3, 40, 2, 2, reduction=2),
+        LSTMConfig(split_min=1 << 30, spread_min=1, block_c=16, block_r=16),
+    ),
     "split-path": pytest.param(
         roofline.Step(18, 72, 2, 2, reduction=2), SPLIT, marks=pytest.mark.slow
     ),
@@ -103,10 +108,13 @@ CASES = {
         roofline.Step(3, 72, 1, 2, reduction=1),
         LSTMConfig(split_min=1, split_k=16, block_c=16, block_r=16),
     ),
-    # split_ctas caps the splits: du (K = 288, 5 k-steps) over 5 R parts splits in 2, not 5
+    # split_ctas caps the splits: du (K = 288, 5 k-steps) over 5 R parts splits in 2, not 5; the
+    # 64x64 weight-gradient tiles (weight_grad_ctas=0; small units take 32x32 by default)
     "split-k-capped-by-split-ctas": (
         roofline.Step(3, 72, 1, 2, reduction=1),
-        LSTMConfig(split_min=1, split_k=16, split_ctas=10, block_c=16, block_r=16),
+        LSTMConfig(
+            split_min=1, split_k=16, split_ctas=10, block_c=16, block_r=16, weight_grad_ctas=0
+        ),
     ),
 }
 

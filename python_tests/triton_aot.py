@@ -55,7 +55,8 @@ def captured_launches():
         fused = T.KernelSettings(lstm=T.LSTMConfig(split_min=1 << 30))
         split = T.KernelSettings(lstm=T.LSTMConfig(split_min=0))
         default = T.KernelSettings()
-        split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16))
+        # (and the 64x64 weight-gradient tiles that large units take)
+        split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16, weight_grad_ctas=0))
         cases = [
             dict(
                 dtype=torch.float32,
@@ -97,7 +98,8 @@ def captured_launches():
             dict(
                 dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split
             ),
-            # the default split path with the benchmarks' LSTM tiles (C/r >= 32: BLOCK_R 32)
+            # the default fused path with its backward spread over column parts (C = 128: C * C/r
+            # = 4096 >= spread_min; BLOCK_R 32 as at the benchmark shapes), fp32 and bf16
             dict(
                 dtype=torch.bfloat16,
                 num_cells=1,
@@ -106,6 +108,25 @@ def captured_launches():
                 grads=True,
                 config=default,
                 channels=128,
+            ),
+            dict(
+                dtype=torch.float32,
+                num_cells=1,
+                identity=True,
+                relu=True,
+                grads=False,
+                config=default,
+                channels=128,
+            ),
+            # the default split path with the benchmarks' LSTM tiles (C = 256)
+            dict(
+                dtype=torch.bfloat16,
+                num_cells=1,
+                identity=True,
+                relu=True,
+                grads=True,
+                config=default,
+                channels=256,
             ),
             dict(
                 dtype=torch.bfloat16,

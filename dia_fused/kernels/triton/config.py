@@ -63,11 +63,21 @@ class LSTMConfig:
     # fused path is as fast up to C * C/r = 4096 (C = 64..128 at r = 4) with 7 launches instead of
     # 12-14, the split path faster from about 6400 on
     split_min: int = 6144
+    # one-cell fused-path steps with C * C/r at least this run the backward's LSTM as 3-4
+    # launches over (sample tiles x column or reduced-width parts) instead of one program per
+    # sample tile: recomputed gates and their gradients (each part recomputing the reduced paths
+    # for itself), du (split-K), d pooled and dh0; by bench/roofline.py faster from C = 112 at
+    # r = 4 (C * C/r = 3136: 78.1 vs 79.4 us at 128x112x16x16), slower at C = 96 (2304)
+    spread_min: int = 3072
     # split path: a phase whose grid has fewer than split_ctas programs (one wave of an H100's 132
     # SMs) splits its reduction into as many parts as fit in that many, none shorter than split_k
     # (rounded up to whole k-steps): bench/roofline.py
     split_k: int = 64
     split_ctas: int = 132
+    # the weight-gradient kernel takes 32x32 output tiles instead of 64x64 when the 64x64 tiles
+    # are fewer than this (one wave of an H100): 2-4x the CTAs, each a half to a quarter of the FMAs
+    # (bench/roofline.py)
+    weight_grad_ctas: int = 132
 
     @staticmethod
     def from_env(text: Optional[str], base: Optional["LSTMConfig"] = None) -> "LSTMConfig":

@@ -15,6 +15,10 @@ Launches per step on the fused path (any number of stacked cells; N, C, H*W of a
                                  else grad_out (+ out), in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
+from C * C/r = LSTMConfig.spread_min (3072: C >= 112 at r = 4) keep its forward and spread the
+backward's LSTM (2.) over (sample tiles x column or reduced-width parts): the gates and their
+gradients with relu(u) recomputed by each column part, du (split over K), ds and dh0 (3-4
+launches where one program per sample tile would do all of it serially). One-cell units
 with C * C/r >= LSTMConfig.split_min (6144 by default: C >= 160 at r = 4) take the split path,
 where each LSTM phase is its own launch spread over GEMM-like grids (sample tiles x reduced-width or
 channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates
@@ -201,7 +205,8 @@ class ScratchLayout:
     gradient dW = D^T V, read by _weight_grad_kernel:
 
         du    du_ih | du_hh                  (R each)   D of wih1 | whh1
-        ru    relu(u_ih) | relu(u_hh)        (R each)   V of wih2 | whh2
+        ru    relu(u_ih) | relu(u_hh)        (R each)   V of wih2 | whh2 (slot 0; the spread
+                                                        backward's column parts: a slot each)
         v0    pooled | h[0]                  (C each)   V of wih1 | whh1
         dgates  cell 0 .. L-1                (4C each)  D of wih2, whh2 (cell 0), wih_l, whh_l
         vs    cell 1 .. L-1: input | h[l]    (C each)   V of wih_l | whh_l
@@ -224,8 +229,9 @@ class ScratchLayout:
         return ScratchLayout(ru=0, vs=ru_size, size=ru_size + 2 * channels * (num_cells - 1))
 
     @staticmethod
-    def backward(channels: int, hidden: int, num_cells: int) -> "ScratchLayout":
-        ru, v0, dgates = 2 * hidden, 4 * hidden, 4 * hidden + 2 * channels
+    def backward(channels: int, hidden: int, num_cells: int, slots: int) -> "ScratchLayout":
+        ru, v0 = 2 * hidden, 2 * hidden + 2 * hidden * slots
+        dgates = v0 + 2 * channels
         vs = dgates + 4 * channels * num_cells
         gates = vs + 2 * channels * (num_cells - 1)
         carry = gates + 4 * channels * num_cells
@@ -255,7 +261,7 @@ def split_k_launches(tiles: int, parts: int, reduction: int, config: LSTMConfig,
             _cdiv(reduction, _cdiv(config.split_k, k_step) * k_step),
             max(1, config.split_ctas // (tiles * parts)),
         )
-        if split
+        if split and tiles  # an empty batch launches nothing
         else 1
     )
     if splits <= 1:
@@ -272,9 +278,17 @@ def _split_path(channels: int, hidden: int, num_cells: int, config: LSTMConfig) 
     return num_cells == 1 and channels * hidden >= config.split_min
 
 
+def _spread_backward(channels: int, hidden: int, num_cells: int, config: LSTMConfig) -> bool:
+    """One-cell fused-path steps from config.spread_min on run the backward's LSTM over column and
+    reduced-width parts (3-4 launches, du split over K) instead of one program per sample tile
+    doing all of it serially."""
+    return num_cells == 1 and config.spread_min <= channels * hidden < config.split_min
+
+
 def _lstm_launches(phases, tiles: int, config: LSTMConfig, split: bool):
     """[(phase, row length of its split-K partials, split_k_launches)] of a sequence of LSTM
-    phases given as (phase, parts, its reduction length, the row length of its partials)."""
+    phases given as (phase, parts, its reduction length, the row length of its partials); `split`:
+    whether their reductions may split over K."""
     return tuple(
         (phase, width, split_k_launches(tiles, parts, reduction, config, split))
         for phase, parts, reduction, width in phases
@@ -300,8 +314,10 @@ def _partials(size: int, dummy: Tensor) -> Tensor:
     return torch.empty(size, device=dummy.device, dtype=torch.float32) if size else dummy
 
 
-# (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step
+# (BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel: output tile, and samples per step; the small
+# tile when the large one leaves the grid under LSTMConfig.weight_grad_ctas (weight_grad_blocks)
 WEIGHT_GRAD_BLOCKS = (64, 64, 64) if INTERPRETED else (64, 64, 32)
+SMALL_WEIGHT_GRAD_BLOCKS = (32, 32, WEIGHT_GRAD_BLOCKS[2])
 
 
 def weight_grad_tiles(channels: int, hidden: int, num_cells: int, block_m: int, block_k: int):
@@ -310,6 +326,14 @@ def weight_grad_tiles(channels: int, hidden: int, num_cells: int, block_m: int, 
     w2 = _cdiv(4 * channels, block_m) * _cdiv(hidden, block_k)
     stacked = _cdiv(4 * channels, block_m) * _cdiv(channels, block_k)
     return 2 * (w1 + w2) + STACKED_CELL_JOBS * (num_cells - 1) * stacked
+
+
+def weight_grad_blocks(channels: int, hidden: int, num_cells: int, config: LSTMConfig):
+    """(BLOCK_M, BLOCK_K, BLOCK_N) of _weight_grad_kernel for these weights: 32x32 output tiles
+    where 64x64 ones would be fewer than config.weight_grad_ctas (2-4x the programs, each 1/2-1/4
+    of the work: the small units' weight gradients on more of the GPU)."""
+    large = weight_grad_tiles(channels, hidden, num_cells, *WEIGHT_GRAD_BLOCKS[:2])
+    return SMALL_WEIGHT_GRAD_BLOCKS if large < config.weight_grad_ctas else WEIGHT_GRAD_BLOCKS
 
 
 SUM_SPLITS_BLOCK = 1024  # elements per program of _sum_splits_kernel
@@ -476,6 +500,8 @@ class LaunchPlan:
     backward_partials: int  # _partials_size of the backward
     forward_layout: ScratchLayout
     backward_layout: ScratchLayout
+    weight_grad_blocks: Tuple[int, int, int]  # weight_grad_blocks
+    weight_grad_tiles: int  # programs of _weight_grad_kernel
 
 
 def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings) -> LaunchPlan:
@@ -496,18 +522,29 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     # (phase, parts, its reduction length, the row length of its split-K partials)
     reduced = (Phase.REDUCED, r_parts, channels, 2 * hidden)
     forward_phases = [reduced, (Phase.GATES, c_parts, hidden, 4 * channels)]
-    backward_phases = [
-        (Phase.GATES, c_parts, hidden, 4 * channels),
-        (Phase.REDUCED_GRAD, r_parts, 4 * channels, 2 * hidden),
-        (Phase.INPUT_GRAD, c_parts, hidden, 2 * channels),
-    ]
+    gradients = _lstm_launches(
+        [
+            (Phase.REDUCED_GRAD, r_parts, 4 * channels, 2 * hidden),
+            (Phase.INPUT_GRAD, c_parts, hidden, 2 * channels),
+        ],
+        tiles,
+        config,
+        True,
+    )
+    spread = _spread_backward(channels, hidden, num_cells, config)  # never with `split`
+    if split:
+        gates = (Phase.GATES, c_parts, hidden, 4 * channels)
+        backward_lstm = _lstm_launches([gates], tiles, config, True) + gradients
+    elif spread:  # no relu(u) launch: each column part recomputes it
+        gates = (Phase.RECOMPUTE, c_parts, 0, 0)
+        backward_lstm = _lstm_launches([gates], tiles, config, False) + gradients
+    else:
+        backward_lstm = _lstm_launches([(Phase.FUSED, 1, 0, 0)], tiles, config, False)
     forward_lstm = _lstm_launches(
         forward_phases if split else [(Phase.FUSED, groups, 0, 0)], tiles, config, split
     )
     backward_relu = _lstm_launches([reduced] if split else [], tiles, config, True)
-    backward_lstm = _lstm_launches(
-        backward_phases if split else [(Phase.FUSED, 1, 0, 0)], tiles, config, split
-    )
+    wg_blocks = weight_grad_blocks(channels, hidden, num_cells, config)
     return LaunchPlan(
         settings,
         block_c,
@@ -523,7 +560,9 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         _partials_size(forward_lstm, n),
         _partials_size(backward_relu + backward_lstm, n),
         ScratchLayout.forward(channels, hidden, num_cells, groups),
-        ScratchLayout.backward(channels, hidden, num_cells),
+        ScratchLayout.backward(channels, hidden, num_cells, c_parts if spread else 1),
+        wg_blocks,
+        weight_grad_tiles(channels, hidden, num_cells, *wg_blocks[:2]),
     )
 
 
@@ -752,8 +791,8 @@ def backward(
                     **options,
                 )
     # over an empty batch this writes zeros: the gradient of a sum over no samples
-    wg_m, wg_k, wg_n = WEIGHT_GRAD_BLOCKS
-    _weight_grad_kernel[(weight_grad_tiles(channels, hidden, num_cells, wg_m, wg_k),)](
+    wg_m, wg_k, wg_n = launch.weight_grad_blocks
+    _weight_grad_kernel[(launch.weight_grad_tiles,)](
         scratch,
         grad_weights,
         n,

@@ -20,6 +20,9 @@ class Phase:
     GATES = 2  # grid (tiles, column parts): gates (forward) or gates and their gradients (backward)
     REDUCED_GRAD = 3  # backward kernel, grid (tiles, R parts): du
     INPUT_GRAD = 4  # backward kernel, grid (tiles, column parts): d pooled, dh0
+    # backward kernel, grid (tiles, column parts): GATES with relu(u) recomputed by each part into
+    # its own slot (the fused path's spread backward: no launch for relu(u))
+    RECOMPUTE = 5
 
 
 # the same values as compile-time constants for the kernels
@@ -28,6 +31,7 @@ PHASE_REDUCED = tl.constexpr(Phase.REDUCED)
 PHASE_GATES = tl.constexpr(Phase.GATES)
 PHASE_REDUCED_GRAD = tl.constexpr(Phase.REDUCED_GRAD)
 PHASE_INPUT_GRAD = tl.constexpr(Phase.INPUT_GRAD)
+PHASE_RECOMPUTE = tl.constexpr(Phase.RECOMPUTE)
 
 
 class SplitK:
@@ -718,7 +722,8 @@ def _lstm_backward_kernel(
     PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in
     # scratch from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed
     # gates and their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column
-    # parts): ds, dh0
+    # parts): ds, dh0. The spread backward (one cell): RECOMPUTE (GATES, relu(u) recomputed by
+    # each column part into its own slot; slot 0 is the one read later), REDUCED_GRAD, INPUT_GRAD
     MODE: tl.constexpr,  # SplitK: DIRECT, PARTIAL (grid axis 2: the split) or FINISH
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -732,14 +737,15 @@ def _lstm_backward_kernel(
         part, parts = 0, 1
     else:
         part, parts = tl.program_id(1), tl.num_programs(1)
-    if PHASE == PHASE_FUSED or PHASE == PHASE_GATES:
+    gates_phase = PHASE == PHASE_FUSED or PHASE == PHASE_GATES or PHASE == PHASE_RECOMPUTE
+    if gates_phase:
         _cells_forward_tile(
             tile,
             0,
             1,
             part,
             parts,
-            0,
+            part if PHASE == PHASE_RECOMPUTE else 0,
             split,
             splits,
             partial_ptr,
@@ -772,7 +778,7 @@ def _lstm_backward_kernel(
             ACTIVATION,
             HAS_MASKS,
             True,
-            PHASE == PHASE_FUSED,
+            PHASE != PHASE_GATES,
             True,
             MODE,
             BLOCK_N,
@@ -790,7 +796,7 @@ def _lstm_backward_kernel(
         # pointwise LSTM backward: gate gradients of this cell, and dc_prev
         for col0 in range(
             part * BLOCK_C,
-            C if (PHASE == PHASE_FUSED or PHASE == PHASE_GATES) and MODE != MODE_PARTIAL else 0,
+            C if gates_phase and MODE != MODE_PARTIAL else 0,
             parts * BLOCK_C,
         ):
             cs = col0 + tl.arange(0, BLOCK_C)
