@@ -566,6 +566,48 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     )
 
 
+def _lstm_options(num_cells, activation, dropout_masks, settings, blocks) -> dict:
+    """The constexprs both LSTM kernels take, but PHASE and MODE."""
+    return dict(
+        NUM_CELLS=num_cells,
+        ACTIVATION=ACTIVATION_CODES[activation],
+        HAS_MASKS=dropout_masks is not None,
+        DOT_PRECISION=settings.dot_precision,
+        **blocks.kwargs(),
+    )
+
+
+def _forward_phases(
+    launches, operands, h_new, c_new, scratch, partials, sizes, layout, options
+) -> None:
+    """Launches _lstm_forward_kernel for each (phase, partials row length, split-K launches) of
+    `launches` (LaunchPlan.forward_lstm or backward_relu); `sizes` (N, C, R), `options` the
+    kernel's constexprs but PHASE and MODE."""
+    n, channels, hidden = sizes
+    for phase, width, phase_launches in launches:
+        for mode, grid, splits in phase_launches:
+            _lstm_forward_kernel[grid](
+                *operands,
+                h_new,
+                c_new,
+                scratch,
+                partials,
+                width,
+                splits,
+                n,
+                channels,
+                hidden,
+                layout.size,
+                layout.ru,
+                layout.v0,
+                layout.vs,
+                layout.gates,
+                PHASE=phase,
+                MODE=mode,
+                **options,
+            )
+
+
 def forward(
     x: Tensor,
     h: Tensor,
@@ -616,32 +658,11 @@ def forward(
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=False)
     partials = _partials(launch.forward_partials, pooled)
-    for phase, width, phase_launches in launch.forward_lstm:
-        for mode, grid, splits in phase_launches:
-            _lstm_forward_kernel[grid](
-                *operands,
-                h_new,
-                c_new,
-                scratch,
-                partials,
-                width,
-                splits,
-                n,
-                channels,
-                hidden,
-                layout.size,
-                layout.ru,
-                layout.v0,
-                layout.vs,
-                layout.gates,
-                NUM_CELLS=num_cells,
-                ACTIVATION=ACTIVATION_CODES[activation],
-                HAS_MASKS=dropout_masks is not None,
-                PHASE=phase,
-                MODE=mode,
-                DOT_PRECISION=settings.dot_precision,
-                **blocks.kwargs(),
-            )
+    options = _lstm_options(num_cells, activation, dropout_masks, settings, blocks)
+    sizes = (n, channels, hidden)
+    _forward_phases(
+        launch.forward_lstm, operands, h_new, c_new, scratch, partials, sizes, layout, options
+    )
     idt = identity if identity is not None else x
     grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
     _scale_kernel[grid](
@@ -728,36 +749,21 @@ def backward(
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=True)
-        options = dict(
-            NUM_CELLS=num_cells,
-            ACTIVATION=ACTIVATION_CODES[activation],
-            HAS_MASKS=dropout_masks is not None,
-            DOT_PRECISION=settings.dot_precision,
-            **blocks.kwargs(),
-        )
+        options = _lstm_options(num_cells, activation, dropout_masks, settings, blocks)
         partials = _partials(launch.backward_partials, grad_a)
-        for phase, width, phase_launches in launch.backward_relu:
-            for mode, grid, splits in phase_launches:
-                _lstm_forward_kernel[grid](
-                    *operands,
-                    grad_a,
-                    grad_a,
-                    scratch,
-                    partials,
-                    width,
-                    splits,
-                    n,
-                    channels,
-                    hidden,
-                    layout.size,
-                    layout.ru,
-                    layout.v0,
-                    layout.vs,
-                    layout.gates,
-                    PHASE=phase,
-                    MODE=mode,
-                    **options,
-                )
+        # on the split path relu(u) first, by the forward kernel's phase (h', c' outputs unused)
+        sizes = (n, channels, hidden)
+        _forward_phases(
+            launch.backward_relu,
+            operands,
+            grad_a,
+            grad_a,
+            scratch,
+            partials,
+            sizes,
+            layout,
+            options,
+        )
         for phase, width, phase_launches in launch.backward_lstm:
             for mode, grid, splits in phase_launches:
                 _lstm_backward_kernel[grid](
