@@ -915,6 +915,20 @@ def _cuda_gemm(kernel: str, grid, k: int, loads: int, stores: int, dram: int, gp
     return launch
 
 
+def cuda_fused_round_trips(s: Step, kernel: str) -> int:
+    """DRAM round trips of one streaming pass of a one-block-per-sample kernel: channels_last,
+    block_rows_reduce / block_rows_apply (a row of C per fused_row_lanes lanes, the block's
+    groups walking the rows, `_cuda_unroll` in flight); NCHW, block_planes_reduce /
+    block_planes_apply (a group of _cuda_plane_lanes lanes per plane, the block's groups walking
+    the channels)."""
+    vec, unroll = _cuda_vec(s), _cuda_unroll(s, kernel)
+    if s.channels_last:
+        groups = CUDA_FUSED_THREADS // _cdiv(s.c, vec)
+        return _cdiv(_cdiv(s.hw, groups), unroll)
+    lanes = _cuda_plane_lanes(s, unroll)
+    return _cdiv(s.c, CUDA_FUSED_THREADS // lanes) * _cdiv(s.hw, lanes * vec * unroll)
+
+
 def cuda_fused_path(s: Step, gpu: GPU = H100) -> bool:
     """cuda_dia_step._fused_path with path='auto'."""
     fits = s.cells == 1 and s.c <= CUDA_FUSED_MAX_CHANNELS and 2 * s.r <= CUDA_FUSED_THREADS
@@ -929,9 +943,6 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     w = s.weight_elems() * 4
     cell_fma = 2 * c * r + 8 * c * r  # one sample's cell 0: two reduced and two gate linears
     if cuda_fused_path(s, gpu):
-        vec = _cuda_vec(s)
-        per_sample = s.map_bytes // n
-        in_flight = CUDA_FUSED_THREADS * vec * s.e
         lstm_fma = cell_fma * (2 if backward else 1)
         weights_l2 = n * w * (2 if backward else 1)
         launch = Launch(
@@ -942,10 +953,8 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         )
         launch.dram = maps * (6 if backward else 3) + w
         launch.l2 = launch.loads + launch.stores - launch.dram
-        unrolls = ("grad_attention", "grad_input") if backward else ("pool", "scale")
-        per_block = sum(
-            _cdiv(per_sample, in_flight * _cuda_unroll(s, u)) * gpu.dram_latency_us for u in unrolls
-        )
+        passes = ("grad_attention", "grad_input") if backward else ("pool", "scale")
+        per_block = sum(cuda_fused_round_trips(s, k) for k in passes) * gpu.dram_latency_us
         per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
         launch.serial_us = _cdiv(n, gpu.sms) * per_block
         launches = [launch]

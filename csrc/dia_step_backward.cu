@@ -88,9 +88,6 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
   float* gates = grad_hidden + 2 * R;        // (4C) pre-activations, then their grads
   float* scratch = gates + 4 * C;            // (kFusedThreads * VEC)
   const int64_t n = blockIdx.x;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
 
   // da = sum_HW z * x (and grad_identity = z)
   const GradAttentionOp<T, VEC> grad_att{p.grad_out, p.x, p.out, p.grad_identity, p.relu};
@@ -98,10 +95,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
     block_rows_reduce<VEC>(grad_att, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch,
                            grad_attention, 1.0f);
   } else {
-    for (int c = warp; c < C; c += warps) {
-      const float sum = plane_reduce<VEC>(grad_att, n, c, HW, lane, kWarpSize, true);
-      if (lane == 0) grad_attention[c] = sum;
-    }
+    block_planes_reduce<VEC>(grad_att, n, C, HW, grad_attention, 1.0f);
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     pooled[c] = p.pooled[n * C + c];
@@ -161,8 +155,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
   if (p.layout.channels_inner) {
     block_rows_apply<VEC>(grad_in, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, grad_pooled);
   } else {
-    for (int c = warp; c < C; c += warps)
-      plane_apply<VEC>(grad_in, n, c, HW, lane, kWarpSize, attention[c], grad_pooled[c]);
+    block_planes_apply<VEC>(grad_in, n, C, HW, attention, grad_pooled);
   }
 }
 

@@ -299,6 +299,36 @@ __host__ __device__ __forceinline__ int stream_plane_lanes(int hw, int vec, int 
   return lanes;
 }
 
+// The planes (n, c), c < channels, of sample n (channels outer) over the whole block of the
+// one-block-per-sample kernels, with the lane groups of the streaming passes
+// (stream_plane_lanes): small planes (8x8, 7x7) share a warp, so every thread has its accesses
+// in flight instead of one warp walking its planes one round trip each. out[c] = scale * sum.
+// All threads of the block call it (shuffles; every warp runs the same iterations).
+template <int VEC, class Op>
+__device__ __forceinline__ void block_planes_reduce(const Op& op, int64_t n, int channels,
+                                                    int hw_size, float* out, float scale) {
+  const int lanes = stream_plane_lanes(hw_size, VEC, Op::kUnroll);
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int groups = static_cast<int>(blockDim.x) / lanes;
+  for (int base = 0; base < channels; base += groups) {
+    const int c = base + static_cast<int>(threadIdx.x) / lanes;
+    const float sum = plane_reduce<VEC>(op, n, c, hw_size, lane, lanes, c < channels);
+    if (lane == 0 && c < channels) out[c] = sum * scale;
+  }
+}
+
+// The apply pass of block_planes_reduce's mapping: channel parameters p0[c], p1[c] (p1 may be
+// nullptr: zeros). No barrier.
+template <int VEC, class Op>
+__device__ __forceinline__ void block_planes_apply(const Op& op, int64_t n, int channels,
+                                                   int hw_size, const float* p0, const float* p1) {
+  const int lanes = stream_plane_lanes(hw_size, VEC, Op::kUnroll);
+  const int lane = static_cast<int>(threadIdx.x) % lanes;
+  const int groups = static_cast<int>(blockDim.x) / lanes;
+  for (int c = static_cast<int>(threadIdx.x) / lanes; c < channels; c += groups)
+    plane_apply<VEC>(op, n, c, hw_size, lane, lanes, p0[c], p1 != nullptr ? p1[c] : 0.0f);
+}
+
 // Grid of the multi-kernel streaming passes whose ops keep `unroll` accesses in flight per
 // thread: channels inner: (N, channel tiles, map_reduce_splits H*W splits) blocks of
 // kStreamThreads; channels outer: a group of stream_plane_lanes lanes per (n, c) plane.

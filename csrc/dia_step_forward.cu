@@ -46,19 +46,13 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
   float* gates = hidden + 2 * R;    // (4C) pre-activations, i, f, g, o blocks
   float* scratch = gates + 4 * C;   // (kFusedThreads * VEC) row-reduction partials
   const int64_t n = blockIdx.x;
-  const int lane = static_cast<int>(threadIdx.x) % kWarpSize;
-  const int warp = static_cast<int>(threadIdx.x) / kWarpSize;
-  const int warps = static_cast<int>(blockDim.x) / kWarpSize;
   const float inv_hw = 1.0f / static_cast<float>(HW);
 
   const PoolOp<T, VEC> pool{p.x};
   if (p.layout.channels_inner) {
     block_rows_reduce<VEC>(pool, n, 0, C, 0, HW, fused_row_lanes(C, VEC), scratch, pooled, inv_hw);
   } else {
-    for (int c = warp; c < C; c += warps) {
-      const float sum = plane_reduce<VEC>(pool, n, c, HW, lane, kWarpSize, true);
-      if (lane == 0) pooled[c] = sum * inv_hw;
-    }
+    block_planes_reduce<VEC>(pool, n, C, HW, pooled, inv_hw);
   }
   for (int c = threadIdx.x; c < C; c += blockDim.x) h_prev[c] = p.h0[n * C + c];
   __syncthreads();
@@ -81,8 +75,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
   if (p.layout.channels_inner) {
     block_rows_apply<VEC>(scale, n, 0, C, 0, HW, fused_row_lanes(C, VEC), attention, nullptr);
   } else {
-    for (int c = warp; c < C; c += warps)
-      plane_apply<VEC>(scale, n, c, HW, lane, kWarpSize, attention[c], 0.0f);
+    block_planes_apply<VEC>(scale, n, C, HW, attention, nullptr);
   }
 }
 

@@ -303,6 +303,26 @@ def test_small_nchw_planes_share_warps(emu, dtype, hw):
     torch.testing.assert_close(da.double(), (z * x.double()).sum((2, 3)), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("dtype,hw", [(torch.float32, (8, 8)), (torch.bfloat16, (7, 7))])
+def test_fused_nchw_planes_take_the_streaming_lane_groups(emu, dtype, hw):
+    """The one-block-per-sample forward walks small NCHW planes with the lane groups of the
+    streaming passes (block_planes_reduce: 4 and 2 lanes per plane here, all of the block's
+    threads in flight), not one warp per plane: its pooled vector has the bits of pool_kernel's,
+    whose summation order is the same. C = 37 leaves the last round of planes partly filled."""
+    gen = torch.Generator().manual_seed(24)
+    n, c, r = 2, 37, 5
+    x, identity = (torch.randn(n, c, *hw, generator=gen).to(dtype) for _ in range(2))
+    h0, c0 = (torch.randn(n, c, generator=gen) for _ in range(2))
+    weights = [
+        torch.randn(shape, generator=gen) * 0.1
+        for shape in [(r, c), (r,), (4 * c, r), (4 * c,)] * 2
+    ]
+    pooled = emu.forward_fused(x, h0, c0, weights, identity, True, 1)[3]
+    assert torch.equal(pooled, emu.pool(x))
+    tol = 1e-5 if dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(pooled.double(), x.double().mean((2, 3)), rtol=tol, atol=tol)
+
+
 def test_cell0_forward_splits_k_over_blocks(emu):
     """C = R = 260: the reduced linears' K = C runs in 3 chunks (x 2 paths along grid axis z),
     then a launch adds them; the gate GEMMs' K = R in 3 chunks per path (6 partial sums along z),
