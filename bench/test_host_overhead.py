@@ -183,10 +183,11 @@ def _bound(name: str) -> float:
 def test_unit_host_cost_against_lstm_cell(record_property):
     """The fused unit's host cost per step, as a ratio to nn.LSTMCell(64, 64) in the same run:
     without grad at most 1.3x, forward+backward at most 1.2x (issue #20). Best of interleaved
-    rounds of thread CPU time; a machine busy through a whole measurement gets up to two more
-    (each case keeps its best ratio)."""
+    rounds of thread CPU time; a machine busy through a whole measurement gets up to four more
+    (each case keeps its best ratio: on the shared 2-CPU box one measurement's forward+backward
+    ratio moves by +-0.07 with the same code)."""
     ratio: Dict[str, float] = {}
-    for _ in range(3):
+    for _ in range(5):
         best = measure(rounds=30, calls=25)
         for name, value in ratios(best).items():
             ratio[name] = min(value, ratio.get(name, value))
