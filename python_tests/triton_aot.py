@@ -57,88 +57,36 @@ def captured_launches():
         default = T.KernelSettings()
         # (and the 64x64 weight-gradient tiles that large units take)
         split_k = T.KernelSettings(lstm=T.LSTMConfig(split_min=0, split_k=16, weight_grad_ctas=0))
+        f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+
+        def case(dtype, config, num_cells=1, identity=True, relu=True, grads=True, **shape):
+            return dict(
+                dtype=dtype,
+                config=config,
+                num_cells=num_cells,
+                identity=identity,
+                relu=relu,
+                grads=grads,
+                **shape,
+            )
+
         cases = [
-            dict(
-                dtype=torch.float32,
-                num_cells=1,
-                identity=True,
-                relu=True,
-                grads=False,
-                config=fused,
-            ),
-            dict(
-                dtype=torch.bfloat16,
-                num_cells=1,
-                identity=False,
-                relu=False,
-                grads=False,
-                config=fused,
-                channels_last=True,
-            ),
-            dict(
-                dtype=torch.float16, num_cells=2, identity=True, relu=True, grads=True, config=fused
-            ),
+            case(f32, fused, grads=False),
+            case(bf16, fused, identity=False, relu=False, grads=False, channels_last=True),
+            case(f16, fused, num_cells=2),
             # stacked cells take the fused path at the defaults: bf16 with 2, fp32 with 3 cells
-            dict(
-                dtype=torch.bfloat16,
-                num_cells=2,
-                identity=True,
-                relu=True,
-                grads=True,
-                config=default,
-            ),
-            dict(
-                dtype=torch.float32,
-                num_cells=3,
-                identity=True,
-                relu=True,
-                grads=True,
-                config=default,
-            ),
-            dict(
-                dtype=torch.float32, num_cells=1, identity=True, relu=True, grads=True, config=split
-            ),
+            case(bf16, default, num_cells=2),
+            case(f32, default, num_cells=3),
+            case(f32, split),
             # the default fused path with its backward spread over column parts (C = 128: C * C/r
             # = 4096 >= spread_min; BLOCK_R 32 as at the benchmark shapes), fp32 and bf16
-            dict(
-                dtype=torch.bfloat16,
-                num_cells=1,
-                identity=True,
-                relu=True,
-                grads=True,
-                config=default,
-                channels=128,
-            ),
-            dict(
-                dtype=torch.float32,
-                num_cells=1,
-                identity=True,
-                relu=True,
-                grads=False,
-                config=default,
-                channels=128,
-            ),
+            case(bf16, default, channels=128),
+            case(f32, default, grads=False, channels=128),
             # the default split path with the benchmarks' LSTM tiles (C = 256)
-            dict(
-                dtype=torch.bfloat16,
-                num_cells=1,
-                identity=True,
-                relu=True,
-                grads=True,
-                config=default,
-                channels=256,
-            ),
-            dict(
-                dtype=torch.bfloat16,
-                num_cells=1,
-                identity=True,
-                relu=True,
-                grads=True,
-                config=split_k,
-                channels=72,  # > 64: every phase splits (R = C with reduction 1)
-                reduction=1,
-                hw=(20, 20),  # 2 tiles of H*W for 4 samples: pool and grad attention split it
-            ),
+            case(bf16, default, channels=256),
+            # C = 72 > 64: every phase splits (R = C with reduction 1); 2 tiles of H*W for 4
+            # samples: pool and grad attention split it
+            case(bf16, split_k, channels=72, reduction=1, hw=(20, 20)),
         ]
         for case in cases:
             inputs = random_step_inputs(
