@@ -14,6 +14,9 @@ allocate its outputs (the C++ bindings allocate them too). No GPU and no interpr
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, Iterator, List
@@ -180,15 +183,33 @@ def _bound(name: str) -> float:
     return MAX_NO_GRAD_RATIO if name.endswith("no_grad") else MAX_FORWARD_BACKWARD_RATIO
 
 
+def measure_in_fresh_process(rounds: int = 30, calls: int = 25) -> Dict[str, float]:
+    """measure() in a new interpreter that imports only what a step needs. The same code measures
+    10-25% slower in a process that has run the rest of the suite (its Python-heavy paths more than
+    nn.LSTMCell's C++ ones: 170 -> 190-208 us forward+backward against 146 -> 162 us), which would
+    make the ratio a property of the tests that ran before it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import json; from bench import test_host_overhead as t; "
+        f"print(json.dumps(t.measure(rounds={rounds}, calls={calls})))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600
+    )
+    if run.returncode != 0:
+        raise RuntimeError(f"the measurement process failed ({run.returncode}):\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def test_unit_host_cost_against_lstm_cell(record_property):
     """The fused unit's host cost per step, as a ratio to nn.LSTMCell(64, 64) in the same run:
     without grad at most 1.3x, forward+backward at most 1.2x (issue #20). Best of interleaved
-    rounds of thread CPU time; a machine busy through a whole measurement gets up to four more
-    (each case keeps its best ratio: on the shared 2-CPU box one measurement's forward+backward
-    ratio moves by +-0.07 with the same code)."""
+    rounds of thread CPU time, each measurement in a fresh process; a machine busy through a whole
+    measurement gets up to four more (each case keeps its best ratio: on the shared 2-CPU box one
+    measurement's forward+backward ratio moves by +-0.07 with the same code)."""
     ratio: Dict[str, float] = {}
     for _ in range(5):
-        best = measure(rounds=30, calls=25)
+        best = measure_in_fresh_process(rounds=30, calls=25)
         for name, value in ratios(best).items():
             ratio[name] = min(value, ratio.get(name, value))
         if all(ratio[name] <= _bound(name) for name in ratio):
