@@ -32,6 +32,7 @@ from dia_fused.kernels.cuda_build import (  # noqa: E402
     MAP_REDUCE_MIN_BLOCKS,
     REDUCED_LINEAR_SPLIT_K,
 )
+from dia_fused import reference  # noqa: E402
 from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
 
 BENCHMARK_SHAPES = [
@@ -114,8 +115,7 @@ class Step:
         return self.n * self.c * self.hw * self.e
 
     def weight_elems(self) -> int:
-        c, r = self.c, self.r
-        return 2 * (r * c + r + 4 * c * r + 4 * c) + (self.cells - 1) * 2 * (4 * c * c + 4 * c)
+        return reference.weight_elements(self.c, self.r, self.cells)
 
     def label(self) -> str:
         layout = "cl" if self.channels_last else "nchw"

@@ -71,6 +71,13 @@ def weight_names(num_cells: int) -> Tuple[str, ...]:
     return tuple(names)
 
 
+def weight_elements(channels: int, hidden: int, num_cells: int) -> int:
+    """Elements of the flat weight sequence of `num_cells` cells on C = channels, R = hidden: per
+    path of cell 0 (R, C), (R), (4C, R), (4C); per path of a stacked cell (4C, C), (4C)."""
+    cell0 = 2 * (hidden * channels + hidden + 4 * channels * hidden + 4 * channels)
+    return cell0 + (num_cells - 1) * 2 * (4 * channels * channels + 4 * channels)
+
+
 def num_cells_of(weights: Sequence[Tensor]) -> int:
     """Number of stacked cells described by a flat weight sequence."""
     extra = len(weights) - CELL0_WEIGHTS

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ContextManager, Optional, Sequence, Tuple
 
 import torch
@@ -309,6 +309,11 @@ def _partials_size(launches, n: int) -> int:
     )
 
 
+def _aligned(elements: int) -> int:
+    """`elements` fp32 values rounded up to whole 128-byte lines."""
+    return -(-elements // 32) * 32
+
+
 def _partials(size: int, dummy: Tensor) -> Tensor:
     """The split-K partials buffer of a step, or `dummy` (never read) when no phase splits."""
     return torch.empty(size, device=dummy.device, dtype=torch.float32) if size else dummy
@@ -502,6 +507,30 @@ class LaunchPlan:
     backward_layout: ScratchLayout
     weight_grad_blocks: Tuple[int, int, int]  # weight_grad_blocks
     weight_grad_tiles: int  # programs of _weight_grad_kernel
+    x_strides: Optional[Tuple[int, ...]]  # x.stride() where x was canonical (else None)
+    map_strides: Tuple[int, int, int]  # _map_strides of canonical(x) for that x
+    weight_numel: int  # elements of all weights (the flat weight gradient)
+    # _lstm_options per (activation, masks given), filled on first use
+    lstm_options: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def map_of(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
+        """(canonical(x), its _map_strides): x itself and the planned strides when x has the
+        canonical strides of the plan's x (a step plan's signature fixes them)."""
+        if x.stride() == self.x_strides:
+            return x, self.map_strides
+        x = layouts.canonical(x)
+        return x, _map_strides(x)
+
+    def options(self, num_cells: int, activation: str, dropout_masks: Optional[Tensor]) -> dict:
+        """_lstm_options for this plan's settings and blocks."""
+        key = (num_cells, activation, dropout_masks is not None)
+        options = self.lstm_options.get(key)
+        if options is None:
+            options = _lstm_options(
+                num_cells, activation, dropout_masks, self.settings, self.blocks
+            )
+            self.lstm_options[key] = options
+        return options
 
 
 def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings) -> LaunchPlan:
@@ -545,6 +574,7 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
     )
     backward_relu = _lstm_launches([reduced] if split else [], tiles, config, True)
     wg_blocks = weight_grad_blocks(channels, hidden, num_cells, config)
+    canonical = layouts.canonical(x)
     return LaunchPlan(
         settings,
         block_c,
@@ -563,6 +593,9 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         ScratchLayout.backward(channels, hidden, num_cells, c_parts if spread else 1),
         wg_blocks,
         weight_grad_tiles(channels, hidden, num_cells, *wg_blocks[:2]),
+        x.stride() if canonical.stride() == x.stride() else None,
+        _map_strides(canonical),
+        reference.weight_elements(channels, hidden, num_cells),
     )
 
 
@@ -626,7 +659,7 @@ def forward(
         launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
     settings = launch.settings
     map_config = settings.map
-    x = layouts.canonical(x)
+    x, strides = launch.map_of(x)
     identity = None if identity is None else layouts.canonical(identity)
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
@@ -636,7 +669,6 @@ def forward(
     out = _like_x(x)
     if n == 0:
         return out, h_new, c_new, pooled
-    strides = _map_strides(x)
     block_c, block_hw = launch.block_c, launch.block_hw
     hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
     pool_out = _split_sums(hw_splits, n, channels, pooled)
@@ -654,11 +686,11 @@ def forward(
         num_warps=map_config.num_warps,
     )
     _finish_split_sums(pool_out, pooled, hw_splits, 1.0 / hw)
-    blocks, layout = launch.blocks, launch.forward_layout
+    layout = launch.forward_layout
     scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=False)
     partials = _partials(launch.forward_partials, pooled)
-    options = _lstm_options(num_cells, activation, dropout_masks, settings, blocks)
+    options = launch.options(num_cells, activation, dropout_masks)
     sizes = (n, channels, hidden)
     _forward_phases(
         launch.forward_lstm, operands, h_new, c_new, scratch, partials, sizes, layout, options
@@ -674,7 +706,7 @@ def forward(
         channels,
         hw,
         *strides,
-        *_map_strides(idt),
+        *(strides if identity is None else _map_strides(idt)),
         HAS_IDENTITY=identity is not None,
         RELU=relu,
         BLOCK_C=block_c,
@@ -708,7 +740,7 @@ def backward(
         launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
     settings = launch.settings
     map_config = settings.map
-    x = layouts.canonical(x)  # as the forward saw it: `out` has these strides
+    x, strides = launch.map_of(x)  # as the forward saw it: `out` has these strides
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
     grad_out, out = layouts.in_layout_of(grad_out, x), layouts.in_layout_of(out, x)
@@ -716,15 +748,19 @@ def backward(
     grad_identity = _like_x(x) if identity_given else None
     grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype)
-    grad_weights = torch.empty(
-        sum(w.numel() for w in weights), device=x.device, dtype=torch.float32
-    )
+    grad_weights = torch.empty(launch.weight_numel, device=x.device, dtype=torch.float32)
     layout = launch.backward_layout
-    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
-    strides = _map_strides(x)
+    # the step's fp32 workspaces, none of them returned, in one allocation: scratch (N, size),
+    # grad_a, grad_pooled and attention (N, C each), the split-K partials; each at a multiple of
+    # 128 bytes (what a separate allocation would give the kernels' loads)
+    size, nc = _aligned(n * layout.size), _aligned(n * channels)
+    workspace = torch.empty(
+        size + 3 * nc + launch.backward_partials, device=x.device, dtype=torch.float32
+    )
+    scratch = workspace.as_strided((n, layout.size), (layout.size, 1), 0)
     block_c, block_hw = launch.block_c, launch.block_hw
     if n:
-        grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+        grad_a = workspace.as_strided((n, channels), (channels, 1), size)
         hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
         grad_a_out = _split_sums(hw_splits, n, channels, grad_a)
         _grad_attention_kernel[(n, _cdiv(channels, block_c), hw_splits)](
@@ -745,12 +781,11 @@ def backward(
             num_warps=map_config.num_warps,
         )
         _finish_split_sums(grad_a_out, grad_a, hw_splits, 1.0)
-        blocks = launch.blocks
-        grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+        grad_pooled = workspace.as_strided((n, channels), (channels, 1), size + nc)
+        attention = workspace.as_strided((n, channels), (channels, 1), size + 2 * nc)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=True)
-        options = _lstm_options(num_cells, activation, dropout_masks, settings, blocks)
-        partials = _partials(launch.backward_partials, grad_a)
+        options = launch.options(num_cells, activation, dropout_masks)
+        partials = workspace[size + 3 * nc :] if launch.backward_partials else grad_a
         # on the split path relu(u) first, by the forward kernel's phase (h', c' outputs unused)
         sizes = (n, channels, hidden)
         _forward_phases(
