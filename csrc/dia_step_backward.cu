@@ -172,29 +172,8 @@ grad_attention_kernel(const MapLayout layout,          // N, C, HW, walk order
                       float* grad_attention,           // (N, C), written when gridDim.z == 1
                       float* partials) {               // (gridDim.z, N, C), when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
-  const int C = layout.channels;
-  const GradAttentionOp<T, VEC> op{grad_out, x, out, grad_identity, relu};
-  if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = blockIdx.x;
-    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
-    const int hw_end = min(layout.hw, hw_begin + split_rows);
-    float* sums = gridDim.z > 1 ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C
-                                : grad_attention + n * C;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch,
-                           sums + c_begin, 1.0f);
-  } else {
-    const int lanes = stream_plane_lanes(layout.hw, VEC, GradAttentionOp<T, VEC>::kUnroll);
-    const int lane = static_cast<int>(threadIdx.x) % lanes;
-    const int64_t planes = static_cast<int64_t>(layout.n) * C;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
-    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
-    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                                        lanes, plane < planes);
-    if (lane == 0 && plane < planes) grad_attention[plane] = sum;
-  }
+  stream_reduce<VEC>(GradAttentionOp<T, VEC>{grad_out, x, out, grad_identity, relu}, layout,
+                     split_rows, 1.0f, grad_attention, partials, scratch);
 }
 
 // grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
@@ -209,25 +188,8 @@ grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
                   const float* grad_pooled_over_hw,   // (N, C)
                   const FeatureMap grad_x,            // (N, C, H, W)
                   bool relu) {
-  const int C = layout.channels;
-  const GradInputOp<T, VEC> op{grad_out, out, grad_x, relu};
-  const dim3 block = mirrored_block();  // reverse of the reduction pass's order (L2)
-  if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(block.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = block.x;
-    const int hw_begin = static_cast<int>(block.z) * split_rows;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
-                          lanes, attention + n * C, grad_pooled_over_hw + n * C);
-  } else {
-    const int lanes = stream_plane_lanes(layout.hw, VEC, GradInputOp<T, VEC>::kUnroll);
-    const int lane = static_cast<int>(threadIdx.x) % lanes;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
-                     attention[plane], grad_pooled_over_hw[plane]);
-  }
+  stream_apply<VEC>(GradInputOp<T, VEC>{grad_out, out, grad_x, relu}, layout, split_rows,
+                    attention, grad_pooled_over_hw);
 }
 
 struct GateBackwardParams {

@@ -329,6 +329,65 @@ __device__ __forceinline__ void block_planes_apply(const Op& op, int64_t n, int 
     plane_apply<VEC>(op, n, c, hw_size, lane, lanes, p0[c], p1 != nullptr ? p1[c] : 0.0f);
 }
 
+// The body of a multi-kernel streaming reduction (pool, grad attention) on stream_grid's grid.
+// Channels inner: block (n, channel tile, z) sums rows [z * split_rows, (z + 1) * split_rows) of
+// H*W, into out (N, C) times `scale` when gridDim.z == 1, else unscaled into partials[z] (N, C),
+// which sum_splits_kernel adds in order. Channels outer: one lane group per (n, c) plane, out =
+// scale * sum. `scratch`: kStreamThreads * VEC floats of shared memory.
+template <int VEC, class Op>
+__device__ __forceinline__ void stream_reduce(const Op& op, const MapLayout& layout, int split_rows,
+                                              float scale, float* out, float* partials,
+                                              float* scratch) {
+  const int C = layout.channels;
+  if (layout.channels_inner) {
+    const int lanes = stream_row_lanes(C, VEC);
+    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
+    const int c_end = min(C, c_begin + lanes * VEC);
+    const int64_t n = blockIdx.x;
+    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
+    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    const bool split = gridDim.z > 1;
+    float* sums = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C : out + n * C;
+    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch, sums + c_begin,
+                           split ? 1.0f : scale);
+  } else {
+    const int lanes = stream_plane_lanes(layout.hw, VEC, Op::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t planes = static_cast<int64_t>(layout.n) * C;
+    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
+    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
+                                        lanes, plane < planes);
+    if (lane == 0 && plane < planes) out[plane] = sum * scale;
+  }
+}
+
+// The body of a multi-kernel streaming apply pass (scale, grad input) on the grid of the
+// reduction before it, in the mirror order (mirrored_block): channel parameters p0 (N, C) and p1
+// (N, C; nullptr: zeros), the H*W splits of stream_reduce.
+template <int VEC, class Op>
+__device__ __forceinline__ void stream_apply(const Op& op, const MapLayout& layout, int split_rows,
+                                             const float* p0, const float* p1) {
+  const int C = layout.channels;
+  const dim3 block = mirrored_block();  // reverse of the reduction pass's order (L2)
+  if (layout.channels_inner) {
+    const int lanes = stream_row_lanes(C, VEC);
+    const int c_begin = static_cast<int>(block.y) * lanes * VEC;
+    const int c_end = min(C, c_begin + lanes * VEC);
+    const int64_t n = block.x;
+    const int hw_begin = static_cast<int>(block.z) * split_rows;
+    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
+                          lanes, p0 + n * C, p1 != nullptr ? p1 + n * C : nullptr);
+  } else {
+    const int lanes = stream_plane_lanes(layout.hw, VEC, Op::kUnroll);
+    const int lane = static_cast<int>(threadIdx.x) % lanes;
+    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
+    if (plane >= static_cast<int64_t>(layout.n) * C) return;
+    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes, p0[plane],
+                     p1 != nullptr ? p1[plane] : 0.0f);
+  }
+}
+
 // Grid of the multi-kernel streaming passes whose ops keep `unroll` accesses in flight per
 // thread: channels inner: (N, channel tiles, map_reduce_splits H*W splits) blocks of
 // kStreamThreads; channels outer: a group of stream_plane_lanes lanes per (n, c) plane.

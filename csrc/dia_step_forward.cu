@@ -90,30 +90,8 @@ pool_kernel(const MapLayout layout,  // N, C, HW, walk order
             float* pooled,           // (N, C), written when gridDim.z == 1
             float* partials) {       // (gridDim.z, N, C), written when gridDim.z > 1
   __shared__ float scratch[kStreamThreads * VEC];
-  const int C = layout.channels;
-  const float inv_hw = 1.0f / static_cast<float>(layout.hw);
-  const PoolOp<T, VEC> op{x};
-  if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = blockIdx.x;
-    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
-    const int hw_end = min(layout.hw, hw_begin + split_rows);
-    const bool split = gridDim.z > 1;
-    float* out = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C : pooled + n * C;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch, out + c_begin,
-                           split ? 1.0f : inv_hw);
-  } else {
-    const int lanes = stream_plane_lanes(layout.hw, VEC, PoolOp<T, VEC>::kUnroll);
-    const int lane = static_cast<int>(threadIdx.x) % lanes;
-    const int64_t planes = static_cast<int64_t>(layout.n) * C;
-    const int64_t plane = static_cast<int64_t>(blockIdx.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
-    if (plane - static_cast<int>(threadIdx.x) % kWarpSize / lanes >= planes) return;  // whole warp
-    const float sum = plane_reduce<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane,
-                                        lanes, plane < planes);
-    if (lane == 0 && plane < planes) pooled[plane] = sum * inv_hw;
-  }
+  stream_reduce<VEC>(PoolOp<T, VEC>{x}, layout, split_rows, 1.0f / static_cast<float>(layout.hw),
+                     pooled, partials, scratch);
 }
 
 // grid stream_grid(layout, kUnroll, splits), block (kStreamThreads): the H*W splits of
@@ -127,25 +105,8 @@ scale_residual_kernel(const MapLayout layout,   // N, C, HW, walk order
                       const FeatureMap identity, // (N, C, H, W); data nullptr when absent
                       const FeatureMap out,      // (N, C, H, W)
                       bool relu) {
-  const int C = layout.channels;
-  const ScaleResidualOp<T, VEC> op{x, identity, out, relu};
-  const dim3 block = mirrored_block();  // reverse of the reduction pass's order (L2)
-  if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(block.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = block.x;
-    const int hw_begin = static_cast<int>(block.z) * split_rows;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
-                          lanes, attention + n * C, nullptr);
-  } else {
-    const int lanes = stream_plane_lanes(layout.hw, VEC, ScaleResidualOp<T, VEC>::kUnroll);
-    const int lane = static_cast<int>(threadIdx.x) % lanes;
-    const int64_t plane = static_cast<int64_t>(block.x) * (kStreamThreads / lanes) + threadIdx.x / lanes;
-    if (plane >= static_cast<int64_t>(layout.n) * C) return;
-    plane_apply<VEC>(op, plane / C, static_cast<int>(plane % C), layout.hw, lane, lanes,
-                     attention[plane], 0.0f);
-  }
+  stream_apply<VEC>(ScaleResidualOp<T, VEC>{x, identity, out, relu}, layout, split_rows, attention,
+                    nullptr);
 }
 
 struct GateForwardParams {
