@@ -1,7 +1,7 @@
 """Traffic model of one DIA step: every launch the Triton and CUDA backends make, its grid, the
 bytes it loads and stores, its serial work per CTA, and from these a predicted time on a named GPU
 (rules in docs/design.md §6.3). No GPU is needed: the model is plain arithmetic over the launch
-geometry, and python_tests/test_roofline_bytes.py checks its byte counts of the Triton kernels
+geometry, and python_tests/test_triton_traffic.py checks its byte counts of the Triton kernels
 against what the kernels really load and store under TRITON_INTERPRET=1, so that it cannot drift
 from them.
 

@@ -157,7 +157,8 @@ def test_malformed_dataset_errors(tmp_path):
         load_cifar(root, "cifar10", train=False)
     # the command line reports it without a traceback
     proc = subprocess.run(
-        [sys.executable, "-m", "dia_fused.train", "--data-dir", root, "--epochs", "1"],
+        [sys.executable, "-m", "dia_fused.train", "--data-dir", root, "--epochs", "1"]
+        + ["--depth", "20"],  # a model the flags describe (29, cifar.py's default, is ResNeXt's)
         capture_output=True,
         text=True,
         env=_env(),
@@ -598,3 +599,26 @@ def test_unusable_backend_fails_before_any_work(tmp_path):
     # the dataset folder does not exist either: the backend is checked first
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA devices"):
         main(tiny_args(str(tmp_path / "no-data"), tmp_path / "ck", 1, "--backend", "cuda"))
+
+
+def test_flag_errors_come_before_the_data_loads(tmp_path, capsys):
+    """A model or batch flag the run cannot use is one `error:` line (status 2) before any data
+    is read: the data folder here does not exist, so a later check would report that instead."""
+    from dia_fused.train.cli import command, parse_arguments, run
+    from dia_fused.train.distributed import Context
+    from dia_fused.train.errors import TrainError
+
+    missing = str(tmp_path / "no-data")
+    base = ["-d", "cifar10", "--data-dir", missing, "--epochs", "1", "-c", str(tmp_path / "run")]
+    assert command(base + ["--depth", "30", "--block-name", "bottleneck"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the model flags") and "expected 9n+2" in err
+    assert "Traceback" not in err
+    # two processes: the global batch must split evenly over them
+    args, _ = parse_arguments(base + ["--depth", "20", "--train-batch", "5"])
+    two = Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))
+    with pytest.raises(TrainError, match=r"--train-batch 5: expected a multiple of .* \(2\)"):
+        run(args, two)
+    args, _ = parse_arguments(base + ["--depth", "20", "--test-batch", "3"])
+    with pytest.raises(TrainError, match=r"--test-batch 3: expected a multiple"):
+        run(args, two)

@@ -495,6 +495,17 @@ def _saving(folder: str):
         raise WriteError(f"{err}: {_last_epoch_note(folder)}") from err
 
 
+def _build(spec: Dict[str, Any], backend: str, device: torch.device) -> nn.Module:
+    """The model of `spec` on `device` (meta: only checks that the flags describe one)."""
+    try:
+        if device.type == "meta":
+            with torch.device("meta"):
+                return build_model(spec, backend=backend)
+        return build_model(spec, backend=backend).to(device)
+    except (TypeError, ValueError) as err:
+        raise TrainError(f"the model flags ({spec['name']} {spec['options']}): {err}") from err
+
+
 def run(
     args: argparse.Namespace,
     ctx: distributed.Context,
@@ -505,6 +516,12 @@ def run(
     say = _Printer(ctx)
     device = ctx.device
     resolve_backend(args.backend, device)  # an unusable --backend fails now, saying why
+    for flag, batch in (("--train-batch", args.train_batch), ("--test-batch", args.test_batch)):
+        if batch % ctx.world_size:
+            raise TrainError(
+                f"{flag} {batch}: expected a multiple of the number of processes "
+                f"({ctx.world_size}); it is the global batch, split over them"
+            )
     resume_file = _resume_file(args.resume) if args.resume else None
     if resume_file and resumed is None:
         resumed = ckpt_io.load_checkpoint(resume_file)
@@ -550,6 +567,8 @@ def run(
                 f"{', '.join(changes)} (the run no longer continues as the original would have)"
             )
 
+    _build(spec, args.backend, torch.device("meta"))  # bad model flags fail before the data loads
+
     say(f"==> Preparing dataset {args.dataset}")
     train_set, test_set = load_datasets(
         args.dataset, args.data_dir, args.synthetic_size, args.synthetic_classes
@@ -558,10 +577,7 @@ def run(
 
     ckpt_io.seed_everything(seed)  # identical initial weights on every process
     say(f"==> creating model {spec['name']} {spec['options']}")
-    try:
-        model = build_model(spec, backend=args.backend).to(device)
-    except (TypeError, ValueError) as err:
-        raise TrainError(f"the model flags ({spec['name']} {spec['options']}): {err}") from err
+    model = _build(spec, args.backend, device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     say(f"    Total params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
