@@ -269,9 +269,7 @@ __global__ void __launch_bounds__(kStreamThreads) hidden_grad_finish_kernel(cons
   const int64_t size = 2 * static_cast<int64_t>(p.n) * p.hidden;
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
-  float total = 0.0f;
-#pragma unroll 8
-  for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
+  const float total = sum_in_order(p.partials, p.splits, size, at);
   p.grad_hidden[at] = p.hidden_in[at] > 0.0f ? total : 0.0f;
 }
 
@@ -332,9 +330,7 @@ __global__ void __launch_bounds__(kStreamThreads) input_grad_finish_kernel(const
   const int64_t size = 2 * static_cast<int64_t>(p.n) * p.channels;
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
-  float total = 0.0f;
-#pragma unroll 8
-  for (int split = 0; split < p.splits; ++split) total += p.partials[split * size + at];
+  const float total = sum_in_order(p.partials, p.splits, size, at);
   store_input_grad(p, at, total);
 }
 

@@ -388,6 +388,16 @@ __device__ __forceinline__ void stream_apply(const Op& op, const MapLayout& layo
   }
 }
 
+// The sum of partials[s * stride + at] over the splits s = 0 .. splits - 1, added in that order:
+// the deterministic second pass of every split reduction (same bits run to run, no atomics).
+__device__ __forceinline__ float sum_in_order(const float* partials, int splits, int64_t stride,
+                                              int64_t at) {
+  float total = 0.0f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) total += partials[s * stride + at];
+  return total;
+}
+
 // Grid of the multi-kernel streaming passes whose ops keep `unroll` accesses in flight per
 // thread: channels inner: (N, channel tiles, map_reduce_splits H*W splits) blocks of
 // kStreamThreads; channels outer: a group of stream_plane_lanes lanes per (n, c) plane.

@@ -178,9 +178,7 @@ __global__ void __launch_bounds__(kStreamThreads) reduced_linear_finish_kernel(c
   const int64_t path_size = static_cast<int64_t>(p.n) * p.hidden;
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= 2 * path_size) return;
-  float total = 0.0f;
-#pragma unroll 8
-  for (int split = 0; split < p.splits; ++split) total += p.partials[split * 2 * path_size + at];
+  const float total = sum_in_order(p.partials, p.splits, 2 * path_size, at);
   const float* bias = at >= path_size ? p.weights.bhh1 : p.weights.bih1;
   p.hidden_out[at] = fmaxf(total + bias[at % p.hidden], 0.0f);
 }
@@ -248,10 +246,7 @@ sum_splits_kernel(int splits,               // S
                   float* out) {             // (N, C)
   const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
   if (at >= size) return;
-  float total = 0.0f;
-#pragma unroll 8
-  for (int s = 0; s < splits; ++s) total += partials[s * size + at];
-  out[at] = total * scale;
+  out[at] = sum_in_order(partials, splits, size, at) * scale;
 }
 
 cudaError_t launch_sum_splits(int splits, int64_t size, const float* partials, float scale,
