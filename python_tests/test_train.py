@@ -613,7 +613,10 @@ def test_flag_errors_come_before_the_data_loads(tmp_path, capsys):
     assert command(base + ["--depth", "30", "--block-name", "bottleneck"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the model flags") and "expected 9n+2" in err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "cifar.py's default" not in err
+    assert command(base) == 2  # cifar.py's defaults: depth 29 with basic blocks
+    err = capsys.readouterr().err
+    assert "expected 6n+2" in err and "--depth 29 is cifar.py's default" in err
     # two processes: the global batch must split evenly over them
     args, _ = parse_arguments(base + ["--depth", "20", "--train-batch", "5"])
     two = Context(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))

@@ -495,15 +495,23 @@ def _saving(folder: str):
         raise WriteError(f"{err}: {_last_epoch_note(folder)}") from err
 
 
-def _build(spec: Dict[str, Any], backend: str, device: torch.device) -> nn.Module:
+def _build(spec: Dict[str, Any], args: argparse.Namespace, device: torch.device) -> nn.Module:
     """The model of `spec` on `device` (meta: only checks that the flags describe one)."""
     try:
         if device.type == "meta":
             with torch.device("meta"):
-                return build_model(spec, backend=backend)
-        return build_model(spec, backend=backend).to(device)
+                return build_model(spec, backend=args.backend)
+        return build_model(spec, backend=args.backend).to(device)
     except (TypeError, ValueError) as err:
-        raise TrainError(f"the model flags ({spec['name']} {spec['options']}): {err}") from err
+        hint = ""
+        if "depth" in str(err) and args.depth == build_parser().get_default("depth"):
+            hint = (
+                f" (--depth {args.depth} is cifar.py's default, ResNeXt-29's: pass the depth "
+                f"of the model you want, e.g. --depth 20, or a --preset)"
+            )
+        raise TrainError(
+            f"the model flags ({spec['name']} {spec['options']}): {err}{hint}"
+        ) from err
 
 
 def run(
@@ -567,7 +575,7 @@ def run(
                 f"{', '.join(changes)} (the run no longer continues as the original would have)"
             )
 
-    _build(spec, args.backend, torch.device("meta"))  # bad model flags fail before the data loads
+    _build(spec, args, torch.device("meta"))  # bad model flags fail before the data loads
 
     say(f"==> Preparing dataset {args.dataset}")
     train_set, test_set = load_datasets(
@@ -577,7 +585,7 @@ def run(
 
     ckpt_io.seed_everything(seed)  # identical initial weights on every process
     say(f"==> creating model {spec['name']} {spec['options']}")
-    model = _build(spec, args.backend, device)
+    model = _build(spec, args, device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     say(f"    Total params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
