@@ -233,7 +233,6 @@ NO_KERNEL_OPS = {
     "aten.empty_like.default",
     "aten.select.int",
     "aten.view.default",
-    "aten.as_strided.default",
     "aten.split_with_sizes.default",
     "aten.split.Tensor",
     "aten._to_copy.default",

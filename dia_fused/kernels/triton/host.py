@@ -309,11 +309,6 @@ def _partials_size(launches, n: int) -> int:
     )
 
 
-def _aligned(elements: int) -> int:
-    """`elements` fp32 values rounded up to whole 128-byte lines."""
-    return -(-elements // 32) * 32
-
-
 def _partials(size: int, dummy: Tensor) -> Tensor:
     """The split-K partials buffer of a step, or `dummy` (never read) when no phase splits."""
     return torch.empty(size, device=dummy.device, dtype=torch.float32) if size else dummy
@@ -750,17 +745,10 @@ def backward(
     grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype)
     grad_weights = torch.empty(launch.weight_numel, device=x.device, dtype=torch.float32)
     layout = launch.backward_layout
-    # the step's fp32 workspaces, none of them returned, in one allocation: scratch (N, size),
-    # grad_a, grad_pooled and attention (N, C each), the split-K partials; each at a multiple of
-    # 128 bytes (what a separate allocation would give the kernels' loads)
-    size, nc = _aligned(n * layout.size), _aligned(n * channels)
-    workspace = torch.empty(
-        size + 3 * nc + launch.backward_partials, device=x.device, dtype=torch.float32
-    )
-    scratch = workspace.as_strided((n, layout.size), (layout.size, 1), 0)
+    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     block_c, block_hw = launch.block_c, launch.block_hw
     if n:
-        grad_a = workspace.as_strided((n, channels), (channels, 1), size)
+        grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
         grad_a_out = _split_sums(hw_splits, n, channels, grad_a)
         _grad_attention_kernel[(n, _cdiv(channels, block_c), hw_splits)](
@@ -781,11 +769,11 @@ def backward(
             num_warps=map_config.num_warps,
         )
         _finish_split_sums(grad_a_out, grad_a, hw_splits, 1.0)
-        grad_pooled = workspace.as_strided((n, channels), (channels, 1), size + nc)
-        attention = workspace.as_strided((n, channels), (channels, 1), size + 2 * nc)
+        grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+        attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=True)
         options = launch.options(num_cells, activation, dropout_masks)
-        partials = workspace[size + 3 * nc :] if launch.backward_partials else grad_a
+        partials = _partials(launch.backward_partials, grad_a)
         # on the split path relu(u) first, by the forward kernel's phase (h', c' outputs unused)
         sizes = (n, channels, hidden)
         _forward_phases(
