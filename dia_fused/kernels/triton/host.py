@@ -506,7 +506,7 @@ class LaunchPlan:
     map_strides: Tuple[int, int, int]  # _map_strides of canonical(x) for that x
     weight_numel: int  # elements of all weights (the flat weight gradient)
     # _lstm_options per (activation, masks given), filled on first use
-    lstm_options: dict = field(default_factory=dict, compare=False, hash=False)
+    lstm_options: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def map_of(self, x: Tensor) -> Tuple[Tensor, Tuple[int, int, int]]:
         """(canonical(x), its _map_strides): x itself and the planned strides when x has the
