@@ -34,7 +34,14 @@ from torch import nn
 from ..ops import BackendUnavailableError, resolve_backend
 from . import checkpoint as ckpt_io
 from . import distributed, interrupt, runfolder
-from .data import DATASETS, BatchStream, DatasetError, dataset_classes, load_datasets
+from .data import (
+    DATASETS,
+    BatchStream,
+    DatasetError,
+    check_global_batch,
+    dataset_classes,
+    load_datasets,
+)
 from .errors import NonFiniteError, TrainError, TrainingStopped, WriteError
 from .loop import PROGRESS_EVERY, evaluate, learning_rate, set_learning_rate, train_epoch
 from .modelspec import (
@@ -525,11 +532,10 @@ def run(
     device = ctx.device
     resolve_backend(args.backend, device)  # an unusable --backend fails now, saying why
     for flag, batch in (("--train-batch", args.train_batch), ("--test-batch", args.test_batch)):
-        if batch % ctx.world_size:
-            raise TrainError(
-                f"{flag} {batch}: expected a multiple of the number of processes "
-                f"({ctx.world_size}); it is the global batch, split over them"
-            )
+        try:
+            check_global_batch(flag, batch, ctx.world_size)
+        except ValueError as err:
+            raise TrainError(str(err)) from err
     resume_file = _resume_file(args.resume) if args.resume else None
     if resume_file and resumed is None:
         resumed = ckpt_io.load_checkpoint(resume_file)

@@ -345,6 +345,15 @@ def crop_and_flip(images_uint8: Tensor, offsets: Tensor, flips: Tensor) -> Tenso
     return padded[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
+def check_global_batch(name: str, batch_size: int, world_size: int) -> None:
+    """A global batch splits evenly over the processes (ValueError naming `name` otherwise)."""
+    if batch_size % world_size:
+        raise ValueError(
+            f"{name} {batch_size}: expected a multiple of the number of processes "
+            f"({world_size}); it is the global batch, split over them"
+        )
+
+
 class BatchStream:
     """Batches of one split for one rank, DistributedSampler-equivalent.
 
@@ -374,11 +383,7 @@ class BatchStream:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-        if batch_size % world_size:
-            raise ValueError(
-                f"batch size {batch_size}: expected a multiple of the number of "
-                f"processes ({world_size}); it is the global batch, split over them"
-            )
+        check_global_batch("batch size", batch_size, world_size)
         self.data, self.batch_size, self.train, self.augment = data, batch_size, train, augment
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.channels_last, self.max_steps = channels_last, max_steps
