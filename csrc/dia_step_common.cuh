@@ -329,6 +329,23 @@ __device__ __forceinline__ void block_planes_apply(const Op& op, int64_t n, int 
     plane_apply<VEC>(op, n, c, hw_size, lane, lanes, p0[c], p1 != nullptr ? p1[c] : 0.0f);
 }
 
+// The tile of block (n, channel tile, z) of a channels-inner streaming pass: sample n, channels
+// [c_begin, c_end), rows [hw_begin, hw_end) of H*W (z's split), `lanes` vector lanes per row.
+struct StreamRowTile {
+  int lanes, c_begin, c_end, hw_begin, hw_end;
+  int64_t n;
+};
+
+template <int VEC>
+__device__ __forceinline__ StreamRowTile stream_row_tile(const MapLayout& layout, dim3 block,
+                                                         int split_rows) {
+  const int lanes = stream_row_lanes(layout.channels, VEC);
+  const int c_begin = static_cast<int>(block.y) * lanes * VEC;
+  const int hw_begin = static_cast<int>(block.z) * split_rows;
+  return {lanes, c_begin, min(layout.channels, c_begin + lanes * VEC), hw_begin,
+          min(layout.hw, hw_begin + split_rows), static_cast<int64_t>(block.x)};
+}
+
 // The body of a multi-kernel streaming reduction (pool, grad attention) on stream_grid's grid.
 // Channels inner: block (n, channel tile, z) sums rows [z * split_rows, (z + 1) * split_rows) of
 // H*W, into out (N, C) times `scale` when gridDim.z == 1, else unscaled into partials[z] (N, C),
@@ -340,16 +357,11 @@ __device__ __forceinline__ void stream_reduce(const Op& op, const MapLayout& lay
                                               float* scratch) {
   const int C = layout.channels;
   if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(blockIdx.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = blockIdx.x;
-    const int hw_begin = static_cast<int>(blockIdx.z) * split_rows;
-    const int hw_end = min(layout.hw, hw_begin + split_rows);
+    const StreamRowTile t = stream_row_tile<VEC>(layout, blockIdx, split_rows);
     const bool split = gridDim.z > 1;
-    float* sums = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + n) * C : out + n * C;
-    block_rows_reduce<VEC>(op, n, c_begin, c_end, hw_begin, hw_end, lanes, scratch, sums + c_begin,
-                           split ? 1.0f : scale);
+    float* sums = split ? partials + (blockIdx.z * static_cast<int64_t>(layout.n) + t.n) * C : out + t.n * C;
+    block_rows_reduce<VEC>(op, t.n, t.c_begin, t.c_end, t.hw_begin, t.hw_end, t.lanes, scratch,
+                           sums + t.c_begin, split ? 1.0f : scale);
   } else {
     const int lanes = stream_plane_lanes(layout.hw, VEC, Op::kUnroll);
     const int lane = static_cast<int>(threadIdx.x) % lanes;
@@ -371,13 +383,9 @@ __device__ __forceinline__ void stream_apply(const Op& op, const MapLayout& layo
   const int C = layout.channels;
   const dim3 block = mirrored_block();  // reverse of the reduction pass's order (L2)
   if (layout.channels_inner) {
-    const int lanes = stream_row_lanes(C, VEC);
-    const int c_begin = static_cast<int>(block.y) * lanes * VEC;
-    const int c_end = min(C, c_begin + lanes * VEC);
-    const int64_t n = block.x;
-    const int hw_begin = static_cast<int>(block.z) * split_rows;
-    block_rows_apply<VEC>(op, n, c_begin, c_end, hw_begin, min(layout.hw, hw_begin + split_rows),
-                          lanes, p0 + n * C, p1 != nullptr ? p1 + n * C : nullptr);
+    const StreamRowTile t = stream_row_tile<VEC>(layout, block, split_rows);
+    block_rows_apply<VEC>(op, t.n, t.c_begin, t.c_end, t.hw_begin, t.hw_end, t.lanes, p0 + t.n * C,
+                          p1 != nullptr ? p1 + t.n * C : nullptr);
   } else {
     const int lanes = stream_plane_lanes(layout.hw, VEC, Op::kUnroll);
     const int lane = static_cast<int>(threadIdx.x) % lanes;
