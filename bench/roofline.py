@@ -905,13 +905,17 @@ def _cuda_stream(kernel: str, s: Step, loads: int, stores: int, gpu: GPU) -> Lis
 
 
 def _cuda_gemm(kernel: str, grid, k: int, loads: int, stores: int, dram: int, gpu: GPU) -> Launch:
-    """A GemmTile launch (32x32 tile, k 32 per shared-memory stage, 128 threads)."""
+    """A GemmTile launch (32x32 tile, k 32 per shared-memory stage, 128 threads). The next stage
+    loads while the current one multiplies (gemm_tile_accumulate): a block's chain is one load
+    latency, then per stage the larger of a load latency and its FMAs."""
     launch = Launch(kernel, tuple(grid), loads=loads, stores=stores, dram=dram)
     launch.l2 = max(0, loads + stores - dram)
     bm, bn, bk = CUDA_GEMM
-    per_step = gpu.l2_latency_us + bm * bn * bk / (gpu.fma_per_sm_per_us / 4)  # 128 of 512 lanes
+    stage_fma_us = bm * bn * bk / (gpu.fma_per_sm_per_us / 4)  # 4 resident blocks share an SM
+    steps = _cdiv(k, bk)
+    chain = gpu.l2_latency_us + (steps - 1) * max(gpu.l2_latency_us, stage_fma_us) + stage_fma_us
     resident = gpu.sms * 4
-    launch.serial_us = _makespan([_cdiv(k, bk) * per_step] * launch.ctas, resident)
+    launch.serial_us = _makespan([chain] * launch.ctas, resident)
     return launch
 
 

@@ -592,31 +592,62 @@ __device__ __forceinline__ int gemm_thread_col() {
 
 // A_K_INNER / B_K_INNER: the loader's memory is contiguous along k (else along m / n), so that
 // consecutive threads load consecutive addresses. a(m, k), b(k, n) are called only in bounds.
+// The next k-stage is loaded into registers while the current one is multiplied from shared
+// memory, so that a block's chain of stages costs one load latency plus, per stage, the larger
+// of a load latency and the stage's FMAs (short-K launches are that chain).
 template <bool A_K_INNER, bool B_K_INNER, class LoadA, class LoadB>
 __device__ void gemm_tile_accumulate(float (&acc)[GemmTile::kTM][GemmTile::kTN], const LoadA& a,
                                      const LoadB& b, int m0, int n0, int m_size, int n_size,
                                      int k_size, GemmSmem& smem) {
   using G = GemmTile;
+  constexpr int kALoads = G::kM * G::kK / G::kThreads;
+  constexpr int kBLoads = G::kN * G::kK / G::kThreads;
   const int t = static_cast<int>(threadIdx.x);
   const int row = gemm_thread_row(), col = gemm_thread_col();
+  float a_next[kALoads], b_next[kBLoads];
+  // element i of this thread's share of a stage: (kk, mm) / (kk, nn) inside the tile
+  const auto a_at = [&](int i, int& kk, int& mm) {
+    const int e = t + i * G::kThreads;
+    kk = A_K_INNER ? e % G::kK : e / G::kM;
+    mm = A_K_INNER ? e / G::kK : e % G::kM;
+  };
+  const auto b_at = [&](int i, int& kk, int& nn) {
+    const int e = t + i * G::kThreads;
+    kk = B_K_INNER ? e % G::kK : e / G::kN;
+    nn = B_K_INNER ? e / G::kK : e % G::kN;
+  };
+  const auto load_stage = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < kALoads; ++i) {
+      int kk, mm;
+      a_at(i, kk, mm);
+      const int m = m0 + mm, k = k0 + kk;
+      a_next[i] = (m < m_size && k < k_size) ? a(m, k) : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < kBLoads; ++i) {
+      int kk, nn;
+      b_at(i, kk, nn);
+      const int nc = n0 + nn, k = k0 + kk;
+      b_next[i] = (nc < n_size && k < k_size) ? b(k, nc) : 0.0f;
+    }
+  };
+  if (k_size > 0) load_stage(0);
   for (int k0 = 0; k0 < k_size; k0 += G::kK) {
 #pragma unroll
-    for (int i = 0; i < G::kM * G::kK / G::kThreads; ++i) {
-      const int e = t + i * G::kThreads;
-      const int kk = A_K_INNER ? e % G::kK : e / G::kM;
-      const int mm = A_K_INNER ? e / G::kK : e % G::kM;
-      const int m = m0 + mm, k = k0 + kk;
-      smem.a[kk][mm] = (m < m_size && k < k_size) ? a(m, k) : 0.0f;
+    for (int i = 0; i < kALoads; ++i) {
+      int kk, mm;
+      a_at(i, kk, mm);
+      smem.a[kk][mm] = a_next[i];
     }
 #pragma unroll
-    for (int i = 0; i < G::kN * G::kK / G::kThreads; ++i) {
-      const int e = t + i * G::kThreads;
-      const int kk = B_K_INNER ? e % G::kK : e / G::kN;
-      const int nn = B_K_INNER ? e / G::kK : e % G::kN;
-      const int nc = n0 + nn, k = k0 + kk;
-      smem.b[kk][nn] = (nc < n_size && k < k_size) ? b(k, nc) : 0.0f;
+    for (int i = 0; i < kBLoads; ++i) {
+      int kk, nn;
+      b_at(i, kk, nn);
+      smem.b[kk][nn] = b_next[i];
     }
     __syncthreads();
+    if (k0 + G::kK < k_size) load_stage(k0 + G::kK);  // in flight during the FMAs below
 #pragma unroll 8
     for (int kk = 0; kk < G::kK; ++kk) {
       float av[G::kTM], bv[G::kTN];
