@@ -945,21 +945,22 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         raise ValueError(f"cells: the cuda model covers one cell, got {s.cells}")
     n, c, r, maps, nc4 = s.n, s.c, s.r, s.map_bytes, s.n * s.c * 4
     w = s.weight_elems() * 4
-    cell_fma = 2 * c * r + 8 * c * r  # one sample's cell 0: two reduced and two gate linears
+    # one sample's cell 0, forward or backward: two reduced and two gate linears (the backward
+    # starts from the saved u and gates: Cell0Saved)
+    cell_fma = 2 * c * r + 8 * c * r
+    saved = n * (2 * r + 4 * c) * 4  # u and the gate pre-activations (the pooled mean: in nc4)
     if cuda_fused_path(s, gpu):
-        lstm_fma = cell_fma * (2 if backward else 1)
-        weights_l2 = n * w * (2 if backward else 1)
         launch = Launch(
             "fused_backward_kernel" if backward else "fused_forward_kernel",
             (n,),
-            loads=maps * (5 if backward else 3) + weights_l2,
-            stores=maps * (2 if backward else 1),
+            loads=maps * (5 if backward else 3) + n * w + (saved if backward else 0),
+            stores=maps * (2 if backward else 1) + (0 if backward else saved),
         )
-        launch.dram = maps * (6 if backward else 3) + w
+        launch.dram = maps * (6 if backward else 3) + w + saved
         launch.l2 = launch.loads + launch.stores - launch.dram
         passes = ("grad_attention", "grad_input") if backward else ("pool", "scale")
         per_block = sum(cuda_fused_round_trips(s, k) for k in passes) * gpu.dram_latency_us
-        per_block += lstm_fma / (gpu.fma_per_sm_per_us / 4) + 8 * gpu.l2_latency_us
+        per_block += cell_fma / (gpu.fma_per_sm_per_us / 4) + 6 * gpu.l2_latency_us
         launch.serial_us = _cdiv(n, gpu.sms) * per_block
         launches = [launch]
         if backward:
@@ -970,13 +971,12 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
         return [
             *_cuda_stream("pool", s, maps, nc4, gpu),
             *_cuda_reduced_linear(s, tiles, gpu),
-            *_cuda_gates(s, tiles, False, gpu),
+            *_cuda_gates(s, tiles, gpu),
             *_cuda_stream("scale", s, maps * 2, maps, gpu),
         ]
     return [
         *_cuda_stream("grad_attention", s, maps * 3, maps + nc4, gpu),
-        *_cuda_reduced_linear(s, tiles, gpu),
-        *_cuda_gates(s, tiles, True, gpu),
+        _cuda_gate_backward(s, gpu),
         *_cuda_hidden_grad(s, tiles, gpu),
         *_cuda_input_grad(s, tiles, gpu),
         _cuda_weight_grad(s, gpu),
@@ -984,10 +984,10 @@ def cuda_launches(s: Step, backward: bool, gpu: GPU = H100) -> List[Launch]:
     ]
 
 
-def _cuda_gates(s: Step, tiles: int, backward: bool, gpu: GPU) -> List[Launch]:
+def _cuda_gates(s: Step, tiles: int, gpu: GPU) -> List[Launch]:
     """gate_gemm_kernel (grid axis z: 2 paths x chunks of K = R, gate_splits(R) partial sums of
-    the (N, 4C) pre-activations), then the pointwise gate_forward_kernel / gate_backward_kernel
-    adding them in order, one thread per (sample, channel)."""
+    the (N, 4C) pre-activations), then the pointwise gate_forward_kernel adding them in order, one
+    thread per (sample, channel), saving the sums."""
     n, c, r, nc4 = s.n, s.c, s.r, s.n * s.c * 4
     splits = 2 * _cdiv(r, CUDA_GATE_SPLIT_K)
     partials = splits * 4 * nc4
@@ -1000,19 +1000,32 @@ def _cuda_gates(s: Step, tiles: int, backward: bool, gpu: GPU) -> List[Launch]:
         2 * n * r * 4 + 8 * c * r * 4 + partials,
         gpu,
     )
-    # forward: c0 in, h' and c' out; backward: c0, grad h' (and da), grad c' in, the 4 gate
-    # gradients, grad c0 and the recomputed h out
-    maps_in, maps_out = (4, 6) if backward else (1, 2)
+    # c0 in; h', c' and the 4 gate pre-activations (saved) out
     pointwise = Launch(
-        "gate_backward_kernel" if backward else "gate_forward_kernel",
+        "gate_forward_kernel",
         (_cdiv(n * c, CUDA_STREAM_THREADS),),
-        loads=partials + maps_in * nc4 + 2 * 4 * c * 4,
-        stores=maps_out * nc4,
+        loads=partials + nc4 + 2 * 4 * c * 4,
+        stores=6 * nc4,
     )
-    pointwise.dram = (maps_in + maps_out) * nc4 + 2 * 4 * c * 4
+    pointwise.dram = 7 * nc4 + 2 * 4 * c * 4
     pointwise.l2 = partials
     pointwise.serial_us = (_cdiv(splits, CUDA_FINISH_UNROLL) + 1) * gpu.l2_latency_us
     return [gemm, pointwise]
+
+
+def _cuda_gate_backward(s: Step, gpu: GPU) -> Launch:
+    """gate_backward_kernel, one thread per (sample, channel): the 4 saved gate pre-activations,
+    c0, grad h' and da, grad c' in; the 4 gate gradients, grad c0 and h out."""
+    nc4 = s.n * s.c * 4
+    launch = Launch(
+        "gate_backward_kernel",
+        (_cdiv(s.n * s.c, CUDA_STREAM_THREADS),),
+        loads=8 * nc4,
+        stores=6 * nc4,
+    )
+    launch.dram = 14 * nc4
+    launch.serial_us = gpu.dram_latency_us
+    return launch
 
 
 def _cuda_split_k_finish(kernel: str, s: Step, splits: int, gpu: GPU) -> Launch:

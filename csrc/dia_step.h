@@ -109,15 +109,31 @@ struct Cell0WeightGrads {
   float* bhh2;  // (4C)
 };
 
+// What the forward saves of cell 0 for the backward, one fp32 buffer of cell0_saved_floats
+// floats: the backward reads the gates instead of recomputing them from the weights (a second
+// pass over every weight per sample).
+struct Cell0Saved {
+  float* pooled;  // (N, C)    mean of x over H, W
+  float* hidden;  // (2, N, R) u = relu(W1 v + b1) of the ih (v = pooled) and hh (v = h0) paths
+  float* gates;   // (N, 4C)   gate pre-activations, biases included, i, f, g, o blocks of C
+};
+
+inline int64_t cell0_saved_floats(int64_t n, int64_t channels, int64_t hidden) {
+  return n * (5 * channels + 2 * hidden);
+}
+
+// The pieces of a Cell0Saved buffer, in the order above.
+inline Cell0Saved cell0_saved(float* base, int64_t n, int64_t channels, int64_t hidden) {
+  return Cell0Saved{base, base + n * channels, base + n * (channels + 2 * hidden)};
+}
+
 // Per-sample intermediates of the cell-0 backward, read by the deterministic weight-grad GEMMs.
 struct Cell0Workspace {
-  float* hidden;       // (2, N, R) u = relu(W1 v + b1) of the ih (v = pooled) and hh (v = h0) paths
-  float* grad_hidden;  // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
+  const float* hidden;  // (2, N, R) u, saved by the forward (Cell0Saved::hidden)
+  float* grad_hidden;   // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
   float* grad_gates;   // (N, 4C)   d loss / d gates (pre-activation), i, f, g, o blocks of C
   float* hidden_partials;  // (cell0_partials_floats(N, C, R)) split-K partial sums of the split
-                           // path's phases, one phase at a time: the reduced linears
-                           // (reduced_linear_splits(C), 2, N, R), the gate GEMMs
-                           // (gate_splits(R), N, 4C), du = grad_gates @ W2
+                           // path's phases, one phase at a time: du = grad_gates @ W2
                            // (hidden_grad_splits(C), 2, N, R), d pooled and d h0
                            // (input_grad_splits(R), 2, N, C); unused by the fused path
 };
@@ -140,7 +156,7 @@ inline int input_grad_splits(int hidden) {
   return (hidden + kInputGradSplitK - 1) / kInputGradSplitK;
 }
 
-// Floats of Cell0Workspace::hidden_partials (and of the forward's scratch after u).
+// Floats of Cell0Workspace::hidden_partials and of the split forward's partial sums.
 inline int64_t cell0_partials_floats(int64_t n, int channels, int hidden) {
   const int64_t rows = 2 * n * hidden;
   const int splits = hidden_grad_splits(channels) > reduced_linear_splits(channels)
@@ -167,9 +183,9 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
                                  const float* h0,      // (N, C) previous hidden state of cell 0
                                  const float* c0,      // (N, C) previous cell state of cell 0
                                  Cell0Weights weights, bool relu, CellActivation activation,
-                                 float* h_new,   // (N, C) new hidden state of cell 0 (= attention a)
-                                 float* c_new,   // (N, C) new cell state of cell 0
-                                 float* pooled,  // (N, C) mean of x over H, W
+                                 float* h_new,  // (N, C) new hidden state of cell 0 (= attention a)
+                                 float* c_new,  // (N, C) new cell state of cell 0
+                                 Cell0Saved saved,  // written
                                  cudaStream_t stream);
 
 // Blocks along H*W of the streaming passes: channels_last maps with few (sample, channel tile)
@@ -188,16 +204,15 @@ cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout,
 
 // Cell 0 of the LSTM over tiles of samples: the reduced linears (split K = C, then their sum),
 // the 4C-wide expansion split over paths and K = R chunks, then the LSTM pointwise math adding
-// the chunks in order.
+// the chunks in order. Reads saved.pooled, writes saved.hidden and saved.gates.
 cudaError_t launch_cell0_forward(int n, int channels, int hidden,
-                                 const float* pooled,  // (N, C)
-                                 const float* h0,      // (N, C)
-                                 const float* c0,      // (N, C)
+                                 Cell0Saved saved,
+                                 const float* h0,  // (N, C)
+                                 const float* c0,  // (N, C)
                                  Cell0Weights weights, CellActivation activation,
-                                 float* hidden_ws,  // (2NR + cell0_partials_floats(N, C, R))
-                                                    // workspace: u, then the split-K sums
-                                 float* h_new,      // (N, C)
-                                 float* c_new,      // (N, C)
+                                 float* partials,  // (cell0_partials_floats(N, C, R)) split-K sums
+                                 float* h_new,     // (N, C)
+                                 float* c_new,     // (N, C)
                                  cudaStream_t stream);
 
 // out = relu?(x * attention + identity).
@@ -222,7 +237,7 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
                                   FeatureMap grad_identity,  // (N, C, H, W) written = z, or nullptr
                                   const float* grad_h_new,   // (N, C) or nullptr (zero)
                                   const float* grad_c_new,   // (N, C) or nullptr (zero)
-                                  const float* pooled,       // (N, C) saved by the forward
+                                  Cell0Saved saved,          // by the forward; read only
                                   const float* h0,           // (N, C)
                                   const float* c0,           // (N, C)
                                   Cell0Weights weights, bool relu, CellActivation activation,
@@ -243,11 +258,11 @@ cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout,
                                                     // unused (may be nullptr) when that is 1
                                   cudaStream_t stream);
 
-// Cell-0 backward over tiles of samples (recomputes the forward from pooled, h0, c0): five
-// launches (reduced linears, expansion + pointwise backward, d hidden, d inputs, weight grads).
+// Cell-0 backward over tiles of samples, from the forward's saved gates: pointwise backward,
+// d hidden, d inputs (each split-K GEMM with its in-order finish), weight grads.
 // grad_h_new + grad_h_extra is the gradient reaching cell 0's new hidden state.
 cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw,
-                                  const float* pooled,        // (N, C)
+                                  Cell0Saved saved,           // by the forward; read only
                                   const float* h0,            // (N, C)
                                   const float* c0,            // (N, C)
                                   Cell0Weights weights, CellActivation activation,
@@ -257,7 +272,7 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw,
                                   float* grad_pooled_over_hw,  // (N, C) written: d pooled / (H*W)
                                   float* grad_h0,              // (N, C) written
                                   float* grad_c0,              // (N, C) written
-                                  float* h_new,                // (N, C) written: recomputed h of cell 0
+                                  float* h_new,                // (N, C) written: h of cell 0
                                   Cell0WeightGrads weight_grads, Cell0Workspace ws,
                                   cudaStream_t stream);
 

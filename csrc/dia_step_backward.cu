@@ -1,14 +1,14 @@
 // Backward of the fused DIA-LSTM step, cell 0 (docs/design.md §1, §2):
 //   z = grad_out * (out > 0 if relu);  grad_identity = z;  da = sum_HW z * x
-//   LSTM backward from (pooled, h0, c0, weights) recomputed, with dh = grad_h_new + da:
+//   LSTM backward from the forward's saved u and gate pre-activations, dh = grad_h_new + da:
 //     d gates -> d u (relu-masked) -> d pooled, d h0;  d c0;  weight grads = sums over samples
 //   grad_x = z * a + d pooled / HW
 //
 // Two paths (chosen by the bindings):
 //   fused (C <= kFusedMaxChannels, one cell): 2 launches: one block per sample (everything but
 //          the weight grads), then the weight-grad GEMMs.
-//   split (any C): grad_attention, reduced linears (recompute), expansion + pointwise backward,
-//          d hidden, d inputs, weight grads, grad_input: 7 launches.
+//   split (any C): grad_attention, pointwise backward, d hidden, d inputs (each GEMM with its
+//          split-K finish where K is split), weight grads, grad_input.
 // Weight grads are reductions over samples done by GEMM tiles, one thread per output element in a
 // fixed order: deterministic, no atomics.
 #include "dia_step_common.cuh"
@@ -57,8 +57,7 @@ struct FusedBackwardParams {
   FeatureMap grad_identity;   // (N, C, H, W); data nullptr when not wanted
   const float* grad_h_new;    // (N, C) or nullptr
   const float* grad_c_new;    // (N, C) or nullptr
-  const float* pooled;        // (N, C)
-  const float* h0;            // (N, C)
+  Cell0Saved saved;           // by the forward: u and the gate pre-activations are read
   const float* c0;            // (N, C)
   Cell0Weights weights;       // shapes in dia_step.h
   bool relu;
@@ -70,7 +69,7 @@ struct FusedBackwardParams {
 
 // Floats of dynamic shared memory of fused_backward_kernel.
 int fused_backward_smem_floats(int channels, int hidden, int vec) {
-  return 5 * channels + 4 * hidden + 4 * channels + kFusedThreads * vec;
+  return 3 * channels + 4 * hidden + 4 * channels + kFusedThreads * vec;
 }
 
 // grid (N), block (kFusedThreads): block n does everything of sample n but the weight grads.
@@ -78,10 +77,8 @@ template <class T, int VEC>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const FusedBackwardParams p) {
   DIA_FUSED_DYNAMIC_SMEM(smem);
   const int C = p.layout.channels, R = p.hidden, HW = p.layout.hw;
-  float* pooled = smem;                      // (C)
-  float* h_prev = pooled + C;                // (C)
-  float* grad_attention = h_prev + C;        // (C) da
-  float* attention = grad_attention + C;     // (C) recomputed h of cell 0
+  float* grad_attention = smem;              // (C) da
+  float* attention = grad_attention + C;     // (C) h of cell 0
   float* grad_pooled = attention + C;        // (C) d pooled / HW
   float* hidden = grad_pooled + C;           // (2R) u_ih, u_hh
   float* grad_hidden = hidden + 2 * R;       // (2R)
@@ -97,16 +94,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
   } else {
     block_planes_reduce<VEC>(grad_att, n, C, HW, grad_attention, 1.0f);
   }
-  for (int c = threadIdx.x; c < C; c += blockDim.x) {
-    pooled[c] = p.pooled[n * C + c];
-    h_prev[c] = p.h0[n * C + c];
+  for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
+    hidden[o] = p.saved.hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R];
   }
-  __syncthreads();
-
-  // recompute the cell-0 forward
-  sample_reduced_hidden(p.weights, pooled, h_prev, C, R, hidden);
-  __syncthreads();
-  sample_gate_preacts(p.weights, hidden, C, R, gates);
+  for (int r = threadIdx.x; r < 4 * C; r += blockDim.x) gates[r] = p.saved.gates[n * 4 * C + r];
   __syncthreads();
 
   // pointwise backward: gates[] becomes d gates
@@ -127,9 +118,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
 
   sample_hidden_grad(p.weights, gates, hidden, C, R, scratch, grad_hidden);
   for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
-    const int64_t at = (o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + (o >= R ? o - R : o);
-    p.ws.hidden[at] = hidden[o];
-    p.ws.grad_hidden[at] = grad_hidden[o];
+    p.ws.grad_hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R] =
+        grad_hidden[o];
   }
   __syncthreads();
 
@@ -193,34 +183,37 @@ grad_input_kernel(const MapLayout layout,             // N, C, HW, walk order
 }
 
 struct GateBackwardParams {
-  int n, channels, splits;    // N, C, gate_splits(R)
-  const float* gate_sums;     // (splits, N, 4C) from gate_gemm_kernel (recomputed)
+  int n, channels;            // N, C
+  const float* gates;         // (N, 4C) pre-activations saved by the forward
   const float* c0;            // (N, C)
-  Cell0Weights weights;       // shapes in dia_step.h
   CellActivation activation;
   const float* grad_h_new;    // (N, C) or nullptr
   const float* grad_h_extra;  // (N, C) or nullptr (da when cell 0 is the last cell)
   const float* grad_c_new;    // (N, C) or nullptr
   float* grad_gates;          // (N, 4C)
   float* grad_c0;             // (N, C)
-  float* h_new;               // (N, C) recomputed h of cell 0
+  float* h_new;               // (N, C) h of cell 0 (from the saved gates)
 };
 
 // grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise backward of
-// one (sample, channel) per thread, from the recomputed gates.
+// one (sample, channel) per thread.
 __global__ void __launch_bounds__(kStreamThreads) gate_backward_kernel(const GateBackwardParams p) {
   const int C = p.channels;
-  for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
-    const int64_t at = static_cast<int64_t>(m) * C + c;
-    const float grad_h = (p.grad_h_new != nullptr ? p.grad_h_new[at] : 0.0f) +
-                         (p.grad_h_extra != nullptr ? p.grad_h_extra[at] : 0.0f);
-    const float grad_c = p.grad_c_new != nullptr ? p.grad_c_new[at] : 0.0f;
-    float h;
-    p.grad_c0[at] = lstm_cell_backward(gate, p.c0[at], grad_h, grad_c, p.activation, &h);  // gate -> grads
-    p.h_new[at] = h;
+  const int64_t at = static_cast<int64_t>(blockIdx.x) * kStreamThreads + threadIdx.x;
+  if (at >= static_cast<int64_t>(p.n) * C) return;
+  const int64_t m = at / C;
+  const int c = static_cast<int>(at % C);
+  float gate[4];
 #pragma unroll
-    for (int q = 0; q < 4; ++q) p.grad_gates[static_cast<int64_t>(m) * 4 * C + q * C + c] = gate[q];
-  });
+  for (int q = 0; q < 4; ++q) gate[q] = p.gates[m * 4 * C + q * C + c];
+  const float grad_h = (p.grad_h_new != nullptr ? p.grad_h_new[at] : 0.0f) +
+                       (p.grad_h_extra != nullptr ? p.grad_h_extra[at] : 0.0f);
+  const float grad_c = p.grad_c_new != nullptr ? p.grad_c_new[at] : 0.0f;
+  float h;
+  p.grad_c0[at] = lstm_cell_backward(gate, p.c0[at], grad_h, grad_c, p.activation, &h);  // gate -> grads
+  p.h_new[at] = h;
+#pragma unroll
+  for (int q = 0; q < 4; ++q) p.grad_gates[m * 4 * C + q * C + c] = gate[q];
 }
 
 struct HiddenGradParams {
@@ -408,12 +401,13 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
                                   FeatureMap grad_out, FeatureMap x, FeatureMap out,
                                   FeatureMap grad_x, FeatureMap grad_identity,
                                   const float* grad_h_new, const float* grad_c_new,
-                                  const float* pooled, const float* h0, const float* c0,
+                                  Cell0Saved saved, const float* h0, const float* c0,
                                   Cell0Weights weights, bool relu, CellActivation activation,
                                   float* grad_h0, float* grad_c0, Cell0WeightGrads weight_grads,
                                   Cell0Workspace ws, cudaStream_t stream) {
+  ws.hidden = saved.hidden;
   const FusedBackwardParams p{layout, hidden, grad_out, x, out, grad_x, grad_identity,
-                              grad_h_new, grad_c_new, pooled, h0, c0, weights, relu,
+                              grad_h_new, grad_c_new, saved, c0, weights, relu,
                               activation, grad_h0, grad_c0, ws};
   const cudaError_t err = dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
@@ -423,7 +417,8 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
-  return launch_weight_grads(layout.n, layout.channels, hidden, pooled, h0, ws, weight_grads, stream);
+  return launch_weight_grads(layout.n, layout.channels, hidden, saved.pooled, h0, ws, weight_grads,
+                             stream);
 }
 
 cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,
@@ -446,26 +441,23 @@ cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, Feat
                            grad_attention, stream);
 }
 
-cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const float* pooled,
+cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, Cell0Saved saved,
                                   const float* h0, const float* c0, Cell0Weights weights,
                                   CellActivation activation, const float* grad_h_new,
                                   const float* grad_h_extra, const float* grad_c_new,
                                   float* grad_pooled_over_hw, float* grad_h0, float* grad_c0,
                                   float* h_new, Cell0WeightGrads weight_grads, Cell0Workspace ws,
                                   cudaStream_t stream) {
-  cudaError_t err = launch_reduced_linear(n, channels, hidden, pooled, h0, weights, ws.hidden,
-                                          ws.hidden_partials, stream);
-  if (err != cudaSuccess) return err;
+  ws.hidden = saved.hidden;
   const unsigned sample_tiles = (n + GemmTile::kM - 1) / GemmTile::kM;
-
-  err = launch_gate_gemm(n, channels, hidden, ws.hidden, weights, ws.hidden_partials, stream);
-  if (err != cudaSuccess) return err;
-  const GateBackwardParams gate{n, channels, gate_splits(hidden), ws.hidden_partials, c0, weights, activation,
-                                grad_h_new, grad_h_extra, grad_c_new, ws.grad_gates, grad_c0, h_new};
+  const GateBackwardParams gate{n,          channels,     saved.gates,   c0,      activation,
+                                grad_h_new, grad_h_extra, grad_c_new,    ws.grad_gates,
+                                grad_c0,    h_new};
   const int64_t cells = static_cast<int64_t>(n) * channels;
   const unsigned gate_blocks = static_cast<unsigned>((cells + kStreamThreads - 1) / kStreamThreads);
   DIA_FUSED_LAUNCH(gate_blocks, kStreamThreads, 0, stream, gate_backward_kernel)(gate);
-  if ((err = cudaGetLastError()) != cudaSuccess) return err;
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
 
   const int splits = hidden_grad_splits(channels);
   const HiddenGradParams hid{n,          channels,  hidden,         splits,
@@ -493,7 +485,7 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, const
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  return launch_weight_grads(n, channels, hidden, pooled, h0, ws, weight_grads, stream);
+  return launch_weight_grads(n, channels, hidden, saved.pooled, h0, ws, weight_grads, stream);
 }
 
 cudaError_t launch_grad_input(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,

@@ -142,16 +142,15 @@ Tensor split_sums_workspace(const MapLayout& layout, const Tensor& sums) {
   return at::empty({splits > 1 ? splits * sums.numel() : 1}, sums.options());
 }
 
-// The (2, N, R), (2, N, R), (N, 4C), (cell0_partials_floats) fp32 workspace of the cell-0 backward,
-// owned by tensors.
+// The (2, N, R), (N, 4C), (cell0_partials_floats) fp32 workspace of the cell-0 backward, owned by
+// tensors (u comes from the forward's saved buffer).
 struct Cell0WorkspaceTensors {
-  Tensor hidden, grad_hidden, grad_gates, hidden_partials;
+  Tensor grad_hidden, grad_gates, hidden_partials;
 
   // split: the split path's phases use hidden_partials; the fused path does not (one element)
   Cell0WorkspaceTensors(int64_t n, int64_t channels, int64_t hidden_size, const at::TensorOptions& f32,
                         bool split)
-      : hidden(at::empty({2, n, hidden_size}, f32)),
-        grad_hidden(at::empty({2, n, hidden_size}, f32)),
+      : grad_hidden(at::empty({2, n, hidden_size}, f32)),
         grad_gates(at::empty({n, 4 * channels}, f32)),
         hidden_partials(at::empty(
             {split ? cell0_partials_floats(n, static_cast<int>(channels), static_cast<int>(hidden_size))
@@ -159,8 +158,8 @@ struct Cell0WorkspaceTensors {
             f32)) {}
 
   Cell0Workspace pointers() {
-    return Cell0Workspace{hidden.data_ptr<float>(), grad_hidden.data_ptr<float>(),
-                          grad_gates.data_ptr<float>(), hidden_partials.data_ptr<float>()};
+    return Cell0Workspace{nullptr, grad_hidden.data_ptr<float>(), grad_gates.data_ptr<float>(),
+                          hidden_partials.data_ptr<float>()};
   }
 };
 
@@ -186,11 +185,19 @@ bool fused_fits(int64_t channels, int64_t hidden) {
   return channels <= kFusedMaxChannels && 2 * hidden <= kFusedThreads;
 }
 
+// A Cell0Saved buffer: flat fp32 of cell0_saved_floats(N, C, R) on x's device.
+Cell0Saved cell0_saved_of(const Tensor& saved, const Tensor& x, int64_t hidden) {
+  const int64_t N = x.size(0), C = x.size(1);
+  check_f32_contiguous(saved, "saved", x, {cell0_saved_floats(N, C, hidden)});
+  return cell0_saved(saved.data_ptr<float>(), N, C, hidden);
+}
+
 // ------------------------------------------------------------------------------------------
 // Forward pieces
 // ------------------------------------------------------------------------------------------
 
-// Whole step (one cell) in one kernel: returns [out, h_new (N, C), c_new (N, C), pooled (N, C)].
+// Whole step (one cell) in one kernel: returns [out, h_new (N, C), c_new (N, C), saved (the
+// Cell0Saved buffer)].
 std::vector<Tensor> forward_fused(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                   const std::vector<Tensor>& weights, const OptTensor& identity,
                                   bool relu, int64_t activation) {
@@ -210,59 +217,62 @@ std::vector<Tensor> forward_fused(const Tensor& x, const Tensor& h0, const Tenso
   Tensor out = at::empty_like(x);
   Tensor h_new = at::empty({N, C}, f32_like(x));
   Tensor c_new = at::empty({N, C}, f32_like(x));
-  Tensor pooled = at::empty({N, C}, f32_like(x));
+  Tensor saved = at::empty({cell0_saved_floats(N, C, cell.hidden)}, f32_like(x));
   const FeatureMap x_map = feature_map(x, "x"), out_map = feature_map(out, "out");
   const MapLayout layout = map_layout(x, {x_map, id_map, out_map});
   check_launch(launch_fused_forward(scalar_kind(x), layout, cell.hidden, x_map, id_map, out_map,
                                     h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights, relu,
                                     cell_activation(activation), h_new.data_ptr<float>(),
-                                    c_new.data_ptr<float>(), pooled.data_ptr<float>(),
+                                    c_new.data_ptr<float>(),
+                                    cell0_saved(saved.data_ptr<float>(), N, C, cell.hidden),
                                     current_stream(x)),
                "fused_forward_kernel");
-  return {out, h_new, c_new, pooled};
+  return {out, h_new, c_new, saved};
 }
 
-// pooled (N, C) = mean over H, W of x.
-Tensor pool(const Tensor& x) {
+// pooled (N, C, written) = mean over H, W of x: the head of a Cell0Saved buffer.
+void pool(const Tensor& x, const Tensor& pooled) {
   check_x(x);
   const c10::cuda::CUDAGuard guard(x.device());
-  Tensor pooled = at::empty({x.size(0), x.size(1)}, f32_like(x));
+  check_f32_contiguous(pooled, "pooled", x, {x.size(0), x.size(1)});
   const FeatureMap x_map = feature_map(x, "x");
   const MapLayout layout = map_layout(x, {x_map});
   Tensor partials = split_sums_workspace(layout, pooled);
   check_launch(launch_pool(scalar_kind(x), layout, x_map, pooled.data_ptr<float>(),
                            partials.data_ptr<float>(), current_stream(x)),
                "pool_kernel");
-  return pooled;
 }
 
-// Cell 0 over tiles of samples: returns [h_new (N, C), c_new (N, C)].
-std::vector<Tensor> cell0_forward(const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+// The (N, C) state h0 standing in for x (N, C, 1, 1) in the checks of the cell-0 pieces, which
+// have no feature map.
+Tensor state_as_map(const Tensor& h0) {
+  TORCH_CHECK_VALUE(h0.is_cuda() && h0.dim() == 2, "h0: expected a 2-D CUDA tensor (N, C), got ",
+              h0.sizes(), " on ", h0.device());
+  TORCH_CHECK_VALUE(h0.size(0) >= 1 && h0.size(0) <= kMaxGridY * kGemmRows && h0.size(1) >= 1,
+              "h0: unsupported shape ", h0.sizes());
+  return h0.unsqueeze(2).unsqueeze(3);
+}
+
+// Cell 0 over tiles of samples, from the pooled head of `saved` (a Cell0Saved buffer), whose u
+// and gates it writes: returns [h_new (N, C), c_new (N, C)].
+std::vector<Tensor> cell0_forward(const Tensor& saved, const Tensor& h0, const Tensor& c0,
                                   const std::vector<Tensor>& weights, int64_t activation) {
-  TORCH_CHECK_VALUE(pooled.is_cuda() && pooled.dim() == 2,
-              "pooled: expected a 2-D CUDA tensor (N, C), got ", pooled.sizes(), " on ",
-              pooled.device());
-  const c10::cuda::CUDAGuard guard(pooled.device());
-  const int64_t N = pooled.size(0), C = pooled.size(1);
-  TORCH_CHECK_VALUE(N >= 1 && N <= kMaxGridY * kGemmRows && C >= 1, "pooled: unsupported shape ",
-              pooled.sizes());
-  // the checks compare devices and C with x's: pooled stands in for x here
-  const Tensor x_like = pooled.unsqueeze(2).unsqueeze(3);
-  check_f32_contiguous(pooled, "pooled", x_like, {N, C});
+  const Tensor x_like = state_as_map(h0);
+  const c10::cuda::CUDAGuard guard(h0.device());
+  const int64_t N = h0.size(0), C = h0.size(1);
   check_f32_contiguous(h0, "h0", x_like, {N, C});
   check_f32_contiguous(c0, "c0", x_like, {N, C});
   const Cell0 cell = cell0_weights(weights, x_like);
-  // u (2, N, R), then the split-K sums
-  Tensor hidden_ws = at::empty(
-      {2 * N * cell.hidden + cell0_partials_floats(N, static_cast<int>(C), cell.hidden)},
-      pooled.options());
-  Tensor h_new = at::empty({N, C}, pooled.options());
-  Tensor c_new = at::empty({N, C}, pooled.options());
-  check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
-                                    pooled.data_ptr<float>(), h0.data_ptr<float>(),
-                                    c0.data_ptr<float>(), cell.weights, cell_activation(activation),
-                                    hidden_ws.data_ptr<float>(), h_new.data_ptr<float>(),
-                                    c_new.data_ptr<float>(), current_stream(pooled)),
+  const Cell0Saved pieces = cell0_saved_of(saved, x_like, cell.hidden);
+  Tensor partials =
+      at::empty({cell0_partials_floats(N, static_cast<int>(C), cell.hidden)}, h0.options());
+  Tensor h_new = at::empty({N, C}, h0.options());
+  Tensor c_new = at::empty({N, C}, h0.options());
+  check_launch(launch_cell0_forward(static_cast<int>(N), static_cast<int>(C), cell.hidden, pieces,
+                                    h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,
+                                    cell_activation(activation), partials.data_ptr<float>(),
+                                    h_new.data_ptr<float>(), c_new.data_ptr<float>(),
+                                    current_stream(h0)),
                "cell-0 forward kernels");
   return {h_new, c_new};
 }
@@ -295,7 +305,7 @@ Tensor scale_residual(const Tensor& x, const Tensor& attention, const OptTensor&
 // [grad_x, grad_identity or None, grad_h0 (N, C), grad_c0 (N, C), 8 cell-0 weight grads].
 std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad_h_new,
                                    const OptTensor& grad_c_new, const Tensor& x, const Tensor& out,
-                                   const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+                                   const Tensor& saved, const Tensor& h0, const Tensor& c0,
                                    const std::vector<Tensor>& weights, bool identity_given,
                                    bool relu, int64_t activation) {
   check_x(x);
@@ -303,7 +313,6 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   const int64_t N = x.size(0), C = x.size(1);
   check_like_x(grad_out, "grad_out", x);
   check_like_x(out, "out", x);
-  check_f32_contiguous(pooled, "pooled", x, {N, C});
   check_f32_contiguous(h0, "h0", x, {N, C});
   check_f32_contiguous(c0, "c0", x, {N, C});
   const float* gh = optional_f32(grad_h_new, "grad_h_new", x, {N, C});
@@ -312,6 +321,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   TORCH_CHECK_VALUE(fused_fits(C, cell.hidden), "backward_fused: needs C <= ", kFusedMaxChannels,
               " and 2R <= ", kFusedThreads, ", got C=", C, ", R=", cell.hidden);
   const int64_t R = cell.hidden;
+  const Cell0Saved pieces = cell0_saved_of(saved, x, R);
 
   Tensor grad_x = at::empty_like(x);
   Tensor grad_identity = identity_given ? at::empty_like(x) : Tensor();
@@ -327,7 +337,7 @@ std::vector<Tensor> backward_fused(const Tensor& grad_out, const OptTensor& grad
   const MapLayout layout = map_layout(x, {go_map, x_map, out_map, gx_map, gi_map});
   check_launch(
       launch_fused_backward(scalar_kind(x), layout, cell.hidden, go_map, x_map, out_map, gx_map,
-                            gi_map, gh, gc, pooled.data_ptr<float>(), h0.data_ptr<float>(),
+                            gi_map, gh, gc, pieces, h0.data_ptr<float>(),
                             c0.data_ptr<float>(), cell.weights, relu, cell_activation(activation),
                             grad_h0.data_ptr<float>(), grad_c0.data_ptr<float>(),
                             weight_grad_ptrs(wgrads), workspace.pointers(), current_stream(x)),
@@ -358,23 +368,17 @@ std::vector<Tensor> grad_attention(const Tensor& grad_out, const Tensor& x, cons
   return {da, grad_identity};
 }
 
-// Cell-0 backward over tiles of samples; the gradient reaching h_new of cell 0 is
-// grad_h_new + grad_h_extra. Returns [grad_pooled / HW (N, C), grad_h0 (N, C), grad_c0 (N, C),
-// h_new (N, C) recomputed, 8 cell-0 weight grads].
-std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const Tensor& c0,
+// Cell-0 backward over tiles of samples from `saved` (the forward's Cell0Saved buffer); the
+// gradient reaching h_new of cell 0 is grad_h_new + grad_h_extra. Returns [grad_pooled / HW
+// (N, C), grad_h0 (N, C), grad_c0 (N, C), h_new (N, C), 8 cell-0 weight grads].
+std::vector<Tensor> cell0_backward(const Tensor& saved, const Tensor& h0, const Tensor& c0,
                                    const std::vector<Tensor>& weights, const OptTensor& grad_h_new,
                                    const OptTensor& grad_h_extra, const OptTensor& grad_c_new,
                                    int64_t activation, int64_t hw) {
-  TORCH_CHECK_VALUE(pooled.is_cuda() && pooled.dim() == 2,
-              "pooled: expected a 2-D CUDA tensor (N, C), got ", pooled.sizes(), " on ",
-              pooled.device());
-  const c10::cuda::CUDAGuard guard(pooled.device());
-  const int64_t N = pooled.size(0), C = pooled.size(1);
-  TORCH_CHECK_VALUE(N >= 1 && N <= kMaxGridY * kGemmRows && C >= 1, "pooled: unsupported shape ",
-              pooled.sizes());
+  const Tensor x_like = state_as_map(h0);
+  const c10::cuda::CUDAGuard guard(h0.device());
+  const int64_t N = h0.size(0), C = h0.size(1);
   TORCH_CHECK_VALUE(hw >= 1 && hw <= INT32_MAX, "hw: expected 1 <= H * W < 2^31, got ", hw);
-  const Tensor x_like = pooled.unsqueeze(2).unsqueeze(3);
-  check_f32_contiguous(pooled, "pooled", x_like, {N, C});
   check_f32_contiguous(h0, "h0", x_like, {N, C});
   check_f32_contiguous(c0, "c0", x_like, {N, C});
   const float* gh = optional_f32(grad_h_new, "grad_h_new", x_like, {N, C});
@@ -382,8 +386,9 @@ std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const
   const float* gc = optional_f32(grad_c_new, "grad_c_new", x_like, {N, C});
   const Cell0 cell = cell0_weights(weights, x_like);
   const int64_t R = cell.hidden;
+  const Cell0Saved pieces = cell0_saved_of(saved, x_like, R);
 
-  const auto opts = pooled.options();
+  const auto opts = h0.options();
   Tensor grad_pooled = at::empty({N, C}, opts);
   Tensor grad_h0 = at::empty({N, C}, opts);
   Tensor grad_c0 = at::empty({N, C}, opts);
@@ -391,13 +396,13 @@ std::vector<Tensor> cell0_backward(const Tensor& pooled, const Tensor& h0, const
   std::vector<Tensor> wgrads = empty_weight_grads(weights);
   Cell0WorkspaceTensors workspace(N, C, R, opts, /*split=*/true);
   check_launch(launch_cell0_backward(static_cast<int>(N), static_cast<int>(C), cell.hidden,
-                                     static_cast<int>(hw), pooled.data_ptr<float>(),
+                                     static_cast<int>(hw), pieces,
                                      h0.data_ptr<float>(), c0.data_ptr<float>(), cell.weights,
                                      cell_activation(activation), gh, ghx, gc,
                                      grad_pooled.data_ptr<float>(), grad_h0.data_ptr<float>(),
                                      grad_c0.data_ptr<float>(), h_new.data_ptr<float>(),
                                      weight_grad_ptrs(wgrads), workspace.pointers(),
-                                     current_stream(pooled)),
+                                     current_stream(h0)),
                "cell-0 backward kernels");
   std::vector<Tensor> result{grad_pooled, grad_h0, grad_c0, h_new};
   result.insert(result.end(), wgrads.begin(), wgrads.end());
@@ -437,20 +442,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward_fused", &forward_fused, "whole step of one cell in one kernel", py::arg("x"),
         py::arg("h0"), py::arg("c0"), py::arg("weights"), py::arg("identity"), py::arg("relu"),
         py::arg("activation"));
-  m.def("pool", &pool, "mean of x over H, W (N, C) fp32", py::arg("x"));
+  m.def("pool", &pool, "mean of x over H, W into pooled (N, C) fp32", py::arg("x"),
+        py::arg("pooled"));
   m.def("cell0_forward", &cell0_forward, "cell 0 of the LSTM over tiles of samples",
-        py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"), py::arg("activation"));
+        py::arg("saved"), py::arg("h0"), py::arg("c0"), py::arg("weights"), py::arg("activation"));
   m.def("scale_residual", &scale_residual, "relu?(x * attention + identity)", py::arg("x"),
         py::arg("attention"), py::arg("identity"), py::arg("relu"));
   m.def("backward_fused", &backward_fused, "backward of one cell, one block per sample",
         py::arg("grad_out"), py::arg("grad_h_new"), py::arg("grad_c_new"), py::arg("x"),
-        py::arg("out"), py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
+        py::arg("out"), py::arg("saved"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
         py::arg("identity_given"), py::arg("relu"), py::arg("activation"));
   m.def("grad_attention", &grad_attention, "sum over H, W of z * x; grad_identity = z",
         py::arg("grad_out"), py::arg("x"), py::arg("out"), py::arg("relu"),
         py::arg("identity_given"));
   m.def("cell0_backward", &cell0_backward, "cell-0 backward over tiles of samples",
-        py::arg("pooled"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
+        py::arg("saved"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
         py::arg("grad_h_new"), py::arg("grad_h_extra"), py::arg("grad_c_new"),
         py::arg("activation"), py::arg("hw"));
   m.def("grad_input", &grad_input, "z * attention + grad_pooled_over_hw", py::arg("grad_out"),

@@ -2,6 +2,7 @@
 //   s = mean_HW x;  u_ih = relu(Wih1 s + bih1);  u_hh = relu(Whh1 h0 + bhh1)
 //   gates = Wih2 u_ih + bih2 + Whh2 u_hh + bhh2;  (h, c) = LSTM pointwise(gates, c0)
 //   out = relu?(x * h + identity)
+// s, u and the gate pre-activations are saved for the backward (Cell0Saved).
 //
 // Two paths (chosen by the bindings):
 //   fused  (C <= kFusedMaxChannels, one cell): 1 launch, one block per sample does all of it.
@@ -26,7 +27,7 @@ struct FusedForwardParams {
   CellActivation activation;  // act of h = sigmoid(o) * act(c)
   float* h_new;               // (N, C)
   float* c_new;               // (N, C)
-  float* pooled;              // (N, C) saved for the backward
+  Cell0Saved saved;           // written: pooled, u, gate pre-activations
 };
 
 // Floats of dynamic shared memory of fused_forward_kernel.
@@ -57,11 +58,15 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
   for (int c = threadIdx.x; c < C; c += blockDim.x) h_prev[c] = p.h0[n * C + c];
   __syncthreads();
 
-  for (int c = threadIdx.x; c < C; c += blockDim.x) p.pooled[n * C + c] = pooled[c];
+  for (int c = threadIdx.x; c < C; c += blockDim.x) p.saved.pooled[n * C + c] = pooled[c];
   sample_reduced_hidden(p.weights, pooled, h_prev, C, R, hidden);
   __syncthreads();
+  for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
+    p.saved.hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R] = hidden[o];
+  }
   sample_gate_preacts(p.weights, hidden, C, R, gates);
   __syncthreads();
+  for (int r = threadIdx.x; r < 4 * C; r += blockDim.x) p.saved.gates[n * 4 * C + r] = gates[r];
   for (int c = threadIdx.x; c < C; c += blockDim.x) {
     const float gate[4] = {gates[c], gates[C + c], gates[2 * C + c], gates[3 * C + c]};
     const CellState s = lstm_cell_forward(gate, p.c0[n * C + c], p.activation);
@@ -117,6 +122,7 @@ struct GateForwardParams {
   CellActivation activation;
   float* h_new;               // (N, C)
   float* c_new;               // (N, C)
+  float* gates;               // (N, 4C) written: the pre-activations, saved for the backward
 };
 
 // grid (ceil(N * C / kStreamThreads)), block (kStreamThreads): the LSTM pointwise forward of one
@@ -125,6 +131,8 @@ __global__ void __launch_bounds__(kStreamThreads) gate_forward_kernel(const Gate
   const int C = p.channels;
   for_each_cell0_gates(p.weights, p.gate_sums, p.n, C, p.splits, [&](int m, int c, float (&gate)[4]) {
     const int64_t at = static_cast<int64_t>(m) * C + c;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) p.gates[static_cast<int64_t>(m) * 4 * C + q * C + c] = gate[q];
     const CellState s = lstm_cell_forward(gate, p.c0[at], p.activation);
     p.h_new[at] = s.h;
     p.c_new[at] = s.c;
@@ -279,9 +287,9 @@ cudaError_t launch_fused_forward(ScalarKind kind, const MapLayout& layout, int h
                                  FeatureMap identity, FeatureMap out, const float* h0,
                                  const float* c0, Cell0Weights weights, bool relu,
                                  CellActivation activation, float* h_new, float* c_new,
-                                 float* pooled, cudaStream_t stream) {
+                                 Cell0Saved saved, cudaStream_t stream) {
   const FusedForwardParams p{layout, hidden, x, identity, out, h0, c0, weights,
-                             relu, activation, h_new, c_new, pooled};
+                             relu, activation, h_new, c_new, saved};
   return dispatch_scalar_vec(kind, layout.vec, [&](auto scalar, auto vec) {
     using T = decltype(scalar);
     constexpr int VEC = decltype(vec)::value;
@@ -307,18 +315,18 @@ cudaError_t launch_pool(ScalarKind kind, const MapLayout& layout, FeatureMap x, 
                            1.0f / static_cast<float>(layout.hw), pooled, stream);
 }
 
-cudaError_t launch_cell0_forward(int n, int channels, int hidden, const float* pooled,
+cudaError_t launch_cell0_forward(int n, int channels, int hidden, Cell0Saved saved,
                                  const float* h0, const float* c0, Cell0Weights weights,
-                                 CellActivation activation, float* hidden_ws, float* h_new,
+                                 CellActivation activation, float* partials, float* h_new,
                                  float* c_new, cudaStream_t stream) {
-  float* partials = hidden_ws + 2 * static_cast<int64_t>(n) * hidden;
-  cudaError_t err =
-      launch_reduced_linear(n, channels, hidden, pooled, h0, weights, hidden_ws, partials, stream);
+  cudaError_t err = launch_reduced_linear(n, channels, hidden, saved.pooled, h0, weights,
+                                          saved.hidden, partials, stream);
   if (err != cudaSuccess) return err;
-  if ((err = launch_gate_gemm(n, channels, hidden, hidden_ws, weights, partials, stream)) != cudaSuccess)
+  if ((err = launch_gate_gemm(n, channels, hidden, saved.hidden, weights, partials, stream)) !=
+      cudaSuccess)
     return err;
   const GateForwardParams p{n,       channels,   gate_splits(hidden), partials, c0,
-                            weights, activation, h_new,               c_new};
+                            weights, activation, h_new,               c_new,   saved.gates};
   const int64_t size = static_cast<int64_t>(n) * channels;
   const unsigned blocks = static_cast<unsigned>((size + kStreamThreads - 1) / kStreamThreads);
   DIA_FUSED_LAUNCH(blocks, kStreamThreads, 0, stream, gate_forward_kernel)(p);

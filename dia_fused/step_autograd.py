@@ -1,7 +1,7 @@
 """The fused step's one autograd formula and the autograd.Functions that run it (docs/design.md
 §3.2).
 
-The forward keeps (x, out, pooled, h, c, masks, weights) and the step's options; the backward runs
+The forward keeps (x, out, saved, h, c, masks, weights) and the step's options; the backward runs
 the kernel module's backward on that saved step (through the step_backward op on the op's route)
 and turns the fp32 weight gradients into each weight's shape and dtype. Three users:
 
@@ -38,17 +38,17 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
-def save(ctx, options: StepOptions, x, h, c, dropout_masks, weights, out, pooled) -> None:
-    ctx.save_for_backward(x, out, pooled, h, c, dropout_masks, *weights)
-    # unused outputs (pooled always, the state after a stage's last block) get None, not zeros:
+def save(ctx, options: StepOptions, x, h, c, dropout_masks, weights, out, saved) -> None:
+    ctx.save_for_backward(x, out, saved, h, c, dropout_masks, *weights)
+    # unused outputs (saved always, the state after a stage's last block) get None, not zeros:
     # the kernels skip them, where materialised zeros would cost a fill launch each
     ctx.set_materialize_grads(False)
     ctx.options = options
 
 
 def _saved_step(ctx) -> SavedStep:
-    x, out, pooled, h, c, dropout_masks, *weights = ctx.saved_tensors
-    return SavedStep(x, out, pooled, h, c, dropout_masks, weights, ctx.options)
+    x, out, saved, h, c, dropout_masks, *weights = ctx.saved_tensors
+    return SavedStep(x, out, saved, h, c, dropout_masks, weights, ctx.options)
 
 
 def _op_kernel_backward(grad_out, grad_h_new, grad_c_new, saved: SavedStep):
@@ -116,7 +116,7 @@ def _op_setup_context(ctx, inputs, output):
     save(ctx, options, x, h, c, dropout_masks, weights, output[0], output[3])
 
 
-def _op_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+def _op_backward(ctx, grad_out, grad_h_new, grad_c_new, grad_saved):
     grad_x, grad_h, grad_c, grad_identity, *grad_weights = _backward(
         ctx, grad_out, grad_h_new, grad_c_new, _op_kernel_backward
     )
@@ -131,22 +131,22 @@ torch.library.register_autograd(
 class EagerStep(torch.autograd.Function):
     """The custom op's host wrappers and autograd formula without the dispatcher, for eager steps
     on plain tensors. apply(options, x, h, c, identity, dropout_masks, *weights) ->
-    (out, h_new, c_new, pooled). Written with ctx in forward: a setup_context staticmethod would
+    (out, h_new, c_new, saved). Written with ctx in forward: a setup_context staticmethod would
     make every apply bind the arguments with inspect.signature, which costs more than the rest of
     the eager route; torch.func transforms, which need setup_context, take FunctorchStep."""
 
     @staticmethod
     def forward(ctx, options, x, h, c, identity, dropout_masks, *weights):
-        out, h_new, c_new, pooled = host_forward(
+        out, h_new, c_new, saved = host_forward(
             options.backend, x, h, c, weights, identity, options.relu, options.activation,
             dropout_masks, options.settings, options.launch,
         )  # fmt: skip
-        ctx.mark_non_differentiable(pooled)
-        save(ctx, options, x, h, c, dropout_masks, weights, out, pooled)
-        return out, h_new, c_new, pooled
+        ctx.mark_non_differentiable(saved)
+        save(ctx, options, x, h, c, dropout_masks, weights, out, saved)
+        return out, h_new, c_new, saved
 
     @staticmethod
-    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_saved):
         grad_x, grad_h, grad_c, grad_identity, *grad_weights = _backward(
             ctx, grad_out, grad_h_new, grad_c_new, host_backward
         )
@@ -190,7 +190,7 @@ class FunctorchStep(torch.autograd.Function):
         )
 
     @staticmethod
-    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_pooled):
+    def backward(ctx, grad_out, grad_h_new, grad_c_new, grad_saved):
         # grad mode does not tell whether a functorch level above differentiates again: always tie
         grad_x, grad_h, grad_c, grad_identity, *grad_weights = _backward(
             ctx, grad_out, grad_h_new, grad_c_new, _op_kernel_backward, always_tie=True

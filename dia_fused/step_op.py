@@ -41,7 +41,7 @@ class SavedStep(NamedTuple):
 
     x: Tensor  # (N, C, H, W)
     out: Tensor  # (N, C, H, W) the forward's output (relu mask)
-    pooled: Tensor  # (N, C) fp32
+    saved: Tensor  # fp32, the kernel module's saved_shape: what its forward keeps of the LSTM
     h: Tensor  # (L, N, C) the step's input state
     c: Tensor  # (L, N, C)
     dropout_masks: Optional[Tensor]  # (L-1, N, C) or None
@@ -58,7 +58,7 @@ def settings_environment() -> tuple:
 def host_forward(
     backend, x, h, c, weights, identity, relu, activation, dropout_masks, settings=None, launch=None
 ):
-    """The kernel module's (out, h_new, c_new, pooled), possibly aliasing inputs; `settings` None:
+    """The kernel module's (out, h_new, c_new, saved), possibly aliasing inputs; `settings` None:
     the module's current settings; `launch`: its launch plan (kernel modules that have one)."""
     device_type = x.device.type
     if autocasting(device_type):  # fp32 LSTM math
@@ -113,7 +113,7 @@ def backward_arguments(grad_out, grad_h_new, grad_c_new, saved: SavedStep) -> tu
         grad_c_new,
         saved.x,
         saved.out,
-        saved.pooled,
+        saved.saved,
         saved.h,
         saved.c,
         saved.weights,
@@ -150,15 +150,17 @@ def step_forward(
     dropout_masks: Optional[Tensor],  # (L-1, N, C) or None
     backend: str,  # "triton" | "cuda"
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, h_new, c_new, pooled): pooled (N, C) fp32 is saved for the backward."""
+    """(out, h_new, c_new, saved): saved (fp32, the kernel module's saved_shape) is what the
+    backward reads of the LSTM besides the state and weights."""
     results = host_forward(backend, x, h, c, weights, identity, relu, activation, dropout_masks)
     return tuple(_unaliased(results, [x, h, c, identity, dropout_masks, *weights]))
 
 
 @step_forward.register_fake
 def _step_forward_fake(x, h, c, weights, identity, relu, activation, dropout_masks, backend):
-    pooled = x.new_empty((x.shape[0], x.shape[1]), dtype=torch.float32)
-    return torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), pooled
+    shape = backends.kernel_module(backend).saved_shape(x.shape, weights)
+    saved = x.new_empty(shape, dtype=torch.float32)
+    return torch.empty_like(x), torch.empty_like(h), torch.empty_like(c), saved
 
 
 @torch.library.custom_op("dia_fused::step_backward", mutates_args=())
@@ -168,7 +170,7 @@ def step_backward(
     grad_c_new: Optional[Tensor],  # (L, N, C), None where c_new got no gradient
     x: Tensor,  # (N, C, H, W)
     out: Tensor,  # (N, C, H, W) the forward's output (relu mask)
-    pooled: Tensor,  # (N, C) fp32
+    saved: Tensor,  # fp32, what step_forward saved
     h: Tensor,  # (L, N, C) the step's input state
     c: Tensor,  # (L, N, C)
     weights: List[Tensor],
@@ -182,21 +184,21 @@ def step_backward(
     one flat fp32 tensor, the weight gradients flattened and concatenated in weight order (one
     output of a fixed schema, which the autograd formula splits into views)."""
     options = StepOptions(backend, identity_given, relu, activation)
-    saved = SavedStep(x, out, pooled, h, c, dropout_masks, weights, options)
+    step = SavedStep(x, out, saved, h, c, dropout_masks, weights, options)
     grad_x, grad_identity, grad_h, grad_c, grad_weights = host_backward(
-        grad_out, grad_h_new, grad_c_new, saved
+        grad_out, grad_h_new, grad_c_new, step
     )
     if grad_identity is None:
         grad_identity = grad_out.new_empty(0)
     if not isinstance(grad_weights, Tensor):  # one tensor per weight (the cuda backend)
         grad_weights = torch.cat([g.reshape(-1) for g in grad_weights])
-    inputs = [grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, dropout_masks, *weights]
+    inputs = [grad_out, grad_h_new, grad_c_new, x, out, saved, h, c, dropout_masks, *weights]
     return _unaliased([grad_x, grad_identity, grad_h, grad_c, grad_weights], inputs)
 
 
 @step_backward.register_fake
 def _step_backward_fake(
-    grad_out, grad_h_new, grad_c_new, x, out, pooled, h, c, weights, identity_given, *options
+    grad_out, grad_h_new, grad_c_new, x, out, saved, h, c, weights, identity_given, *options
 ):
     grad_identity = torch.empty_like(grad_out) if identity_given else grad_out.new_empty(0)
     grad_weights = x.new_empty((sum(w.numel() for w in weights),), dtype=torch.float32)

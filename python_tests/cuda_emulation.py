@@ -116,7 +116,6 @@ def cell0_workspace(n: int, channels: int, hidden: int) -> List[torch.Tensor]:
     """The cell-0 backward's fp32 workspace as the bindings allocate it (Cell0WorkspaceTensors)."""
     return [
         torch.empty(2, n, hidden),
-        torch.empty(2, n, hidden),
         torch.empty(n, 4 * channels),
         torch.full((max(1, cuda_build.cell0_partials_floats(n, channels, hidden)),), float("nan")),
     ]
@@ -176,7 +175,8 @@ class EmulatedExtension:
         w, hidden = self._weights(weights, channels)
         assert channels <= self.FUSED_MAX_CHANNELS and 2 * hidden <= self.FUSED_THREADS
         out = torch.empty_like(x)
-        h_new, c_new, pooled = (torch.empty(n, channels) for _ in range(3))
+        h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
+        saved = torch.full((cuda_build.cell0_saved_floats(n, channels, hidden),), float("nan"))
         self._call(
             "forward_fused",
             SCALAR_KIND[x.dtype],
@@ -192,34 +192,35 @@ class EmulatedExtension:
             activation,
             _ptr(h_new),
             _ptr(c_new),
-            _ptr(pooled),
+            _ptr(saved),
         )
-        return [out, h_new, c_new, pooled]
+        return [out, h_new, c_new, saved]
 
-    def pool(self, x):
-        pooled = torch.empty(x.shape[0], x.shape[1])
+    def pool(self, x, pooled):
+        _check_small(pooled, "pooled", x.shape[:2])
         self._call("pool", SCALAR_KIND[x.dtype], _int64s(x.shape), *self._map(x), _ptr(pooled))
-        return pooled
 
-    def cell0_forward(self, pooled, h0, c0, weights, activation):
-        n, channels = pooled.shape
-        for name, t in (("pooled", pooled), ("h0", h0), ("c0", c0)):
+    def cell0_forward(self, saved, h0, c0, weights, activation):
+        n, channels = h0.shape
+        for name, t in (("h0", h0), ("c0", c0)):
             _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
-        scratch = cuda_build.cell0_partials_floats(n, channels, hidden)
-        hidden_ws = torch.full((2 * n * hidden + scratch,), float("nan"))
+        _check_small(saved, "saved", (cuda_build.cell0_saved_floats(n, channels, hidden),))
+        partials = torch.full(
+            (cuda_build.cell0_partials_floats(n, channels, hidden),), float("nan")
+        )
         h_new, c_new = torch.empty(n, channels), torch.empty(n, channels)
         self._call(
             "cell0_forward",
             n,
             channels,
             hidden,
-            _ptr(pooled),
+            _ptr(saved),
             _ptr(h0),
             _ptr(c0),
             w,
             activation,
-            _ptr(hidden_ws),
+            _ptr(partials),
             _ptr(h_new),
             _ptr(c_new),
         )
@@ -249,7 +250,7 @@ class EmulatedExtension:
         grad_c_new,
         x,
         out,
-        pooled,
+        saved,
         h0,
         c0,
         weights,
@@ -259,7 +260,6 @@ class EmulatedExtension:
     ):
         n, channels = x.shape[:2]
         for name, t in (
-            ("pooled", pooled),
             ("h0", h0),
             ("c0", c0),
             ("grad_h_new", grad_h_new),
@@ -268,6 +268,7 @@ class EmulatedExtension:
             if t is not None:
                 _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
+        _check_small(saved, "saved", (cuda_build.cell0_saved_floats(n, channels, hidden),))
         grad_x = torch.empty_like(x)
         grad_identity = torch.empty_like(x) if identity_given else None
         grad_h0, grad_c0 = torch.empty(n, channels), torch.empty(n, channels)
@@ -284,7 +285,7 @@ class EmulatedExtension:
             *self._map(grad_identity),
             _ptr(grad_h_new),
             _ptr(grad_c_new),
-            _ptr(pooled),
+            _ptr(saved),
             _ptr(h0),
             _ptr(c0),
             w,
@@ -315,11 +316,10 @@ class EmulatedExtension:
         return [da, grad_identity]
 
     def cell0_backward(
-        self, pooled, h0, c0, weights, grad_h_new, grad_h_extra, grad_c_new, activation, hw
+        self, saved, h0, c0, weights, grad_h_new, grad_h_extra, grad_c_new, activation, hw
     ):
-        n, channels = pooled.shape
+        n, channels = h0.shape
         for name, t in (
-            ("pooled", pooled),
             ("h0", h0),
             ("c0", c0),
             ("grad_h_new", grad_h_new),
@@ -329,6 +329,7 @@ class EmulatedExtension:
             if t is not None:
                 _check_small(t, name, (n, channels))
         w, hidden = self._weights(weights, channels)
+        _check_small(saved, "saved", (cuda_build.cell0_saved_floats(n, channels, hidden),))
         grad_pooled, grad_h0, grad_c0, h_new = (torch.empty(n, channels) for _ in range(4))
         grads = [torch.empty_like(t) for t in weights]
         ws = cell0_workspace(n, channels, hidden)
@@ -338,7 +339,7 @@ class EmulatedExtension:
             channels,
             hidden,
             hw,
-            _ptr(pooled),
+            _ptr(saved),
             _ptr(h0),
             _ptr(c0),
             w,

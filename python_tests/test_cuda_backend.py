@@ -165,7 +165,7 @@ def test_cuda_graph_capture(path):
     settings = cuda_dia_step.KernelSettings(path=path)
 
     def run():
-        out, h_new, c_new, pooled = cuda_dia_step.forward(
+        out, h_new, c_new, saved = cuda_dia_step.forward(
             static_x, h, c, w, identity, True, "sigmoid", None, settings
         )
         grads = cuda_dia_step.backward(
@@ -174,7 +174,7 @@ def test_cuda_graph_capture(path):
             None,
             static_x,
             out,
-            pooled,
+            saved,
             h,
             c,
             w,

@@ -157,13 +157,13 @@ def test_backward_with_broadcast_and_noncollapsible_grad_out(cuda_on_cpu, path):
     inputs = random_step_inputs(2, 8, 4, 4, reduction=2, seed=4)
     x, h, c, w = inputs.args()
     settings = cuda_dia_step.KernelSettings(path=path)
-    out, _, _, pooled = cuda_dia_step.forward(
+    out, _, _, saved = cuda_dia_step.forward(
         x, h, c, w, inputs.identity, True, "sigmoid", None, settings
     )
 
     def grads(grad_out):
         return cuda_dia_step.backward(
-            grad_out, None, None, x, out, pooled, h, c, w, True, True, "sigmoid", None, settings
+            grad_out, None, None, x, out, saved, h, c, w, True, True, "sigmoid", None, settings
         )
 
     dense = grads(torch.full_like(out, 0.5))
@@ -176,17 +176,52 @@ def test_backward_with_broadcast_and_noncollapsible_grad_out(cuda_on_cpu, path):
             torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_backward_reads_the_saved_u_and_gates(cuda_on_cpu, path):
+    """Both paths save the pooled mean, u and the gate pre-activations (Cell0Saved), each within
+    tolerance of float64, and the backward starts from them instead of recomputing cell 0 from
+    the weights: gates changed in the saved buffer change the gradients."""
+    n, c, r = 3, 20, 5
+    inputs = random_step_inputs(n, c, 3, 3, reduction=c // r, seed=41)
+    x, h, c_state, w = inputs.args()
+    settings = cuda_dia_step.KernelSettings(path=path)
+    out, _, _, saved = cuda_dia_step.forward(
+        x, h, c_state, w, inputs.identity, True, "sigmoid", None, settings
+    )
+    assert saved.shape == cuda_dia_step.saved_shape(x.shape, w)
+    w64 = [t.double() for t in w]
+    pooled = x.double().mean((2, 3))
+    u = torch.stack(
+        [
+            torch.relu(pooled @ w64[0].T + w64[1]),
+            torch.relu(h[0].double() @ w64[4].T + w64[5]),
+        ]
+    )
+    gates = u[0] @ w64[2].T + w64[3] + u[1] @ w64[6].T + w64[7]
+    pieces = saved.split([n * c, 2 * n * r, 4 * n * c])
+    for got, want in zip(pieces, (pooled, u, gates)):
+        torch.testing.assert_close(got.double(), want.flatten(), rtol=1e-5, atol=1e-5)
+
+    grad_out = torch.randn_like(out)
+    args = (x, out, saved, h, c_state, w, True, True, "sigmoid", None, settings)
+    grad_c = cuda_dia_step.backward(grad_out, None, None, *args)[3]
+    changed = saved.clone()
+    changed[n * (c + 2 * r) :] += 0.5
+    args = (x, out, changed, h, c_state, w, True, True, "sigmoid", None, settings)
+    assert not torch.allclose(cuda_dia_step.backward(grad_out, None, None, *args)[3], grad_c)
+
+
 def test_none_state_gradients_are_zero(cuda_on_cpu):
     """backward with grad_h_new = grad_c_new = None equals backward with zero tensors."""
     inputs = random_step_inputs(3, 10, 2, 2, reduction=2, seed=8)
     x, h, c, w = inputs.args()
     for path in ("fused", "split"):
         settings = cuda_dia_step.KernelSettings(path=path)
-        out, h_new, c_new, pooled = cuda_dia_step.forward(
+        out, h_new, c_new, saved = cuda_dia_step.forward(
             x, h, c, w, None, False, "sigmoid", None, settings
         )
         grad_out = torch.randn_like(out)
-        args = (x, out, pooled, h, c, w, False, False, "sigmoid", None, settings)
+        args = (x, out, saved, h, c, w, False, False, "sigmoid", None, settings)
         none = cuda_dia_step.backward(grad_out, None, None, *args)
         zero = cuda_dia_step.backward(
             grad_out, torch.zeros_like(h_new), torch.zeros_like(c_new), *args
@@ -255,7 +290,8 @@ def test_weights_in_half_precision_get_grads_in_their_dtype(cuda_on_cpu):
 def _map_reductions(emu, x, grad_out, out):
     """pool and grad attention (relu, identity) of the emulated kernels, with the kernel grids
     each made."""
-    pooled = emu.pool(x)
+    pooled = torch.empty(x.shape[:2])
+    emu.pool(x, pooled)
     pool_grids = emu.grids[-1][1]
     da, grad_identity = emu.grad_attention(grad_out, x, out, True, True)
     return (pooled, da, grad_identity), (pool_grids, emu.grids[-1][1])
@@ -317,8 +353,10 @@ def test_fused_nchw_planes_take_the_streaming_lane_groups(emu, dtype, hw):
         torch.randn(shape, generator=gen) * 0.1
         for shape in [(r, c), (r,), (4 * c, r), (4 * c,)] * 2
     ]
-    pooled = emu.forward_fused(x, h0, c0, weights, identity, True, 1)[3]
-    assert torch.equal(pooled, emu.pool(x))
+    pooled = emu.forward_fused(x, h0, c0, weights, identity, True, 1)[3][: n * c].view(n, c)
+    pooled_by_pool_kernel = torch.empty(n, c)
+    emu.pool(x, pooled_by_pool_kernel)
+    assert torch.equal(pooled, pooled_by_pool_kernel)
     tol = 1e-5 if dtype == torch.float32 else 1e-4
     torch.testing.assert_close(pooled.double(), x.double().mean((2, 3)), rtol=tol, atol=tol)
 
@@ -326,7 +364,8 @@ def test_fused_nchw_planes_take_the_streaming_lane_groups(emu, dtype, hw):
 def test_cell0_forward_splits_k_over_blocks(emu):
     """C = R = 260: the reduced linears' K = C runs in 3 chunks (x 2 paths along grid axis z),
     then a launch adds them; the gate GEMMs' K = R in 3 chunks per path (6 partial sums along z),
-    then the pointwise launch adds them in order. h', c' match the float64 cell."""
+    then the pointwise launch adds them in order. h', c' and the saved u and gate
+    pre-activations match the float64 cell."""
     from dia_fused.kernels import cuda_build
 
     gen = torch.Generator().manual_seed(23)
@@ -337,7 +376,9 @@ def test_cell0_forward_splits_k_over_blocks(emu):
         torch.randn(shape, generator=gen) * 0.1
         for shape in [(r, c), (r,), (4 * c, r), (4 * c,)] * 2
     ]
-    h_new, c_new = emu.cell0_forward(pooled, h0, c0, weights, 1)  # act(c) = tanh
+    saved = torch.full((cuda_build.cell0_saved_floats(n, c, r),), float("nan"))
+    saved[: n * c] = pooled.flatten()
+    h_new, c_new = emu.cell0_forward(saved, h0, c0, weights, 1)  # act(c) = tanh
     grids = emu.grids[-1][1]
     # reduced linears, their chunk sum, gate GEMMs, pointwise
     assert len(grids) == 4 and grids[0][2] == 6 and grids[2][2] == 6, grids
@@ -345,6 +386,10 @@ def test_cell0_forward_splits_k_over_blocks(emu):
     u_ih = torch.relu(pooled.double() @ w[0].T + w[1])
     u_hh = torch.relu(h0.double() @ w[4].T + w[5])
     gates = u_ih @ w[2].T + w[3] + u_hh @ w[6].T + w[7]
+    saved_u = saved[n * c : n * (c + 2 * r)].view(2, n, r)
+    torch.testing.assert_close(saved_u.double(), torch.stack([u_ih, u_hh]), rtol=1e-5, atol=1e-5)
+    saved_gates = saved[n * (c + 2 * r) :].view(n, 4 * c)
+    torch.testing.assert_close(saved_gates.double(), gates, rtol=1e-5, atol=1e-5)
     i, f, g, o = gates.chunk(4, 1)
     c_want = f.sigmoid() * c0.double() + i.sigmoid() * g.tanh()
     torch.testing.assert_close(c_new.double(), c_want, rtol=1e-5, atol=1e-5)
@@ -353,19 +398,20 @@ def test_cell0_forward_splits_k_over_blocks(emu):
 
 @pytest.mark.slow  # about 5 s: the emulated weight-grad GEMMs at C = R = 130
 def test_split_path_backward_splits_k_of_every_lstm_phase(cuda_on_cpu):
-    """C = R = 130 on the split path: the reduced linears (K = C), gate GEMMs and input gradients
-    (K = R) and the hidden gradient (K = 4C) all split K over blocks along grid axis z, each
-    followed by an in-order sum. Outputs, state and every gradient within tolerance of float64,
-    and the same bits on a second run."""
+    """C = R = 130 on the split path: the forward's reduced linears (K = C) and gate GEMMs
+    (K = R), the backward's input gradients (K = R) and hidden gradient (K = 4C) all split K over
+    blocks along grid axis z, each followed by an in-order sum. Outputs, state and every gradient
+    within tolerance of float64, and the same bits on a second run."""
     from dia_fused.kernels import cuda_build
 
     assert cuda_build.input_grad_splits(130) == 2 and cuda_build.gate_splits(130) == 4
     inputs = random_step_inputs(1, 130, 1, 1, reduction=1, seed=24)
     run(cuda_on_cpu, inputs, torch.float32, "split", relu=True)
-    grids = dict(cuda_on_cpu.grids)["cell0_backward"]
-    z = [g[2] for g in grids]
-    # reduced linears + sum, gate GEMMs + pointwise, du + sum, d pooled / d h0 + sum, weight grads
-    assert z == [4, 1, 4, 1, 6, 1, 4, 1, 1], grids
+    grids = dict(cuda_on_cpu.grids)
+    # reduced linears + sum, gate GEMMs + pointwise
+    assert [g[2] for g in grids["cell0_forward"]] == [4, 1, 4, 1], grids["cell0_forward"]
+    # pointwise (from the saved gates), du + sum, d pooled / d h0 + sum, weight grads
+    assert [g[2] for g in grids["cell0_backward"]] == [1, 6, 1, 4, 1, 1], grids["cell0_backward"]
     first = compare_backend_outputs(inputs)
     second = compare_backend_outputs(inputs)
     for a, b in zip(first, second):

@@ -44,7 +44,7 @@ def test_opcheck_on_both_ops(cuda_on_cpu):
         "cuda",
     )
     torch.library.opcheck(torch.ops.dia_fused.step_forward.default, args)
-    out, h, c, pooled = ops.step_forward(
+    out, h, c, saved = ops.step_forward(
         *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:3]],
         [w.detach() for w in inputs.weights],
         inputs.identity.detach(),
@@ -59,7 +59,7 @@ def test_opcheck_on_both_ops(cuda_on_cpu):
         torch.randn_like(c),
         inputs.x.detach(),
         out,
-        pooled,
+        saved,
         inputs.h.detach(),
         inputs.c.detach(),
         [w.detach() for w in inputs.weights],

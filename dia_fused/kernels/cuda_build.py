@@ -79,6 +79,12 @@ def cell0_partials_floats(n: int, channels: int, hidden: int) -> int:
     )
 
 
+def cell0_saved_floats(n: int, channels: int, hidden: int) -> int:
+    """Floats of what the forward saves of cell 0 for the backward (csrc Cell0Saved): pooled
+    (N, C), u (2, N, R), gate pre-activations (N, 4C), in that order, one flat fp32 buffer."""
+    return n * (5 * channels + 2 * hidden)
+
+
 CXX_FLAGS = ["-O3"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 

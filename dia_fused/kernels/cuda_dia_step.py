@@ -13,9 +13,13 @@ without a GPU prints a warning). A failed build is remembered for the process, w
 Paths (chosen per call by shape, see `_fused_path`, unless the kernel settings force one):
   fused: one cell and C <= FUSED_MAX_CHANNELS: the forward is 1 kernel (one block per sample:
          pool -> cell 0 -> scale), the backward 2 (one block per sample, then the weight grads).
-  split: pool, cell-0 reduced linears, expansion + pointwise, scale (4 kernels); backward 7.
+  split: pool, cell-0 reduced linears, expansion + pointwise, scale (4 kernels); the backward:
+         grad attention, pointwise, d hidden, d inputs, weight grads, grad input.
          Stacked cells (num_cells > 1) run between cell 0 and the scale as fp32 ATen matmuls
          (stacked_cells_forward / stacked_cells_backward below).
+Both paths save what the backward reads of cell 0 in one fp32 buffer (`saved_shape`): the pooled
+mean, u and the gate pre-activations, so that the backward does not read every weight a second
+time to recompute them.
 """
 
 from __future__ import annotations
@@ -371,6 +375,19 @@ def _fused_path(path: str, x: Tensor, num_cells: int, hidden: int) -> bool:
     return fits and (n >= _sm_count(x.device) // 2 or channels * hw <= FUSED_SMALL_MAP)
 
 
+def saved_shape(x_shape: Sequence[int], weights: Sequence[Tensor]) -> Tuple[int]:
+    """Shape of what forward saves for backward (fp32, flat): csrc Cell0Saved, pooled (N, C),
+    u (2, N, R), gate pre-activations (N, 4C)."""
+    return (cuda_build.cell0_saved_floats(x_shape[0], x_shape[1], weights[0].shape[0]),)
+
+
+def _saved_pieces(saved: Tensor, n: int, channels: int, hidden: int) -> Tuple[Tensor, Tensor]:
+    """(pooled (N, C), gate pre-activations (N, 4C)) views of a Cell0Saved buffer."""
+    pooled = saved[: n * channels].view(n, channels)
+    gates = saved[n * (channels + 2 * hidden) :].view(n, 4 * channels)
+    return pooled, gates
+
+
 def forward(
     x: Tensor,
     h: Tensor,
@@ -382,7 +399,7 @@ def forward(
     dropout_masks: Optional[Tensor],
     settings: Optional[KernelSettings] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
+    """(out, h_new, c_new, saved) of one DIA step; out laid out like x, saved of `saved_shape`.
     `settings` default: current_settings()."""
     path = (settings or current_settings()).path
     ext = _extension_for(x)
@@ -393,11 +410,13 @@ def forward(
     w32 = [_f32(w) for w in weights]
     code = ACTIVATION_CODES[activation]
     h0, c0 = _f32(h[0]), _f32(c[0])
-    if _fused_path(path, x, num_cells, weights[0].shape[0]):
-        out, h_new, c_new, pooled = ext.forward_fused(x, h0, c0, w32[:8], identity, relu, code)
-        return out, h_new.unsqueeze(0), c_new.unsqueeze(0), pooled
-    pooled = ext.pool(x)
-    h_cell0, c_cell0 = ext.cell0_forward(pooled, h0, c0, w32[:8], code)
+    hidden = weights[0].shape[0]
+    if _fused_path(path, x, num_cells, hidden):
+        out, h_new, c_new, saved = ext.forward_fused(x, h0, c0, w32[:8], identity, relu, code)
+        return out, h_new.unsqueeze(0), c_new.unsqueeze(0), saved
+    saved = h0.new_empty(saved_shape(x.shape, weights))
+    ext.pool(x, _saved_pieces(saved, x.shape[0], x.shape[1], hidden)[0])
+    h_cell0, c_cell0 = ext.cell0_forward(saved, h0, c0, w32[:8], code)
     hs, cs = [h_cell0], [c_cell0]
     if num_cells > 1:
         stacked = stacked_cells_forward(
@@ -406,7 +425,7 @@ def forward(
         hs += stacked.h
         cs += stacked.c
     out = ext.scale_residual(x, hs[-1], identity, relu)
-    return out, torch.stack(hs), torch.stack(cs), pooled
+    return out, torch.stack(hs), torch.stack(cs), saved
 
 
 def backward(
@@ -415,7 +434,7 @@ def backward(
     grad_c_new: Optional[Tensor],
     x: Tensor,
     out: Tensor,
-    pooled: Tensor,
+    saved: Tensor,
     h: Tensor,
     c: Tensor,
     weights: Sequence[Tensor],
@@ -427,8 +446,8 @@ def backward(
 ) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor, List[Tensor]]:
     """(grad_x, grad_identity or None, grad_h, grad_c, fp32 grad_weights in weight order: the
     caller casts each to its weight's dtype, once).
-    grad_h_new / grad_c_new may be None (zero). Recomputes the LSTM from (pooled, h, c).
-    `settings` default: current_settings()."""
+    grad_h_new / grad_c_new may be None (zero). Cell 0 starts from the forward's `saved`; stacked
+    cells are recomputed from its new h. `settings` default: current_settings()."""
     path = (settings or current_settings()).path
     ext = _extension_for(x)
     x = layouts.canonical(x)  # as the forward saw it
@@ -443,19 +462,20 @@ def backward(
     gc0 = None if grad_c_new is None else grad_c_new[0]
     if _fused_path(path, x, num_cells, weights[0].shape[0]):
         grad_x, grad_identity, grad_h0, grad_c0, *grads = ext.backward_fused(
-            grad_out, gh0, gc0, x, out, pooled, h0, c0, w32[:8], identity_given, relu, code
+            grad_out, gh0, gc0, x, out, saved, h0, c0, w32[:8], identity_given, relu, code
         )
         grad_h, grad_c = grad_h0.unsqueeze(0), grad_c0.unsqueeze(0)
     else:
         grad_attention, grad_identity = ext.grad_attention(grad_out, x, out, relu, identity_given)
         if num_cells == 1:
             grad_pooled, grad_h0, grad_c0, attention, *grads = ext.cell0_backward(
-                pooled, h0, c0, w32[:8], gh0, grad_attention, gc0, code, hw
+                saved, h0, c0, w32[:8], gh0, grad_attention, gc0, code, hw
             )
             grad_h, grad_c = grad_h0.unsqueeze(0), grad_c0.unsqueeze(0)
         else:
             h32, c32, masks = _f32(h), _f32(c), _f32(dropout_masks)
-            h_cell0, _ = ext.cell0_forward(pooled, h0, c0, w32[:8], code)
+            gates = _saved_pieces(saved, x.shape[0], x.shape[1], weights[0].shape[0])[1]
+            h_cell0, _ = reference.lstm_pointwise(gates, c0, activation)
             stacked = stacked_cells_forward(h_cell0, h32, c32, w32[8:], activation, masks)
             attention = stacked.h[-1]
             grad_h_cell0, grad_h_rest, grad_c_rest, stacked_grads = stacked_cells_backward(
@@ -470,7 +490,7 @@ def backward(
                 grad_attention,
             )
             grad_pooled, grad_h0, grad_c0, _, *grads = ext.cell0_backward(
-                pooled, h0, c0, w32[:8], grad_h_cell0.contiguous(), None, gc0, code, hw
+                saved, h0, c0, w32[:8], grad_h_cell0.contiguous(), None, gc0, code, hw
             )
             grad_h = torch.stack([grad_h0] + grad_h_rest)
             grad_c = torch.stack([grad_c0] + grad_c_rest)

@@ -77,15 +77,15 @@ int emu_forward_fused(int kind, const int64_t* sizes, void* x, const int64_t* x_
                       void* identity, const int64_t* identity_strides, void* out,
                       const int64_t* out_strides, int hidden, const float* h0, const float* c0,
                       const float* const* w, int relu, int activation, float* h_new, float* c_new,
-                      float* pooled) {
+                      float* saved) {
   const FeatureMap xm = map_of(x, sizes, x_strides), im = map_of(identity, sizes, identity_strides);
   const FeatureMap om = map_of(out, sizes, out_strides);
   const FeatureMap maps[] = {xm, im, om};
   const MapLayout layout = choose_map_layout(sizes, xm, maps, 3, element_size(kind));
   return status(launch_fused_forward(static_cast<ScalarKind>(kind), layout, hidden, xm, im, om, h0,
                                      c0, weights_of(w), relu != 0,
-                                     static_cast<CellActivation>(activation), h_new, c_new, pooled,
-                                     nullptr));
+                                     static_cast<CellActivation>(activation), h_new, c_new,
+                                     cell0_saved(saved, sizes[0], sizes[1], hidden), nullptr));
 }
 
 int emu_pool(int kind, const int64_t* sizes, void* x, const int64_t* x_strides, float* pooled) {
@@ -97,12 +97,12 @@ int emu_pool(int kind, const int64_t* sizes, void* x, const int64_t* x_strides, 
                             nullptr));
 }
 
-int emu_cell0_forward(int n, int channels, int hidden, const float* pooled, const float* h0,
-                      const float* c0, const float* const* w, int activation, float* hidden_ws,
+int emu_cell0_forward(int n, int channels, int hidden, float* saved, const float* h0,
+                      const float* c0, const float* const* w, int activation, float* partials,
                       float* h_new, float* c_new) {
-  return status(launch_cell0_forward(n, channels, hidden, pooled, h0, c0, weights_of(w),
-                                     static_cast<CellActivation>(activation), hidden_ws, h_new,
-                                     c_new, nullptr));
+  return status(launch_cell0_forward(n, channels, hidden, cell0_saved(saved, n, channels, hidden),
+                                     h0, c0, weights_of(w), static_cast<CellActivation>(activation),
+                                     partials, h_new, c_new, nullptr));
 }
 
 int emu_scale_residual(int kind, const int64_t* sizes, void* x, const int64_t* x_strides,
@@ -120,9 +120,9 @@ int emu_backward_fused(int kind, const int64_t* sizes, void* grad_out, const int
                        void* x, const int64_t* x_strides, void* out, const int64_t* out_strides,
                        void* grad_x, const int64_t* gx_strides, void* grad_identity,
                        const int64_t* gi_strides, const float* grad_h_new, const float* grad_c_new,
-                       const float* pooled, const float* h0, const float* c0,
+                       float* saved, const float* h0, const float* c0,
                        const float* const* w, int hidden, int relu, int activation,
-                       float* grad_h0, float* grad_c0, float* const* grads, float* ws_hidden,
+                       float* grad_h0, float* grad_c0, float* const* grads,
                        float* ws_grad_hidden, float* ws_grad_gates, float* ws_hidden_partials) {
   const FeatureMap gom = map_of(grad_out, sizes, go_strides), xm = map_of(x, sizes, x_strides);
   const FeatureMap om = relu ? map_of(out, sizes, out_strides) : FeatureMap{nullptr, 0, 0, 0};
@@ -132,9 +132,9 @@ int emu_backward_fused(int kind, const int64_t* sizes, void* grad_out, const int
   const MapLayout layout = choose_map_layout(sizes, xm, maps, 5, element_size(kind));
   return status(launch_fused_backward(
       static_cast<ScalarKind>(kind), layout, hidden, gom, xm, om, gxm, gim, grad_h_new, grad_c_new,
-      pooled, h0, c0, weights_of(w), relu != 0, static_cast<CellActivation>(activation), grad_h0,
-      grad_c0, grads_of(grads),
-      Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
+      cell0_saved(saved, sizes[0], sizes[1], hidden), h0, c0, weights_of(w), relu != 0,
+      static_cast<CellActivation>(activation), grad_h0, grad_c0, grads_of(grads),
+      Cell0Workspace{nullptr, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_attention(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,
@@ -151,17 +151,17 @@ int emu_grad_attention(int kind, const int64_t* sizes, void* grad_out, const int
                                       relu != 0, grad_attention, partials.data(), nullptr));
 }
 
-int emu_cell0_backward(int n, int channels, int hidden, int hw, const float* pooled,
+int emu_cell0_backward(int n, int channels, int hidden, int hw, float* saved,
                        const float* h0, const float* c0, const float* const* w, int activation,
                        const float* grad_h_new, const float* grad_h_extra,
                        const float* grad_c_new, float* grad_pooled_over_hw, float* grad_h0,
-                       float* grad_c0, float* h_new, float* const* grads, float* ws_hidden,
+                       float* grad_c0, float* h_new, float* const* grads,
                        float* ws_grad_hidden, float* ws_grad_gates, float* ws_hidden_partials) {
   return status(launch_cell0_backward(
-      n, channels, hidden, hw, pooled, h0, c0, weights_of(w),
+      n, channels, hidden, hw, cell0_saved(saved, n, channels, hidden), h0, c0, weights_of(w),
       static_cast<CellActivation>(activation), grad_h_new, grad_h_extra, grad_c_new,
       grad_pooled_over_hw, grad_h0, grad_c0, h_new, grads_of(grads),
-      Cell0Workspace{ws_hidden, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
+      Cell0Workspace{nullptr, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_input(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,
