@@ -33,7 +33,12 @@ from dia_fused.kernels.cuda_build import (  # noqa: E402
     REDUCED_LINEAR_SPLIT_K,
 )
 from dia_fused import reference  # noqa: E402
-from dia_fused.kernels.triton.config import KernelSettings, LSTMConfig, MapConfig  # noqa: E402
+from dia_fused.kernels.triton.config import (  # noqa: E402
+    KernelSettings,
+    LSTMConfig,
+    MapConfig,
+    lstm_num_stages,
+)
 
 BENCHMARK_SHAPES = [
     (128, 64, 32, 32),
@@ -164,6 +169,7 @@ class _Program:
 
     loads: Counter = field(default_factory=Counter)
     stores: Counter = field(default_factory=Counter)
+    stages: int = TRITON_NUM_STAGES  # software-pipelining depth of its dot loops
     steps: int = 0
     loops: int = 0
     k_steps: int = 0
@@ -247,6 +253,7 @@ class _LSTMGeometry:
     split_k: int  # split path: the shortest split of a reduction (whole k-steps)
     split_ctas: int  # split path: a phase splits into as many parts as fit in this many CTAs
     spread: bool  # fused path: the backward's LSTM over column parts (host._spread_backward)
+    stages: int  # the LSTM kernels' num_stages (config.lstm_num_stages)
 
     def splits(self, reduction: int, ctas: int, split: bool) -> int:
         """host.split_k_launches: the splits of a reduction over a (tiles, parts) grid of `ctas`."""
@@ -296,15 +303,19 @@ def triton_lstm_geometry(step: Step, config: LSTMConfig, interpreted: bool) -> _
         split_k=_cdiv(config.split_k, bk) * bk,
         split_ctas=config.split_ctas,
         spread=spread,
+        stages=lstm_num_stages(step.cells),
     )
 
 
-def _scratch_size(step: Step, forward: bool, groups: int) -> int:
-    """host.ScratchLayout: `groups` relu(u) slots (forward column groups, spread backward parts)."""
+def _row_sizes(step: Step, groups: int) -> Dict[str, int]:
+    """Row lengths of host.SavedLayout ("saved"), the forward's relu(u) slots ("slots", `groups`
+    of them) and host.WorkLayout ("scratch")."""
     c, r, cells = step.c, step.r, step.cells
-    if forward:
-        return 2 * r * groups + 2 * c * (cells - 1)
-    return 2 * r + 2 * r * groups + 2 * c + 4 * c * cells + 2 * c * (cells - 1) + 4 * c * cells + c
+    return {
+        "saved": 2 * r + 2 * c + 2 * c * (cells - 1) + 4 * c * cells,
+        "slots": 2 * r * groups,
+        "scratch": 2 * r + 4 * c * cells + c,
+    }
 
 
 DIRECT, PARTIAL, FINISH = 0, 1, 2  # lstm_kernels.SplitK
@@ -334,7 +345,7 @@ def _cells_forward(
     u_parts,
     part,
     parts,
-    save,
+    ru_slot,
     do_u,
     do_gates,
     mode=DIRECT,
@@ -358,27 +369,34 @@ def _cells_forward(
                 if mode == DIRECT:
                     p.loads["wih1.bias"] += rc * 4
                     p.loads["whh1.bias"] += rc * 4
-            p.stores["partials" if mode == PARTIAL else "scratch"] += 2 * nr * rc * 4
+            if mode == PARTIAL:
+                p.stores["partials"] += 2 * nr * rc * 4
+                continue
+            p.stores["slots"] += 2 * nr * rc * 4
+            if ru_slot == 0:
+                p.stores["saved"] += 2 * nr * rc * 4
     if not do_gates:
         return
     for cell in range(s.cells):
         k = _split_length(r if cell == 0 else c, split, splits, g.bk)
         for col0 in range(part * g.bc, c, parts * g.bc):
             cc = min(g.bc, c - col0)
-            if save and cell == 0 and mode != PARTIAL:
+            if cell == 0 and mode != PARTIAL:
                 p.loads["pooled"] += nr * cc * 4
                 p.loads["h"] += nr * cc * es
-                p.stores["scratch"] += 2 * nr * cc * 4
+                p.stores["saved"] += 2 * nr * cc * 4
             if mode == FINISH:
                 for _gate in range(4):
                     _sum_partials(p, splits, nr, cc)
                     p.loads["wih2.bias"] += cc * 4
                     p.loads["whh2.bias"] += cc * 4
             else:  # _gate_tiles: A1, A2 once per k-step, the 4 gates' rows of W1 and W2
-                a2, ea2, w1, w2 = (
-                    ("scratch", 4, "wih2", "whh2") if cell == 0 else ("h", es, "stacked", "stacked")
+                a1, a2, ea2, w1, w2 = (
+                    ("slots", "slots", 4, "wih2", "whh2")
+                    if cell == 0
+                    else ("saved", "h", es, "stacked", "stacked")
                 )
-                p.loads["scratch"] += nr * k * 4
+                p.loads[a1] += nr * k * 4
                 p.loads[a2] += nr * k * ea2
                 p.loads[w1] += 4 * k * cc * 4
                 p.loads[w2] += 4 * k * cc * 4
@@ -391,19 +409,13 @@ def _cells_forward(
                 p.stores["partials"] += 4 * nr * cc * 4
                 continue
             p.loads["c"] += nr * cc * es
-            if not save:
-                p.stores["state"] += 2 * nr * cc * es
-            elif cell == s.cells - 1:
-                p.stores["attention"] += nr * cc * 4
-            if cell + 1 < s.cells:
+            p.stores["state"] += 2 * nr * cc * es
+            if cell + 1 < s.cells:  # the next cell's input and its h copy
                 if s.masks:
                     p.loads["masks"] += nr * cc * es
-                p.stores["scratch"] += nr * cc * 4
-                if save:
-                    p.loads["h"] += nr * cc * es
-                    p.stores["scratch"] += nr * cc * 4
-            if save:
-                p.stores["scratch"] += 4 * nr * cc * 4
+                p.loads["h"] += nr * cc * es
+                p.stores["saved"] += 2 * nr * cc * 4
+            p.stores["saved"] += 4 * nr * cc * 4  # the gates
 
 
 def _lstm_backward(
@@ -418,23 +430,21 @@ def _lstm_backward(
     split=0,
     splits=1,
 ):
-    """_lstm_backward_kernel; phase in fused, gates, recompute, reduced_grad, input_grad."""
+    """_lstm_backward_kernel; phase in fused, gates, reduced_grad, input_grad."""
     es, nr = 4, min(g.bn, s.n - tile * g.bn)
     c, r = s.c, s.r
-    gates = phase in ("fused", "gates", "recompute")
-    if gates:
-        do_u = phase != "gates"  # recompute: every column part computes all of u, into its slot
-        _cells_forward(p, s, g, tile, 0, 1, part, parts, True, do_u, True, mode, split, splits)
+    gates = phase in ("fused", "gates")
     for step in range(s.cells):
         cell = s.cells - 1 - step
-        pointwise = gates and mode != PARTIAL
-        for col0 in range(part * g.bc, c if pointwise else 0, parts * g.bc):
+        for col0 in range(part * g.bc, c if gates else 0, parts * g.bc):
             cc = min(g.bc, c - col0)
             if s.grad_state:
                 p.loads["grad_state"] += 2 * nr * cc * es
             p.loads["grad_a" if cell == s.cells - 1 else "scratch"] += nr * cc * 4
-            p.loads["scratch"] += 4 * nr * cc * 4
+            p.loads["saved"] += 4 * nr * cc * 4
             p.loads["c"] += nr * cc * es
+            if cell == s.cells - 1:
+                p.stores["attention"] += nr * cc * 4
             p.stores["scratch"] += 4 * nr * cc * 4
             p.stores["grad_c"] += nr * cc * es
         if cell > 0:
@@ -459,7 +469,7 @@ def _lstm_backward(
             if mode == PARTIAL:
                 p.stores["partials"] += 2 * nr * rc * 4
             else:
-                p.loads["scratch"] += 2 * nr * rc * 4
+                p.loads["saved"] += 2 * nr * rc * 4
                 p.stores["scratch"] += 2 * nr * rc * 4
         k = _split_length(r, split, splits, g.bk)
         for col0 in range(part * g.bc, c if phase in ("fused", "input_grad") else 0, parts * g.bc):
@@ -487,7 +497,7 @@ def _weight_grad(p: _Program, s: Step, g: _LSTMGeometry, job: int, tile: int):
         m_size, k_size = 4 * c, c
     i, j = divmod(tile, _cdiv(k_size, bk))
     mv, kv = min(bm, m_size - i * bm), min(bk, k_size - j * bk)
-    p.matmul("scratch", 4, "scratch", 4, mv, s.n, kv, (bm, bk, bn))
+    p.matmul("scratch", 4, "saved", 4, mv, s.n, kv, (bm, bk, bn))  # D from the backward, V saved
     p.stores["grad_w"] += mv * kv * 4
     if j == 0:
         p.loads["scratch"] += mv * s.n * 4
@@ -550,10 +560,12 @@ def _buffer_bytes(s: Step) -> Dict[str, int]:
 
 
 def _lstm_launch(
-    kernel, grid, programs, s: Step, scratch_bytes: int, gpu: GPU, partial_bytes: int = 0
+    kernel, grid, programs, s: Step, rows: Dict[str, int], gpu: GPU, partial_bytes: int = 0
 ) -> Launch:
+    """`rows`: _row_sizes, for the DRAM bytes of the saved, slots and scratch buffers."""
     launch, _ = _launch_of(kernel, grid, programs)
-    sizes = dict(_buffer_bytes(s), scratch=scratch_bytes, partials=partial_bytes)
+    sizes = dict(_buffer_bytes(s), partials=partial_bytes)
+    sizes.update({name: s.n * row * 4 for name, row in rows.items()})
     requested, stored = Counter(), Counter()
     for p in programs:
         requested.update(p.loads)
@@ -574,7 +586,7 @@ def _lstm_cta_us(p: "_Program", gpu: GPU) -> float:
     CTA without work costs its scheduling only."""
     if not (p.steps or p.k_steps):
         return EMPTY_CTA_US
-    pipelined = p.loops + (p.k_steps - p.loops) / (TRITON_NUM_STAGES - 1)
+    pipelined = p.loops + (p.k_steps - p.loops) / (p.stages - 1)
     return (p.steps + pipelined) * gpu.l2_latency_us + p.fma / gpu.fma_per_sm_per_us
 
 
@@ -602,9 +614,7 @@ def _map_launch(
     return launch
 
 
-def _phase_launches(
-    kernel, s, g, tiles, parts, reduction, width, scratch, program, gpu, split_k=None
-):
+def _phase_launches(kernel, s, g, tiles, parts, reduction, width, rows, program, gpu, split_k=None):
     """host.split_k_launches of one LSTM phase: DIRECT, or PARTIAL then FINISH (split_k, default
     the split path's flag); `program(p, tile, part, mode, split, splits)` walks one CTA."""
     splits = g.splits(reduction, tiles * parts, g.split if split_k is None else split_k)
@@ -618,12 +628,12 @@ def _phase_launches(
         for tile in range(tiles):
             for part in range(parts):
                 for split in range(grid_splits):
-                    p = _Program()
+                    p = _Program(stages=g.stages)
                     program(p, tile, part, mode, split, splits)
                     programs.append(p)
         partials = splits * s.n * width * 4
         launches.append(
-            _lstm_launch(kernel, (tiles, parts, grid_splits), programs, s, scratch, gpu, partials)
+            _lstm_launch(kernel, (tiles, parts, grid_splits), programs, s, rows, gpu, partials)
         )
     return launches
 
@@ -665,7 +675,7 @@ def triton_launches(
             )
         )
         launches += _sum_splits_launches(s, splits, gpu)
-        scratch = n * _scratch_size(s, True, g.groups) * 4
+        rows = _row_sizes(s, g.groups)
         if g.split:
             phases = [("reduced", r_parts, c, 2 * s.r), ("gates", c_parts, s.r, 4 * c)]
         else:
@@ -673,29 +683,16 @@ def triton_launches(
         for phase, parts, reduction, width in phases:
 
             def program(p, tile, part, mode, split, splits, phase=phase, parts=parts):
-                if phase == "fused":
-                    _cells_forward(p, s, g, tile, 0, 1, part, parts, False, True, True)
+                if phase == "fused":  # every column part computes u into its own slot
+                    _cells_forward(p, s, g, tile, 0, 1, part, parts, part, True, True)
                 else:
                     u = phase == "reduced"
                     _cells_forward(
-                        p,
-                        s,
-                        g,
-                        tile,
-                        part,
-                        parts,
-                        part,
-                        parts,
-                        False,
-                        u,
-                        not u,
-                        mode,
-                        split,
-                        splits,
+                        p, s, g, tile, part, parts, part, parts, 0, u, not u, mode, split, splits
                     )
 
             launches += _phase_launches(
-                "_lstm_forward_kernel", s, g, tiles, parts, reduction, width, scratch, program, gpu
+                "_lstm_forward_kernel", s, g, tiles, parts, reduction, width, rows, program, gpu
             )
         loads = maps * (2 if s.identity else 1) + hw_blocks * nc4
         launches.append(
@@ -729,39 +726,14 @@ def triton_launches(
         )
     )
     launches += _sum_splits_launches(s, splits, gpu)
-    scratch = n * _scratch_size(s, False, c_parts if g.spread else 1) * 4
+    rows = _row_sizes(s, g.groups)
     # (phase, parts, its reduction length, the row length of its partials, split-K)
-    if g.split:
-
-        def reduced(p, tile, part, mode, split, splits):
-            _cells_forward(
-                p,
-                s,
-                g,
-                tile,
-                part,
-                r_parts,
-                part,
-                r_parts,
-                False,
-                True,
-                False,
-                mode,
-                split,
-                splits,
-            )
-
-        launches += _phase_launches(
-            "_lstm_forward_kernel", s, g, tiles, r_parts, c, 2 * s.r, scratch, reduced, gpu
-        )
     gradients = [
         ("reduced_grad", r_parts, 4 * c, 2 * s.r, True),
         ("input_grad", c_parts, s.r, 2 * c, True),
     ]
-    if g.split:
-        phases = [("gates", c_parts, s.r, 4 * c, True)] + gradients
-    elif g.spread:
-        phases = [("recompute", c_parts, 0, 0, False)] + gradients
+    if g.split or g.spread:  # the gates' gradients from the saved gates: pointwise, no split
+        phases = [("gates", c_parts, 0, 0, False)] + gradients
     else:
         phases = [("fused", 1, 0, 0, False)]
     for phase, parts, reduction, width, split_k in phases:
@@ -777,7 +749,7 @@ def triton_launches(
             parts,
             reduction,
             width,
-            scratch,
+            rows,
             program,
             gpu,
             split_k,
@@ -789,7 +761,7 @@ def triton_launches(
             _weight_grad(p, s, g, job, tile)
             programs.append(p)
     wg_grid = (len(programs),)
-    launches.append(_lstm_launch("_weight_grad_kernel", wg_grid, programs, s, scratch, gpu))
+    launches.append(_lstm_launch("_weight_grad_kernel", wg_grid, programs, s, rows, gpu))
     z_loads = maps * (2 if (s.relu and not s.identity) else 1)
     gi_loads = z_loads + 2 * hw_blocks * nc4
     launches.append(

@@ -32,9 +32,9 @@ CANDIDATES = [
     "split_k=128",
     "split_ctas=264",  # split-K up to two waves
     "split_ctas=66",
-    "split_min=1000000000",  # the fused path for one cell too (its backward spread from C*C/r 3072)
+    "split_min=1000000000",  # the fused path for one cell too (its backward spread from C*C/r 4352)
     "split_min=1000000000,forward_groups=1",
-    "spread_min=1000000000",  # the fused backward as one program per sample tile at C = 128
+    "spread_min=1000000000",  # the fused backward as one program per sample tile at C = 144
     "split_min=1000000000,spread_min=1000000000",  # one program per sample tile everywhere
 ]
 # wider tiles, more programs per map, or no H*W split (min_ctas=0)

@@ -98,7 +98,7 @@ def test_backward_repacks_stacked_weights_changed_in_place_since_the_forward():
         2, 8, 2, 2, reduction=2, num_cells=2, dropout_p=0.5, device=DEVICE, seed=4
     )
     args = (inputs.h, inputs.c, inputs.weights)
-    out, h_new, _, pooled = host.forward(
+    out, h_new, _, saved = host.forward(
         inputs.x, *args, inputs.identity, True, "sigmoid", inputs.dropout_masks
     )
 
@@ -106,7 +106,7 @@ def test_backward_repacks_stacked_weights_changed_in_place_since_the_forward():
         grad_out = torch.ones_like(out)
         ones = torch.ones_like(h_new)
         grads = host.backward(
-            grad_out, ones, ones, inputs.x, out, pooled, *args, True, True, "sigmoid",
+            grad_out, ones, ones, inputs.x, out, saved, *args, True, True, "sigmoid",
             inputs.dropout_masks,
         )  # fmt: skip
         return grads[-1]
@@ -173,7 +173,7 @@ def test_opcheck_forward_and_backward_ops(num_cells):
     torch.library.opcheck(torch.ops.dia_fused.step_forward.default, args)
     detached = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]
     detached[3] = [w.detach() for w in inputs.weights]
-    out, h, c, pooled = ops.step_forward(*detached)
+    out, h, c, saved = ops.step_forward(*detached)
     for grad_h, grad_c in ((torch.randn_like(h), torch.randn_like(c)), (None, None)):
         bwd_args = (
             torch.randn_like(out),
@@ -181,7 +181,7 @@ def test_opcheck_forward_and_backward_ops(num_cells):
             grad_c,
             detached[0],
             out,
-            pooled,
+            saved,
             detached[1],
             detached[2],
             detached[3],
@@ -290,7 +290,7 @@ def test_one_step_is_three_launches_forward_and_four_backward(
         4, 24, 3, 3, reduction=4, device=DEVICE, channels_last=channels_last
     )
     with _recording_aten(launch_log):
-        out, h_new, c_new, pooled = triton_dia_step.forward(
+        out, h_new, c_new, saved = triton_dia_step.forward(
             *inputs.args(), inputs.identity, True, "sigmoid", None, settings
         )
     assert launch_log.kernels == FORWARD_KERNELS
@@ -303,7 +303,7 @@ def test_one_step_is_three_launches_forward_and_four_backward(
             None,
             inputs.x,
             out,
-            pooled,
+            saved,
             inputs.h,
             inputs.c,
             inputs.weights,
@@ -321,7 +321,7 @@ def test_one_step_is_three_launches_forward_and_four_backward(
 
 
 def test_custom_op_backward_adds_no_zero_fills_for_unused_outputs(monkeypatch):
-    # pooled never gets a gradient and the state often does not: they must reach the kernels as None
+    # saved never gets a gradient and the state often does not: they must reach the kernels as None
     from dia_fused.kernels.triton import host as triton_dia_step
 
     seen = {}
@@ -469,15 +469,15 @@ def test_default_map_tiles():
 
 def test_split_path_launches(monkeypatch, launch_log):
     # large one-cell steps: relu(u), then the gates, each spread over its chunks (forward 4
-    # launches); backward relu(u), gates + gradients, du, ds and dh0, then weights and input (7
-    # launches)
+    # launches); backward the gates' gradients from the saved gates, du, ds and dh0, then weights
+    # and input (6 launches)
     from dia_fused.kernels.triton import host as triton_dia_step
 
     settings = triton_dia_step.KernelSettings(
         lstm=triton_dia_step.LSTMConfig(split_min=0), map=triton_dia_step.current_settings().map
     )
     inputs = random_step_inputs(4, 16, 3, 3, reduction=4, device=DEVICE)  # K <= split_k
-    out, h_new, c_new, pooled = triton_dia_step.forward(
+    out, h_new, c_new, saved = triton_dia_step.forward(
         *inputs.args(), inputs.identity, True, "sigmoid", None, settings
     )
     assert launch_log.kernels == [
@@ -493,7 +493,7 @@ def test_split_path_launches(monkeypatch, launch_log):
         None,
         inputs.x,
         out,
-        pooled,
+        saved,
         inputs.h,
         inputs.c,
         inputs.weights,
@@ -503,9 +503,10 @@ def test_split_path_launches(monkeypatch, launch_log):
         None,
         settings,
     )
-    assert launch_log.kernels == ["_grad_attention_kernel", "_lstm_forward_kernel"] + [
-        "_lstm_backward_kernel"
-    ] * 3 + ["_weight_grad_kernel", "_grad_input_kernel"]
+    assert launch_log.kernels == ["_grad_attention_kernel"] + ["_lstm_backward_kernel"] * 3 + [
+        "_weight_grad_kernel",
+        "_grad_input_kernel",
+    ]
 
 
 @pytest.mark.parametrize("activation", reference.CELL_ACTIVATIONS)

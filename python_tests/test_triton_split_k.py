@@ -2,6 +2,10 @@
 launch adding the partial sums in split order): against float64 under the tolerance rule on odd
 shapes in both layouts, and deterministic (two runs, the same bits)."""
 
+import os
+import sys
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -85,8 +89,9 @@ def test_a_phase_splits_into_as_many_parts_as_fit_in_split_ctas():
 
 
 def spread_backward():
-    """The fused path with its backward spread over column parts (RECOMPUTE, then du split over K,
-    then d pooled and dh0): at C = 40, r = 2 three column parts, two R parts, du in 3 splits."""
+    """The fused path with its backward spread over column parts (the gates' gradients, then du
+    split over K, then d pooled and dh0): at C = 40, r = 2 three column parts, two R parts, du in 3
+    splits."""
     from dia_fused.kernels.triton import host
 
     return host.KernelSettings(
@@ -115,8 +120,8 @@ def test_spread_backward_matches_float64(n, c, h, w, r, dtype, channels_last):
 
 
 def test_spread_backward_launches_and_is_deterministic(monkeypatch):
-    """The forward stays one LSTM launch; the backward's LSTM is RECOMPUTE, du PARTIAL and FINISH,
-    d pooled / dh0 (no relu(u) launch), with the same bits on every run."""
+    """The forward stays one LSTM launch; the backward's LSTM is the gates' gradients (from the
+    saved gates), du PARTIAL and FINISH, d pooled / dh0, with the same bits on every run."""
     from dia_fused.kernels.triton import host
 
     launched = []
@@ -145,24 +150,35 @@ def test_spread_backward_launches_and_is_deterministic(monkeypatch):
         assert torch.equal(first[key], second[key]), key
 
 
-def test_the_default_plan_spreads_the_backward_from_c112_r4():
-    """By the traffic model the spread backward is faster at 128x128 (C * C/r = 4096) and slower
-    at 128x64 (1024) and 128x96 (2304); the split path starts at split_min."""
+def test_the_default_plan_spreads_the_backward_where_the_model_says_it_is_faster():
+    """spread_min sits where the traffic model's one-program and spread backward cross: at
+    128xCx16x16, r = 4, the default plan takes the faster of the two by bench/roofline.py for
+    every C from 64 to 152, and the split path from split_min on."""
     from dia_fused.kernels.triton import host
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench"))
+    import roofline
 
     settings = host.KernelSettings()
 
     def backward_phases(channels):
-        x = torch.empty(128, channels, 4, 4, device="meta")
+        x = torch.empty(128, channels, 16, 16, device="meta")
         plan = host.launch_plan(x, 1, channels // 4, settings)
         return [phase for phase, _, _ in plan.backward_lstm], plan.split
 
-    assert backward_phases(64) == ([host.Phase.FUSED], False)
-    assert backward_phases(96) == ([host.Phase.FUSED], False)
-    assert backward_phases(128) == (
-        [host.Phase.RECOMPUTE, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD],
-        False,
-    )
+    def predicted_us(channels, spread_min):
+        lstm = replace(settings.lstm, spread_min=spread_min)
+        row = roofline.row(
+            roofline.Step(128, channels, 16, 16), "triton", settings=replace(settings, lstm=lstm)
+        )
+        return row.forward_us + row.backward_us
+
+    for channels in (64, 96, 112, 128, 132, 144, 152):
+        phases, split = backward_phases(channels)
+        assert not split
+        spread_faster = predicted_us(channels, 1) < predicted_us(channels, 1 << 30)
+        spread = phases == [host.Phase.GATES, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD]
+        assert spread == spread_faster and (spread or phases == [host.Phase.FUSED]), channels
     assert backward_phases(256) == (
         [host.Phase.GATES, host.Phase.REDUCED_GRAD, host.Phase.INPUT_GRAD],
         True,

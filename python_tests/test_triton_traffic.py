@@ -139,7 +139,7 @@ def run_step(s: roofline.Step, settings: KernelSettings):
     identity = None if inputs.identity is None else inputs.identity.to(dtype)
     masks = inputs.dropout_masks if s.masks else None
     with counting() as forward:
-        out, h_new, c_new, pooled = host.forward(
+        out, h_new, c_new, saved = host.forward(
             x, inputs.h, inputs.c, inputs.weights, identity, s.relu, "sigmoid", masks, settings
         )
     grads = (torch.randn_like(h_new), torch.randn_like(c_new)) if s.grad_state else (None, None)
@@ -149,7 +149,7 @@ def run_step(s: roofline.Step, settings: KernelSettings):
             *grads,
             x,
             out,
-            pooled,
+            saved,
             inputs.h,
             inputs.c,
             inputs.weights,

@@ -16,6 +16,13 @@ from ... import settings as env
 DOT_PRECISIONS = ("ieee", "tf32x3", "tf32")
 
 
+def lstm_num_stages(num_cells: int) -> int:
+    """Software-pipelining depth of the LSTM kernels: Triton's default 3, 2 with stacked cells,
+    whose forward keeps more tiles live (the saved copies) and at 3 stages spills on sm_80
+    (python_tests/test_triton_compile.py)."""
+    return 3 if num_cells == 1 else 2
+
+
 @dataclass(frozen=True)
 class MapConfig:
     """Tiles of the feature-map kernels (pool, scale, grad attention, grad input): at most `tile`
@@ -65,10 +72,10 @@ class LSTMConfig:
     split_min: int = 6144
     # one-cell fused-path steps with C * C/r at least this run the backward's LSTM as 3-4
     # launches over (sample tiles x column or reduced-width parts) instead of one program per
-    # sample tile: recomputed gates and their gradients (each part recomputing the reduced paths
-    # for itself), du (split-K), d pooled and dh0; by bench/roofline.py faster from C = 112 at
-    # r = 4 (C * C/r = 3136: 78.1 vs 79.4 us at 128x112x16x16), slower at C = 96 (2304)
-    spread_min: int = 3072
+    # sample tile: the gates' gradients, du (split-K), d pooled and dh0; by bench/roofline.py
+    # (the gates saved by the forward) faster from C = 132 at r = 4 (C * C/r = 4356: 128x132x16x16
+    # 83.7 vs 86.9 us), slower at C = 128 (4096: 83.1 vs 81.3 us at 128x128x16x16)
+    spread_min: int = 4352
     # split path: a phase whose grid has fewer than split_ctas programs (one wave of an H100's 132
     # SMs) splits its reduction into as many parts as fit in that many, none shorter than split_k
     # (rounded up to whole k-steps): bench/roofline.py

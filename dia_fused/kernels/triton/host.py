@@ -4,33 +4,35 @@
 Launches per step on the fused path (any number of stacked cells; N, C, H*W of any size):
 
     forward   1. pool            s = mean_HW x                            reads x once
-              2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples
+              2. LSTM cells      gates -> (h_new, c_new), one program per BLOCK_N samples;
+                                 saves relu(u) and the gates for the backward (SavedLayout)
               3. scale epilogue  out = relu?(x * a + identity)            reads x (+ identity) once,
                                  last-pooled rows first (L2)
     backward  1. grad attention  da = sum_HW z * x, writes d_identity = z reads grad_out, x (+ out)
-              2. LSTM backward   recomputes the gates, then dgates, ds, dh, dc per sample tile
+              2. LSTM backward   from the saved gates: dgates, ds, dh, dc per sample tile
               3. weight grads    dW = D^T V over all samples (one program per output tile:
                                  deterministic, no atomics), biases = column sums of D
               4. grad input      dx = z * a + ds / HW                     reads d_identity (= z),
                                  else grad_out (+ out), in the reverse of 1.'s order (L2)
 
 That is the fused path (small and CIFAR-sized units, and every stacked-cell unit). One-cell units
-from C * C/r = LSTMConfig.spread_min (3072: C >= 112 at r = 4) keep its forward and spread the
-backward's LSTM (2.) over (sample tiles x column or reduced-width parts): the gates and their
-gradients with relu(u) recomputed by each column part, du (split over K), ds and dh0 (3-4
-launches where one program per sample tile would do all of it serially). One-cell units
-with C * C/r >= LSTMConfig.split_min (6144 by default: C >= 160 at r = 4) take the split path,
-where each LSTM phase is its own launch spread over GEMM-like grids (sample tiles x reduced-width or
-channel chunks): forward pool, relu(u), gates, scale (4); backward grad attention, relu(u), gates
-and their gradients, du, ds and dh0, weight grads, grad input (7). One program per sample tile would
-run all of a large unit's matmuls on a handful of SMs.
+from C * C/r = LSTMConfig.spread_min (4352: C >= 132 at r = 4) keep its forward and spread the
+backward's LSTM (2.) over (sample tiles x column or reduced-width parts): the gates' gradients,
+du (split over K), ds and dh0 (3-4 launches where one program per sample tile would do all of it
+serially). One-cell units with C * C/r >= LSTMConfig.split_min (6144 by default: C >= 160 at
+r = 4) take the split path, where each LSTM phase is its own launch spread over GEMM-like grids
+(sample tiles x reduced-width or channel chunks): forward pool, relu(u), gates, scale (4);
+backward grad attention, the gates' gradients, du, ds and dh0, weight grads, grad input (6). One
+program per sample tile would run all of a large unit's matmuls on a handful of SMs. Neither
+backward recomputes relu(u) or the gates: the forward saves them.
 
 The small LSTM runs in fp32 whatever the input dtype (the recurrent state is fp32 for fp32 and half
 inputs); its matmuls use `tl.dot` with IEEE fp32 precision (no TF32), so the numbers follow the
 fp32 reference. The LSTM kernels walk through the cells in phases that exchange (BLOCK_N, K)
-operands through an fp32 workspace (`scratch`, one row per sample, layout in `ScratchLayout`),
-separated by CTA barriers. Maps dense in NCHW or channels_last are addressed in place through
-their strides; other strided maps (slices, permutations) are copied once (kernels/layouts.py).
+operands through fp32 buffers of one row per sample (the forward's `saved`, layout in
+`SavedLayout`, and the backward's `scratch`, in `WorkLayout`), separated by CTA barriers. Maps
+dense in NCHW or channels_last are addressed in place through their strides; other strided maps
+(slices, permutations) are copied once (kernels/layouts.py).
 Stacked cells add one launch that packs their weights into one fp32 buffer.
 
 Runs on CUDA tensors, and on CPU tensors when the kernels were defined under TRITON_INTERPRET=1
@@ -51,7 +53,7 @@ from ... import reference
 from .. import SUPPORTED_DTYPES, SettingsOverride, layouts
 from ..cuda_build import ACTIVATION_CODES
 from . import config as settings_of
-from .config import KernelSettings, LSTMConfig, MapConfig
+from .config import KernelSettings, LSTMConfig, MapConfig, lstm_num_stages
 from .lstm_kernels import (
     STACKED_CELL_JOBS,
     Phase,
@@ -199,52 +201,49 @@ class LSTMBlocks:
 
 
 @dataclass(frozen=True)
-class ScratchLayout:
-    """Columns of the (N, size) fp32 workspace of the LSTM kernels (one row per sample). The
-    backward keeps, per sample, the D (output-gradient) and V (input) operands of every weight
-    gradient dW = D^T V, read by _weight_grad_kernel:
+class SavedLayout:
+    """Columns of the (N, size) fp32 buffer the forward saves for the backward (one row per
+    sample): what the backward would otherwise recompute from the weights, and the V (input)
+    operands of every weight gradient dW = D^T V, read by _weight_grad_kernel:
 
-        du    du_ih | du_hh                  (R each)   D of wih1 | whh1
-        ru    relu(u_ih) | relu(u_hh)        (R each)   V of wih2 | whh2 (slot 0; the spread
-                                                        backward's column parts: a slot each)
+        ru    relu(u_ih) | relu(u_hh)        (R each)   V of wih2 | whh2
         v0    pooled | h[0]                  (C each)   V of wih1 | whh1
-        dgates  cell 0 .. L-1                (4C each)  D of wih2, whh2 (cell 0), wih_l, whh_l
         vs    cell 1 .. L-1: input | h[l]    (C each)   V of wih_l | whh_l
-        gates cell 0 .. L-1                  (4C each)  pre-activations, recomputed
-        carry                                (C)        d(input of cell l) flowing into cell l-1
-    The forward needs only ru and the inputs of the stacked cells."""
+        gates cell 0 .. L-1                  (4C each)  pre-activations"""
 
-    du: int = 0
-    ru: int = 0
-    v0: int = 0
-    dgates: int = 0
-    vs: int = 0
-    gates: int = 0
-    carry: int = 0
-    size: int = 0
+    ru: int
+    v0: int
+    vs: int
+    gates: int
+    size: int
 
     @staticmethod
-    def forward(channels: int, hidden: int, num_cells: int, groups: int) -> "ScratchLayout":
-        ru_size = 2 * hidden * groups  # one slot per column group
-        return ScratchLayout(ru=0, vs=ru_size, size=ru_size + 2 * channels * (num_cells - 1))
-
-    @staticmethod
-    def backward(channels: int, hidden: int, num_cells: int, slots: int) -> "ScratchLayout":
-        ru, v0 = 2 * hidden, 2 * hidden + 2 * hidden * slots
-        dgates = v0 + 2 * channels
-        vs = dgates + 4 * channels * num_cells
+    def of(channels: int, hidden: int, num_cells: int) -> "SavedLayout":
+        v0 = 2 * hidden
+        vs = v0 + 2 * channels
         gates = vs + 2 * channels * (num_cells - 1)
-        carry = gates + 4 * channels * num_cells
-        return ScratchLayout(
-            du=0,
-            ru=ru,
-            v0=v0,
-            dgates=dgates,
-            vs=vs,
-            gates=gates,
-            carry=carry,
-            size=carry + channels,
-        )
+        return SavedLayout(ru=0, v0=v0, vs=vs, gates=gates, size=gates + 4 * channels * num_cells)
+
+
+@dataclass(frozen=True)
+class WorkLayout:
+    """Columns of the backward's (N, size) fp32 workspace: the D (output-gradient) operands of
+    the weight gradients, and what flows between cells:
+
+        du      du_ih | du_hh                (R each)   D of wih1 | whh1
+        dgates  cell 0 .. L-1                (4C each)  D of wih2, whh2 (cell 0), wih_l, whh_l
+        carry                                (C)        d(input of cell l) flowing into cell l-1"""
+
+    du: int
+    dgates: int
+    carry: int
+    size: int
+
+    @staticmethod
+    def of(channels: int, hidden: int, num_cells: int) -> "WorkLayout":
+        dgates = 2 * hidden
+        carry = dgates + 4 * channels * num_cells
+        return WorkLayout(du=0, dgates=dgates, carry=carry, size=carry + channels)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -457,26 +456,27 @@ stacked_packs = StackedPacks()
 
 
 def _lstm_operands(
-    pooled: Tensor,
+    dummy: Tensor,
     h: Tensor,
     c: Tensor,
     weights: Sequence[Tensor],
     dropout_masks: Optional[Tensor],
     backward: bool,
 ):
-    """Kernel operands of the LSTM kernels: contiguous state, the 8 cell-0 tensors, the stacked
-    cells packed into one fp32 buffer (only when there are stacked cells: the forward packs, its
-    backward reuses that pack, see StackedPacks) and the masks."""
+    """Kernel operands both LSTM kernels start with: contiguous state, the 8 cell-0 tensors, the
+    stacked cells packed into one fp32 buffer (only when there are stacked cells: the forward
+    packs, its backward reuses that pack, see StackedPacks) and the masks; `dummy` (never read)
+    stands in for an absent pack or masks."""
     cell0 = [w.contiguous() for w in weights[: reference.CELL0_WEIGHTS]]
     stacked = weights[reference.CELL0_WEIGHTS :]
     if not stacked:
-        packed = pooled
+        packed = dummy
     elif backward:
         packed = stacked_packs.for_backward(stacked)
     else:
         packed = stacked_packs.for_forward(stacked)
-    masks = dropout_masks.contiguous() if dropout_masks is not None else pooled
-    return [pooled, h.contiguous(), c.contiguous(), *cell0, packed, masks]
+    masks = dropout_masks.contiguous() if dropout_masks is not None else dummy
+    return [h.contiguous(), c.contiguous(), *cell0, packed, masks]
 
 
 @dataclass(frozen=True)
@@ -494,12 +494,12 @@ class LaunchPlan:
     hw_splits: int  # H*W splits of the reducing map kernels (hw_split_plan)
     hw_per_split: int  # positions of H*W per split
     forward_lstm: tuple  # _lstm_launches of the forward's LSTM phases
-    backward_relu: tuple  # the backward's relu(u) recompute (split path: the forward kernel's)
     backward_lstm: tuple  # _lstm_launches of the backward's LSTM phases
     forward_partials: int  # _partials_size of the forward
     backward_partials: int  # _partials_size of the backward
-    forward_layout: ScratchLayout
-    backward_layout: ScratchLayout
+    saved_layout: SavedLayout
+    work_layout: WorkLayout
+    slots: int  # row length of the forward's relu(u) slots: 2R per column group
     weight_grad_blocks: Tuple[int, int, int]  # weight_grad_blocks
     weight_grad_tiles: int  # programs of _weight_grad_kernel
     x_strides: Optional[Tuple[int, ...]]  # x.stride() where x was canonical (else None)
@@ -555,19 +555,15 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         config,
         True,
     )
-    spread = _spread_backward(channels, hidden, num_cells, config)  # never with `split`
-    if split:
-        gates = (Phase.GATES, c_parts, hidden, 4 * channels)
-        backward_lstm = _lstm_launches([gates], tiles, config, True) + gradients
-    elif spread:  # no relu(u) launch: each column part recomputes it
-        gates = (Phase.RECOMPUTE, c_parts, 0, 0)
-        backward_lstm = _lstm_launches([gates], tiles, config, False) + gradients
+    if split or _spread_backward(channels, hidden, num_cells, config):
+        # the gates' gradients from the saved gates (pointwise: no reduction to split)
+        gates = _lstm_launches([(Phase.GATES, c_parts, 0, 0)], tiles, config, False)
+        backward_lstm = gates + gradients
     else:
         backward_lstm = _lstm_launches([(Phase.FUSED, 1, 0, 0)], tiles, config, False)
     forward_lstm = _lstm_launches(
         forward_phases if split else [(Phase.FUSED, groups, 0, 0)], tiles, config, split
     )
-    backward_relu = _lstm_launches([reduced] if split else [], tiles, config, True)
     wg_blocks = weight_grad_blocks(channels, hidden, num_cells, config)
     canonical = layouts.canonical(x)
     return LaunchPlan(
@@ -580,12 +576,12 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
         hw_splits,
         hw_per_split,
         forward_lstm,
-        backward_relu,
         backward_lstm,
         _partials_size(forward_lstm, n),
-        _partials_size(backward_relu + backward_lstm, n),
-        ScratchLayout.forward(channels, hidden, num_cells, groups),
-        ScratchLayout.backward(channels, hidden, num_cells, c_parts if spread else 1),
+        _partials_size(backward_lstm, n),
+        SavedLayout.of(channels, hidden, num_cells),
+        WorkLayout.of(channels, hidden, num_cells),
+        2 * hidden * groups,
         wg_blocks,
         weight_grad_tiles(channels, hidden, num_cells, *wg_blocks[:2]),
         x.stride() if canonical.stride() == x.stride() else None,
@@ -595,22 +591,23 @@ def launch_plan(x: Tensor, num_cells: int, hidden: int, settings: KernelSettings
 
 
 def _lstm_options(num_cells, activation, dropout_masks, settings, blocks) -> dict:
-    """The constexprs both LSTM kernels take, but PHASE and MODE."""
+    """The constexprs (and launch options) both LSTM kernels take, but PHASE and MODE."""
     return dict(
         NUM_CELLS=num_cells,
         ACTIVATION=ACTIVATION_CODES[activation],
         HAS_MASKS=dropout_masks is not None,
         DOT_PRECISION=settings.dot_precision,
+        num_stages=lstm_num_stages(num_cells),
         **blocks.kwargs(),
     )
 
 
 def _forward_phases(
-    launches, operands, h_new, c_new, scratch, partials, sizes, layout, options
+    launches, operands, h_new, c_new, saved, slots, partials, sizes, layout, options
 ) -> None:
     """Launches _lstm_forward_kernel for each (phase, partials row length, split-K launches) of
-    `launches` (LaunchPlan.forward_lstm or backward_relu); `sizes` (N, C, R), `options` the
-    kernel's constexprs but PHASE and MODE."""
+    `launches` (LaunchPlan.forward_lstm); `sizes` (N, C, R), `options` the kernel's constexprs
+    but PHASE and MODE."""
     n, channels, hidden = sizes
     for phase, width, phase_launches in launches:
         for mode, grid, splits in phase_launches:
@@ -618,7 +615,8 @@ def _forward_phases(
                 *operands,
                 h_new,
                 c_new,
-                scratch,
+                saved,
+                slots,
                 partials,
                 width,
                 splits,
@@ -626,6 +624,7 @@ def _forward_phases(
                 channels,
                 hidden,
                 layout.size,
+                slots.shape[1],
                 layout.ru,
                 layout.v0,
                 layout.vs,
@@ -637,8 +636,9 @@ def _forward_phases(
 
 
 def saved_shape(x_shape: Sequence[int], weights: Sequence[Tensor]) -> Tuple[int, int]:
-    """Shape of what forward saves for backward (fp32): the pooled mean (N, C)."""
-    return (x_shape[0], x_shape[1])
+    """Shape of what forward saves for backward (fp32, SavedLayout): (N, its row length)."""
+    num_cells = reference.num_cells_of(weights)
+    return (x_shape[0], SavedLayout.of(x_shape[1], weights[0].shape[0], num_cells).size)
 
 
 def forward(
@@ -653,7 +653,7 @@ def forward(
     settings: Optional[KernelSettings] = None,
     launch: Optional[LaunchPlan] = None,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(out, h_new, c_new, pooled) of one DIA step; out laid out like x, pooled (N, C) fp32.
+    """(out, h_new, c_new, saved) of one DIA step; out laid out like x, saved of `saved_shape`.
     `settings` default: current_settings(); `launch` (made with them) default: launch_plan()."""
     if launch is None:
         launch = launch_plan(x, h.shape[0], weights[0].shape[0], settings or current_settings())
@@ -663,12 +663,14 @@ def forward(
     identity = None if identity is None else layouts.canonical(identity)
     n, channels, height, width = x.shape
     hw, num_cells, hidden = height * width, h.shape[0], weights[0].shape[0]
-    pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
+    layout = launch.saved_layout
+    saved = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
     h_new = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     c_new = torch.empty(c.shape, device=c.device, dtype=c.dtype)
     out = _like_x(x)
     if n == 0:
-        return out, h_new, c_new, pooled
+        return out, h_new, c_new, saved
+    pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
     block_c, block_hw = launch.block_c, launch.block_hw
     hw_splits, hw_per_split = launch.hw_splits, launch.hw_per_split
     pool_out = _split_sums(hw_splits, n, channels, pooled)
@@ -686,14 +688,13 @@ def forward(
         num_warps=map_config.num_warps,
     )
     _finish_split_sums(pool_out, pooled, hw_splits, 1.0 / hw)
-    layout = launch.forward_layout
-    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
-    operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=False)
+    slots = torch.empty((n, launch.slots), device=x.device, dtype=torch.float32)
+    operands = [pooled, *_lstm_operands(pooled, h, c, weights, dropout_masks, backward=False)]
     partials = _partials(launch.forward_partials, pooled)
     options = launch.options(num_cells, activation, dropout_masks)
     sizes = (n, channels, hidden)
     _forward_phases(
-        launch.forward_lstm, operands, h_new, c_new, scratch, partials, sizes, layout, options
+        launch.forward_lstm, operands, h_new, c_new, saved, slots, partials, sizes, layout, options
     )
     idt = identity if identity is not None else x
     grid = _elementwise_grid(n, channels, hw, block_c, block_hw)
@@ -713,7 +714,7 @@ def forward(
         BLOCK_HW=block_hw,
         num_warps=map_config.num_warps,
     )
-    return out, h_new, c_new, pooled
+    return out, h_new, c_new, saved
 
 
 def backward(
@@ -722,7 +723,7 @@ def backward(
     grad_c_new: Optional[Tensor],
     x: Tensor,
     out: Tensor,
-    pooled: Tensor,
+    saved: Tensor,
     h: Tensor,
     c: Tensor,
     weights: Sequence[Tensor],
@@ -749,8 +750,8 @@ def backward(
     grad_h = torch.empty(h.shape, device=h.device, dtype=h.dtype)
     grad_c = torch.empty(c.shape, device=c.device, dtype=c.dtype)
     grad_weights = torch.empty(launch.weight_numel, device=x.device, dtype=torch.float32)
-    layout = launch.backward_layout
-    scratch = torch.empty((n, layout.size), device=x.device, dtype=torch.float32)
+    layout, work = launch.saved_layout, launch.work_layout
+    scratch = torch.empty((n, work.size), device=x.device, dtype=torch.float32)
     block_c, block_hw = launch.block_c, launch.block_hw
     if n:
         grad_a = torch.empty((n, channels), device=x.device, dtype=torch.float32)
@@ -776,26 +777,14 @@ def backward(
         _finish_split_sums(grad_a_out, grad_a, hw_splits, 1.0)
         grad_pooled = torch.empty((n, channels), device=x.device, dtype=torch.float32)
         attention = torch.empty((n, channels), device=x.device, dtype=torch.float32)
-        operands = _lstm_operands(pooled, h, c, weights, dropout_masks, backward=True)
+        operands = _lstm_operands(saved, h, c, weights, dropout_masks, backward=True)
         options = launch.options(num_cells, activation, dropout_masks)
         partials = _partials(launch.backward_partials, grad_a)
-        # on the split path relu(u) first, by the forward kernel's phase (h', c' outputs unused)
-        sizes = (n, channels, hidden)
-        _forward_phases(
-            launch.backward_relu,
-            operands,
-            grad_a,
-            grad_a,
-            scratch,
-            partials,
-            sizes,
-            layout,
-            options,
-        )
         for phase, width, phase_launches in launch.backward_lstm:
             for mode, grid, splits in phase_launches:
                 _lstm_backward_kernel[grid](
                     *operands,
+                    saved,
                     scratch,
                     partials,
                     width,
@@ -811,13 +800,12 @@ def backward(
                     channels,
                     hidden,
                     layout.size,
+                    work.size,
                     layout.ru,
-                    layout.v0,
-                    layout.vs,
                     layout.gates,
-                    layout.du,
-                    layout.dgates,
-                    layout.carry,
+                    work.du,
+                    work.dgates,
+                    work.carry,
                     HAS_GRAD_H=grad_h_new is not None,
                     HAS_GRAD_C=grad_c_new is not None,
                     PHASE=phase,
@@ -827,17 +815,19 @@ def backward(
     # over an empty batch this writes zeros: the gradient of a sum over no samples
     wg_m, wg_k, wg_n = launch.weight_grad_blocks
     _weight_grad_kernel[(launch.weight_grad_tiles,)](
+        saved,
         scratch,
         grad_weights,
         n,
         channels,
         hidden,
         layout.size,
+        work.size,
         layout.ru,
         layout.v0,
         layout.vs,
-        layout.du,
-        layout.dgates,
+        work.du,
+        work.dgates,
         BLOCK_M=wg_m,
         BLOCK_K=wg_k,
         BLOCK_N=wg_n,

@@ -1,8 +1,10 @@
 """Triton kernels of the DIA step's small LSTM on (N, C) tensors: the cells forward (fused, or the
 split path's phases), their backward, and the weight gradients. Matmuls run in fp32 with
 `tl.dot` at the precision the host passes (DOT_PRECISION: "ieee" by default, so the numbers follow
-the fp32 reference, docs/design.md §4). Phases exchange (BLOCK_N, K) operands through an fp32
-workspace (`scratch`, one row per sample, layout in host.ScratchLayout), separated by CTA barriers.
+the fp32 reference, docs/design.md §4). Phases exchange (BLOCK_N, K) operands through fp32
+buffers of one row per sample, separated by CTA barriers: the forward writes what the backward
+reads into `saved` (host.SavedLayout: relu(u), the gates, the weight gradients' V operands), the
+backward its gradients into `scratch` (host.WorkLayout).
 """
 
 from __future__ import annotations
@@ -17,12 +19,9 @@ class Phase:
 
     FUSED = 0  # forward: grid (tiles, column groups); backward: grid (tiles,)
     REDUCED = 1  # forward kernel, grid (tiles, R parts): relu(u) only
-    GATES = 2  # grid (tiles, column parts): gates (forward) or gates and their gradients (backward)
+    GATES = 2  # grid (tiles, column parts): the gates (forward) or their gradients (backward)
     REDUCED_GRAD = 3  # backward kernel, grid (tiles, R parts): du
     INPUT_GRAD = 4  # backward kernel, grid (tiles, column parts): d pooled, dh0
-    # backward kernel, grid (tiles, column parts): GATES with relu(u) recomputed by each part into
-    # its own slot (the fused path's spread backward: no launch for relu(u))
-    RECOMPUTE = 5
 
 
 # the same values as compile-time constants for the kernels
@@ -31,7 +30,6 @@ PHASE_REDUCED = tl.constexpr(Phase.REDUCED)
 PHASE_GATES = tl.constexpr(Phase.GATES)
 PHASE_REDUCED_GRAD = tl.constexpr(Phase.REDUCED_GRAD)
 PHASE_INPUT_GRAD = tl.constexpr(Phase.INPUT_GRAD)
-PHASE_RECOMPUTE = tl.constexpr(Phase.RECOMPUTE)
 
 
 class SplitK:
@@ -290,8 +288,8 @@ def _cells_forward_tile(
     u_parts,  # this program computes reduced-width chunks u_part, u_part + u_parts, ... (if DO_U)
     gate_part,
     gate_parts,  # and gate column chunks gate_part, gate_part + gate_parts, ... (if DO_GATES)
-    ru_slot,  # scratch slot of relu(u): the fused forward's column parts each recompute u into
-    # their own
+    ru_slot,  # slot of relu(u) in `slots_ptr`: the fused forward's column parts each compute u
+    # into their own; slot 0's is also saved
     split,
     splits,  # split-K: this program reduces part `split` of `splits` of K (MODE PARTIAL)
     partial_ptr,  # (splits, N, P) fp32 split-K partials of this launch's phase (MODE != DIRECT)
@@ -311,21 +309,21 @@ def _cells_forward_tile(
     # stacked cell
     masks_ptr,  # (L-1, N, C) dropout keep-masks (scaled) between cells, read if HAS_MASKS
     h_new_ptr,
-    c_new_ptr,  # (L, N, C) out, state dtype; if SAVE: h_new_ptr is the (N, C) fp32 attention
-    scratch_ptr,  # (N, S) fp32 workspace
+    c_new_ptr,  # (L, N, C) out, state dtype
+    saved_ptr,  # (N, S) fp32 out: what the backward reads (host.SavedLayout), one row per sample
+    slots_ptr,  # (N, SLOTS) fp32 workspace: relu(u_ih) (R), relu(u_hh) (R) per slot
     N,
     C,
     R,
-    S,  # samples, channels, reduced width C/r, scratch row length
-    off_ru,  # scratch column of relu(u_ih) (R) followed by relu(u_hh) (R); slot k at + 2R k
-    off_v0,  # scratch column of the pooled copy (C) and the h[0] copy (C): written if SAVE
-    off_vs,  # scratch column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
-    off_gates,  # scratch column of cell 0's pre-activation gates (4C); cell l at + 4C l: written
-    # if SAVE
+    S,  # samples, channels, reduced width C/r, saved row length
+    SLOTS,  # slots row length
+    off_ru,  # saved column of relu(u_ih) (R) followed by relu(u_hh) (R)
+    off_v0,  # saved column of the pooled copy (C) and the h[0] copy (C)
+    off_vs,  # saved column of stacked cell 1's [input (C), h copy (C)]; cell l at + 2C (l-1)
+    off_gates,  # saved column of cell 0's pre-activation gates (4C); cell l at + 4C l
     NUM_CELLS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_MASKS: tl.constexpr,
-    SAVE: tl.constexpr,
     DO_U: tl.constexpr,
     DO_GATES: tl.constexpr,
     MODE: tl.constexpr,  # DIRECT, or split-K PARTIAL / FINISH (one cell, one of DO_U, DO_GATES)
@@ -336,14 +334,17 @@ def _cells_forward_tile(
     BLOCK_KG: tl.constexpr,  # reduction step of the gate matmuls (divides BLOCK_K)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
-    """The stacked LSTM step for BLOCK_N samples; SAVE keeps in scratch what the backward needs.
-    DO_U / DO_GATES select the phases (both: the fused step; one: a launch of the split path).
+    """The stacked LSTM step for BLOCK_N samples, keeping in `saved` what the backward reads
+    (relu(u), the weight gradients' V operands, every cell's gates): the backward recomputes none
+    of it. DO_U / DO_GATES select the phases (both: the fused step; one: a launch of the split
+    path).
     MODE PARTIAL computes only this split's part of the phase's matmuls into `partial_ptr`; MODE
     FINISH sums those parts in split order and runs the rest of the phase (biases onwards)."""
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    scratch_rows = scratch_ptr + rows[:, None] * S
-    off_ru = off_ru + ru_slot * 2 * R
+    saved_rows = saved_ptr + rows[:, None] * S
+    slot_ptr = slots_ptr + ru_slot * 2 * R  # this program's relu(u): (rows, 2R) of stride SLOTS
+    slot_rows = slot_ptr + rows[:, None] * SLOTS
     if DO_U:  # cell 0's reduced paths: relu(W1 v + b1) for v = pooled (ih) and v = h[0] (hh)
         k_begin, k_end = _split_range(C, split, splits, BLOCK_K)
         for r0 in range(u_part * BLOCK_R, R, u_parts * BLOCK_R):
@@ -384,20 +385,26 @@ def _cells_forward_tile(
                 _store_partial(partial_ptr, P, N, split, rows, row_mask, rs, r_mask, u_ih)
                 _store_partial(partial_ptr, P, N, split, rows, row_mask, R + rs, r_mask, u_hh)
             else:
-                tl.store(scratch_rows + off_ru + rs[None, :], _relu(u_ih), mask=rr_mask)
-                tl.store(scratch_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=rr_mask)
+                tl.store(slot_rows + rs[None, :], _relu(u_ih), mask=rr_mask)
+                tl.store(slot_rows + R + rs[None, :], _relu(u_hh), mask=rr_mask)
+                # one copy saved, slot 0's (a mask, not a branch: fewer registers on sm_80)
+                saved_mask = rr_mask & (rs * 0 + ru_slot == 0)[None, :]
+                tl.store(saved_rows + off_ru + rs[None, :], _relu(u_ih), mask=saved_mask)
+                tl.store(saved_rows + off_ru + R + rs[None, :], _relu(u_hh), mask=saved_mask)
         if DO_GATES:
             # relu(u) written above is read by other threads of this program below
             tl.debug_barrier()
     if DO_GATES:
-        for cell in tl.static_range(NUM_CELLS):
+        # a loop, not unrolled: the cells' code once keeps the stacked forward in registers
+        for cell in tl.range(0, NUM_CELLS, loop_unroll_factor=1):
             if cell == 0:  # gates = Wih2 relu(u_ih) + bih2 + Whh2 relu(u_hh) + bhh2
-                a1_ptr, w1_ptr, b1_ptr, k1 = scratch_ptr + off_ru, wih2_ptr, bih2_ptr, R
-                a2_ptr, stride_a2, w2_ptr, b2_ptr = scratch_ptr + off_ru + R, S, whh2_ptr, bhh2_ptr
+                a1_ptr, stride_a1, w1_ptr, b1_ptr, k1 = slot_ptr, SLOTS, wih2_ptr, bih2_ptr, R
+                a2_ptr, stride_a2, w2_ptr, b2_ptr = slot_ptr + R, SLOTS, whh2_ptr, bhh2_ptr
             else:  # gates = Wih input + bih + Whh h[cell] + bhh (both paths reduce over C)
                 cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
-                a1_ptr, w1_ptr, b1_ptr, k1 = (
-                    scratch_ptr + off_vs + (cell - 1) * 2 * C,
+                a1_ptr, stride_a1, w1_ptr, b1_ptr, k1 = (
+                    saved_ptr + off_vs + (cell - 1) * 2 * C,
+                    S,
                     cell_w,
                     cell_w + 4 * C * C,
                     C,
@@ -410,16 +417,23 @@ def _cells_forward_tile(
                 c_mask = cs < C
                 m = row_mask[:, None] & c_mask[None, :]
                 nc = cell * N * C + rows[:, None] * C + cs[None, :]
-                if SAVE and cell == 0 and MODE != MODE_PARTIAL:
-                    # the V operands of cell 0's weight gradients: pooled, h[0]
+                if MODE != MODE_PARTIAL:
+                    if cell == 0:  # the V operands of cell 0's weight gradients: pooled, h[0]
+                        tl.store(
+                            saved_rows + off_v0 + cs[None, :],
+                            tl.load(pooled_ptr + nc, mask=m),
+                            mask=m,
+                        )
+                        tl.store(
+                            saved_rows + off_v0 + C + cs[None, :],
+                            tl.load(h_ptr + nc, mask=m).to(tl.float32),
+                            mask=m,
+                        )
+                if cell + 1 < NUM_CELLS:  # (stacked cells: never split over K)
+                    # the h copy of the next cell (V of its whh), before the gate tiles are live
                     tl.store(
-                        scratch_rows + off_v0 + cs[None, :],
-                        tl.load(pooled_ptr + nc, mask=m),
-                        mask=m,
-                    )
-                    tl.store(
-                        scratch_rows + off_v0 + C + cs[None, :],
-                        tl.load(h_ptr + nc, mask=m).to(tl.float32),
+                        saved_rows + off_vs + cell * 2 * C + C + cs[None, :],
+                        tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32),
                         mask=m,
                     )
                 if MODE == MODE_FINISH:
@@ -482,7 +496,7 @@ def _cells_forward_tile(
                 else:
                     gate_i, gate_f, gate_g, gate_o = _gate_tiles(
                         a1_ptr,
-                        S,
+                        stride_a1,
                         w1_ptr,
                         a2_ptr,
                         stride_a2,
@@ -521,34 +535,24 @@ def _cells_forward_tile(
                         partial_ptr, P, N, split, rows, row_mask, 3 * C + cs, c_mask, gate_o
                     )
                 else:
+                    gates = saved_rows + off_gates + cell * 4 * C + cs[None, :]
+                    tl.store(gates, gate_i, mask=m)
+                    tl.store(gates + C, gate_f, mask=m)
+                    tl.store(gates + 2 * C, gate_g, mask=m)
+                    tl.store(gates + 3 * C, gate_o, mask=m)
                     c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
                     c_new = tl.sigmoid(gate_f) * c_prev + tl.sigmoid(gate_i) * _tanh(gate_g)
                     act, _ = _activation_and_grad(c_new, ACTIVATION)
                     h_new = tl.sigmoid(gate_o) * act
-                    if not SAVE:
-                        tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
-                        tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
-                    elif cell == NUM_CELLS - 1:  # the backward's recomputation: the attention
-                        tl.store(h_new_ptr + rows[:, None] * C + cs[None, :], h_new, mask=m)
-                    if cell + 1 < NUM_CELLS:  # the next cell's input, and its h copy (weight grads)
-                        nxt = scratch_rows + off_vs + cell * 2 * C + cs[None, :]
+                    tl.store(c_new_ptr + nc, c_new.to(c_new_ptr.dtype.element_ty), mask=m)
+                    tl.store(h_new_ptr + nc, h_new.to(h_new_ptr.dtype.element_ty), mask=m)
+                    if cell + 1 < NUM_CELLS:  # the next cell's input
+                        nxt = saved_rows + off_vs + cell * 2 * C + cs[None, :]
                         if HAS_MASKS:
                             h_new = h_new * tl.load(masks_ptr + nc, mask=m, other=0.0).to(
                                 tl.float32
                             )
                         tl.store(nxt, h_new, mask=m)
-                        if SAVE:
-                            tl.store(
-                                nxt + C,
-                                tl.load(h_ptr + nc + N * C, mask=m).to(tl.float32),
-                                mask=m,
-                            )
-                    if SAVE:
-                        gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
-                        tl.store(gates, gate_i, mask=m)
-                        tl.store(gates + C, gate_f, mask=m)
-                        tl.store(gates + 2 * C, gate_g, mask=m)
-                        tl.store(gates + 3 * C, gate_o, mask=m)
             tl.debug_barrier()
 
 
@@ -594,7 +598,8 @@ def _lstm_forward_kernel(
     masks_ptr,
     h_new_ptr,
     c_new_ptr,
-    scratch_ptr,
+    saved_ptr,
+    slots_ptr,
     partial_ptr,  # (splits, N, P) fp32: split-K partials (MODE != DIRECT)
     P,
     splits,
@@ -602,6 +607,7 @@ def _lstm_forward_kernel(
     C,
     R,
     S,
+    SLOTS,
     off_ru,
     off_v0,
     off_vs,
@@ -609,9 +615,9 @@ def _lstm_forward_kernel(
     NUM_CELLS: tl.constexpr,
     ACTIVATION: tl.constexpr,
     HAS_MASKS: tl.constexpr,
-    PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each recomputing u into its own
+    PHASE: tl.constexpr,  # FUSED: grid (tiles, column parts) each computing u into its own
     # slot; REDUCED: grid (tiles, R parts), relu(u) only; GATES: grid (tiles, column parts) reading
-    # relu(u)
+    # relu(u) from slot 0
     MODE: tl.constexpr,  # SplitK: DIRECT, PARTIAL (grid axis 2: the split) or FINISH
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -651,11 +657,13 @@ def _lstm_forward_kernel(
         masks_ptr,
         h_new_ptr,
         c_new_ptr,
-        scratch_ptr,
+        saved_ptr,
+        slots_ptr,
         N,
         C,
         R,
         S,
+        SLOTS,
         off_ru,
         off_v0,
         off_vs,
@@ -663,7 +671,6 @@ def _lstm_forward_kernel(
         NUM_CELLS,
         ACTIVATION,
         HAS_MASKS,
-        False,
         PHASE != PHASE_GATES,
         PHASE != PHASE_REDUCED,
         MODE,
@@ -678,7 +685,6 @@ def _lstm_forward_kernel(
 
 @triton.jit
 def _lstm_backward_kernel(
-    pooled_ptr,
     h_ptr,
     c_ptr,
     wih1_ptr,
@@ -691,26 +697,27 @@ def _lstm_backward_kernel(
     bhh2_ptr,
     stacked_ptr,
     masks_ptr,
-    scratch_ptr,  # (N, S) fp32: filled with the D and V operands of the weight-gradient kernel
+    saved_ptr,  # (N, S) fp32 from the forward (host.SavedLayout): relu(u) and the gates are read
+    scratch_ptr,  # (N, W) fp32 workspace (host.WorkLayout): filled with the D operands of the
+    # weight-gradient kernel
     partial_ptr,  # (splits, N, P) fp32: split-K partials of this launch's phase (MODE != DIRECT)
-    P,  # their row length: 4C (gates), 2R (du: ih | hh) or 2C (d pooled | dh0)
+    P,  # their row length: 2R (du: ih | hh) or 2C (d pooled | dh0)
     splits,
     grad_a_ptr,  # (N, C) fp32: gradient of the attention (last cell's h) from the map
     grad_h_new_ptr,
     grad_c_new_ptr,  # (L, N, C) incoming state gradients, read if HAS_GRAD_H / HAS_GRAD_C
     grad_pooled_ptr,  # (N, C) fp32 out
-    attention_ptr,  # (N, C) fp32 out: the recomputed attention (last cell's h), for the input
-    # gradient
+    attention_ptr,  # (N, C) fp32 out: the attention (last cell's h) from the saved gates, for
+    # the input gradient
     grad_h_ptr,
     grad_c_ptr,  # (L, N, C) out, state dtype: gradients of the previous state
     N,
     C,
     R,
-    S,
-    off_ru,
-    off_v0,
-    off_vs,
-    off_gates,  # see _cells_forward_tile
+    S,  # saved row length
+    W,  # scratch row length
+    off_ru,  # saved column of relu(u_ih) (R), relu(u_hh) (R)
+    off_gates,  # saved column of cell 0's pre-activation gates (4C); cell l at + 4C l
     off_du,  # scratch column of du_ih (R) followed by du_hh (R): gradients of the reduced paths
     off_dgates,  # scratch column of cell 0's gate gradients (4C); cell l at + 4C l
     off_carry,  # scratch column (C) of the gradient flowing into cell l-1's output from cell l
@@ -719,17 +726,15 @@ def _lstm_backward_kernel(
     HAS_MASKS: tl.constexpr,
     HAS_GRAD_H: tl.constexpr,
     HAS_GRAD_C: tl.constexpr,
-    PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). The split path (one cell; relu(u) in
-    # scratch from the forward kernel's REDUCED phase): GATES grid (tiles, column parts): recomputed
-    # gates and their gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD (tiles, column
-    # parts): ds, dh0. The spread backward (one cell): RECOMPUTE (GATES, relu(u) recomputed by
-    # each column part into its own slot; slot 0 is the one read later), REDUCED_GRAD, INPUT_GRAD
+    PHASE: tl.constexpr,  # FUSED: everything, grid (tiles,). Otherwise (one cell): GATES grid
+    # (tiles, column parts): the gates' gradients; REDUCED_GRAD (tiles, R parts): du; INPUT_GRAD
+    # (tiles, column parts): ds, dh0
     MODE: tl.constexpr,  # SplitK: DIRECT, PARTIAL (grid axis 2: the split) or FINISH
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_KG: tl.constexpr,  # reduction step of the gate matmuls (divides BLOCK_K)
+    BLOCK_KG: tl.constexpr,  # the forward's gate k-step (unused here: the gates are saved)
     DOT_PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee", "tf32x3" or "tf32"
 ):
     tile, split = tl.program_id(0), tl.program_id(2)
@@ -737,68 +742,15 @@ def _lstm_backward_kernel(
         part, parts = 0, 1
     else:
         part, parts = tl.program_id(1), tl.num_programs(1)
-    gates_phase = PHASE == PHASE_FUSED or PHASE == PHASE_GATES or PHASE == PHASE_RECOMPUTE
-    if gates_phase:
-        _cells_forward_tile(
-            tile,
-            0,
-            1,
-            part,
-            parts,
-            part if PHASE == PHASE_RECOMPUTE else 0,
-            split,
-            splits,
-            partial_ptr,
-            P,
-            pooled_ptr,
-            h_ptr,
-            c_ptr,
-            wih1_ptr,
-            bih1_ptr,
-            wih2_ptr,
-            bih2_ptr,
-            whh1_ptr,
-            bhh1_ptr,
-            whh2_ptr,
-            bhh2_ptr,
-            stacked_ptr,
-            masks_ptr,
-            attention_ptr,
-            attention_ptr,
-            scratch_ptr,
-            N,
-            C,
-            R,
-            S,
-            off_ru,
-            off_v0,
-            off_vs,
-            off_gates,
-            NUM_CELLS,
-            ACTIVATION,
-            HAS_MASKS,
-            True,
-            PHASE != PHASE_GATES,
-            True,
-            MODE,
-            BLOCK_N,
-            BLOCK_C,
-            BLOCK_R,
-            BLOCK_K,
-            BLOCK_KG,
-            DOT_PRECISION,
-        )
+    gates_phase = PHASE == PHASE_FUSED or PHASE == PHASE_GATES
     rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    scratch_rows = scratch_ptr + rows[:, None] * S
+    saved_rows = saved_ptr + rows[:, None] * S
+    scratch_rows = scratch_ptr + rows[:, None] * W
     for step in tl.static_range(NUM_CELLS):
         cell = NUM_CELLS - 1 - step
         # pointwise LSTM backward: gate gradients of this cell, and dc_prev
-        for col0 in range(
-            part * BLOCK_C,
-            C if gates_phase and MODE != MODE_PARTIAL else 0,
-            parts * BLOCK_C,
-        ):
+        for col0 in range(part * BLOCK_C, C if gates_phase else 0, parts * BLOCK_C):
             cs = col0 + tl.arange(0, BLOCK_C)
             m = row_mask[:, None] & (cs < C)[None, :]
             nc = cell * N * C + rows[:, None] * C + cs[None, :]
@@ -814,7 +766,7 @@ def _lstm_backward_kernel(
                 )
             else:
                 grad_h_cell += tl.load(scratch_rows + off_carry + cs[None, :], mask=m, other=0.0)
-            gates = scratch_rows + off_gates + cell * 4 * C + cs[None, :]
+            gates = saved_rows + off_gates + cell * 4 * C + cs[None, :]
             sig_i = tl.sigmoid(tl.load(gates, mask=m, other=0.0))
             sig_f = tl.sigmoid(tl.load(gates + C, mask=m, other=0.0))
             tanh_g = _tanh(tl.load(gates + 2 * C, mask=m, other=0.0))
@@ -822,6 +774,8 @@ def _lstm_backward_kernel(
             c_prev = tl.load(c_ptr + nc, mask=m, other=0.0).to(tl.float32)
             act, act_grad = _activation_and_grad(sig_f * c_prev + sig_i * tanh_g, ACTIVATION)
             dc = grad_c_cell + grad_h_cell * sig_o * act_grad
+            if cell == NUM_CELLS - 1:
+                tl.store(attention_ptr + rows[:, None] * C + cs[None, :], sig_o * act, mask=m)
             dgates = scratch_rows + off_dgates + cell * 4 * C + cs[None, :]
             tl.store(dgates, dc * tanh_g * sig_i * (1.0 - sig_i), mask=m)
             tl.store(dgates + C, dc * c_prev * sig_f * (1.0 - sig_f), mask=m)
@@ -829,7 +783,7 @@ def _lstm_backward_kernel(
             tl.store(dgates + 3 * C, grad_h_cell * act * sig_o * (1.0 - sig_o), mask=m)
             tl.store(grad_c_ptr + nc, (dc * sig_f).to(grad_c_ptr.dtype.element_ty), mask=m)
         tl.debug_barrier()
-        dgates_ptr = scratch_ptr + off_dgates + cell * 4 * C  # (N, 4C) rows of stride S
+        dgates_ptr = scratch_ptr + off_dgates + cell * 4 * C  # (N, 4C) rows of stride W
         if cell > 0:  # dh_prev = dgates Whh;  d(input) = dgates Wih, through the dropout mask
             cell_w = stacked_ptr + (cell - 1) * (8 * C * C + 8 * C)
             for col0 in range(0, C, BLOCK_C):
@@ -840,7 +794,7 @@ def _lstm_backward_kernel(
                 grad_h_prev, grad_input = _matmul_pair(
                     dgates_ptr,
                     dgates_ptr,
-                    S,
+                    W,
                     cell_w + 4 * C * C + 4 * C,
                     cell_w,
                     C,
@@ -884,7 +838,7 @@ def _lstm_backward_kernel(
                     du_ih, du_hh = _matmul_pair(
                         dgates_ptr,
                         dgates_ptr,
-                        S,
+                        W,
                         wih2_ptr,
                         whh2_ptr,
                         R,
@@ -904,10 +858,8 @@ def _lstm_backward_kernel(
                     _store_partial(partial_ptr, P, N, split, rows, row_mask, rs, r_mask, du_ih)
                     _store_partial(partial_ptr, P, N, split, rows, row_mask, R + rs, r_mask, du_hh)
                 else:
-                    ru_ih = tl.load(scratch_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
-                    ru_hh = tl.load(
-                        scratch_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0
-                    )
+                    ru_ih = tl.load(saved_rows + off_ru + rs[None, :], mask=rr_mask, other=0.0)
+                    ru_hh = tl.load(saved_rows + off_ru + R + rs[None, :], mask=rr_mask, other=0.0)
                     tl.store(
                         scratch_rows + off_du + rs[None, :],
                         tl.where(ru_ih > 0, du_ih, 0.0),
@@ -940,7 +892,7 @@ def _lstm_backward_kernel(
                     grad_pooled, grad_h0 = _matmul_pair(
                         scratch_ptr + off_du,
                         scratch_ptr + off_du + R,
-                        S,
+                        W,
                         wih1_ptr,
                         whh1_ptr,
                         C,
@@ -970,13 +922,14 @@ def _lstm_backward_kernel(
 
 @triton.jit
 def _weight_grad_kernel(
-    scratch_ptr,  # (N, S) fp32 from _lstm_backward_kernel: the D (output-gradient) and V (input)
-    # operands
+    saved_ptr,  # (N, S) fp32 from the forward: the V (input) operands
+    scratch_ptr,  # (N, W) fp32 from _lstm_backward_kernel: the D (output-gradient) operands
     grad_w_ptr,  # flat fp32 out: every weight gradient flattened, in reference.weight_names order
     N,
     C,
     R,
     S,
+    W,
     off_ru,
     off_v0,
     off_vs,
@@ -1030,8 +983,8 @@ def _weight_grad_kernel(
     grad_w = _matmul_tile(
         scratch_ptr + d_col,
         1,
-        S,
-        scratch_ptr + v_col,
+        W,
+        saved_ptr + v_col,
         S,
         1,
         ms,
@@ -1055,7 +1008,7 @@ def _weight_grad_kernel(
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
             d = tl.load(
-                scratch_ptr + d_col + ns[:, None] * S + ms[None, :],
+                scratch_ptr + d_col + ns[:, None] * W + ms[None, :],
                 mask=(ns < N)[:, None] & m_mask[None, :],
                 other=0.0,
             )
