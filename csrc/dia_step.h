@@ -127,10 +127,10 @@ inline Cell0Saved cell0_saved(float* base, int64_t n, int64_t channels, int64_t 
   return Cell0Saved{base, base + n * channels, base + n * (channels + 2 * hidden)};
 }
 
-// Per-sample intermediates of the cell-0 backward, read by the deterministic weight-grad GEMMs.
+// Per-sample intermediates of the cell-0 backward, read (with Cell0Saved's pooled and u) by the
+// deterministic weight-grad GEMMs.
 struct Cell0Workspace {
-  const float* hidden;  // (2, N, R) u, saved by the forward (Cell0Saved::hidden)
-  float* grad_hidden;   // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
+  float* grad_hidden;  // (2, N, R) d loss / d(W1 v + b1): relu-masked gradient of u
   float* grad_gates;   // (N, 4C)   d loss / d gates (pre-activation), i, f, g, o blocks of C
   float* hidden_partials;  // (cell0_partials_floats(N, C, R)) split-K partial sums of the split
                            // path's phases, one phase at a time: du = grad_gates @ W2

@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
     block_planes_reduce<VEC>(grad_att, n, C, HW, grad_attention, 1.0f);
   }
   for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
-    hidden[o] = p.saved.hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R];
+    hidden[o] = p.saved.hidden[cell0_hidden_index(o, n, p.layout.n, R)];
   }
   for (int r = threadIdx.x; r < 4 * C; r += blockDim.x) gates[r] = p.saved.gates[n * 4 * C + r];
   __syncthreads();
@@ -118,8 +118,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(const 
 
   sample_hidden_grad(p.weights, gates, hidden, C, R, scratch, grad_hidden);
   for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
-    p.ws.grad_hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R] =
-        grad_hidden[o];
+    p.ws.grad_hidden[cell0_hidden_index(o, n, p.layout.n, R)] = grad_hidden[o];
   }
   __syncthreads();
 
@@ -371,15 +370,15 @@ __global__ void __launch_bounds__(GemmTile::kThreads) weight_grad_kernel(const W
   });
 }
 
-cudaError_t launch_weight_grads(int n, int channels, int hidden, const float* pooled,
+cudaError_t launch_weight_grads(int n, int channels, int hidden, const Cell0Saved& saved,
                                 const float* h0, const Cell0Workspace& ws,
                                 const Cell0WeightGrads& grads, cudaStream_t stream) {
   const int64_t path = static_cast<int64_t>(n) * hidden;
   WeightGradParams p;
   p.n = n;
-  p.problems[0] = {ws.grad_gates, ws.hidden, 4 * channels, hidden, grads.wih2, grads.bih2};
-  p.problems[1] = {ws.grad_gates, ws.hidden + path, 4 * channels, hidden, grads.whh2, grads.bhh2};
-  p.problems[2] = {ws.grad_hidden, pooled, hidden, channels, grads.wih1, grads.bih1};
+  p.problems[0] = {ws.grad_gates, saved.hidden, 4 * channels, hidden, grads.wih2, grads.bih2};
+  p.problems[1] = {ws.grad_gates, saved.hidden + path, 4 * channels, hidden, grads.whh2, grads.bhh2};
+  p.problems[2] = {ws.grad_hidden, saved.pooled, hidden, channels, grads.wih1, grads.bih1};
   p.problems[3] = {ws.grad_hidden + path, h0, hidden, channels, grads.whh1, grads.bhh1};
   p.first_tile[0] = 0;
   for (int i = 0; i < kWeightGradProblems; ++i) {
@@ -405,7 +404,6 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
                                   Cell0Weights weights, bool relu, CellActivation activation,
                                   float* grad_h0, float* grad_c0, Cell0WeightGrads weight_grads,
                                   Cell0Workspace ws, cudaStream_t stream) {
-  ws.hidden = saved.hidden;
   const FusedBackwardParams p{layout, hidden, grad_out, x, out, grad_x, grad_identity,
                               grad_h_new, grad_c_new, saved, c0, weights, relu,
                               activation, grad_h0, grad_c0, ws};
@@ -417,8 +415,7 @@ cudaError_t launch_fused_backward(ScalarKind kind, const MapLayout& layout, int 
     return cudaGetLastError();
   });
   if (err != cudaSuccess) return err;
-  return launch_weight_grads(layout.n, layout.channels, hidden, saved.pooled, h0, ws, weight_grads,
-                             stream);
+  return launch_weight_grads(layout.n, layout.channels, hidden, saved, h0, ws, weight_grads, stream);
 }
 
 cudaError_t launch_grad_attention(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,
@@ -448,7 +445,6 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, Cell0
                                   float* grad_pooled_over_hw, float* grad_h0, float* grad_c0,
                                   float* h_new, Cell0WeightGrads weight_grads, Cell0Workspace ws,
                                   cudaStream_t stream) {
-  ws.hidden = saved.hidden;
   const unsigned sample_tiles = (n + GemmTile::kM - 1) / GemmTile::kM;
   const GateBackwardParams gate{n,          channels,     saved.gates,   c0,      activation,
                                 grad_h_new, grad_h_extra, grad_c_new,    ws.grad_gates,
@@ -461,7 +457,7 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, Cell0
 
   const int splits = hidden_grad_splits(channels);
   const HiddenGradParams hid{n,          channels,  hidden,         splits,
-                             ws.grad_gates, ws.hidden, weights, ws.grad_hidden, ws.hidden_partials};
+                             ws.grad_gates, saved.hidden, weights, ws.grad_hidden, ws.hidden_partials};
   const dim3 hidden_grid((hidden + GemmTile::kN - 1) / GemmTile::kN, sample_tiles, 2 * splits);
   DIA_FUSED_LAUNCH(hidden_grid, GemmTile::kThreads, 0, stream, hidden_grad_kernel)(hid);
   if ((err = cudaGetLastError()) != cudaSuccess) return err;
@@ -485,7 +481,7 @@ cudaError_t launch_cell0_backward(int n, int channels, int hidden, int hw, Cell0
     if ((err = cudaGetLastError()) != cudaSuccess) return err;
   }
 
-  return launch_weight_grads(n, channels, hidden, saved.pooled, h0, ws, weight_grads, stream);
+  return launch_weight_grads(n, channels, hidden, saved, h0, ws, weight_grads, stream);
 }
 
 cudaError_t launch_grad_input(ScalarKind kind, const MapLayout& layout, FeatureMap grad_out,

@@ -158,7 +158,7 @@ struct Cell0WorkspaceTensors {
             f32)) {}
 
   Cell0Workspace pointers() {
-    return Cell0Workspace{nullptr, grad_hidden.data_ptr<float>(), grad_gates.data_ptr<float>(),
+    return Cell0Workspace{grad_hidden.data_ptr<float>(), grad_gates.data_ptr<float>(),
                           hidden_partials.data_ptr<float>()};
   }
 };

@@ -680,6 +680,12 @@ struct StridedLoad {
   }
 };
 
+// Index in a (2, N, R) buffer (u or its gradient: the ih path, then the hh path) of element o < 2R
+// of sample n's [ih | hh] row, as the one-block-per-sample kernels hold it.
+__device__ __forceinline__ int64_t cell0_hidden_index(int o, int64_t n, int samples, int hidden) {
+  return (o >= hidden ? static_cast<int64_t>(samples) * hidden : 0) + n * hidden + o % hidden;
+}
+
 // Cell-0 expansion weights as B(k, col) with col = 4 * channel + gate: row gate * C + channel of
 // a (4C, R) matrix, so that a thread's kTN = 4 columns are the i, f, g, o gates of one channel.
 struct GateColumnsLoad {

@@ -62,7 +62,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(const Fuse
   sample_reduced_hidden(p.weights, pooled, h_prev, C, R, hidden);
   __syncthreads();
   for (int o = threadIdx.x; o < 2 * R; o += blockDim.x) {
-    p.saved.hidden[(o >= R ? static_cast<int64_t>(p.layout.n) * R : 0) + n * R + o % R] = hidden[o];
+    p.saved.hidden[cell0_hidden_index(o, n, p.layout.n, R)] = hidden[o];
   }
   sample_gate_preacts(p.weights, hidden, C, R, gates);
   __syncthreads();

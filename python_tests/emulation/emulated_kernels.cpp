@@ -134,7 +134,7 @@ int emu_backward_fused(int kind, const int64_t* sizes, void* grad_out, const int
       static_cast<ScalarKind>(kind), layout, hidden, gom, xm, om, gxm, gim, grad_h_new, grad_c_new,
       cell0_saved(saved, sizes[0], sizes[1], hidden), h0, c0, weights_of(w), relu != 0,
       static_cast<CellActivation>(activation), grad_h0, grad_c0, grads_of(grads),
-      Cell0Workspace{nullptr, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
+      Cell0Workspace{ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_attention(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,
@@ -161,7 +161,7 @@ int emu_cell0_backward(int n, int channels, int hidden, int hw, float* saved,
       n, channels, hidden, hw, cell0_saved(saved, n, channels, hidden), h0, c0, weights_of(w),
       static_cast<CellActivation>(activation), grad_h_new, grad_h_extra, grad_c_new,
       grad_pooled_over_hw, grad_h0, grad_c0, h_new, grads_of(grads),
-      Cell0Workspace{nullptr, ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
+      Cell0Workspace{ws_grad_hidden, ws_grad_gates, ws_hidden_partials}, nullptr));
 }
 
 int emu_grad_input(int kind, const int64_t* sizes, void* grad_out, const int64_t* go_strides,
